@@ -1,0 +1,279 @@
+// Configuration: presets (SPEC §6), command-line flags and the validation of every constraint.
+// Host-only. One flag table drives parsing and --help, so the help text cannot drift from the code.
+#pragma once
+#include <cerrno>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace lmoe {
+
+// Which FFN the binary trains; everything else in the model is shared.
+enum class FfnKind { LatentMoE, MoE };
+
+// A bad flag or configuration: the trainers print it and exit with status 2.
+struct ConfigError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+struct Config {
+    FfnKind ffn = FfnKind::LatentMoE;
+    std::string preset = "tiny";
+    // model (SPEC §2)
+    int T = 32;        // sequence length
+    int d = 64;        // width
+    int L = 2;         // layers
+    int n_head = 4;    // attention heads; d_attn = d / n_head
+    int V = 256;       // vocabulary; the LM head pads it to Vp, a multiple of 128
+    // FFN (SPEC §2.1 / §2.2); the MoE baseline uses E, f (= fe) and k only
+    int H = 4;         // latent heads
+    int dh = 16;       // latent head size
+    int E = 8;         // experts (per latent head for LatentMoE)
+    int fe = 32;       // expert hidden size (f for the MoE)
+    int k = 2;         // active experts per (sub-)token
+    // training (SPEC §2.3, §2.4)
+    int B = 16;               // micro-batch sequences per rank
+    int grad_accum = 1;       // micro-steps per optimizer step
+    int steps = 300;
+    float lr = 3e-3f;
+    int warmup = 30;
+    float lr_floor = 0.1f;    // cosine decay ends at lr * lr_floor
+    float weight_decay = 0.1f;
+    float grad_clip = 1.0f;   // global gradient-norm clip; 0 disables
+    float bias_rate = 1e-2f;  // gamma of the aux-free bias update; 0 disables
+    uint64_t seed = 1337;
+    int eval_every = 50;      // validation loss every this many steps; 0: only at the end
+    int eval_batches = 8;
+    int log_every = 10;
+    std::string train_data = "data/kjv_train.bin";
+    std::string val_data = "data/kjv_val.bin";
+    std::string device = "auto";  // auto | cpu | gpu
+    std::string checkpoint;       // where to save; empty: out/<model>.ckpt
+    int checkpoint_every = 0;     // 0: only at the end and when interrupted
+    std::string resume;           // checkpoint to resume from; empty: start fresh
+
+    int d_attn() const { return d / n_head; }
+    int Vp() const { return (V + 127) / 128 * 128; }
+    int tokens_per_micro_batch() const { return B * T; }
+};
+
+inline const char* ffn_name(FfnKind ffn) { return ffn == FfnKind::LatentMoE ? "Multi-Head LatentMoE" : "MoE"; }
+
+// SPEC §6. Each preset fixes the model; training fields keep their defaults unless flags set them.
+inline void apply_preset(Config& c, const std::string& name) {
+    struct Preset { const char* name; int T, d, L, n_head, H, dh, hp_E, hp_fe, hp_k, ep_E, ep_f, ep_k, B; };
+    static const Preset presets[] = {
+        {"tiny", 32, 64, 2, 4, 4, 16, 8, 32, 2, 8, 32, 2, 16},
+        {"small", 256, 512, 6, 8, 8, 64, 32, 256, 4, 32, 256, 4, 16},
+        {"p1", 1024, 1024, 12, 8, 8, 128, 64, 512, 8, 64, 512, 8, 8},
+        {"p2", 1024, 1024, 12, 8, 8, 128, 128, 256, 16, 128, 256, 16, 8},
+    };
+    for (const Preset& p : presets) {
+        if (name != p.name) continue;
+        bool hp = c.ffn == FfnKind::LatentMoE;
+        c.preset = name;
+        c.T = p.T; c.d = p.d; c.L = p.L; c.n_head = p.n_head; c.B = p.B;
+        c.H = hp ? p.H : 1;
+        c.dh = hp ? p.dh : p.d;
+        c.E = hp ? p.hp_E : p.ep_E;
+        c.fe = hp ? p.hp_fe : p.ep_f;
+        c.k = hp ? p.hp_k : p.ep_k;
+        return;
+    }
+    throw ConfigError("unknown preset '" + name + "' (choose tiny, small, p1 or p2)");
+}
+
+// Every constraint of SPEC §2–§3, each with a message that names it. `world` is the number of ranks.
+inline void validate(const Config& c, int world) {
+    auto require = [](bool ok, const std::string& what) {
+        if (!ok) throw ConfigError(what);
+    };
+    require(c.T >= 1 && c.d >= 1 && c.L >= 1 && c.n_head >= 1 && c.B >= 1,
+            "T, d, L, n_head and B must all be at least 1");
+    require(c.d % c.n_head == 0, "d (" + std::to_string(c.d) + ") must be divisible by n_head (" +
+                                     std::to_string(c.n_head) + ")");
+    require(c.d_attn() % 2 == 0, "attention head size d/n_head = " + std::to_string(c.d_attn()) +
+                                     " must be even (rotary embedding rotates pairs)");
+    require(c.V >= 2 && c.V <= 65536, "vocabulary size V = " + std::to_string(c.V) +
+                                          " must be in [2, 65536] (shards store uint16 tokens)");
+    require(c.H >= 1 && c.dh >= 1 && c.E >= 1 && c.fe >= 1, "H, dh, E and the expert size must be at least 1");
+    require(c.k >= 2, "k = " + std::to_string(c.k) + ": at least 2 active experts are needed (k >= 2)");
+    require(c.k <= c.E, "k = " + std::to_string(c.k) + " exceeds the number of experts E = " + std::to_string(c.E));
+    if (c.ffn == FfnKind::MoE)
+        require(c.H == 1 && c.dh == c.d, "the MoE baseline has no latent heads (H = 1, dh = d)");
+    require(world >= 1, "the number of ranks must be at least 1");
+    if (c.ffn == FfnKind::LatentMoE)
+        require(c.H % world == 0, "Head Parallel needs H % R == 0: H = " + std::to_string(c.H) +
+                                      " heads cannot be split over R = " + std::to_string(world) + " ranks");
+    else
+        require(c.E % world == 0, "Expert Parallel needs E % R == 0: E = " + std::to_string(c.E) +
+                                      " experts cannot be split over R = " + std::to_string(world) + " ranks");
+    require(c.grad_accum >= 1 && c.steps >= 1, "steps and grad_accum must be at least 1");
+    require(std::isfinite(c.lr) && c.lr >= 0, "learning rate must be a finite number >= 0");
+    require(c.warmup >= 0, "warmup must be >= 0");
+    require(c.lr_floor >= 0 && c.lr_floor <= 1, "lr_floor must be in [0, 1]");
+    require(c.weight_decay >= 0 && c.grad_clip >= 0 && c.bias_rate >= 0,
+            "weight_decay, grad_clip and bias_rate must be >= 0");
+    require(c.eval_every >= 0 && c.eval_batches >= 1 && c.log_every >= 1 && c.checkpoint_every >= 0,
+            "eval_every and checkpoint_every must be >= 0, eval_batches and log_every >= 1");
+    require(c.device == "auto" || c.device == "cpu" || c.device == "gpu",
+            "device must be auto, cpu or gpu, not '" + c.device + "'");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flags. Each entry binds a name to a field; --help lists them with their current defaults.
+
+struct Flag {
+    const char* name;
+    const char* help;
+    enum Type { Int, Float, U64, Str } type;
+    void* field;
+    bool hp_only;  // latent-head flags mean nothing to the MoE baseline
+};
+
+inline std::vector<Flag> flag_table(Config& c) {
+    return {
+        {"preset", "model preset: tiny, small, p1, p2 (applied before the other flags)", Flag::Str, &c.preset, false},
+        {"seq-len", "sequence length T", Flag::Int, &c.T, false},
+        {"d-model", "model width d", Flag::Int, &c.d, false},
+        {"layers", "number of layers L", Flag::Int, &c.L, false},
+        {"attn-heads", "attention heads (head size d / attn-heads)", Flag::Int, &c.n_head, false},
+        {"vocab", "vocabulary size V (256 for data_prep's byte-level shards)", Flag::Int, &c.V, false},
+        {"latent-heads", "latent heads H", Flag::Int, &c.H, true},
+        {"head-dim", "latent head size dh", Flag::Int, &c.dh, true},
+        {"experts", "experts E (per latent head for LatentMoE)", Flag::Int, &c.E, false},
+        {"expert-dim", "expert hidden size (fe for LatentMoE, f for MoE)", Flag::Int, &c.fe, false},
+        {"topk", "active experts k per (sub-)token, 2 <= k <= E", Flag::Int, &c.k, false},
+        {"batch", "micro-batch size B (sequences per rank)", Flag::Int, &c.B, false},
+        {"grad-accum", "micro-steps per optimizer step", Flag::Int, &c.grad_accum, false},
+        {"steps", "optimizer steps", Flag::Int, &c.steps, false},
+        {"lr", "peak learning rate", Flag::Float, &c.lr, false},
+        {"warmup", "linear warm-up steps", Flag::Int, &c.warmup, false},
+        {"lr-floor", "cosine decay ends at lr * lr-floor", Flag::Float, &c.lr_floor, false},
+        {"weight-decay", "AdamW weight decay (matrices only)", Flag::Float, &c.weight_decay, false},
+        {"grad-clip", "global gradient-norm clip (0 disables)", Flag::Float, &c.grad_clip, false},
+        {"bias-rate", "aux-loss-free bias update rate gamma (0 disables)", Flag::Float, &c.bias_rate, false},
+        {"seed", "seed for the initial weights", Flag::U64, &c.seed, false},
+        {"eval-every", "validation loss every N steps (0: only at the end)", Flag::Int, &c.eval_every, false},
+        {"eval-batches", "micro-batches per validation", Flag::Int, &c.eval_batches, false},
+        {"log-every", "progress line every N steps", Flag::Int, &c.log_every, false},
+        {"train-data", "training shard(s), a path or glob pattern", Flag::Str, &c.train_data, false},
+        {"val-data", "validation shard(s), a path or glob pattern", Flag::Str, &c.val_data, false},
+        {"device", "auto | cpu | gpu (auto: the GPU if one is present)", Flag::Str, &c.device, false},
+        {"checkpoint", "checkpoint file, saved at the end and on Ctrl-C", Flag::Str, &c.checkpoint, false},
+        {"checkpoint-every", "also save every N steps (0: never in between)", Flag::Int, &c.checkpoint_every, false},
+        {"resume", "resume training from this checkpoint", Flag::Str, &c.resume, false},
+    };
+}
+
+inline std::string flag_value_string(const Flag& f) {
+    switch (f.type) {
+        case Flag::Int: return std::to_string(*static_cast<int*>(f.field));
+        case Flag::Float: { char b[32]; std::snprintf(b, sizeof b, "%g", *static_cast<float*>(f.field)); return b; }
+        case Flag::U64: return std::to_string(*static_cast<uint64_t*>(f.field));
+        case Flag::Str: return *static_cast<std::string*>(f.field);
+    }
+    return "";
+}
+
+inline std::string default_checkpoint(FfnKind ffn) {
+    return ffn == FfnKind::LatentMoE ? "out/latentmoe.ckpt" : "out/moe.ckpt";
+}
+
+inline void print_help(const char* program, FfnKind ffn, const char* summary) {
+    Config c;
+    c.ffn = ffn;
+    apply_preset(c, "tiny");
+    c.checkpoint = default_checkpoint(ffn);
+    std::printf("usage: %s [--flag value ...]\n\n%s\n\nflags (defaults are the tiny preset's):\n", program, summary);
+    for (const Flag& f : flag_table(c)) {
+        if (f.hp_only && ffn != FfnKind::LatentMoE) continue;
+        std::printf("  --%-14s %s [%s]\n", f.name, f.help, flag_value_string(f).c_str());
+    }
+    std::printf("  --%-14s %s\n", "help", "print this text");
+}
+
+// Sets one field from its text, rejecting anything that is not entirely a number of the right kind.
+inline void set_flag(const Flag& f, const std::string& value) {
+    const std::string name = std::string("--") + f.name;
+    char* end = nullptr;
+    errno = 0;
+    switch (f.type) {
+        case Flag::Int: {
+            long v = std::strtol(value.c_str(), &end, 10);
+            if (value.empty() || *end || errno || v < -2147483647L || v > 2147483647L)
+                throw ConfigError(name + " expects an integer, got '" + value + "'");
+            *static_cast<int*>(f.field) = static_cast<int>(v);
+            return;
+        }
+        case Flag::Float: {
+            float v = std::strtof(value.c_str(), &end);
+            if (value.empty() || *end || errno || !std::isfinite(v))
+                throw ConfigError(name + " expects a number, got '" + value + "'");
+            *static_cast<float*>(f.field) = v;
+            return;
+        }
+        case Flag::U64: {
+            unsigned long long v = std::strtoull(value.c_str(), &end, 10);
+            if (value.empty() || value[0] == '-' || *end || errno)
+                throw ConfigError(name + " expects a non-negative integer, got '" + value + "'");
+            *static_cast<uint64_t*>(f.field) = v;
+            return;
+        }
+        case Flag::Str: *static_cast<std::string*>(f.field) = value; return;
+    }
+}
+
+// Parses argv into a Config for the given FFN. Returns false if --help was asked for.
+// The preset is applied first wherever it appears, so `--topk 4 --preset small` keeps k = 4.
+inline bool parse_flags(Config& c, FfnKind ffn, int argc, char** argv) {
+    c = Config();
+    c.ffn = ffn;
+    std::string preset = "tiny";
+    std::vector<std::pair<std::string, std::string>> given;
+    for (int i = 1; i < argc; i++) {
+        std::string arg = argv[i];
+        if (arg == "--help" || arg == "-h") return false;
+        if (arg.rfind("--", 0) != 0) throw ConfigError("unexpected argument '" + arg + "' (flags look like --name value)");
+        std::string name = arg.substr(2), value;
+        size_t eq = name.find('=');
+        if (eq != std::string::npos) {
+            value = name.substr(eq + 1);
+            name = name.substr(0, eq);
+        } else {
+            if (i + 1 >= argc) throw ConfigError("flag --" + name + " needs a value");
+            value = argv[++i];
+        }
+        if (name == "preset") preset = value;
+        else given.emplace_back(name, value);
+    }
+    apply_preset(c, preset);
+    std::vector<Flag> table = flag_table(c);
+    for (const auto& [name, value] : given) {
+        const Flag* found = nullptr;
+        for (const Flag& f : table)
+            if (name == f.name && (!f.hp_only || ffn == FfnKind::LatentMoE)) found = &f;
+        if (!found) throw ConfigError("unknown flag --" + name + " (see --help)");
+        set_flag(*found, value);
+    }
+    if (ffn == FfnKind::MoE) {  // the MoE routes whole tokens: one "head" as wide as the model
+        c.H = 1;
+        c.dh = c.d;
+    }
+    if (c.checkpoint.empty()) c.checkpoint = default_checkpoint(ffn);
+    return true;
+}
+
+inline void print_config(const Config& c) {
+    std::printf("config: preset %s | T %d d %d L %d attn-heads %d V %d (padded %d) | %s: ", c.preset.c_str(), c.T,
+                c.d, c.L, c.n_head, c.V, c.Vp(), ffn_name(c.ffn));
+    if (c.ffn == FfnKind::LatentMoE) std::printf("H %d dh %d E %d fe %d k %d", c.H, c.dh, c.E, c.fe, c.k);
+    else std::printf("E %d f %d k %d", c.E, c.fe, c.k);
+    std::printf(" | B %d grad-accum %d steps %d lr %g warmup %d\n", c.B, c.grad_accum, c.steps, c.lr, c.warmup);
+}
+
+}  // namespace lmoe

@@ -1,0 +1,43 @@
+// Timing and logging helpers for the training loops. Host-only.
+#pragma once
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+namespace lmoe {
+
+// Wall-clock stopwatch in milliseconds.
+class Timer {
+  public:
+    Timer() : start_(std::chrono::steady_clock::now()) {}
+    double ms() const {
+        return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start_).count();
+    }
+    void restart() { start_ = std::chrono::steady_clock::now(); }
+
+  private:
+    std::chrono::steady_clock::time_point start_;
+};
+
+// Expert loads per layer as "min/median/max": each expert's share of its head's routed slots (1/E
+// when balanced), pooled over the layer's heads so one line shows the worst imbalance of each layer.
+inline void print_loads(const std::vector<int64_t>& counts, int L, int H, int E) {
+    std::printf("    expert load min/median/max (balanced %.3f):", 1.0 / E);
+    for (int l = 0; l < L; l++) {
+        std::vector<double> shares;
+        for (int h = 0; h < H; h++) {
+            const int64_t* c = counts.data() + ((size_t)l * H + h) * E;
+            int64_t total = 0;
+            for (int e = 0; e < E; e++) total += c[e];
+            for (int e = 0; e < E; e++) shares.push_back(total ? double(c[e]) / total : 0.0);
+        }
+        std::sort(shares.begin(), shares.end());
+        std::printf(" L%d %.3f/%.3f/%.3f", l, shares.front(), shares[shares.size() / 2], shares.back());
+    }
+    std::printf("\n");
+}
+
+}  // namespace lmoe

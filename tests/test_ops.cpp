@@ -1,0 +1,665 @@
+// Focused unit tests of the small pieces everything else leans on: top-k routing and its gates, the
+// gate softmax's backward, AdamW, gradient clipping, the aux-loss-free bias update, the learning-rate
+// schedule, the flat parameter layout with its sharded counter-based init, and flags / presets /
+// validation. Expected values are computed by hand or from the definitions in SPEC §2, never copied
+// from the code under test.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "common/config.h"
+#include "common/params.h"
+#include "common/reference.h"
+#include "common/rng.h"
+#include "common/schedule.h"
+#include "tests/check.h"
+
+using lmoe::Config;
+using lmoe::FfnKind;
+
+static bool near(double a, double b, double tol) { return std::fabs(a - b) <= tol; }
+
+// ---------------------------------------------------------------------------------------------
+// Top-k selection and gates (SPEC §2.1: ties -> lower index, order by biased score, gates from the
+// unbiased logits).
+
+static void test_topk() {
+    const float zero_bias[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    {  // descending order of the score
+        const double s[4] = {0.1, 0.9, 0.5, 0.7};
+        int sel[3];
+        ref::select_topk(sel, s, zero_bias, 4, 3);
+        CHECK(sel[0] == 1 && sel[1] == 3 && sel[2] == 2);
+    }
+    {  // a tie for second place goes to the lower index
+        const double s[4] = {1.0, 3.0, 3.0, 0.0};
+        int sel[2];
+        ref::select_topk(sel, s, zero_bias, 4, 2);
+        CHECK(sel[0] == 1 && sel[1] == 2);
+    }
+    {  // all equal: the first k indices, in index order
+        const double s[5] = {2, 2, 2, 2, 2};
+        int sel[3];
+        ref::select_topk(sel, s, zero_bias, 5, 3);
+        CHECK(sel[0] == 0 && sel[1] == 1 && sel[2] == 2);
+    }
+    {  // a tie created by the bias (0.5 + 0.5 == 1.0) also goes to the lower index
+        const double s[3] = {0.0, 1.0, 0.5};
+        const float bias[3] = {0.f, 0.f, 0.5f};
+        int sel[2];
+        ref::select_topk(sel, s, bias, 3, 2);
+        CHECK(sel[0] == 1 && sel[1] == 2);
+        int sel1[1];
+        const double s2[3] = {0.5, 1.0, 0.0};
+        const float bias2[3] = {0.5f, 0.f, 0.f};  // expert 0 ties expert 1 at 1.0: expert 0 wins
+        ref::select_topk(sel1, s2, bias2, 3, 1);
+        CHECK(sel1[0] == 0);
+    }
+    {  // the bias flips the choice, but the gates use the unbiased logits
+        const double s[4] = {1.0, 0.5, 0.2, 0.0};
+        const float bias[4] = {0.f, 0.f, 1.0f, 0.f};  // biased scores {1.0, 0.5, 1.2, 0.0}
+        int sel[2];
+        ref::select_topk(sel, s, bias, 4, 2);
+        CHECK_MSG(sel[0] == 2 && sel[1] == 0, "biased top-2 must be {2, 0}");
+        int plain[2];
+        ref::select_topk(plain, s, zero_bias, 4, 2);
+        CHECK_MSG(plain[0] == 0 && plain[1] == 1, "without the bias the top-2 is {0, 1}");
+        double gate[2];
+        ref::softmax_gates(gate, s, sel, 2);
+        // softmax over the unbiased {s2, s0} = {0.2, 1.0}: e^0.2/(e^0.2+e^1) and e^1/(e^0.2+e^1),
+        // evaluated with python3 (math.exp). With the biased logits (1.2, 1.0) they would be 0.55/0.45.
+        CHECK_MSG(near(gate[0], 0.31002551887238755, 1e-15), "gate of expert 2 from the unbiased logit");
+        CHECK_MSG(near(gate[1], 0.6899744811276124, 1e-15), "gate of expert 0 from the unbiased logit");
+    }
+    {  // gates of a random top-3 of 8 are positive, sum to 1 and follow the selection order
+        lmoe::Rng rng(7);
+        for (int trial = 0; trial < 20; trial++) {
+            double s[8];
+            float bias[8];
+            for (int e = 0; e < 8; e++) {
+                s[e] = rng.uniform(-3, 3);
+                bias[e] = float(rng.uniform(-1, 1));
+            }
+            int sel[3];
+            double gate[3];
+            ref::select_topk(sel, s, bias, 8, 3);
+            ref::softmax_gates(gate, s, sel, 3);
+            double sum = gate[0] + gate[1] + gate[2];
+            bool distinct = sel[0] != sel[1] && sel[0] != sel[2] && sel[1] != sel[2];
+            bool in_range = std::all_of(sel, sel + 3, [](int e) { return e >= 0 && e < 8; });
+            // gate ratio = exp of the unbiased logit difference
+            bool ratio = near(gate[0] / gate[1], std::exp(s[sel[0]] - s[sel[1]]), 1e-12);
+            // every chosen biased score >= every unchosen one
+            double worst_chosen = 1e30, best_other = -1e30;
+            for (int e = 0; e < 8; e++) {
+                double b = s[e] + bias[e];
+                if (std::find(sel, sel + 3, e) != sel + 3) worst_chosen = std::min(worst_chosen, b);
+                else best_other = std::max(best_other, b);
+            }
+            CHECK(near(sum, 1.0, 1e-12) && distinct && in_range && ratio && worst_chosen >= best_other);
+        }
+    }
+    {  // k = E selects every expert, in descending order
+        const double s[5] = {0.3, -1.0, 2.0, 0.3, 1.5};
+        int sel[5];
+        ref::select_topk(sel, s, zero_bias, 5, 5);
+        CHECK(sel[0] == 2 && sel[1] == 4 && sel[2] == 0 && sel[3] == 3 && sel[4] == 1);
+        double gate[5];
+        ref::softmax_gates(gate, s, sel, 5);
+        double z = 0;
+        for (int e = 0; e < 5; e++) z += std::exp(s[e]);
+        CHECK(near(gate[0], std::exp(2.0) / z, 1e-14) && near(gate[4], std::exp(-1.0) / z, 1e-14));
+    }
+    {  // float instantiation, large logits: no overflow in the gates
+        const float s[3] = {1000.f, 999.f, -5.f};
+        int sel[2];
+        float gate[2];
+        ref::select_topk(sel, s, zero_bias, 3, 2);
+        ref::softmax_gates(gate, s, sel, 2);
+        CHECK(sel[0] == 0 && sel[1] == 1);
+        // 1/(1+e^-1) = 0.7310585786300049
+        CHECK(std::isfinite(gate[0]) && near(gate[0], 0.7310585786300049, 1e-6) && near(gate[0] + gate[1], 1.0, 1e-6));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ds_j = w_j (dw_j − Σ_i w_i dw_i), derived by hand, and against central differences.
+
+static void test_softmax_gates_backward() {
+    {
+        // gate {0.25, 0.75}, dgate {1, 3}: Σ w dw = 0.25 + 2.25 = 2.5; ds = {0.25·(1−2.5), 0.75·(3−2.5)}
+        const double gate[2] = {0.25, 0.75}, dgate[2] = {1.0, 3.0};
+        double ds[2];
+        ref::softmax_gates_backward(ds, gate, dgate, 2);
+        CHECK(near(ds[0], -0.375, 1e-15) && near(ds[1], 0.375, 1e-15));
+    }
+    {
+        // gate {0.5, 0.3, 0.2}, dgate {2, −1, 0.5}: Σ = 1 − 0.3 + 0.1 = 0.8; ds = {0.6, −0.54, −0.06}
+        const double gate[3] = {0.5, 0.3, 0.2}, dgate[3] = {2.0, -1.0, 0.5};
+        double ds[3];
+        ref::softmax_gates_backward(ds, gate, dgate, 3);
+        CHECK(near(ds[0], 0.6, 1e-15) && near(ds[1], -0.54, 1e-15) && near(ds[2], -0.06, 1e-15));
+        CHECK(near(ds[0] + ds[1] + ds[2], 0.0, 1e-15));  // softmax is shift-invariant
+    }
+    {
+        // finite differences of f(s) = Σ_j dgate_j · softmax_gates(s)_j over the selected logits
+        const double s0[6] = {0.4, -0.3, 1.1, 0.0, 0.9, -1.2};
+        const int sel[3] = {2, 4, 0};
+        const double dgate[3] = {0.7, -1.3, 0.25};
+        auto f = [&](const double* s) {
+            double g[3];
+            ref::softmax_gates(g, s, sel, 3);
+            return dgate[0] * g[0] + dgate[1] * g[1] + dgate[2] * g[2];
+        };
+        double gate[3], ds[3];
+        ref::softmax_gates(gate, s0, sel, 3);
+        ref::softmax_gates_backward(ds, gate, dgate, 3);
+        const double h = 1e-6;
+        for (int j = 0; j < 3; j++) {
+            double sp[6], sm[6];
+            std::copy(s0, s0 + 6, sp);
+            std::copy(s0, s0 + 6, sm);
+            sp[sel[j]] += h;
+            sm[sel[j]] -= h;
+            double fd = (f(sp) - f(sm)) / (2 * h);
+            CHECK_MSG(near(ds[j], fd, 1e-8), "ds[" + std::to_string(j) + "] vs central difference");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AdamW (SPEC §2.4). Expected values were computed with a separate python3 one-off that applies
+//   m = 0.9 m + 0.1 g;  v = 0.95 v + 0.05 g²;  m̂ = m/(1−0.9^t);  v̂ = v/(1−0.95^t);
+//   θ = θ − lr·(m̂/(√v̂ + 1e-8) + wd·θ)
+// to θ0 = {1, −0.5, 2}, g1 = {0.1, −0.2, 0}, g2 = {0.3, 0.05, −0.1}, lr = 0.01, wd = 0.1 or 0,
+// printing repr() of the results.
+
+static void test_adamw() {
+    const double theta0[3] = {1.0, -0.5, 2.0}, g1[3] = {0.1, -0.2, 0.0}, g2[3] = {0.3, 0.05, -0.1};
+    struct Expected { double wd; double step1[3], step2[3]; };
+    const Expected cases[2] = {
+        {0.1, {0.9890000009999999, -0.4895000005, 1.998}, {0.9789240800039695, -0.48426284153190663, 2.0033515989967206}},
+        {0.0, {0.9900000009999999, -0.4900000005, 2.0}, {0.9809130800049695, -0.48525234153240665, 2.0073495989967207}},
+    };
+    for (const Expected& e : cases) {
+        double th[3], m[3] = {0, 0, 0}, v[3] = {0, 0, 0};
+        std::copy(theta0, theta0 + 3, th);
+        ref::adamw_update(th, m, v, g1, 3, 0.01, e.wd, 1);
+        for (int i = 0; i < 3; i++)
+            CHECK_MSG(near(th[i], e.step1[i], 1e-14), "wd " + std::to_string(e.wd) + " step 1 theta[" +
+                                                          std::to_string(i) + "] = " + std::to_string(th[i]));
+        // moments after step 1: m = 0.1 g, v = 0.05 g²
+        CHECK(near(m[0], 0.01, 1e-15) && near(m[1], -0.02, 1e-15) && near(v[1], 0.002, 1e-15) && v[2] == 0);
+        ref::adamw_update(th, m, v, g2, 3, 0.01, e.wd, 2);
+        for (int i = 0; i < 3; i++)
+            CHECK_MSG(near(th[i], e.step2[i], 1e-14), "wd " + std::to_string(e.wd) + " step 2 theta[" +
+                                                          std::to_string(i) + "] = " + std::to_string(th[i]));
+        // moments after step 2: m = 0.09 g1 + 0.1 g2, v = 0.0475 g1² + 0.05 g2²
+        CHECK(near(m[0], 0.039, 1e-15) && near(m[2], -0.01, 1e-15) && near(v[0], 0.004975, 1e-15));
+    }
+    {
+        // float instantiation of step 1 (wd 0.1) agrees to float precision
+        float th[3] = {1.0f, -0.5f, 2.0f}, m[3] = {}, v[3] = {};
+        const float g[3] = {0.1f, -0.2f, 0.0f};
+        ref::adamw_update(th, m, v, g, 3, 0.01, 0.1, 1);
+        CHECK(near(th[0], 0.989, 1e-6) && near(th[1], -0.4895, 1e-6) && near(th[2], 1.998, 1e-6));
+    }
+    {
+        // a zero gradient with decay off leaves θ unchanged
+        double th = 3.0, m = 0, v = 0, g = 0;
+        ref::adamw_update(&th, &m, &v, &g, 1, 0.1, 0.0, 1);
+        CHECK(th == 3.0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static void test_clip_grad_norm() {
+    {  // below the clip: returns the norm (3-4-5), gradients untouched
+        double g[2] = {3.0, 4.0};
+        double norm = ref::clip_grad_norm(g, 2, 10.0);
+        CHECK(norm == 5.0 && g[0] == 3.0 && g[1] == 4.0);
+    }
+    {  // above the clip: returns the pre-clip norm, scales to norm = clip
+        double g[2] = {3.0, 4.0};
+        double norm = ref::clip_grad_norm(g, 2, 1.0);
+        CHECK(norm == 5.0);
+        CHECK(near(g[0], 0.6, 1e-15) && near(g[1], 0.8, 1e-15));
+    }
+    {  // clip 0 disables clipping
+        double g[2] = {300.0, 400.0};
+        double norm = ref::clip_grad_norm(g, 2, 0.0);
+        CHECK(norm == 500.0 && g[0] == 300.0 && g[1] == 400.0);
+    }
+    {  // float: sum of squares over many elements; 10000 elements of 0.5 -> norm 50, clip 2 -> each 0.02
+        std::vector<float> g(10000, 0.5f);
+        double norm = ref::clip_grad_norm(g.data(), (int64_t)g.size(), 2.0);
+        CHECK(near(norm, 50.0, 1e-9));
+        CHECK(near(g[0], 0.02, 1e-8) && near(g[9999], 0.02, 1e-8));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// b += γ·(sign(mean(load) − load) − mean_e sign(mean(load) − load)) (SPEC §2.3).
+
+static void test_update_routing_bias() {
+    const double gamma = 0.01;
+    {
+        // counts {6,2,2,2}: loads {1/2, 1/6, 1/6, 1/6}, mean 1/4; signs {−1, +1, +1, +1}, mean 1/2;
+        // change γ·{−1.5, 0.5, 0.5, 0.5}
+        float b[4] = {0.f, 0.f, 0.f, 0.f};
+        const int64_t counts[4] = {6, 2, 2, 2};
+        ref::update_routing_bias(b, counts, 4, gamma);
+        CHECK(near(b[0], -0.015, 1e-8) && near(b[1], 0.005, 1e-8) && near(b[2], 0.005, 1e-8) && near(b[3], 0.005, 1e-8));
+    }
+    {
+        // counts {5,3,2,2}: expert 1 sits exactly at the mean (sign 0); signs {−1, 0, +1, +1}, mean 1/4;
+        // change γ·{−1.25, −0.25, 0.75, 0.75}, added to a non-zero starting bias
+        float b[4] = {0.1f, -0.2f, 0.3f, 0.f};
+        const int64_t counts[4] = {5, 3, 2, 2};
+        ref::update_routing_bias(b, counts, 4, gamma);
+        CHECK(near(b[0], 0.1 - 0.0125, 1e-7) && near(b[1], -0.2 - 0.0025, 1e-7) && near(b[2], 0.3 + 0.0075, 1e-7) &&
+              near(b[3], 0.0075, 1e-7));
+    }
+    {  // balanced counts leave the bias unchanged
+        float b[4] = {0.25f, -0.5f, 0.f, 1.f};
+        const int64_t counts[4] = {7, 7, 7, 7};
+        ref::update_routing_bias(b, counts, 4, gamma);
+        CHECK(b[0] == 0.25f && b[1] == -0.5f && b[2] == 0.f && b[3] == 1.f);
+    }
+    {  // γ = 0 leaves it unchanged; so do zero counts
+        float b[4] = {0.25f, -0.5f, 0.f, 1.f};
+        const int64_t counts[4] = {6, 2, 2, 2}, none[4] = {0, 0, 0, 0};
+        ref::update_routing_bias(b, counts, 4, 0.0);
+        ref::update_routing_bias(b, none, 4, gamma);
+        CHECK(b[0] == 0.25f && b[1] == -0.5f && b[2] == 0.f && b[3] == 1.f);
+    }
+    {  // the changes sum to zero; the most loaded expert goes down, the least loaded up
+        lmoe::Rng rng(99);
+        for (int trial = 0; trial < 20; trial++) {
+            const int E = 8;
+            float b[E] = {};
+            int64_t counts[E];
+            for (int e = 0; e < E; e++) counts[e] = rng.below(50);
+            counts[trial % E] = 100;  // a unique maximum
+            ref::update_routing_bias(b, counts, E, gamma);
+            double sum = 0;
+            for (int e = 0; e < E; e++) sum += b[e];
+            int lo = int(std::min_element(counts, counts + E) - counts);
+            CHECK(near(sum, 0.0, 1e-7) && b[trial % E] < 0 && b[lo] > 0);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static void test_lr_schedule() {
+    const double lr = 1.0, floor = 0.1;
+    const int warmup = 10, total = 21;  // decay over steps 10..20: progress = (step − 10) / 10
+    // warm-up: lr·(step+1)/warmup
+    CHECK(near(lmoe::lr_at(0, total, lr, warmup, floor), 0.1, 1e-15));
+    CHECK(near(lmoe::lr_at(4, total, lr, warmup, floor), 0.5, 1e-15));
+    CHECK(near(lmoe::lr_at(9, total, lr, warmup, floor), 1.0, 1e-15));
+    // the peak at the first decay step, the cosine midpoint, the floor at the end
+    CHECK(near(lmoe::lr_at(10, total, lr, warmup, floor), 1.0, 1e-15));
+    CHECK(near(lmoe::lr_at(15, total, lr, warmup, floor), 0.55, 1e-12));  // 0.1 + ½(1 + cos(π/2))·0.9
+    // progress 0.2: 0.1 + ½(1 + cos(0.2π))·0.9 = 0.9140576474687264 (python3)
+    CHECK(near(lmoe::lr_at(12, total, lr, warmup, floor), 0.9140576474687264, 1e-12));
+    CHECK(near(lmoe::lr_at(20, total, lr, warmup, floor), lr * floor, 1e-15));
+    CHECK(near(lmoe::lr_at(20, total, 3e-3, warmup, 0.25), 3e-3 * 0.25, 1e-18));
+    // the peak is never exceeded, and after warm-up the rate never rises
+    bool monotone = true, bounded = true;
+    const int T2 = 300, W2 = 30;
+    double prev = lmoe::lr_at(W2, T2, 3e-3, W2, 0.1);
+    for (int s = 0; s < T2; s++) {
+        double x = lmoe::lr_at(s, T2, 3e-3, W2, 0.1);
+        bounded = bounded && x > 0 && x <= 3e-3 * (1 + 1e-12);
+        if (s > W2) {
+            monotone = monotone && x <= prev;
+            prev = x;
+        }
+    }
+    CHECK(monotone && bounded);
+    CHECK(near(lmoe::lr_at(T2 - 1, T2, 3e-3, W2, 0.1), 3e-4, 1e-15));
+    // warm-up strictly increasing
+    CHECK(lmoe::lr_at(0, T2, 3e-3, W2, 0.1) < lmoe::lr_at(1, T2, 3e-3, W2, 0.1));
+    // no warm-up: the first step is the peak
+    CHECK(near(lmoe::lr_at(0, 100, 2.0, 0, 0.1), 2.0, 1e-15));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parameter layout and init (SPEC §2, §3).
+
+static Config preset_config(FfnKind ffn, const char* preset = "tiny") {
+    Config c;
+    c.ffn = ffn;
+    lmoe::apply_preset(c, preset);
+    return c;
+}
+
+// SPEC §2 by hand: W_te and W_lm (Vp·d each), three gains per layer pair + final, W_qkv 3d·d, W_o d·d
+// (n_head·d_attn = d), and per FFN kind: LatentMoE W_mh, W_mg (H·dh·d each) replicated, R_h (H·dh·E)
+// and K, V (H·E·fe·dh each) sharded; MoE R (d·E) replicated, W1, W2 (E·f·d each) sharded.
+static int64_t hand_total(const Config& c, int64_t* replicated) {
+    const int64_t d = c.d, Vp = (c.V + 127) / 128 * 128, L = c.L;
+    int64_t rep = 2 * Vp * d + d + L * (2 * d + 3 * d * d + d * d), ex = 0;
+    if (c.ffn == FfnKind::LatentMoE) {
+        rep += L * 2 * int64_t(c.H) * c.dh * d;
+        ex = L * (int64_t(c.H) * c.dh * c.E + 2 * int64_t(c.H) * c.E * c.fe * c.dh);
+    } else {
+        rep += L * d * c.E;
+        ex = L * 2 * int64_t(c.E) * c.fe * d;
+    }
+    *replicated = rep;
+    return rep + ex;
+}
+
+static double sample_std(const std::vector<float>& p, const lmoe::TensorSpec& t, double* mean_out) {
+    double s = 0, ss = 0;
+    for (int64_t i = 0; i < t.numel; i++) s += p[t.offset + i];
+    double mean = s / t.numel;
+    for (int64_t i = 0; i < t.numel; i++) ss += (p[t.offset + i] - mean) * (p[t.offset + i] - mean);
+    *mean_out = mean;
+    return std::sqrt(ss / (t.numel - 1));
+}
+
+// The sample std of n normal draws has a relative spread of about 1/sqrt(2n) and the mean a spread of
+// std/sqrt(n): allow 4 of each (n ≥ 2048 keeps the std within ±6%, so 0.02 and 0.007 cannot be confused).
+static bool std_ok(double sd, double mean, double want, int64_t n) {
+    return n >= 2048 && near(sd, want, 4.0 * want / std::sqrt(2.0 * n)) && std::fabs(mean) < 4.0 * want / std::sqrt(double(n));
+}
+
+static void test_params() {
+    for (FfnKind ffn : {FfnKind::LatentMoE, FfnKind::MoE}) {
+        const std::string kind = ffn == FfnKind::LatentMoE ? "LatentMoE" : "MoE";
+        Config c = preset_config(ffn);
+        c.V = 200;  // not a multiple of 128: Vp = 256, 56 padding rows
+        CHECK(c.Vp() == 256);
+        lmoe::ParamLayout p = lmoe::build_param_layout(c);
+        int64_t rep_hand = 0;
+        int64_t total_hand = hand_total(c, &rep_hand);
+        // the tiny preset's numbers worked out on paper: LatentMoE 82240 + 66560, MoE 66880 + 65536
+        CHECK_MSG(p.total == total_hand && p.total == (ffn == FfnKind::LatentMoE ? 148800 : 132416),
+                  kind + " total " + std::to_string(p.total) + " vs hand " + std::to_string(total_hand));
+        CHECK_MSG(p.replicated == rep_hand, kind + " replicated " + std::to_string(p.replicated));
+        // replicated tensors first, contiguous, then the expert tensors
+        bool seen_expert = false, order_ok = true, contiguous = true;
+        int64_t at = 0;
+        for (const auto& t : p.tensors) {
+            if (t.expert) seen_expert = true;
+            else if (seen_expert) order_ok = false;
+            if (t.offset != at) contiguous = false;
+            at += t.numel;
+            if (!t.expert && t.offset + t.numel > p.replicated) order_ok = false;
+            if (t.expert && t.offset < p.replicated) order_ok = false;
+        }
+        CHECK_MSG(order_ok && contiguous && at == p.total, kind + ": replicated tensors first, contiguous");
+        // which tensors are sharded, decay on matrices only
+        CHECK(p.find("layer0.expert_in").expert && p.find("layer1.expert_out").expert);
+        CHECK(!p.find("wte").expert && !p.find("lm_head").expert && !p.find("layer0.qkv").expert);
+        CHECK_MSG(p.find("layer1.router").expert == (ffn == FfnKind::LatentMoE),
+                  kind + ": HP's R_h is sharded, EP's router is replicated");
+        CHECK(p.find("layer0.qkv").decay && p.find("wte").decay && p.find("layer1.expert_in").decay);
+        CHECK(!p.find("layer0.ln1").decay && !p.find("layer1.ln2").decay && !p.find("lnf").decay);
+
+        std::vector<float> one(p.total);
+        lmoe::init_params(one.data(), p, 1234);
+        // gains are 1
+        bool gains = true;
+        for (const char* name : {"layer0.ln1", "layer0.ln2", "layer1.ln1", "layer1.ln2", "lnf"}) {
+            const auto& t = p.find(name);
+            for (int64_t i = 0; i < t.numel; i++) gains = gains && one[t.offset + i] == 1.0f;
+        }
+        CHECK_MSG(gains, kind + ": RMSNorm gains are 1");
+        // padding rows V..Vp-1 of wte and lm_head are zero; the live rows are not
+        for (const char* name : {"wte", "lm_head"}) {
+            const auto& t = p.find(name);
+            CHECK(t.shape[0] == 256 && t.shape[1] == c.d);
+            bool pad_zero = true, last_live_nonzero = false, first_nonzero = false;
+            for (int64_t r = c.V; r < 256; r++)
+                for (int64_t j = 0; j < c.d; j++) pad_zero = pad_zero && one[t.offset + r * c.d + j] == 0.0f;
+            for (int64_t j = 0; j < c.d; j++) {
+                last_live_nonzero = last_live_nonzero || one[t.offset + (c.V - 1) * c.d + j] != 0.0f;
+                first_nonzero = first_nonzero || one[t.offset + j] != 0.0f;
+            }
+            CHECK_MSG(pad_zero && last_live_nonzero && first_nonzero, kind + " " + name + ": padding rows zero");
+        }
+        // same seed -> identical; another seed -> different (almost every random element)
+        std::vector<float> again(p.total), other(p.total);
+        lmoe::init_params(again.data(), p, 1234);
+        lmoe::init_params(other.data(), p, 1235);
+        CHECK(std::memcmp(again.data(), one.data(), sizeof(float) * p.total) == 0);
+        int64_t differ = 0;
+        for (int64_t i = 0; i < p.total; i++) differ += other[i] != one[i];
+        CHECK_MSG(differ > p.total * 9 / 10, kind + ": a different seed changes the weights");
+        // distinct tensors get distinct streams: qkv of layer 0 and layer 1 differ
+        CHECK(one[p.find("layer0.qkv").offset] != one[p.find("layer1.qkv").offset]);
+
+        // sharding: each rank's expert slice equals the one-rank init bitwise; replicated parts identical
+        for (int world : {2, 4}) {
+            int64_t expert_total = p.total - p.replicated;
+            for (int rank = 0; rank < world; rank++) {
+                lmoe::ParamLayout pr = lmoe::build_param_layout(c, rank, world);
+                std::vector<float> mine(pr.total);
+                lmoe::init_params(mine.data(), pr, 1234);
+                bool shapes = pr.tensors.size() == p.tensors.size() && pr.replicated == p.replicated &&
+                              pr.total == p.replicated + expert_total / world;
+                bool same = true;
+                for (size_t s = 0; s < p.tensors.size() && shapes; s++) {
+                    const auto &t1 = p.tensors[s], &tr = pr.tensors[s];
+                    if (t1.name != tr.name) { shapes = false; break; }
+                    int64_t first = 0;
+                    if (tr.expert) {
+                        int64_t lead = ffn == FfnKind::LatentMoE ? c.H : c.E;
+                        shapes = shapes && tr.shape[0] == lead / world && tr.numel * world == t1.numel;
+                        first = rank * tr.numel;  // rank r holds the r-th equal slice of the leading dim
+                    } else {
+                        shapes = shapes && tr.numel == t1.numel;
+                    }
+                    if (!shapes) break;
+                    same = same && std::memcmp(mine.data() + tr.offset, one.data() + t1.offset + first,
+                                               sizeof(float) * tr.numel) == 0;
+                }
+                CHECK_MSG(shapes && same, kind + " world " + std::to_string(world) + " rank " + std::to_string(rank) +
+                                              ": shard equals the slice of the one-rank init");
+            }
+        }
+    }
+
+    // init statistics on larger matrices: base std 0.02, residual outputs 0.02/sqrt(2L)
+    {
+        Config c = preset_config(FfnKind::MoE);
+        c.d = 256; c.dh = 256; c.L = 4; c.fe = 128;
+        lmoe::ParamLayout p = lmoe::build_param_layout(c);
+        std::vector<float> w(p.total);
+        lmoe::init_params(w.data(), p, 42);
+        const double resid = 0.02 / std::sqrt(2.0 * c.L);  // 0.00707
+        struct Want { const char* name; double std; };
+        for (Want want : {Want{"layer2.qkv", 0.02}, Want{"wte", 0.02}, Want{"layer1.expert_in", 0.02},
+                          Want{"layer0.router", 0.02}, Want{"layer3.attn_out", resid},
+                          Want{"layer1.expert_out", resid}}) {
+            const auto& t = p.find(want.name);
+            double mean = 0, sd = sample_std(w, t, &mean);
+            CHECK_MSG(std_ok(sd, mean, want.std, t.numel),
+                      std::string("MoE ") + want.name + " std " + std::to_string(sd) + " want " + std::to_string(want.std));
+        }
+    }
+    {
+        Config c = preset_config(FfnKind::LatentMoE);
+        c.d = 256; c.H = 4; c.dh = 64; c.L = 3; c.E = 8; c.fe = 64;
+        lmoe::ParamLayout p = lmoe::build_param_layout(c);
+        std::vector<float> w(p.total);
+        lmoe::init_params(w.data(), p, 42);
+        const double resid = 0.02 / std::sqrt(2.0 * c.L);
+        struct Want { const char* name; double std; };
+        for (Want want : {Want{"layer0.ffn_in", 0.02}, Want{"layer2.ffn_out", resid}, Want{"layer1.attn_out", resid},
+                          Want{"layer1.expert_in", 0.02}, Want{"layer1.expert_out", 0.02}}) {
+            const auto& t = p.find(want.name);
+            double mean = 0, sd = sample_std(w, t, &mean);
+            CHECK_MSG(std_ok(sd, mean, want.std, t.numel),
+                      std::string("LatentMoE ") + want.name + " std " + std::to_string(sd) + " want " + std::to_string(want.std));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flags, presets and validation (SPEC §6, §8.5).
+
+// argv for parse_flags from strings; argv[0] is a program name.
+struct Args {
+    std::vector<std::string> words;
+    std::vector<char*> ptrs;
+    explicit Args(std::vector<std::string> flags) : words(std::move(flags)) {
+        words.insert(words.begin(), "prog");
+        for (std::string& w : words) ptrs.push_back(&w[0]);
+        ptrs.push_back(nullptr);
+    }
+    int argc() const { return int(words.size()); }
+    char** argv() { return ptrs.data(); }
+};
+
+static Config parse(FfnKind ffn, std::vector<std::string> flags) {
+    Args a(std::move(flags));
+    Config c;
+    lmoe::parse_flags(c, ffn, a.argc(), a.argv());
+    return c;
+}
+
+// Parses, then validates for `world` ranks.
+static Config parse_and_validate(FfnKind ffn, std::vector<std::string> flags, int world = 1) {
+    Config c = parse(ffn, std::move(flags));
+    lmoe::validate(c, world);
+    return c;
+}
+
+// "" when the flags parse and validate, else the error message.
+static std::string config_error(FfnKind ffn, std::vector<std::string> flags, int world = 1) {
+    try {
+        parse_and_validate(ffn, std::move(flags), world);
+    } catch (const std::exception& e) {
+        return e.what();
+    }
+    return "";
+}
+
+static void test_config() {
+    const FfnKind HP = FfnKind::LatentMoE, EP = FfnKind::MoE;
+    // defaults pass on one rank and on as many ranks as H (HP) or E (EP); --help is reported
+    CHECK_MSG(config_error(HP, {}) == "", config_error(HP, {}));
+    CHECK_MSG(config_error(EP, {}) == "", config_error(EP, {}));
+    CHECK_MSG(config_error(HP, {}, 4) == "", config_error(HP, {}, 4));
+    CHECK_MSG(config_error(EP, {}, 8) == "", config_error(EP, {}, 8));
+    {
+        Args a({"--steps", "5", "--help"});
+        Config c;
+        CHECK(!lmoe::parse_flags(c, HP, a.argc(), a.argv()));
+    }
+    // each constraint, for both kinds where it applies
+    for (FfnKind ffn : {HP, EP}) {
+        CHECK_THROWS(parse_and_validate(ffn, {"--topk", "1"}), "at least 2 active experts");
+        CHECK_THROWS(parse_and_validate(ffn, {"--topk", "9"}), "exceeds the number of experts E = 8");
+        CHECK_THROWS(parse_and_validate(ffn, {"--topk", "3", "--experts", "2"}), "exceeds the number of experts E = 2");
+        CHECK_THROWS(parse_and_validate(ffn, {"--attn-heads", "5"}), "must be divisible by n_head (5)");
+        CHECK_THROWS(parse_and_validate(ffn, {"--attn-heads", "64"}), "must be even");  // d_attn = 1
+        CHECK_THROWS(parse_and_validate(ffn, {"--bogus", "1"}), "unknown flag --bogus");
+        CHECK_THROWS(parse_and_validate(ffn, {"--steps", "abc"}), "--steps expects an integer, got 'abc'");
+        CHECK_THROWS(parse_and_validate(ffn, {"--steps", "12x"}), "--steps expects an integer");
+        CHECK_THROWS(parse_and_validate(ffn, {"--steps", "99999999999"}), "--steps expects an integer");
+        CHECK_THROWS(parse_and_validate(ffn, {"--lr", "1e-3x"}), "--lr expects a number, got '1e-3x'");
+        CHECK_THROWS(parse_and_validate(ffn, {"--lr", "nan"}), "--lr expects a number");
+        CHECK_THROWS(parse_and_validate(ffn, {"--lr", ""}), "--lr expects a number");
+        CHECK_THROWS(parse_and_validate(ffn, {"--seed", "-1"}), "--seed expects a non-negative integer");
+        CHECK_THROWS(parse_and_validate(ffn, {"--steps"}), "--steps needs a value");
+        CHECK_THROWS(parse_and_validate(ffn, {"--lr", "0.1", "--batch"}), "--batch needs a value");
+        CHECK_THROWS(parse_and_validate(ffn, {"--preset", "huge"}), "unknown preset 'huge'");
+        CHECK_THROWS(parse_and_validate(ffn, {"steps", "3"}), "unexpected argument 'steps'");
+        CHECK_THROWS(parse_and_validate(ffn, {"--steps", "0"}), "steps and grad_accum must be at least 1");
+        CHECK_THROWS(parse_and_validate(ffn, {"--vocab", "70000"}), "must be in [2, 65536]");
+        CHECK_THROWS(parse_and_validate(ffn, {"--lr-floor", "1.5"}), "lr_floor must be in [0, 1]");
+        CHECK_THROWS(parse_and_validate(ffn, {"--grad-clip", "-1"}), "grad_clip and bias_rate must be >= 0");
+        CHECK_THROWS(parse_and_validate(ffn, {"--device", "cuda"}), "device must be auto, cpu or gpu, not 'cuda'");
+    }
+    // Head Parallel: H % R; Expert Parallel: E % R
+    CHECK_THROWS(parse_and_validate(HP, {"--latent-heads", "3"}, 2), "Head Parallel needs H % R == 0: H = 3");
+    CHECK_THROWS(parse_and_validate(HP, {}, 3), "Head Parallel needs H % R == 0: H = 4");
+    CHECK_THROWS(parse_and_validate(EP, {"--experts", "6"}, 4), "Expert Parallel needs E % R == 0: E = 6");
+    CHECK_THROWS(parse_and_validate(EP, {}, 3), "Expert Parallel needs E % R == 0: E = 8");
+    {  // H = 3 is fine on one rank, and E = 6 on two or three
+        Config c = parse_and_validate(HP, {"--latent-heads", "3"}, 1);
+        CHECK(c.H == 3);
+        c = parse_and_validate(EP, {"--experts", "6"}, 3);
+        CHECK(c.E == 6);
+    }
+    // latent-head flags mean nothing to the MoE baseline
+    CHECK_THROWS(parse_and_validate(EP, {"--latent-heads", "4"}), "unknown flag --latent-heads");
+    CHECK_THROWS(parse_and_validate(EP, {"--head-dim", "16"}), "unknown flag --head-dim");
+
+    // presets: SPEC §6, both kinds
+    struct Row { const char* name; int T, d, L, n_head, H, dh, hpE, fe, hpk, epE, f, epk; };
+    const Row rows[] = {
+        {"tiny", 32, 64, 2, 4, 4, 16, 8, 32, 2, 8, 32, 2},
+        {"small", 256, 512, 6, 8, 8, 64, 32, 256, 4, 32, 256, 4},
+        {"p1", 1024, 1024, 12, 8, 8, 128, 64, 512, 8, 64, 512, 8},
+        {"p2", 1024, 1024, 12, 8, 8, 128, 128, 256, 16, 128, 256, 16},
+    };
+    for (const Row& r : rows) {
+        Config h = parse_and_validate(HP, {"--preset", r.name});
+        CHECK_MSG(h.preset == r.name && h.T == r.T && h.d == r.d && h.L == r.L && h.n_head == r.n_head &&
+                      h.H == r.H && h.dh == r.dh && h.E == r.hpE && h.fe == r.fe && h.k == r.hpk &&
+                      h.ffn == HP,
+                  std::string("LatentMoE preset ") + r.name);
+        Config e = parse_and_validate(EP, {"--preset", r.name});
+        CHECK_MSG(e.preset == r.name && e.T == r.T && e.d == r.d && e.L == r.L && e.n_head == r.n_head &&
+                      e.E == r.epE && e.fe == r.f && e.k == r.epk && e.H == 1 && e.dh == r.d && e.ffn == EP,
+                  std::string("MoE preset ") + r.name);
+    }
+    // HP's matched comparison (SPEC §2.1): H·dh = d for p1 and p2
+    CHECK(parse(HP, {"--preset", "p1"}).H * parse(HP, {"--preset", "p1"}).dh == 1024);
+
+    // a flag wins over the preset wherever it appears; --name=value works too
+    {
+        Config c = parse_and_validate(HP, {"--topk", "4", "--seq-len", "64", "--preset", "small"});
+        CHECK(c.k == 4 && c.T == 64 && c.d == 512 && c.E == 32 && c.preset == "small");
+        c = parse_and_validate(EP, {"--preset", "p1", "--topk", "3"});
+        CHECK(c.k == 3 && c.E == 64 && c.d == 1024);
+        c = parse_and_validate(EP, {"--experts=16", "--preset=small", "--lr=0.5", "--seed=7"});
+        CHECK(c.E == 16 && c.d == 512 && c.lr == 0.5f && c.seed == 7u);
+        c = parse_and_validate(HP, {"--steps", "12", "--lr", "1e-3", "--device", "cpu"});
+        CHECK(c.steps == 12 && c.lr == 1e-3f && c.device == "cpu");
+    }
+    // "flags can override any field" (SPEC §6): the MoE's width can be changed like LatentMoE's. The MoE has
+    // no latent heads (H = 1, dh = d), so dh must follow --d-model rather than keep the preset's width.
+    CHECK_MSG(config_error(HP, {"--d-model", "128"}) == "", config_error(HP, {"--d-model", "128"}));
+    CHECK_MSG(config_error(EP, {"--d-model", "128"}) == "",
+              "moe_ep_baseline --d-model 128 is rejected: " + config_error(EP, {"--d-model", "128"}));
+    CHECK_MSG(config_error(EP, {"--d-model", "128", "--preset", "small"}) == "",
+              "moe_ep_baseline --d-model 128 --preset small is rejected: " +
+                  config_error(EP, {"--d-model", "128", "--preset", "small"}));
+}
+
+// Runs one group of tests; an exception escaping it (a missing tensor name, say) is one failure, and
+// the other groups still run.
+static void run(const char* name, void (*test)()) {
+    try {
+        test();
+    } catch (const std::exception& e) {
+        check::record(false, __FILE__, __LINE__, std::string(name) + " threw: " + e.what());
+    }
+}
+
+int main() {
+    run("topk", test_topk);
+    run("softmax_gates_backward", test_softmax_gates_backward);
+    run("adamw", test_adamw);
+    run("clip_grad_norm", test_clip_grad_norm);
+    run("update_routing_bias", test_update_routing_bias);
+    run("lr_schedule", test_lr_schedule);
+    run("params", test_params);
+    run("config", test_config);
+    return check::summary();
+}

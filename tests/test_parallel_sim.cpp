@@ -1,0 +1,440 @@
+// Head Parallel and Expert Parallel simulated over R = 1, 2, 4 and 8 virtual ranks on the CPU
+// (SPEC §3, §8.2). Each rank holds only its shard of the expert tensors (build_param_layout with
+// rank/world); the only way data moves between ranks is all_to_all below, which also counts the bytes
+// on the wire. The distributed layer must reproduce the one-rank layer: outputs, input gradients and
+// expert gradients bit for bit (each row sees the same arithmetic in the same order), replicated
+// gradients up to the order of the cross-rank sum.
+#include <cstdio>
+#include <string>
+
+#include "common/reference.h"
+#include "common/rng.h"
+#include "tests/check.h"
+
+using Vec = std::vector<double>;
+using Blocks = std::vector<std::vector<Vec>>;  // [from rank][to rank]
+using Layer = lmoe::ModelTensors<double>::Layer;
+
+constexpr int kBf16Bytes = 2, kCountBytes = 4;
+
+// The simulated network: rank r's block for q becomes rank q's block from r. Counts the bytes each
+// rank sends to other ranks (elements go as bf16 on the real wire).
+Blocks all_to_all(const Blocks& send, std::vector<int64_t>& bytes_sent, int bytes_per_element) {
+    const int R = (int)send.size();
+    Blocks recv(R, std::vector<Vec>(R));
+    for (int r = 0; r < R; r++)
+        for (int q = 0; q < R; q++) {
+            recv[q][r] = send[r][q];
+            if (q != r) bytes_sent[r] += (int64_t)send[r][q].size() * bytes_per_element;
+        }
+    return recv;
+}
+
+// One rank's parameters and gradients, laid out and initialised as on a real rank.
+struct RankState {
+    lmoe::ParamLayout layout;
+    Vec params, grads;
+    Layer w, g;
+    RankState(const lmoe::Config& c, int rank, int world, double scale)
+        : layout(lmoe::build_param_layout(c, rank, world)), params(layout.total), grads(layout.total, 0.0) {
+        lmoe::init_params(params.data(), layout, c.seed);
+        for (double& p : params) p *= scale;  // larger weights than 0.02 give routing with clear margins
+        w = lmoe::bind_tensors(layout, params.data(), 1, c.ffn).layers[0];
+        g = lmoe::bind_tensors(layout, grads.data(), 1, c.ffn).layers[0];
+    }
+};
+
+struct LayerRun {
+    Vec out, dx;           // (N, d) for all tokens, in global order
+    Vec grads;             // the one-rank layout: expert shards placed, replicated gradients summed
+    std::vector<int64_t> bytes, meta_bytes;  // sent to other ranks, per rank
+};
+
+// Gathers per-rank gradients into the one-rank layout.
+Vec assemble_grads(const lmoe::Config& c, const std::vector<RankState>& ranks) {
+    lmoe::ParamLayout global = lmoe::build_param_layout(c);
+    Vec out(global.total, 0.0);
+    for (const RankState& rs : ranks)
+        for (const lmoe::TensorSpec& t : rs.layout.tensors) {
+            const lmoe::TensorSpec& gt = global.find(t.name);
+            for (int64_t i = 0; i < t.numel; i++) out[gt.offset + t.global_first + i] += rs.grads[t.offset + i];
+        }
+    return out;
+}
+
+Vec rows(const Vec& m, int first, int count, int width) {
+    return Vec(m.begin() + (int64_t)first * width, m.begin() + (int64_t)(first + count) * width);
+}
+
+// The one-rank layer, on all N tokens.
+LayerRun run_single(const lmoe::Config& c, const Vec& x, const Vec& dout, const std::vector<float>& bias, int N,
+                    double scale) {
+    RankState rs(c, 0, 1, scale);
+    LayerRun run;
+    run.out.assign((size_t)N * c.d, 0.0);
+    run.dx.assign((size_t)N * c.d, 0.0);
+    ref::FfnCache<double> cache;
+    ref::ffn_forward(run.out.data(), x.data(), N, c, rs.w, bias.data(), cache, false);
+    ref::ffn_backward(run.dx.data(), rs.g, dout.data(), x.data(), N, c, rs.w, bias.data(), cache);
+    run.grads = rs.grads;
+    return run;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Head Parallel: rank q owns heads [q·H/R, (q+1)·H/R). Project locally, send each head-owner its
+// heads' columns of every local token (equal blocks, no metadata), route and compute there on all
+// R·Nr tokens, send the outputs back in the same blocks, merge locally. Backward mirrors it.
+
+// Splits each rank's (Nr, H·dh) matrix into per-owner column blocks (Nr, H/R·dh).
+Blocks split_by_head_owner(const std::vector<Vec>& m, int Nr, int HD, int R) {
+    const int width = HD / R;
+    Blocks send(R, std::vector<Vec>(R));
+    for (int r = 0; r < R; r++)
+        for (int q = 0; q < R; q++)
+            for (int t = 0; t < Nr; t++)
+                send[r][q].insert(send[r][q].end(), m[r].begin() + (int64_t)t * HD + q * width,
+                                  m[r].begin() + (int64_t)t * HD + (q + 1) * width);
+    return send;
+}
+
+// Inverse of split_by_head_owner on the receiving side: rank r's blocks from every owner -> (Nr, H·dh).
+Vec join_head_blocks(const std::vector<Vec>& from_owner, int Nr, int HD, int R) {
+    const int width = HD / R;
+    Vec m((size_t)Nr * HD);
+    for (int q = 0; q < R; q++)
+        for (int t = 0; t < Nr; t++)
+            std::copy(from_owner[q].begin() + (int64_t)t * width, from_owner[q].begin() + (int64_t)(t + 1) * width,
+                      m.begin() + (int64_t)t * HD + q * width);
+    return m;
+}
+
+LayerRun run_head_parallel(const lmoe::Config& c, const Vec& x, const Vec& dout, const std::vector<float>& bias,
+                           int N, int R, double scale) {
+    const int Nr = N / R, HD = c.H * c.dh, Hr = c.H / R, width = Hr * c.dh, d = c.d;
+    std::vector<RankState> ranks;
+    for (int r = 0; r < R; r++) ranks.emplace_back(c, r, R, scale);
+    LayerRun run;
+    std::vector<int64_t> wire(R, 0);
+
+    // project: u_r = x_r W_mh^T                                     (Nr, H·dh) per rank
+    std::vector<Vec> u(R, Vec((size_t)Nr * HD));
+    for (int r = 0; r < R; r++)
+        ref::matmul_forward(u[r].data(), rows(x, r * Nr, Nr, d).data(), ranks[r].w.ffn_in, Nr, d, HD);
+    // exchange: owner q gets its heads' columns of all R·Nr tokens  (R·Nr, H/R·dh) per owner
+    Blocks got = all_to_all(split_by_head_owner(u, Nr, HD, R), wire, kBf16Bytes);
+    std::vector<Vec> U(R), Y(R);
+    std::vector<std::vector<int>> sel(R);
+    std::vector<Vec> gate(R);
+    for (int q = 0; q < R; q++) {
+        for (int r = 0; r < R; r++) U[q].insert(U[q].end(), got[q][r].begin(), got[q][r].end());
+        Y[q].assign(U[q].size(), 0.0);
+        sel[q].resize((size_t)Hr * N * c.k);
+        gate[q].resize((size_t)Hr * N * c.k);
+        // route + compute + weight, per owned head                    (R·Nr, dh) per head
+        for (int hl = 0; hl < Hr; hl++)
+            ref::routed_forward(Y[q].data() + hl * c.dh, width, U[q].data() + hl * c.dh, width, N,
+                                ref::head_bank<double>(c, ranks[q].w, bias.data() + (size_t)q * Hr * c.E, hl),
+                                sel[q].data() + (size_t)hl * N * c.k, gate[q].data() + (size_t)hl * N * c.k, false);
+    }
+    // exchange back: rank r gets y of its tokens from every owner   (Nr, H·dh) per rank
+    Blocks y_send(R, std::vector<Vec>(R));
+    for (int q = 0; q < R; q++)
+        for (int r = 0; r < R; r++) y_send[q][r] = rows(Y[q], r * Nr, Nr, width);
+    Blocks y_got = all_to_all(y_send, wire, kBf16Bytes);
+    std::vector<Vec> y(R);
+    run.out.resize((size_t)N * d);
+    for (int r = 0; r < R; r++) {
+        y[r] = join_head_blocks(y_got[r], Nr, HD, R);
+        // merge: out_r = y_r W_mg^T                                  (Nr, d)
+        ref::matmul_forward(run.out.data() + (int64_t)r * Nr * d, y[r].data(), ranks[r].w.ffn_out, Nr, HD, d);
+    }
+
+    // backward: dy_r = dout_r W_mg, exchange to owners, expert backward there, exchange du back
+    std::vector<Vec> dy(R, Vec((size_t)Nr * HD, 0.0));
+    for (int r = 0; r < R; r++)
+        ref::matmul_backward(dy[r].data(), ranks[r].g.ffn_out, rows(dout, r * Nr, Nr, d).data(), y[r].data(),
+                             ranks[r].w.ffn_out, Nr, HD, d);
+    Blocks dy_got = all_to_all(split_by_head_owner(dy, Nr, HD, R), wire, kBf16Bytes);
+    Blocks du_send(R, std::vector<Vec>(R));
+    for (int q = 0; q < R; q++) {
+        Vec dY, dU(U[q].size(), 0.0);
+        for (int r = 0; r < R; r++) dY.insert(dY.end(), dy_got[q][r].begin(), dy_got[q][r].end());
+        for (int hl = 0; hl < Hr; hl++)
+            ref::routed_backward(dU.data() + hl * c.dh, width, ref::head_bank_grad<double>(c, ranks[q].g, hl),
+                                 dY.data() + hl * c.dh, width, U[q].data() + hl * c.dh, width, N,
+                                 ref::head_bank<double>(c, ranks[q].w, bias.data() + (size_t)q * Hr * c.E, hl),
+                                 sel[q].data() + (size_t)hl * N * c.k, gate[q].data() + (size_t)hl * N * c.k);
+        for (int r = 0; r < R; r++) du_send[q][r] = rows(dU, r * Nr, Nr, width);
+    }
+    Blocks du_got = all_to_all(du_send, wire, kBf16Bytes);
+    run.dx.assign((size_t)N * d, 0.0);
+    for (int r = 0; r < R; r++) {
+        Vec du = join_head_blocks(du_got[r], Nr, HD, R);
+        ref::matmul_backward(run.dx.data() + (int64_t)r * Nr * d, ranks[r].g.ffn_in, du.data(),
+                             rows(x, r * Nr, Nr, d).data(), ranks[r].w.ffn_in, Nr, d, HD);
+    }
+    run.grads = assemble_grads(c, ranks);
+    run.bytes = wire;
+    return run;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Expert Parallel: rank q owns experts [q·E/R, (q+1)·E/R). Route locally, group the Nr·k copies by
+// expert (stable), exchange per-expert counts, send each copy's row to its expert's owner, run the
+// experts there, send results back, restore (token, slot) order, weight and sum.
+
+struct Copy { int token, slot, expert; };
+
+LayerRun run_expert_parallel(const lmoe::Config& c, const Vec& x, const Vec& dout, const std::vector<float>& bias,
+                             int N, int R, double scale, const Vec* router_override = nullptr) {
+    const int Nr = N / R, Er = c.E / R, d = c.d, k = c.k;
+    const ref::ExpertLayout L{d, c.fe, false};
+    std::vector<RankState> ranks;
+    for (int r = 0; r < R; r++) {
+        ranks.emplace_back(c, r, R, scale);
+        if (router_override) std::copy(router_override->begin(), router_override->end(), ranks[r].w.router);
+    }
+    LayerRun run;
+    std::vector<int64_t> wire(R, 0), meta(R, 0);
+
+    // route locally: selection and gates per (token, slot)          (Nr, k) per rank
+    std::vector<std::vector<int>> sel(R, std::vector<int>((size_t)Nr * k));
+    std::vector<Vec> gate(R, Vec((size_t)Nr * k));
+    std::vector<std::vector<Copy>> order(R);  // each rank's copies grouped by expert, stable in (token, slot)
+    Blocks counts_send(R, std::vector<Vec>(R, Vec(Er, 0.0)));  // counts travel as int32 on the real wire
+    for (int r = 0; r < R; r++) {
+        Vec s(c.E);
+        for (int t = 0; t < Nr; t++) {
+            const double* xt = x.data() + (int64_t)(r * Nr + t) * d;
+            ref::router_logits(s.data(), xt, ranks[r].w.router, d, c.E);
+            ref::select_topk(sel[r].data() + t * k, s.data(), bias.data(), c.E, k);
+            ref::softmax_gates(gate[r].data() + t * k, s.data(), sel[r].data() + t * k, k);
+        }
+        // group: copies sorted by expert, then token, then slot
+        for (int e = 0; e < c.E; e++)
+            for (int t = 0; t < Nr; t++)
+                for (int j = 0; j < k; j++)
+                    if (sel[r][t * k + j] == e) order[r].push_back({t, j, e});
+        for (const Copy& cp : order[r]) counts_send[r][cp.expert / Er][cp.expert % Er] += 1;
+    }
+    // exchange counts: each owner learns how many rows of each of its experts come from each rank
+    Blocks counts = all_to_all(counts_send, meta, kCountBytes);
+
+    // dispatch rows to owners (rows for owner q, in the grouped order)
+    auto dispatch = [&](const std::vector<Vec>& per_copy) {  // per_copy[r]: (copies of r in order, d)
+        Blocks send(R, std::vector<Vec>(R));
+        for (int r = 0; r < R; r++)
+            for (size_t i = 0; i < order[r].size(); i++) {
+                Vec& b = send[r][order[r][i].expert / Er];
+                b.insert(b.end(), per_copy[r].begin() + (int64_t)i * d, per_copy[r].begin() + (int64_t)(i + 1) * d);
+            }
+        return all_to_all(send, wire, kBf16Bytes);
+    };
+    // For owner q, visits its rows expert by expert, and within an expert source rank by source rank:
+    // so each expert's rows come in global token order, as in the one-rank layer.
+    auto for_each_owned_row = [&](int q, const auto& body) {
+        for (int el = 0; el < Er; el++)
+            for (int r = 0; r < R; r++) {
+                int64_t first = 0;  // rows from r before expert el
+                for (int e2 = 0; e2 < el; e2++) first += (int64_t)counts[q][r][e2];
+                for (int64_t i = first; i < first + (int64_t)counts[q][r][el]; i++) body(el, r, i);
+            }
+    };
+    std::vector<Vec> x_copy(R);
+    for (int r = 0; r < R; r++)
+        for (const Copy& cp : order[r])
+            x_copy[r].insert(x_copy[r].end(), x.begin() + (int64_t)(r * Nr + cp.token) * d,
+                             x.begin() + (int64_t)(r * Nr + cp.token + 1) * d);
+    Blocks x_got = dispatch(x_copy);
+    // compute: each owned expert on its rows                         o = W2 GELU(W1 x)
+    Blocks o_send(R, std::vector<Vec>(R));
+    for (int q = 0; q < R; q++) {
+        for (int r = 0; r < R; r++) o_send[q][r].assign(x_got[q][r].size(), 0.0);
+        for_each_owned_row(q, [&](int el, int r, int64_t i) {
+            ref::expert_forward(o_send[q][r].data() + i * d, x_got[q][r].data() + i * d,
+                                ranks[q].w.expert_in + el * L.size(), ranks[q].w.expert_out + el * L.size(), L);
+        });
+    }
+    Blocks o_got = all_to_all(o_send, wire, kBf16Bytes);
+    // restore (token, slot) order, weight and sum in slot order       y[t] = Σ_j w_j o_j
+    std::vector<Vec> o_slot(R, Vec((size_t)Nr * k * d));  // (Nr, k, d)
+    for (int r = 0; r < R; r++) {
+        std::vector<int64_t> taken(R, 0);
+        for (const Copy& cp : order[r]) {
+            int q = cp.expert / Er;
+            std::copy(o_got[r][q].begin() + taken[q] * d, o_got[r][q].begin() + (taken[q] + 1) * d,
+                      o_slot[r].begin() + ((int64_t)cp.token * k + cp.slot) * d);
+            taken[q]++;
+        }
+    }
+    run.out.assign((size_t)N * d, 0.0);
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < Nr; t++)
+            for (int j = 0; j < k; j++)
+                for (int i = 0; i < d; i++)
+                    run.out[(int64_t)(r * Nr + t) * d + i] += gate[r][t * k + j] * o_slot[r][((int64_t)t * k + j) * d + i];
+
+    // backward: dw_j = dy·o_j and do_j = w_j dy at the source; expert backward at the owner
+    std::vector<Vec> do_copy(R), dgate(R, Vec((size_t)Nr * k, 0.0));
+    for (int r = 0; r < R; r++)
+        for (const Copy& cp : order[r]) {
+            const double* dyt = dout.data() + (int64_t)(r * Nr + cp.token) * d;
+            const double* o = o_slot[r].data() + ((int64_t)cp.token * k + cp.slot) * d;
+            for (int i = 0; i < d; i++) {
+                dgate[r][cp.token * k + cp.slot] += dyt[i] * o[i];
+                do_copy[r].push_back(gate[r][cp.token * k + cp.slot] * dyt[i]);
+            }
+        }
+    Blocks do_got = dispatch(do_copy);
+    Blocks dxc_send(R, std::vector<Vec>(R));
+    for (int q = 0; q < R; q++) {
+        for (int r = 0; r < R; r++) dxc_send[q][r].assign(do_got[q][r].size(), 0.0);
+        for_each_owned_row(q, [&](int el, int r, int64_t i) {
+            ref::expert_backward(dxc_send[q][r].data() + i * d, ranks[q].g.expert_in + el * L.size(),
+                                 ranks[q].g.expert_out + el * L.size(), do_got[q][r].data() + i * d,
+                                 x_got[q][r].data() + i * d, ranks[q].w.expert_in + el * L.size(),
+                                 ranks[q].w.expert_out + el * L.size(), L);
+        });
+    }
+    Blocks dxc_got = all_to_all(dxc_send, wire, kBf16Bytes);
+    run.dx.assign((size_t)N * d, 0.0);
+    for (int r = 0; r < R; r++) {
+        std::vector<Vec> dx_slot((size_t)Nr * k);
+        std::vector<int64_t> taken(R, 0);
+        for (const Copy& cp : order[r]) {
+            int q = cp.expert / Er;
+            dx_slot[(size_t)cp.token * k + cp.slot].assign(dxc_got[r][q].begin() + taken[q] * d,
+                                                           dxc_got[r][q].begin() + (taken[q] + 1) * d);
+            taken[q]++;
+        }
+        // each token: copies' dx in slot order, then the gate softmax and the router's k columns
+        Vec ds(k);
+        for (int t = 0; t < Nr; t++) {
+            double* dxt = run.dx.data() + (int64_t)(r * Nr + t) * d;
+            const double* xt = x.data() + (int64_t)(r * Nr + t) * d;
+            for (int j = 0; j < k; j++)
+                for (int i = 0; i < d; i++) dxt[i] += dx_slot[(size_t)t * k + j][i];
+            ref::softmax_gates_backward(ds.data(), gate[r].data() + t * k, dgate[r].data() + t * k, k);
+            for (int j = 0; j < k; j++)
+                for (int i = 0; i < d; i++) {
+                    int e = sel[r][t * k + j];
+                    ranks[r].g.router[(int64_t)i * c.E + e] += xt[i] * ds[j];
+                    dxt[i] += ranks[r].w.router[(int64_t)i * c.E + e] * ds[j];
+                }
+        }
+    }
+    run.grads = assemble_grads(c, ranks);
+    run.bytes = wire;
+    run.meta_bytes = meta;
+    return run;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+bool bitwise_equal(const Vec& a, const Vec& b) { return a.size() == b.size() && a == b; }
+
+double max_rel_diff(const Vec& a, const Vec& b, int64_t first, int64_t count) {
+    double diff = 0, scale = 0;
+    for (int64_t i = first; i < first + count; i++) {
+        diff = std::max(diff, std::abs(a[i] - b[i]));
+        scale = std::max(scale, std::abs(b[i]));
+    }
+    return diff / std::max(scale, 1e-300);
+}
+
+// Compares a distributed run with the one-rank run: outputs, dx and expert gradients bitwise,
+// replicated gradients to 1e-12 (their cross-rank sum adds the same terms in another order).
+void compare_runs(const std::string& what, const lmoe::Config& c, const LayerRun& one, const LayerRun& many) {
+    CHECK_MSG(bitwise_equal(one.out, many.out), what + ": outputs differ");
+    CHECK_MSG(bitwise_equal(one.dx, many.dx), what + ": input gradients differ");
+    lmoe::ParamLayout layout = lmoe::build_param_layout(c);
+    for (const lmoe::TensorSpec& t : layout.tensors) {
+        Vec a(one.grads.begin() + t.offset, one.grads.begin() + t.offset + t.numel);
+        Vec b(many.grads.begin() + t.offset, many.grads.begin() + t.offset + t.numel);
+        bool ffn = t.name.find("router") != std::string::npos || t.name.find("expert") != std::string::npos ||
+                   t.name.find("ffn_") != std::string::npos;
+        if (!ffn) continue;  // the layout holds the whole model; only the FFN's tensors take part here
+        bool nonzero = std::any_of(a.begin(), a.end(), [](double v) { return v != 0; });
+        CHECK_MSG(nonzero, what + ": " + t.name + " has an all-zero gradient, so comparing it proves nothing");
+        if (t.expert) CHECK_MSG(bitwise_equal(a, b), what + ": expert gradient " + t.name + " differs");
+        else {
+            double rel = max_rel_diff(many.grads, one.grads, t.offset, t.numel);
+            CHECK_MSG(rel < 1e-12, what + ": replicated gradient " + t.name + " off by " + std::to_string(rel));
+        }
+    }
+}
+
+lmoe::Config layer_config(lmoe::FfnKind kind) {
+    lmoe::Config c;
+    c.ffn = kind;
+    c.L = 1;
+    c.d = 16; c.E = 16; c.fe = 6; c.k = 3;
+    if (kind == lmoe::FfnKind::LatentMoE) { c.H = 8; c.dh = 4; }
+    else { c.H = 1; c.dh = c.d; }
+    return c;
+}
+
+int main() {
+    lmoe::Rng rng(7);
+    const int N = 64;           // global tokens; each of R ranks holds N/R of them
+    const double scale = 25.0;  // weights ~N(0, 0.5²)
+    for (lmoe::FfnKind kind : {lmoe::FfnKind::LatentMoE, lmoe::FfnKind::MoE}) {
+        const bool hp = kind == lmoe::FfnKind::LatentMoE;
+        lmoe::Config c = layer_config(kind);
+        Vec x((size_t)N * c.d), dout((size_t)N * c.d);
+        for (double& v : x) v = rng.normal();
+        for (double& v : dout) v = rng.normal();
+        std::vector<float> bias((size_t)c.H * c.E);
+        for (float& b : bias) b = float(0.3 * rng.normal());
+        LayerRun one = run_single(c, x, dout, bias, N, scale);
+        for (int R : {1, 2, 4, 8}) {
+            const int Nr = N / R;
+            std::string what = std::string(hp ? "HP" : "EP") + " R=" + std::to_string(R);
+            LayerRun many = hp ? run_head_parallel(c, x, dout, bias, N, R, scale)
+                               : run_expert_parallel(c, x, dout, bias, N, R, scale);
+            compare_runs(what, c, one, many);
+            if (hp) {
+                // SPEC §3: 4 exchanges of Nr·H·dh·(R−1)/R bf16 elements, the same for every rank
+                int64_t expected = 4LL * Nr * c.H * c.dh * (R - 1) / R * kBf16Bytes;
+                for (int r = 0; r < R; r++)
+                    CHECK_MSG(many.bytes[r] == expected, what + " rank " + std::to_string(r) + " sent " +
+                                                             std::to_string((int64_t)many.bytes[r]) + " bytes, SPEC says " +
+                                                             std::to_string(expected));
+                std::printf("%s: layer matches one rank; %lld bytes sent per rank per step (SPEC formula %lld)\n",
+                            what.c_str(), (long long)many.bytes[0], (long long)expected);
+            } else {
+                std::printf("%s: layer matches one rank; bytes sent per rank:", what.c_str());
+                for (int r = 0; r < R; r++) std::printf(" %lld", (long long)many.bytes[r]);
+                std::printf(" (+ %lld bytes of counts)\n", (long long)many.meta_bytes[0]);
+                for (int r = 0; r < R; r++)
+                    CHECK_MSG(many.meta_bytes[r] == (int64_t)(R - 1) * (c.E / R) * kCountBytes,
+                              what + ": the counts exchange is E/R integers to each other rank");
+            }
+        }
+    }
+
+    // EP's traffic under balanced routing equals SPEC §3's 4·N·k·d·(R−1)/R·2. Balanced by construction:
+    // a router that copies x's first E features, and token t whose features (t·k + j) mod E are large,
+    // so t picks exactly those k experts and every expert gets Nr·k/E copies from every rank.
+    {
+        const int N = 128;  // Nr·k a multiple of E for every R below
+        lmoe::Config c = layer_config(lmoe::FfnKind::MoE);
+        Vec router((size_t)c.d * c.E, 0.0), x((size_t)N * c.d, 0.0), dout((size_t)N * c.d);
+        for (int e = 0; e < c.E; e++) router[(size_t)e * c.E + e] = 1.0;
+        for (int t = 0; t < N; t++)
+            for (int j = 0; j < c.k; j++) x[(size_t)t * c.d + (t * c.k + j) % c.E] = 3.0 - 0.5 * j;
+        for (double& v : dout) v = rng.normal();
+        std::vector<float> bias(c.E, 0.f);
+        for (int R : {2, 4, 8}) {
+            LayerRun many = run_expert_parallel(c, x, dout, bias, N, R, 25.0, &router);
+            int64_t expected = 4LL * (N / R) * c.k * c.d * (R - 1) / R * kBf16Bytes;
+            for (int r = 0; r < R; r++)
+                CHECK_MSG(many.bytes[r] == expected, "EP balanced R=" + std::to_string(R) + " rank " +
+                                                         std::to_string(r) + " sent " + std::to_string(many.bytes[r]) +
+                                                         " bytes, SPEC says " + std::to_string(expected));
+            std::printf("EP R=%d balanced routing: %lld bytes per rank (SPEC formula %lld)\n", R,
+                        (long long)many.bytes[0], (long long)expected);
+        }
+    }
+    return check::summary();
+}
