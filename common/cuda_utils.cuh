@@ -40,3 +40,68 @@ namespace lmoe {
         int rc_ = (call);                                                                         \
         if (rc_ != MPI_SUCCESS) lmoe::die("MPI", "call failed", #call, __FILE__, __LINE__);       \
     } while (0)
+
+// ---------------------------------------------------------------------------------------------
+// Precision (SPEC §5): activations and matmul inputs are floatX, bf16 by default; the LMOE_FP32
+// build makes them fp32 so the GPU code can be checked tightly against the CPU reference. Master
+// weights, gradients, optimizer state, router logits and softmax statistics are always fp32.
+#include <cuda_bf16.h>
+
+#include <vector>
+
+#ifdef LMOE_FP32
+using floatX = float;
+constexpr cudaDataType_t kCudaFloatX = CUDA_R_32F;
+#else
+using floatX = __nv_bfloat16;
+constexpr cudaDataType_t kCudaFloatX = CUDA_R_16BF;
+#endif
+
+__host__ __device__ inline float to_float(float x) { return x; }
+__host__ __device__ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <class T> __host__ __device__ inline T from_float(float x);
+template <> __host__ __device__ inline float from_float<float>(float x) { return x; }
+template <> __host__ __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+
+__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+namespace lmoe {
+
+// A device allocation that frees itself; tests and the trainers hold their buffers in these.
+template <class T>
+class DeviceBuffer {
+  public:
+    DeviceBuffer() = default;
+    explicit DeviceBuffer(size_t n) { resize(n); }
+    ~DeviceBuffer() { if (ptr_) cudaFree(ptr_); }
+    DeviceBuffer(const DeviceBuffer&) = delete;
+    DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+    DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(o.ptr_), n_(o.n_) { o.ptr_ = nullptr; o.n_ = 0; }
+
+    void resize(size_t n) {
+        if (ptr_) CUDA_CHECK(cudaFree(ptr_));
+        ptr_ = nullptr;
+        n_ = n;
+        if (n) CUDA_CHECK(cudaMalloc(&ptr_, n * sizeof(T)));
+    }
+    T* get() const { return ptr_; }
+    size_t size() const { return n_; }
+    void upload(const std::vector<T>& host) {
+        if (host.size() != n_) resize(host.size());
+        CUDA_CHECK(cudaMemcpy(ptr_, host.data(), n_ * sizeof(T), cudaMemcpyHostToDevice));
+    }
+    std::vector<T> download() const {
+        std::vector<T> host(n_);
+        CUDA_CHECK(cudaMemcpy(host.data(), ptr_, n_ * sizeof(T), cudaMemcpyDeviceToHost));
+        return host;
+    }
+    // Fills every byte with 0xFF: NaN for floats and bf16, -1 for integers. Tests poison outputs this
+    // way before a kernel runs, so an element the kernel never wrote cannot pass for a right one.
+    void poison() { CUDA_CHECK(cudaMemset(ptr_, 0xFF, n_ * sizeof(T))); }
+
+  private:
+    T* ptr_ = nullptr;
+    size_t n_ = 0;
+};
+
+}  // namespace lmoe

@@ -1,0 +1,94 @@
+// Shared pieces of the GPU tests: skipping without a GPU, fresh random inputs, conversions between
+// floatX and double, and the error measure every kernel is judged by (SPEC §8.3):
+// ‖got − ref‖ / ‖ref‖ against the CPU reference in double, with NaN never passing.
+#pragma once
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "common/cuda_utils.cuh"
+#include "common/rng.h"
+#include "tests/check.h"
+
+namespace gpu_test {
+
+// fp32 build: tight; bf16 build: loose (bf16 keeps 8 bits of mantissa).
+#ifdef LMOE_FP32
+constexpr double kTolerance = 1e-5;
+constexpr const char* kPrecision = "fp32";
+#else
+constexpr double kTolerance = 2e-2;
+constexpr const char* kPrecision = "bf16";
+#endif
+
+// Exits with CTest's skip code when there is no GPU; otherwise prints which one the test runs on.
+inline void skip_without_gpu() {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+        std::printf("skipped: no GPU found\n");
+        std::exit(77);
+    }
+    cudaDeviceProp prop;
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    std::printf("GPU: %s (%s build)\n", prop.name, kPrecision);
+}
+
+inline std::vector<double> random_normal(lmoe::Rng& rng, size_t n, double scale = 1.0) {
+    std::vector<double> v(n);
+    for (double& x : v) x = scale * rng.normal();
+    return v;
+}
+
+// Rounds through T (e.g. floatX) so the reference sees exactly the values the GPU sees.
+template <class T>
+std::vector<T> to_device_type(const std::vector<double>& v) {
+    std::vector<T> out(v.size());
+    for (size_t i = 0; i < v.size(); i++) out[i] = from_float<T>(float(v[i]));
+    return out;
+}
+template <class T>
+std::vector<double> to_double(const std::vector<T>& v) {
+    std::vector<double> out(v.size());
+    for (size_t i = 0; i < v.size(); i++) out[i] = to_float(v[i]);
+    return out;
+}
+// The values a device buffer of T will hold for these doubles, as doubles (for the reference's inputs).
+template <class T>
+std::vector<double> rounded(const std::vector<double>& v) { return to_double(to_device_type<T>(v)); }
+
+template <class T>
+lmoe::DeviceBuffer<T> upload(const std::vector<double>& v) {
+    lmoe::DeviceBuffer<T> b(v.size());
+    b.upload(to_device_type<T>(v));
+    return b;
+}
+
+// ‖got − ref‖ / ‖ref‖; infinity if anything is NaN or infinite (an unwritten, poisoned element).
+inline double rel_error(const std::vector<double>& got, const std::vector<double>& ref) {
+    if (got.size() != ref.size()) return INFINITY;
+    double diff = 0, norm = 0;
+    for (size_t i = 0; i < got.size(); i++) {
+        if (!std::isfinite(got[i])) return INFINITY;
+        diff += (got[i] - ref[i]) * (got[i] - ref[i]);
+        norm += ref[i] * ref[i];
+    }
+    return norm == 0 ? (diff == 0 ? 0 : INFINITY) : std::sqrt(diff / norm);
+}
+
+// Records and prints one comparison against the reference.
+inline void expect_close(const std::string& what, const std::vector<double>& got, const std::vector<double>& ref,
+                         double tolerance = kTolerance) {
+    double err = rel_error(got, ref);
+    std::printf("  %-44s rel err %.2e (tolerance %.0e)\n", what.c_str(), err, tolerance);
+    CHECK_MSG(err <= tolerance, what + ": relative error " + std::to_string(err));
+}
+
+template <class T>
+void expect_close(const std::string& what, const lmoe::DeviceBuffer<T>& got, const std::vector<double>& ref,
+                  double tolerance = kTolerance) {
+    expect_close(what, to_double(got.download()), ref, tolerance);
+}
+
+}  // namespace gpu_test

@@ -1,0 +1,188 @@
+// The routed part of the Multi-Head LatentMoE layer on the GPU against the CPU reference (SPEC §4,
+// §8.3): the IO-aware router, the grouping of copies by (head, expert), the IO-aware expert kernels
+// forward and backward, the weighting and the router backward; then bitwise reproducibility.
+// The reference runs on exactly the rounded inputs the GPU sees, with the GPU's expert choices held
+// fixed (a near-tie may legitimately flip between fp32 and double; those are counted, not failed).
+#include <algorithm>
+#include <cstring>
+
+#include "common/io_experts.cuh"
+#include "common/io_router.cuh"
+#include "common/moe_permute.cuh"
+#include "common/reference.h"
+#include "tests/gpu_test_utils.cuh"
+
+using lmoe::DeviceBuffer;
+using gpu_test::expect_close;
+using gpu_test::rounded;
+using gpu_test::upload;
+
+struct Shape { const char* name; int M, H, dh, E, fe, k; };
+
+// Device buffers of one routed layer (one head group per latent head) and its plan.
+struct RoutedLayer {
+    Shape s;
+    int64_t copies, max_tiles;
+    DeviceBuffer<int> sel, group_offset, copy_row, copy_pos, tile_group, tile_start, num_tiles, chunk_counts;
+    DeviceBuffer<float> gate, ds_copy;
+    DeviceBuffer<floatX> o, d_o, dx_copy;
+    lmoe::RoutingPlan plan;
+    explicit RoutedLayer(const Shape& shape) : s(shape) {
+        copies = (int64_t)s.H * s.M * s.k;
+        max_tiles = lmoe::routing_max_tiles(s.M, s.H, s.E, s.k);
+        sel.resize(copies); gate.resize(copies); copy_pos.resize(copies); copy_row.resize(copies);
+        group_offset.resize(s.H * s.E + 1); tile_group.resize(max_tiles); tile_start.resize(max_tiles);
+        num_tiles.resize(1); chunk_counts.resize(s.H * lmoe::routing_chunks(s.M) * s.E);
+        ds_copy.resize(copies); o.resize(copies * s.dh); d_o.resize(copies * s.dh); dx_copy.resize(copies * s.dh);
+        plan = {sel.get(), gate.get(), group_offset.get(), copy_row.get(), copy_pos.get(),
+                tile_group.get(), tile_start.get(), num_tiles.get(), chunk_counts.get()};
+    }
+    void poison_all() {
+        for (auto* b : {&sel, &group_offset, &copy_row, &copy_pos, &tile_group, &tile_start, &num_tiles}) b->poison();
+        gate.poison(); ds_copy.poison(); o.poison(); d_o.poison(); dx_copy.poison();
+    }
+};
+
+// The plan must be a stable grouping: every copy once, in its (head, expert) group, rows increasing.
+void check_plan(const RoutedLayer& L, const std::vector<int>& sel) {
+    const Shape& s = L.s;
+    auto offset = L.group_offset.download(), row = L.copy_row.download(), pos = L.copy_pos.download();
+    auto tg = L.tile_group.download(), ts = L.tile_start.download();
+    bool ok = offset[0] == 0 && offset[s.H * s.E] == L.copies;
+    std::vector<int> seen(L.copies, 0);
+    for (int h = 0; h < s.H; h++)
+        for (int t = 0; t < s.M; t++)
+            for (int j = 0; j < s.k; j++) {
+                int64_t slot = ((int64_t)h * s.M + t) * s.k + j;
+                int p = pos[slot], g = h * s.E + sel[slot];
+                if (p < 0 || p >= L.copies) { ok = false; continue; }
+                seen[p]++;
+                ok &= row[p] == t && offset[g] <= p && p < offset[g + 1];
+            }
+    for (int64_t p = 0; p < L.copies; p++) ok &= seen[p] == 1;
+    for (int g = 0; g < s.H * s.E; g++)
+        for (int p = offset[g] + 1; p < offset[g + 1]; p++) ok &= row[p - 1] < row[p];
+    CHECK_MSG(ok, std::string(s.name) + ": the grouping is not a stable partition of the copies by (head, expert)");
+    int tiles = L.num_tiles.download()[0], expected = 0;
+    for (int g = 0; g < s.H * s.E; g++) expected += (int)ceil_div(offset[g + 1] - offset[g], lmoe::kExpertTileRows);
+    bool tiles_ok = tiles == expected && tiles <= L.max_tiles;
+    for (int i = 0; tiles_ok && i < tiles; i++)
+        tiles_ok &= ts[i] >= offset[tg[i]] && ts[i] < offset[tg[i] + 1] && (ts[i] - offset[tg[i]]) % lmoe::kExpertTileRows == 0;
+    CHECK_MSG(tiles_ok, std::string(s.name) + ": the tile list does not cover the groups");
+}
+
+void run_shape(const Shape& s, lmoe::Rng& rng) {
+    std::printf("%s: M %d, H %d, dh %d, E %d, fe %d, k %d\n", s.name, s.M, s.H, s.dh, s.E, s.fe, s.k);
+    const int HD = s.H * s.dh;
+    // inputs, rounded to what the GPU holds
+    auto u = rounded<floatX>(gpu_test::random_normal(rng, (size_t)s.M * HD));
+    auto R = rounded<floatX>(gpu_test::random_normal(rng, (size_t)s.H * s.dh * s.E, 0.3));
+    auto K = rounded<floatX>(gpu_test::random_normal(rng, (size_t)s.H * s.E * s.fe * s.dh, 1.0 / std::sqrt(s.dh)));
+    auto V = rounded<floatX>(gpu_test::random_normal(rng, (size_t)s.H * s.E * s.fe * s.dh, 1.0 / std::sqrt(s.fe)));
+    auto dy = rounded<floatX>(gpu_test::random_normal(rng, (size_t)s.M * HD));
+    std::vector<float> bias(s.H * s.E);
+    for (float& b : bias) b = float(0.2 * rng.normal());
+    auto u_d = upload<floatX>(u), R_d = upload<floatX>(R), K_d = upload<floatX>(K), V_d = upload<floatX>(V);
+    auto dy_d = upload<floatX>(dy);
+    DeviceBuffer<float> bias_d(bias.size());
+    bias_d.upload(bias);
+    DeviceBuffer<floatX> y_d((size_t)s.M * HD), du_d((size_t)s.M * HD);
+    DeviceBuffer<float> dR_d(R.size()), dK_d(K.size()), dV_d(V.size());
+    RoutedLayer L(s);
+
+    auto run_layer = [&] {
+        L.poison_all();
+        y_d.poison();
+        du_d.poison();
+        for (auto* g : {&dR_d, &dK_d, &dV_d}) CUDA_CHECK(cudaMemset(g->get(), 0, g->size() * sizeof(float)));
+        cudaStream_t st = 0;
+        lmoe::router_forward(L.sel.get(), L.gate.get(), u_d.get(), HD, R_d.get(), bias_d.get(), s.M, s.H, s.dh, s.E, s.k, st);
+        lmoe::group_copies(L.plan, s.M, s.H, s.E, s.k, st);
+        lmoe::expert_forward(L.o.get(), u_d.get(), HD, K_d.get(), V_d.get(), L.plan, (int)L.max_tiles, s.dh, s.E, s.fe, st);
+        lmoe::combine_forward(y_d.get(), HD, L.o.get(), L.plan, s.M, s.H, s.dh, s.k, st);
+        lmoe::combine_backward(L.d_o.get(), L.ds_copy.get(), dy_d.get(), HD, L.o.get(), L.plan, s.M, s.H, s.dh, s.k, st);
+        lmoe::expert_backward(L.dx_copy.get(), dK_d.get(), dV_d.get(), L.d_o.get(), u_d.get(), HD, K_d.get(), V_d.get(),
+                              L.plan, (int)L.max_tiles, s.dh, s.H, s.E, s.fe, st);
+        lmoe::router_weight_backward(dR_d.get(), u_d.get(), HD, L.ds_copy.get(), L.copy_row.get(), L.group_offset.get(),
+                                     s.H, s.dh, s.E, st);
+        lmoe::gather_input_grad(du_d.get(), HD, L.dx_copy.get(), L.ds_copy.get(), R_d.get(), L.plan, s.M, s.H, s.dh, s.E,
+                                s.k, st);
+        CUDA_CHECK(cudaDeviceSynchronize());
+    };
+    run_layer();
+
+    // Router: the choices must be the reference's top-k, except where the k-th and (k+1)-th biased
+    // scores are within rounding of each other.
+    auto sel = L.sel.download();
+    int mismatched = 0, near_ties = 0;
+    std::vector<double> logits(s.E);
+    std::vector<int> ref_sel(s.k);
+    for (int h = 0; h < s.H; h++)
+        for (int t = 0; t < s.M; t++) {
+            ref::router_logits(logits.data(), u.data() + (int64_t)t * HD + h * s.dh, R.data() + (int64_t)h * s.dh * s.E,
+                               s.dh, s.E);
+            ref::select_topk(ref_sel.data(), logits.data(), bias.data() + h * s.E, s.E, s.k);
+            const int* got = sel.data() + ((int64_t)h * s.M + t) * s.k;
+            if (std::equal(ref_sel.begin(), ref_sel.end(), got)) continue;
+            std::vector<double> scores(s.E);
+            for (int e = 0; e < s.E; e++) scores[e] = logits[e] + bias[h * s.E + e];
+            std::sort(scores.rbegin(), scores.rend());
+            bool tie = false;
+            for (int j = 0; j < s.k && j + 1 < s.E; j++) tie |= scores[j] - scores[j + 1] < 1e-4 * (1 + std::abs(scores[j]));
+            (tie ? near_ties : mismatched)++;
+        }
+    std::printf("  router: %d of %d choices differ from the reference (%d at near-ties)\n", mismatched + near_ties,
+                s.H * s.M, near_ties);
+    CHECK_MSG(mismatched == 0, std::string(s.name) + ": router top-k differs from the reference away from ties");
+    check_plan(L, sel);
+
+    // The reference layer with the GPU's choices.
+    std::vector<double> ref_y((size_t)s.M * HD), ref_du((size_t)s.M * HD, 0.0), dR(R.size(), 0.0), dK(K.size(), 0.0),
+        dV(V.size(), 0.0), gates((size_t)s.H * s.M * s.k);
+    std::vector<int> frozen(sel);
+    for (int h = 0; h < s.H; h++) {
+        ref::ExpertBank<double> bank{R.data() + (int64_t)h * s.dh * s.E, K.data() + (int64_t)h * s.E * s.fe * s.dh,
+                                     V.data() + (int64_t)h * s.E * s.fe * s.dh, bias.data() + h * s.E, s.E, s.k,
+                                     ref::ExpertLayout{s.dh, s.fe, true}};
+        ref::ExpertBankGrad<double> grad{dR.data() + (int64_t)h * s.dh * s.E, dK.data() + (int64_t)h * s.E * s.fe * s.dh,
+                                         dV.data() + (int64_t)h * s.E * s.fe * s.dh};
+        int* sel_h = frozen.data() + (int64_t)h * s.M * s.k;
+        double* gate_h = gates.data() + (int64_t)h * s.M * s.k;
+        ref::routed_forward(ref_y.data() + h * s.dh, HD, u.data() + h * s.dh, HD, s.M, bank, sel_h, gate_h, true);
+        ref::routed_backward(ref_du.data() + h * s.dh, HD, grad, dy.data() + h * s.dh, HD, u.data() + h * s.dh, HD, s.M,
+                             bank, sel_h, gate_h);
+    }
+    std::vector<double> gate_got(gates.size());
+    auto gate_f = L.gate.download();
+    for (size_t i = 0; i < gate_f.size(); i++) gate_got[i] = gate_f[i];
+    expect_close("gates", gate_got, gates, gpu_test::kPrecision[0] == 'f' ? 1e-5 : 1e-2);
+    expect_close("y = sum_j w_j expert_j(u)", y_d, ref_y);
+    expect_close("du (experts + router)", du_d, ref_du);
+    expect_close("dR (router)", dR_d, dR);
+    expect_close("dK (expert_in)", dK_d, dK);
+    expect_close("dV (expert_out)", dV_d, dV);
+
+    // Bitwise reproducible: a second run gives the same bytes everywhere.
+    auto y1 = y_d.download(), du1 = du_d.download();
+    auto dR1 = dR_d.download(), dK1 = dK_d.download(), dV1 = dV_d.download();
+    run_layer();
+    auto same = [](const auto& a, const auto& b) {
+        return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(a[0])) == 0;
+    };
+    CHECK_MSG(same(y1, y_d.download()) && same(du1, du_d.download()) && same(dR1, dR_d.download()) &&
+                  same(dK1, dK_d.download()) && same(dV1, dV_d.download()),
+              std::string(s.name) + ": a second run is not bitwise identical");
+}
+
+int main() {
+    gpu_test::skip_without_gpu();
+    lmoe::Rng rng(2026);
+    const Shape shapes[] = {
+        {"tiny", 64, 4, 16, 8, 32, 2},
+        {"odd rows", 300, 2, 32, 6, 64, 3},
+        {"small", 512, 8, 64, 32, 256, 4},
+        {"p1 shape", 192, 8, 128, 64, 512, 8},
+    };
+    for (const Shape& s : shapes) run_shape(s, rng);
+    return check::summary();
+}
