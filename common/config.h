@@ -55,6 +55,7 @@ struct Config {
     std::string checkpoint;       // where to save; empty: out/<model>.ckpt
     int checkpoint_every = 0;     // 0: only at the end and when interrupted
     std::string resume;           // checkpoint to resume from; empty: start fresh
+    std::string log_file;         // CSV of step, loss, grad norm, val loss, ms; empty: none
 
     int d_attn() const { return d / n_head; }
     int Vp() const { return (V + 127) / 128 * 128; }
@@ -167,6 +168,7 @@ inline std::vector<Flag> flag_table(Config& c) {
         {"checkpoint", "checkpoint file, saved at the end and on Ctrl-C", Flag::Str, &c.checkpoint, false},
         {"checkpoint-every", "also save every N steps (0: never in between)", Flag::Int, &c.checkpoint_every, false},
         {"resume", "resume training from this checkpoint", Flag::Str, &c.resume, false},
+        {"log-file", "also write step,loss,norm,val_loss,ms per step to this CSV file", Flag::Str, &c.log_file, false},
     };
 }
 

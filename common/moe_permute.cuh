@@ -11,7 +11,7 @@
 namespace lmoe {
 
 constexpr int kGroupChunkRows = 256;  // rows counted and placed by one block
-constexpr int kExpertTileRows = 64;   // rows of one expert tile (io_experts.cuh)
+constexpr int kExpertTileRows = 128;  // rows of one expert tile (io_experts.cuh)
 
 // Where every copy went; device pointers, sized by routing_plan_sizes().
 struct RoutingPlan {

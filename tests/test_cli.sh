@@ -177,8 +177,11 @@ for program in "${TRAINERS[@]}"; do
     expect_error "$program --steps 0" 2 "steps and grad_accum must be at least 1" "$P" --steps 0 "${DATA[@]}"
     expect_error "$program --preset huge (unknown preset)" 2 "unknown preset 'huge'" "$P" --preset huge "${DATA[@]}"
     expect_error "$program stray positional argument" 2 "unexpected argument 'train.bin'" "$P" train.bin
-    expect_error "$program --device gpu refuses (GPU path not written)" 2 "--device gpu;;not implemented" \
-        "$P" --device gpu --steps 3 --batch 2 "${DATA[@]}"
+    # without a GPU (CI), --device gpu must refuse rather than fall back silently
+    if ! nvidia-smi -L >/dev/null 2>&1; then
+        expect_error "$program --device gpu refuses without a GPU" 2 "--device gpu;;no GPU" \
+            "$P" --device gpu --steps 3 --batch 2 "${DATA[@]}"
+    fi
     expect_error "$program --device cuda (not a device)" 2 "device must be auto, cpu or gpu" "$P" --device cuda "${DATA[@]}"
     expect_error "$program usage error wins over missing data" 2 "k = 1" "$P" --topk 1 --train-data "$TMP/none.bin"
 done

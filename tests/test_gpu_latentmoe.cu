@@ -43,6 +43,44 @@ struct RoutedLayer {
     }
 };
 
+// The layer's tensors: inputs u, dy and weights R, K, V, bias; outputs y, du and gradients dR, dK, dV.
+struct LayerTensors {
+    DeviceBuffer<floatX> u, R, K, V, dy, y, du;
+    DeviceBuffer<float> bias, dR, dK, dV;
+};
+
+// Stage boundaries recorded by routed_layer when timing: route+group | experts | weight |
+// weight backward | expert backward | router backward + gather.
+constexpr int kStages = 6;
+const char* kStageNames[kStages] = {"route + group", "expert forward", "weight + merge", "weight backward",
+                                    "expert backward (dX, dK, dV)", "router backward + gather"};
+
+// Forward and backward of the routed part, stage by stage; events[i] marks the end of stage i.
+void routed_layer(RoutedLayer& L, LayerTensors& T, cudaEvent_t* events = nullptr) {
+    const Shape& s = L.s;
+    const int HD = s.H * s.dh;
+    cudaStream_t st = 0;
+    auto mark = [&](int i) { if (events) CUDA_CHECK(cudaEventRecord(events[i + 1], st)); };
+    if (events) CUDA_CHECK(cudaEventRecord(events[0], st));
+    lmoe::router_forward(L.sel.get(), L.gate.get(), T.u.get(), HD, T.R.get(), T.bias.get(), s.M, s.H, s.dh, s.E, s.k, st);
+    lmoe::group_copies(L.plan, s.M, s.H, s.E, s.k, st);
+    mark(0);
+    lmoe::expert_forward(L.o.get(), T.u.get(), HD, T.K.get(), T.V.get(), L.plan, (int)L.max_tiles, s.dh, s.E, s.fe, st);
+    mark(1);
+    lmoe::combine_forward(T.y.get(), HD, L.o.get(), L.plan, s.M, s.H, s.dh, s.k, st);
+    mark(2);
+    lmoe::combine_backward(L.d_o.get(), L.ds_copy.get(), T.dy.get(), HD, L.o.get(), L.plan, s.M, s.H, s.dh, s.k, st);
+    mark(3);
+    lmoe::expert_backward(L.dx_copy.get(), T.dK.get(), T.dV.get(), L.d_o.get(), T.u.get(), HD, T.K.get(), T.V.get(),
+                          L.plan, (int)L.max_tiles, s.dh, s.H, s.E, s.fe, st);
+    mark(4);
+    lmoe::router_weight_backward(T.dR.get(), T.u.get(), HD, L.ds_copy.get(), L.copy_row.get(), L.group_offset.get(), s.H,
+                                 s.dh, s.E, st);
+    lmoe::gather_input_grad(T.du.get(), HD, L.dx_copy.get(), L.ds_copy.get(), T.R.get(), L.plan, s.M, s.H, s.dh, s.E,
+                            s.k, st);
+    mark(5);
+}
+
 // The plan must be a stable grouping: every copy once, in its (head, expert) group, rows increasing.
 void check_plan(const RoutedLayer& L, const std::vector<int>& sel) {
     const Shape& s = L.s;
@@ -82,31 +120,18 @@ void run_shape(const Shape& s, lmoe::Rng& rng) {
     auto dy = rounded<floatX>(gpu_test::random_normal(rng, (size_t)s.M * HD));
     std::vector<float> bias(s.H * s.E);
     for (float& b : bias) b = float(0.2 * rng.normal());
-    auto u_d = upload<floatX>(u), R_d = upload<floatX>(R), K_d = upload<floatX>(K), V_d = upload<floatX>(V);
-    auto dy_d = upload<floatX>(dy);
-    DeviceBuffer<float> bias_d(bias.size());
-    bias_d.upload(bias);
-    DeviceBuffer<floatX> y_d((size_t)s.M * HD), du_d((size_t)s.M * HD);
-    DeviceBuffer<float> dR_d(R.size()), dK_d(K.size()), dV_d(V.size());
+    LayerTensors T{upload<floatX>(u), upload<floatX>(R), upload<floatX>(K), upload<floatX>(V), upload<floatX>(dy),
+                   DeviceBuffer<floatX>((size_t)s.M * HD), DeviceBuffer<floatX>((size_t)s.M * HD),
+                   DeviceBuffer<float>(bias.size()), DeviceBuffer<float>(R.size()), DeviceBuffer<float>(K.size()),
+                   DeviceBuffer<float>(V.size())};
+    T.bias.upload(bias);
     RoutedLayer L(s);
-
     auto run_layer = [&] {
         L.poison_all();
-        y_d.poison();
-        du_d.poison();
-        for (auto* g : {&dR_d, &dK_d, &dV_d}) CUDA_CHECK(cudaMemset(g->get(), 0, g->size() * sizeof(float)));
-        cudaStream_t st = 0;
-        lmoe::router_forward(L.sel.get(), L.gate.get(), u_d.get(), HD, R_d.get(), bias_d.get(), s.M, s.H, s.dh, s.E, s.k, st);
-        lmoe::group_copies(L.plan, s.M, s.H, s.E, s.k, st);
-        lmoe::expert_forward(L.o.get(), u_d.get(), HD, K_d.get(), V_d.get(), L.plan, (int)L.max_tiles, s.dh, s.E, s.fe, st);
-        lmoe::combine_forward(y_d.get(), HD, L.o.get(), L.plan, s.M, s.H, s.dh, s.k, st);
-        lmoe::combine_backward(L.d_o.get(), L.ds_copy.get(), dy_d.get(), HD, L.o.get(), L.plan, s.M, s.H, s.dh, s.k, st);
-        lmoe::expert_backward(L.dx_copy.get(), dK_d.get(), dV_d.get(), L.d_o.get(), u_d.get(), HD, K_d.get(), V_d.get(),
-                              L.plan, (int)L.max_tiles, s.dh, s.H, s.E, s.fe, st);
-        lmoe::router_weight_backward(dR_d.get(), u_d.get(), HD, L.ds_copy.get(), L.copy_row.get(), L.group_offset.get(),
-                                     s.H, s.dh, s.E, st);
-        lmoe::gather_input_grad(du_d.get(), HD, L.dx_copy.get(), L.ds_copy.get(), R_d.get(), L.plan, s.M, s.H, s.dh, s.E,
-                                s.k, st);
+        T.y.poison();
+        T.du.poison();
+        for (auto* g : {&T.dR, &T.dK, &T.dV}) CUDA_CHECK(cudaMemset(g->get(), 0, g->size() * sizeof(float)));
+        routed_layer(L, T);
         CUDA_CHECK(cudaDeviceSynchronize());
     };
     run_layer();
@@ -156,25 +181,100 @@ void run_shape(const Shape& s, lmoe::Rng& rng) {
     auto gate_f = L.gate.download();
     for (size_t i = 0; i < gate_f.size(); i++) gate_got[i] = gate_f[i];
     expect_close("gates", gate_got, gates, gpu_test::kPrecision[0] == 'f' ? 1e-5 : 1e-2);
-    expect_close("y = sum_j w_j expert_j(u)", y_d, ref_y);
-    expect_close("du (experts + router)", du_d, ref_du);
-    expect_close("dR (router)", dR_d, dR);
-    expect_close("dK (expert_in)", dK_d, dK);
-    expect_close("dV (expert_out)", dV_d, dV);
+    expect_close("y = sum_j w_j expert_j(u)", T.y, ref_y);
+    expect_close("du (experts + router)", T.du, ref_du);
+    expect_close("dR (router)", T.dR, dR);
+    expect_close("dK (expert_in)", T.dK, dK);
+    expect_close("dV (expert_out)", T.dV, dV);
 
     // Bitwise reproducible: a second run gives the same bytes everywhere.
-    auto y1 = y_d.download(), du1 = du_d.download();
-    auto dR1 = dR_d.download(), dK1 = dK_d.download(), dV1 = dV_d.download();
+    auto y1 = T.y.download(), du1 = T.du.download();
+    auto dR1 = T.dR.download(), dK1 = T.dK.download(), dV1 = T.dV.download();
     run_layer();
     auto same = [](const auto& a, const auto& b) {
         return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(a[0])) == 0;
     };
-    CHECK_MSG(same(y1, y_d.download()) && same(du1, du_d.download()) && same(dR1, dR_d.download()) &&
-                  same(dK1, dK_d.download()) && same(dV1, dV_d.download()),
+    CHECK_MSG(same(y1, T.y.download()) && same(du1, T.du.download()) && same(dR1, T.dR.download()) &&
+                  same(dK1, T.dK.download()) && same(dV1, T.dV.download()),
               std::string(s.name) + ": a second run is not bitwise identical");
 }
 
-int main() {
+// Median time of each stage at a benchmark size (N = 8192 tokens, SPEC §6), with the expert
+// kernels' achieved rate: forward 2 matmuls per copy, input backward 3, weight backward 4.
+void bench_shape(const Shape& s, lmoe::Rng& rng) {
+    const int HD = s.H * s.dh;
+    LayerTensors T{upload<floatX>(gpu_test::random_normal(rng, (size_t)s.M * HD)),
+                   upload<floatX>(gpu_test::random_normal(rng, (size_t)s.H * s.dh * s.E, 0.3)),
+                   upload<floatX>(gpu_test::random_normal(rng, (size_t)s.H * s.E * s.fe * s.dh, 1.0 / std::sqrt(s.dh))),
+                   upload<floatX>(gpu_test::random_normal(rng, (size_t)s.H * s.E * s.fe * s.dh, 1.0 / std::sqrt(s.fe))),
+                   upload<floatX>(gpu_test::random_normal(rng, (size_t)s.M * HD)),
+                   DeviceBuffer<floatX>((size_t)s.M * HD), DeviceBuffer<floatX>((size_t)s.M * HD),
+                   DeviceBuffer<float>((size_t)s.H * s.E), DeviceBuffer<float>((size_t)s.H * s.dh * s.E),
+                   DeviceBuffer<float>((size_t)s.H * s.E * s.fe * s.dh), DeviceBuffer<float>((size_t)s.H * s.E * s.fe * s.dh)};
+    CUDA_CHECK(cudaMemset(T.bias.get(), 0, T.bias.size() * sizeof(float)));
+    for (auto* g : {&T.dR, &T.dK, &T.dV}) CUDA_CHECK(cudaMemset(g->get(), 0, g->size() * sizeof(float)));
+    RoutedLayer L(s);
+    cudaEvent_t ev[kStages + 1];
+    for (auto& e : ev) CUDA_CHECK(cudaEventCreate(&e));
+    const int reps = 20;
+    std::vector<std::vector<float>> ms(kStages + 1);
+    for (int rep = -3; rep < reps; rep++) {  // three warm-up runs
+        routed_layer(L, T, ev);
+        CUDA_CHECK(cudaEventSynchronize(ev[kStages]));
+        if (rep < 0) continue;
+        for (int i = 0; i < kStages; i++) {
+            float t;
+            CUDA_CHECK(cudaEventElapsedTime(&t, ev[i], ev[i + 1]));
+            ms[i].push_back(t);
+        }
+        float total;
+        CUDA_CHECK(cudaEventElapsedTime(&total, ev[0], ev[kStages]));
+        ms[kStages].push_back(total);
+    }
+    auto median = [](std::vector<float> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; };
+    const double unit = 2.0 * s.H * s.M * s.k * s.dh * s.fe;  // FLOPs of one (copies × dh × fe) matmul
+    const double flops[kStages] = {0, 2 * unit, 0, 0, 7 * unit, 0};
+    std::printf("bench %s (M %d tokens, H %d, dh %d, E %d, fe %d, k %d), median of %d:\n", s.name, s.M, s.H, s.dh, s.E,
+                s.fe, s.k, reps);
+    for (int i = 0; i < kStages; i++) {
+        double t = median(ms[i]);
+        std::printf("  %-30s %8.3f ms", kStageNames[i], t);
+        if (flops[i] > 0) std::printf("  %6.1f TFLOP/s", flops[i] / (t * 1e-3) / 1e12);
+        std::printf("\n");
+    }
+    std::printf("  %-30s %8.3f ms (routed part, without W_mh / W_mg)\n", "total", median(ms[kStages]));
+
+    // Each expert kernel alone, on the plan of the last run.
+    const int dh = s.dh, E = s.E, F = s.fe, H = s.H, tiles = (int)L.max_tiles;
+    auto time_kernel = [&](const char* name, double units, auto&& launch) {
+        std::vector<float> t;
+        for (int rep = -3; rep < reps; rep++) {
+            CUDA_CHECK(cudaEventRecord(ev[0], 0));
+            launch();
+            CUDA_CHECK(cudaEventRecord(ev[1], 0));
+            CUDA_CHECK(cudaEventSynchronize(ev[1]));
+            float x;
+            CUDA_CHECK(cudaEventElapsedTime(&x, ev[0], ev[1]));
+            if (rep >= 0) t.push_back(x);
+        }
+        const double m = median(t);
+        std::printf("  kernel %-23s %8.3f ms  %6.1f TFLOP/s\n", name, m, units * unit / (m * 1e-3) / 1e12);
+    };
+    time_kernel("expert forward", 2, [&] {
+        lmoe::expert_forward(L.o.get(), T.u.get(), HD, T.K.get(), T.V.get(), L.plan, tiles, dh, E, F, 0);
+    });
+    time_kernel("expert input backward", 3, [&] {
+        lmoe::expert_input_backward(L.dx_copy.get(), L.d_o.get(), T.u.get(), HD, T.K.get(), T.V.get(), L.plan, tiles,
+                                    dh, E, F, 0);
+    });
+    time_kernel("expert weight backward", 4, [&] {
+        lmoe::expert_weight_backward(T.dK.get(), T.dV.get(), L.d_o.get(), T.u.get(), HD, T.K.get(), T.V.get(), L.plan,
+                                     dh, H, E, F, 0);
+    });
+    for (auto& e : ev) CUDA_CHECK(cudaEventDestroy(e));
+}
+
+int main(int argc, char** argv) {
     gpu_test::skip_without_gpu();
     lmoe::Rng rng(2026);
     const Shape shapes[] = {
@@ -184,5 +284,9 @@ int main() {
         {"p1 shape", 192, 8, 128, 64, 512, 8},
     };
     for (const Shape& s : shapes) run_shape(s, rng);
+    if (argc > 1 && std::string(argv[1]) == "--bench") {  // SPEC §6 layer benchmark sizes, N = 8192
+        bench_shape({"p1", 8192, 8, 128, 64, 512, 8}, rng);
+        bench_shape({"p2", 8192, 8, 128, 128, 256, 16}, rng);
+    }
     return check::summary();
 }

@@ -1,0 +1,118 @@
+// AdamW on fp32 master weights (SPEC §2.4), writing the floatX working copy the kernels read as it goes.
+// Purely elementwise, so it is deterministic whatever the grid; it is bound by memory traffic
+// (in bf16: 16 bytes read and 14 written per parameter).
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include "common/cuda_utils.cuh"
+
+namespace lmoe {
+
+namespace adamw_detail {
+
+// W consecutive values, loaded or stored as one access (16 bytes for W = 4 fp32).
+template <class T, int W>
+struct alignas(sizeof(T) * W) Vec {
+    T v[W];
+};
+
+constexpr int kThreads = 512;
+
+// Blocks for a grid-stride loop over `work` items: enough to fill every SM, no more than the work needs.
+inline int grid_stride_blocks(int64_t work) {
+    int device = 0, sms = 0;
+    CUDA_CHECK(cudaGetDevice(&device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    const int64_t full = (int64_t)sms * (2048 / kThreads);
+    return (int)std::max<int64_t>(1, std::min<int64_t>(full, ceil_div(work, kThreads)));
+}
+
+template <int W>
+bool aligned_for(const void* p, size_t element_size) {
+    return reinterpret_cast<uintptr_t>(p) % (element_size * W) == 0;
+}
+
+}  // namespace adamw_detail
+
+// One AdamW step on element i, with g = grad · grad_scale (the clip factor):
+//   m = β1 m + (1−β1) g;  v = β2 v + (1−β2) g²;  θ −= lr · ( m̂ / (√v̂ + ε) + wd·θ ),
+//   m̂ = m / (1−β1^t), v̂ = v / (1−β2^t);  param = floatX(θ).   As ref::adamw_update, in fp32.
+struct AdamWStep {
+    float lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2;
+
+    __device__ void operator()(float& theta, float& m, float& v, float g) const {
+        m = beta1 * m + (1.f - beta1) * g;
+        v = beta2 * v + (1.f - beta2) * g * g;
+        const float mhat = m / bias_correction1, vhat = v / bias_correction2;
+        theta -= lr * (mhat / (sqrtf(vhat) + eps) + weight_decay * theta);
+    }
+};
+
+// Grid-stride over n elements, W at a time (W = 4: 16-byte loads of master, m, v, grad); the n % W
+// elements left over go to the first threads of the grid.
+template <int W>
+__global__ void __launch_bounds__(adamw_detail::kThreads)
+    adamw_kernel(float* master, floatX* param, float* m, float* v, const float* grad, int64_t n, AdamWStep step,
+                 const float* grad_scale) {
+    using adamw_detail::Vec;
+    const float scale = *grad_scale;
+    const int64_t n_vec = n / W, stride = (int64_t)gridDim.x * blockDim.x;
+    const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    for (int64_t i = tid; i < n_vec; i += stride) {
+        Vec<float, W> th = reinterpret_cast<Vec<float, W>*>(master)[i], mm = reinterpret_cast<Vec<float, W>*>(m)[i],
+                      vv = reinterpret_cast<Vec<float, W>*>(v)[i],
+                      g = reinterpret_cast<const Vec<float, W>*>(grad)[i];
+        Vec<floatX, W> p;
+        for (int k = 0; k < W; k++) {
+            step(th.v[k], mm.v[k], vv.v[k], g.v[k] * scale);
+            p.v[k] = from_float<floatX>(th.v[k]);
+        }
+        reinterpret_cast<Vec<float, W>*>(master)[i] = th;
+        reinterpret_cast<Vec<float, W>*>(m)[i] = mm;
+        reinterpret_cast<Vec<float, W>*>(v)[i] = vv;
+        reinterpret_cast<Vec<floatX, W>*>(param)[i] = p;
+    }
+    const int64_t i = n_vec * W + tid;
+    if (i < n) {
+        step(master[i], m[i], v[i], grad[i] * scale);
+        param[i] = from_float<floatX>(master[i]);
+    }
+}
+
+// master, m, v, grad: (n,) fp32; param: (n,) floatX, written from the new master.
+// bias_correction1/2 = 1 − β1^t, 1 − β2^t for the 1-based step t; grad_scale: device pointer to the
+// factor every gradient is multiplied by (the clip scale). Any alignment works; 16-byte aligned
+// buffers get vectorised accesses.
+inline void adamw_update(float* master, floatX* param, float* m, float* v, const float* grad, int64_t n, float lr,
+                         float beta1, float beta2, float eps, float weight_decay, float bias_correction1,
+                         float bias_correction2, const float* grad_scale, cudaStream_t stream) {
+    using namespace adamw_detail;
+    if (n == 0) return;
+    const AdamWStep step{lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2};
+    const bool vectorised = aligned_for<4>(master, 4) && aligned_for<4>(m, 4) && aligned_for<4>(v, 4) &&
+                            aligned_for<4>(grad, 4) && aligned_for<4>(param, sizeof(floatX));
+    if (vectorised)
+        adamw_kernel<4><<<grid_stride_blocks(n / 4), kThreads, 0, stream>>>(master, param, m, v, grad, n, step,
+                                                                            grad_scale);
+    else
+        adamw_kernel<1><<<grid_stride_blocks(n), kThreads, 0, stream>>>(master, param, m, v, grad, n, step,
+                                                                        grad_scale);
+    CUDA_CHECK_LAUNCH();
+}
+
+// param = floatX(master), elementwise (after loading or initialising the fp32 master weights).
+__global__ void copy_master_to_param_kernel(floatX* param, const float* master, int64_t n) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        param[i] = from_float<floatX>(master[i]);
+}
+
+// param: (n,) floatX; master: (n,) fp32. Not on the hot path: runs once per load, so not vectorised.
+inline void copy_master_to_param(floatX* param, const float* master, int64_t n, cudaStream_t stream) {
+    if (n == 0) return;
+    copy_master_to_param_kernel<<<adamw_detail::grid_stride_blocks(n), adamw_detail::kThreads, 0, stream>>>(
+        param, master, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace lmoe

@@ -1,0 +1,84 @@
+// Tensor-core building blocks (sm_80+, used on Hopper): the bf16 m16n8k16 matrix-multiply-accumulate,
+// ldmatrix loads of its operands from shared memory, and cp.async copies that fill shared memory
+// while the tensor cores work on what is already there. Fragment layouts (PTX ISA, "mma.m16n8k16"):
+// with g = lane / 4 and q = lane % 4,
+//   A (16×16, bf16): a[0] = (row g,   k 2q..2q+1)   a[1] = (row g+8, k 2q..)
+//                    a[2] = (row g,   k 2q+8..)     a[3] = (row g+8, k 2q+8..)
+//   B (16×8,  bf16): b[0] = (k 2q..2q+1, col g)     b[1] = (k 2q+8.., col g)
+//   C (16×8,  fp32): c[0..1] = (row g, cols 2q, 2q+1)   c[2..3] = (row g+8, cols 2q, 2q+1)
+// so the accumulators of two adjacent 16×8 products are, packed to bf16, exactly the A operand of a
+// following product (FlashAttention-2's trick): hidden activations go from one matmul to the next
+// without leaving registers.
+#pragma once
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+namespace lmoe {
+
+__device__ inline uint32_t smem_address(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+// D += A B for one 16×8 tile.
+__device__ inline void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Four 8×8 bf16 matrices; lane l gives the address of row l % 8 of matrix l / 8.
+__device__ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row_address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_address(row_address)));
+}
+__device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_address(row_address)));
+}
+
+__device__ inline uint32_t pack_bf16x2(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Operand loads from row-major shared-memory tiles of bf16 with `ld` elements per row. Each gives
+// what one warp needs for one 16×16 A operand, or the B operands of two adjacent 16×8 tiles.
+
+// A (16×16) at (m0, k0) of an [m][k] tile.
+__device__ inline void load_a(uint32_t (&a)[4], const __nv_bfloat16* tile, int ld, int m0, int k0) {
+    const int lane = threadIdx.x % 32, i = lane / 8, r = lane % 8;
+    ldmatrix_x4(a, tile + (m0 + r + (i % 2) * 8) * ld + k0 + (i / 2) * 8);
+}
+// A (16×16) at (m0, k0) from a tile stored transposed, [k][m].
+__device__ inline void load_a_trans(uint32_t (&a)[4], const __nv_bfloat16* tile, int ld, int m0, int k0) {
+    const int lane = threadIdx.x % 32, i = lane / 8, r = lane % 8;
+    ldmatrix_x4_trans(a, tile + (k0 + r + (i / 2) * 8) * ld + m0 + (i % 2) * 8);
+}
+// B for n-tiles n0..n0+7 (b[0], b[1]) and n0+8..n0+15 (b[2], b[3]), k0..k0+15, from an [n][k] tile.
+__device__ inline void load_b_pair(uint32_t (&b)[4], const __nv_bfloat16* tile, int ld, int n0, int k0) {
+    const int lane = threadIdx.x % 32, i = lane / 8, r = lane % 8;
+    ldmatrix_x4(b, tile + (n0 + r + (i / 2) * 8) * ld + k0 + (i % 2) * 8);
+}
+// The same from a [k][n] tile.
+__device__ inline void load_b_pair_trans(uint32_t (&b)[4], const __nv_bfloat16* tile, int ld, int n0, int k0) {
+    const int lane = threadIdx.x % 32, i = lane / 8, r = lane % 8;
+    ldmatrix_x4_trans(b, tile + (k0 + r + (i % 2) * 8) * ld + n0 + (i / 2) * 8);
+}
+
+// Asynchronous 16-byte copy global → shared (cp.async.cg: bypasses L1, the data is used once per
+// block). With `valid` false nothing is read and the 16 bytes are zero-filled.
+__device__ inline void cp_async_16(void* smem, const void* gmem, bool valid = true) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(smem)), "l"(gmem),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+}
+// Closes the group of copies issued since the last commit; cp_async_wait<n> waits until at most n
+// groups are still in flight (the copies of this thread only: follow it with a barrier).
+__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int n>
+__device__ inline void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(n) : "memory"); }
+
+}  // namespace lmoe

@@ -1,0 +1,209 @@
+// GPU tests of common/matmul.cuh (the cuBLAS dense matmuls) and common/attention.cuh (causal
+// attention), each against the CPU reference in double on exactly the rounded inputs the GPU sees:
+// outputs poisoned before every call, odd sizes next to realistic ones, and every result computed
+// twice and compared byte for byte (determinism). Prints median timings of the realistic sizes.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "common/attention.cuh"
+#include "common/matmul.cuh"
+#include "common/reference.h"
+#include "tests/gpu_test_utils.cuh"
+
+using gpu_test::expect_close;
+using gpu_test::random_normal;
+using gpu_test::rounded;
+using gpu_test::to_double;
+using gpu_test::upload;
+using lmoe::DeviceBuffer;
+
+template <class T>
+void expect_same_bytes(const std::string& what, const DeviceBuffer<T>& a, const DeviceBuffer<T>& b) {
+    std::vector<T> ha = a.download(), hb = b.download();
+    bool same = ha.size() == hb.size() && std::memcmp(ha.data(), hb.data(), ha.size() * sizeof(T)) == 0;
+    std::printf("  %-44s %s\n", (what + ": two runs bitwise equal").c_str(), same ? "yes" : "NO");
+    CHECK_MSG(same, what + ": two runs differ");
+}
+
+// Median over 20 timed runs (after one warm-up), in milliseconds, measured with CUDA events.
+double median_ms(const std::function<void()>& body) {
+    cudaEvent_t start, stop;
+    CUDA_CHECK(cudaEventCreate(&start));
+    CUDA_CHECK(cudaEventCreate(&stop));
+    body();
+    std::vector<float> ms(20);
+    for (float& m : ms) {
+        CUDA_CHECK(cudaEventRecord(start));
+        body();
+        CUDA_CHECK(cudaEventRecord(stop));
+        CUDA_CHECK(cudaEventSynchronize(stop));
+        CUDA_CHECK(cudaEventElapsedTime(&m, start, stop));
+    }
+    CUDA_CHECK(cudaEventDestroy(start));
+    CUDA_CHECK(cudaEventDestroy(stop));
+    std::sort(ms.begin(), ms.end());
+    return 0.5 * (ms[9] + ms[10]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// matmul_forward / matmul_backward
+
+void test_matmul(cublasHandle_t handle, lmoe::Rng& rng, int N, int I, int O, bool accumulate_dx, bool time_it) {
+    std::printf("matmul N=%d I=%d O=%d, %s dx\n", N, I, O, accumulate_dx ? "accumulating into" : "writing");
+    const std::string tag = "(" + std::to_string(N) + "x" + std::to_string(I) + "x" + std::to_string(O) + ")";
+    std::vector<double> x = rounded<floatX>(random_normal(rng, (size_t)N * I));
+    std::vector<double> W = rounded<floatX>(random_normal(rng, (size_t)O * I));
+    std::vector<double> dout = rounded<floatX>(random_normal(rng, (size_t)N * O));
+    // Existing gradients of the size of one product, so an overwrite instead of += shows up.
+    std::vector<double> dx0 = rounded<floatX>(random_normal(rng, (size_t)N * I, std::sqrt((double)O)));
+    std::vector<double> dW0 = rounded<float>(random_normal(rng, (size_t)O * I, std::sqrt((double)N)));
+    DeviceBuffer<floatX> d_x = upload<floatX>(x), d_W = upload<floatX>(W), d_dout = upload<floatX>(dout);
+
+    // Forward.
+    std::vector<double> out_ref((size_t)N * O);
+    ref::matmul_forward(out_ref.data(), x.data(), W.data(), N, I, O);
+    DeviceBuffer<floatX> out((size_t)N * O), out2((size_t)N * O);
+    out.poison();
+    lmoe::matmul_forward(handle, out.get(), d_x.get(), d_W.get(), N, I, O, 0);
+    expect_close("matmul_forward out " + tag, out, out_ref);
+    out2.poison();
+    lmoe::matmul_forward(handle, out2.get(), d_x.get(), d_W.get(), N, I, O, 0);
+    expect_same_bytes("matmul_forward out", out, out2);
+
+    // Backward: dx written or accumulated, dW accumulated onto dW0.
+    std::vector<double> dx_ref = accumulate_dx ? dx0 : std::vector<double>((size_t)N * I, 0.0);
+    std::vector<double> dW_ref = dW0;
+    ref::matmul_backward(dx_ref.data(), dW_ref.data(), dout.data(), x.data(), W.data(), N, I, O);
+    auto run_backward = [&](DeviceBuffer<floatX>& dx, DeviceBuffer<float>& dW, bool with_dx) {
+        if (accumulate_dx) dx.upload(gpu_test::to_device_type<floatX>(dx0));
+        else dx.poison();
+        dW.upload(gpu_test::to_device_type<float>(dW0));
+        lmoe::matmul_backward(handle, with_dx ? dx.get() : nullptr, dW.get(), d_dout.get(), d_x.get(), d_W.get(), N,
+                              I, O, accumulate_dx, 0);
+    };
+    DeviceBuffer<floatX> dx((size_t)N * I), dx2((size_t)N * I);
+    DeviceBuffer<float> dW((size_t)O * I), dW2((size_t)O * I);
+    run_backward(dx, dW, true);
+    expect_close(std::string("matmul_backward dx ") + (accumulate_dx ? "+= " : "= ") + tag, dx, dx_ref);
+    expect_close("matmul_backward dW += " + tag, dW, dW_ref);
+    run_backward(dx2, dW2, true);
+    expect_same_bytes("matmul_backward dx", dx, dx2);
+    expect_same_bytes("matmul_backward dW", dW, dW2);
+    run_backward(dx2, dW2, false);  // dx = null: dW alone, the same bits
+    expect_same_bytes("matmul_backward dW (dx null) vs with dx", dW, dW2);
+
+    if (time_it) {
+        const double fwd = median_ms([&] {
+            lmoe::matmul_forward(handle, out.get(), d_x.get(), d_W.get(), N, I, O, 0);
+        });
+        const double bwd = median_ms([&] {
+            lmoe::matmul_backward(handle, dx.get(), dW.get(), d_dout.get(), d_x.get(), d_W.get(), N, I, O,
+                                  accumulate_dx, 0);
+        });
+        const double flop = 2.0 * N * I * O;
+        std::printf("  timing %s: forward %.3f ms (%.0f TFLOP/s), backward %.3f ms (%.0f TFLOP/s), median of 20\n",
+                    tag.c_str(), fwd, flop / fwd * 1e-9, bwd, 2 * flop / bwd * 1e-9);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention_forward / attention_backward
+
+// Columns [part·C, (part+1)·C) of every row of a (rows, 3·C) matrix: one of q, k, v (or dq, dk, dv).
+std::vector<double> part_of(const std::vector<double>& qkv, int rows, int C, int part) {
+    std::vector<double> out((size_t)rows * C);
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < C; c++) out[(size_t)r * C + c] = qkv[(size_t)r * 3 * C + part * C + c];
+    return out;
+}
+
+void test_attention(cublasHandle_t handle, lmoe::Rng& rng, int B, int T, int nh, int da, bool time_it) {
+    std::printf("attention B=%d T=%d nh=%d da=%d\n", B, T, nh, da);
+    const std::string tag = "(B" + std::to_string(B) + " T" + std::to_string(T) + ")";
+    const int C = nh * da, N = B * T;
+    std::vector<double> qkv = rounded<floatX>(random_normal(rng, (size_t)N * 3 * C));
+    std::vector<double> dout = rounded<floatX>(random_normal(rng, (size_t)N * C));
+    DeviceBuffer<floatX> d_qkv = upload<floatX>(qkv), d_dout = upload<floatX>(dout);
+
+    // Forward, twice.
+    const size_t square = (size_t)B * nh * T * T;
+    std::vector<double> out_ref((size_t)N * C), probs_ref(square);
+    ref::attention_forward(out_ref.data(), probs_ref.data(), qkv.data(), B, T, nh, da);
+    DeviceBuffer<floatX> out((size_t)N * C), probs(square), qkvr((size_t)N * 3 * C);
+    DeviceBuffer<floatX> out2((size_t)N * C), probs2(square), qkvr2((size_t)N * 3 * C);
+    DeviceBuffer<char> scratch(lmoe::attention_scratch_bytes(B, T, nh, da));
+    auto run_forward = [&](DeviceBuffer<floatX>& o, DeviceBuffer<floatX>& p, DeviceBuffer<floatX>& r) {
+        o.poison();
+        p.poison();
+        r.poison();
+        scratch.poison();
+        lmoe::attention_forward(handle, o.get(), p.get(), r.get(), scratch.get(), d_qkv.get(), B, T, nh, da, 0);
+    };
+    run_forward(out, probs, qkvr);
+    // qkvr must be qkv permuted to (3, B, nh, T, da): exact.
+    std::vector<double> qkvr_ref((size_t)N * 3 * C);
+    for (int p = 0; p < 3; p++)
+        for (int b = 0; b < B; b++)
+            for (int h = 0; h < nh; h++)
+                for (int t = 0; t < T; t++)
+                    for (int i = 0; i < da; i++)
+                        qkvr_ref[((((size_t)p * B + b) * nh + h) * T + t) * da + i] =
+                            qkv[((size_t)b * T + t) * 3 * C + p * C + h * da + i];
+    expect_close("attention qkvr (permuted q, k, v) " + tag, qkvr, qkvr_ref, 0.0);
+    expect_close("attention_forward probs " + tag, probs, probs_ref);
+    expect_close("attention_forward out " + tag, out, out_ref);
+    run_forward(out2, probs2, qkvr2);
+    expect_same_bytes("attention_forward out", out, out2);
+    expect_same_bytes("attention_forward probs", probs, probs2);
+
+    // Backward, twice; dq, dk and dv judged apart (their scales differ).
+    std::vector<double> dqkv_ref((size_t)N * 3 * C, 0.0);
+    ref::attention_backward(dqkv_ref.data(), dout.data(), qkv.data(), probs_ref.data(), B, T, nh, da);
+    DeviceBuffer<floatX> dqkv((size_t)N * 3 * C), dqkv2((size_t)N * 3 * C);
+    auto run_backward = [&](DeviceBuffer<floatX>& d) {
+        d.poison();
+        scratch.poison();
+        lmoe::attention_backward(handle, d.get(), d_dout.get(), qkvr.get(), probs.get(), scratch.get(), B, T, nh, da,
+                                 0);
+    };
+    run_backward(dqkv);
+    std::vector<double> dqkv_gpu = to_double(dqkv.download());
+    const char* names[3] = {"dq", "dk", "dv"};
+    for (int p = 0; p < 3; p++)
+        expect_close(std::string("attention_backward ") + names[p] + " " + tag, part_of(dqkv_gpu, N, C, p),
+                     part_of(dqkv_ref, N, C, p));
+    run_backward(dqkv2);
+    expect_same_bytes("attention_backward dqkv", dqkv, dqkv2);
+
+    if (time_it) {
+        const double fwd = median_ms([&] {
+            lmoe::attention_forward(handle, out.get(), probs.get(), qkvr.get(), scratch.get(), d_qkv.get(), B, T, nh,
+                                    da, 0);
+        });
+        const double bwd = median_ms([&] {
+            lmoe::attention_backward(handle, dqkv.get(), d_dout.get(), qkvr.get(), probs.get(), scratch.get(), B, T,
+                                     nh, da, 0);
+        });
+        std::printf("  timing %s nh=%d da=%d: forward %.3f ms, backward %.3f ms, median of 20\n", tag.c_str(), nh, da,
+                    fwd, bwd);
+    }
+}
+
+int main() {
+    gpu_test::skip_without_gpu();
+    lmoe::Rng rng(1234);
+    cublasHandle_t handle = lmoe::make_cublas_handle();
+
+    test_matmul(handle, rng, 67, 96, 45, false, false);
+    test_matmul(handle, rng, 67, 96, 45, true, false);
+    test_matmul(handle, rng, 8192, 1024, 3072, false, true);
+    test_attention(handle, rng, 2, 37, 3, 16, false);
+    test_attention(handle, rng, 4, 1024, 8, 128, true);
+
+    CUBLAS_CHECK(cublasDestroy(handle));
+    return check::summary();
+}
