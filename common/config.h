@@ -56,6 +56,7 @@ struct Config {
     int checkpoint_every = 0;     // 0: only at the end and when interrupted
     std::string resume;           // checkpoint to resume from; empty: start fresh
     std::string log_file;         // CSV of step, loss, grad norm, val loss, ms; empty: none
+    bool bench_layer = false;     // time one FFN layer instead of training
 
     int d_attn() const { return d / n_head; }
     int Vp() const { return (V + 127) / 128 * 128; }
@@ -131,7 +132,7 @@ inline void validate(const Config& c, int world) {
 struct Flag {
     const char* name;
     const char* help;
-    enum Type { Int, Float, U64, Str } type;
+    enum Type { Int, Float, U64, Str, Bool } type;
     void* field;
     bool hp_only;  // latent-head flags mean nothing to the MoE baseline
 };
@@ -169,6 +170,8 @@ inline std::vector<Flag> flag_table(Config& c) {
         {"checkpoint-every", "also save every N steps (0: never in between)", Flag::Int, &c.checkpoint_every, false},
         {"resume", "resume training from this checkpoint", Flag::Str, &c.resume, false},
         {"log-file", "also write step,loss,norm,val_loss,ms per step to this CSV file", Flag::Str, &c.log_file, false},
+        {"bench-layer", "1: time forward+backward of one FFN layer of this config (B·T tokens) and exit",
+         Flag::Bool, &c.bench_layer, false},
     };
 }
 
@@ -178,6 +181,7 @@ inline std::string flag_value_string(const Flag& f) {
         case Flag::Float: { char b[32]; std::snprintf(b, sizeof b, "%g", *static_cast<float*>(f.field)); return b; }
         case Flag::U64: return std::to_string(*static_cast<uint64_t*>(f.field));
         case Flag::Str: return *static_cast<std::string*>(f.field);
+        case Flag::Bool: return *static_cast<bool*>(f.field) ? "1" : "0";
     }
     return "";
 }
@@ -227,6 +231,10 @@ inline void set_flag(const Flag& f, const std::string& value) {
             return;
         }
         case Flag::Str: *static_cast<std::string*>(f.field) = value; return;
+        case Flag::Bool:
+            if (value != "0" && value != "1") throw ConfigError(name + " expects 0 or 1, got '" + value + "'");
+            *static_cast<bool*>(f.field) = value == "1";
+            return;
     }
 }
 

@@ -375,6 +375,74 @@ int train_on_gpu(const Config& c) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The layer benchmark (SPEC §6, §9): forward + backward of one FFN layer on B·T random tokens with
+// freshly initialised weights, median of 20 after 3 warm-ups; FLOP rate by the model's own count
+// (recomputation not counted); memory = what the layer's weights, gradients, activations and
+// scratch hold on the device.
+template <class Ffn>
+int bench_ffn_layer(const Config& config) {
+    Config c = config;
+    c.L = 1;
+    const int N = c.B * c.T, reps = 20;
+    size_t free_before, free_after, total;
+    CUDA_CHECK(cudaMemGetInfo(&free_before, &total));
+    const ParamLayout layout = build_param_layout(c);
+    std::vector<float> host(layout.total);
+    init_params(host.data(), layout, c.seed);
+    DeviceBuffer<float> master(layout.total), grads(layout.total), bias((size_t)c.H * c.E);
+    master.upload(host);
+    DeviceBuffer<floatX> params(layout.total), x((size_t)N * c.d), dout((size_t)N * c.d), out((size_t)N * c.d),
+        dx((size_t)N * c.d);
+    Ctx ctx;
+    CUDA_CHECK(cudaStreamCreate(&ctx.stream));
+    ctx.cublas = make_cublas_handle();
+    copy_master_to_param(params.get(), master.get(), layout.total, ctx.stream);
+    lmoe::Rng rng(c.seed);
+    std::vector<floatX> xs((size_t)N * c.d);
+    for (auto& v : xs) v = from_float<floatX>((float)rng.normal());
+    x.upload(xs);
+    for (auto& v : xs) v = from_float<floatX>((float)(0.01 * rng.normal()));
+    dout.upload(xs);
+    CUDA_CHECK(cudaMemset(bias.get(), 0, bias.size() * sizeof(float)));
+    CUDA_CHECK(cudaMemset(grads.get(), 0, grads.size() * sizeof(float)));
+    const Layer w = bind_tensors(layout, params.get(), 1, c.ffn).layers[0];
+    const GradLayer g = bind_tensors(layout, grads.get(), 1, c.ffn).layers[0];
+    Ffn ffn(c, N);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    CUDA_CHECK(cudaMemGetInfo(&free_after, &total));
+    cudaEvent_t start, mid, stop;
+    CUDA_CHECK(cudaEventCreate(&start)); CUDA_CHECK(cudaEventCreate(&mid)); CUDA_CHECK(cudaEventCreate(&stop));
+    std::vector<float> fwd, all;
+    for (int rep = -3; rep < reps; rep++) {
+        CUDA_CHECK(cudaEventRecord(start, ctx.stream));
+        ffn.forward(0, out.get(), x.get(), w, bias.get(), ctx);
+        CUDA_CHECK(cudaEventRecord(mid, ctx.stream));
+        ffn.backward(0, dx.get(), dout.get(), x.get(), w, g, ctx);
+        CUDA_CHECK(cudaEventRecord(stop, ctx.stream));
+        CUDA_CHECK(cudaEventSynchronize(stop));
+        if (rep < 0) continue;
+        float a, b;
+        CUDA_CHECK(cudaEventElapsedTime(&a, start, mid));
+        CUDA_CHECK(cudaEventElapsedTime(&b, start, stop));
+        fwd.push_back(a);
+        all.push_back(b);
+    }
+    std::sort(fwd.begin(), fwd.end());
+    std::sort(all.begin(), all.end());
+    const double flops = 6.0 * N * Ffn::forward_macs_per_token(c), ms = all[reps / 2];
+    cudaDeviceProp prop;
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    std::printf("layer bench | %s | %s | N %d tokens | forward %.3f ms | forward+backward %.3f ms | %.1f TFLOP/s | "
+                "%.2f GiB on the device\n",
+                prop.name, ffn_name(c.ffn), N, fwd[reps / 2], ms, flops / (ms * 1e-3) / 1e12,
+                (free_before - free_after) / 1073741824.0);
+    CUDA_CHECK(cudaEventDestroy(start)); CUDA_CHECK(cudaEventDestroy(mid)); CUDA_CHECK(cudaEventDestroy(stop));
+    cublasDestroy(ctx.cublas);
+    cudaStreamDestroy(ctx.stream);
+    return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
 
 template <class Ffn>
 int trainer_main(int argc, char** argv) {
@@ -394,9 +462,10 @@ int trainer_main(int argc, char** argv) {
         if constexpr (Ffn::kHasGpuPath) {
             if (on_gpu) {
                 Ffn::check_supported(c);
-                return train_on_gpu<Ffn>(c);
+                return c.bench_layer ? bench_ffn_layer<Ffn>(c) : train_on_gpu<Ffn>(c);
             }
         }
+        if (c.bench_layer) throw ConfigError("--bench-layer needs a GPU and a trainer with a CUDA path");
         if (gpus == 0) std::printf("no GPU found: training the CPU reference model (slow; tiny models only)\n");
         else if (c.device == "cpu") std::printf("--device cpu: training the CPU reference model (slow; tiny models only)\n");
         else std::printf("this trainer's CUDA path is not written yet: training the CPU reference model instead\n");

@@ -15,6 +15,23 @@ ctest --test-dir build -L gpu --output-on-failure >"$out/ctest_gpu.log" 2>&1
 ./build32/test_gpu_model >"$out/model_fp32.log" 2>&1
 ./build32/test_gpu_latentmoe >"$out/latentmoe_fp32.log" 2>&1
 ./build/test_gpu_latentmoe --bench >"$out/bench.log" 2>&1
+./build/test_gpu_model >"$out/model_bf16.log" 2>&1
+# the independent PyTorch oracle on the fp32 GPU model's step
+rm -rf "$out/dumps"
+./build32/test_gpu_model --dump "$out/dumps" >/dev/null 2>&1
+for dump in "$out"/dumps/*; do
+    python3 tests/torch_oracle.py "$dump" --tolerance 1e-4 --tie-margin 1e-4 >"$out/oracle_$(basename "$dump").log" 2>&1
+done
+rm -rf "$out/dumps"
+# the layer benchmark (SPEC §6: N = 8192 tokens), ours and the plain-PyTorch EP anchor on the same GPU
+for preset in p1 p2; do ./build/train_latentmoe --preset $preset --bench-layer 1 2>&1 | grep "layer bench"; done \
+    >"$out/layer_bench.log"
+if [ -f .anchors/pytorch_ep_layer.py ]; then
+    python3 -m torch.distributed.run --standalone --nproc-per-node=1 .anchors/pytorch_ep_layer.py p1 1024 64 512 8 8 1024 \
+        >"$out/anchor.log" 2>&1
+    python3 -m torch.distributed.run --standalone --nproc-per-node=1 .anchors/pytorch_ep_layer.py p2 1024 128 256 16 8 1024 \
+        >>"$out/anchor.log" 2>&1
+fi
 if [ -f data/kjv_train.bin ]; then
     ./build/train_latentmoe --preset small --steps ${STEPS:-300} --eval-every 100 --log-every 50 --lr 1e-3 \
         --train-data data/kjv_train.bin --val-data data/kjv_val.bin --checkpoint "$out/small.ckpt" >"$out/train_small.log" 2>&1
@@ -24,4 +41,7 @@ echo "== ctest (gpu label, bf16 build)"; grep -E "tests passed|Failed|\*\*\*|Ski
 echo "== whole model vs CPU reference, fp32 build"; grep -E "loss:|FAIL|passed" "$out/model_fp32.log" | head -8
 echo "== routed layer, fp32 build"; tail -1 "$out/latentmoe_fp32.log"
 echo "== routed layer bench (bf16)"; grep -A8 "^bench" "$out/bench.log"
+echo "== whole model vs CPU reference, bf16 build (worst three)"; grep "rel err" "$out/model_bf16.log" | sort -k5 -g | tail -3
+echo "== PyTorch oracle on the fp32 GPU dumps"; tail -n 1 "$out"/oracle_*.log
+echo "== layer benchmark, forward+backward of one FFN layer"; cat "$out/layer_bench.log"; grep RESULT "$out/anchor.log"
 echo "== small preset training"; grep -E "^step .*(/|val)|done|error" "$out/train_small.log" | tail -12

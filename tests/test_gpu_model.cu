@@ -2,10 +2,12 @@
 // same weights (the GPU's fp32 master weights, copied into the reference), the same batch, the
 // same expert choices (the GPU's, so a near-tie that rounds the other way cannot fail the test):
 // the loss and the gradient of every parameter tensor. Tight in the fp32 build; in bf16 it shows
-// how far mixed precision moves them.
+// how far mixed precision moves them. With --dump DIR it also writes the GPU's step as a model dump
+// for the independent PyTorch oracle (tests/torch_oracle.py).
 #define LMOE_NO_MAIN
 #include "train_latentmoe.cu"
 #include "tests/gpu_test_utils.cuh"
+#include "tests/model_dump.h"
 
 using namespace lmoe;
 
@@ -15,7 +17,7 @@ constexpr double kModelTolerance = 1e-4;  // a dozen fp32 layers deep: sums of ~
 constexpr double kModelTolerance = 5e-2;
 #endif
 
-void check_model(const char* name, Config c, lmoe::Rng& rng) {
+void check_model(const char* name, Config c, lmoe::Rng& rng, const std::string& dump_dir) {
     std::printf("%s: T %d d %d L %d n_head %d | H %d dh %d E %d fe %d k %d | B %d\n", name, c.T, c.d, c.L, c.n_head,
                 c.H, c.dh, c.E, c.fe, c.k, c.B);
     const int N = c.B * c.T;
@@ -37,6 +39,23 @@ void check_model(const char* name, Config c, lmoe::Rng& rng) {
     const double cpu_loss = cpu.forward(tokens.data(), targets.data(), c.B, true);
     cpu.backward();
 
+    if (!dump_dir.empty()) {
+        ModelDump dump;
+        dump.cfg = c;
+        dump.tensors = gpu.layout.tensors;
+        dump.params = master;
+        dump.grads.assign(grads.begin(), grads.end());
+        dump.tokens = tokens;
+        dump.targets = targets;
+        for (int l = 0; l < c.L; l++) {
+            std::vector<int> sel = gpu.ffn().selection(l);
+            dump.sel.insert(dump.sel.end(), sel.begin(), sel.end());
+        }
+        dump.routing_bias = gpu.routing_bias.download();
+        dump.loss = gpu_loss;
+        dump.producer = std::string("test_gpu_model (") + gpu_test::kPrecision + " build)";
+        write_model_dump(dump_dir + "/" + name, dump);
+    }
     const double loss_err = std::abs(gpu_loss - cpu_loss) / std::abs(cpu_loss);
     std::printf("  loss: GPU %.7f, CPU %.7f, rel err %.2e\n", gpu_loss, cpu_loss, loss_err);
     CHECK_MSG(loss_err < kModelTolerance, std::string(name) + ": loss differs from the reference");
@@ -47,16 +66,17 @@ void check_model(const char* name, Config c, lmoe::Rng& rng) {
     }
 }
 
-int main() {
+int main(int argc, char** argv) {
     gpu_test::skip_without_gpu();
+    const std::string dump_dir = argc == 3 && std::string(argv[1]) == "--dump" ? argv[2] : "";
     lmoe::Rng rng(99);
     Config tiny;
     apply_preset(tiny, "tiny");
     tiny.B = 4;
-    check_model("tiny", tiny, rng);
+    check_model("tiny", tiny, rng, dump_dir);
     Config wider = tiny;
     wider.d = 128; wider.T = 64; wider.B = 2; wider.n_head = 4; wider.H = 4; wider.dh = 32; wider.E = 16;
     wider.fe = 64; wider.k = 4; wider.V = 300;  // a vocabulary that needs padding
-    check_model("wider", wider, rng);
+    check_model("wider", wider, rng, dump_dir);
     return check::summary();
 }
