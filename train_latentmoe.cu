@@ -8,6 +8,9 @@
 // sub-tokens among its own E experts (top-k), the experts run as IO-aware tiles, their outputs are
 // weighted by the gates, and the heads' outputs are merged back to d. On one GPU the two exchanges
 // are the identity; with R ranks (Head Parallel) they become equal-block all-to-alls.
+#include <utility>
+
+#include "common/head_exchange.cuh"
 #include "common/io_experts.cuh"
 #include "common/io_router.cuh"
 #include "common/moe_permute.cuh"
@@ -26,6 +29,7 @@ class LatentMoeFfn {
                               "(got head-dim " + std::to_string(c.dh) + ", expert-dim " + std::to_string(c.fe) + ")");
         if (c.k > kMaxTopK || c.E > kMaxRouterExperts || c.H * c.E > 4096)
             throw ConfigError("the GPU router supports k <= 32, E <= 256 and H·E <= 4096");
+        if ((c.H * c.dh) % 8 != 0) throw ConfigError("H·dh must be a multiple of 8 (16-byte rows)");
     }
     // project + merge + router + k experts (two dh×fe matmuls each), per token
     static double forward_macs_per_token(const Config& c) {
@@ -33,89 +37,110 @@ class LatentMoeFfn {
         return 2 * c.d * HD + HD * c.E + (double)c.H * c.k * 2 * c.dh * c.fe;
     }
 
-    LatentMoeFfn(const Config& c, int N)
-        : c_(c), N_(N), HD_(c.H * c.dh), copies_((int64_t)c.H * N * c.k),
-          max_tiles_((int)routing_max_tiles(N, c.H, c.E, c.k)) {
+    // Routing groups (heads) this rank owns: Head Parallel gives each rank H/R whole heads, and the
+    // owner sees every sub-token of its heads, so its expert loads need no exchange.
+    static int local_heads(const Config& c, int world) { return c.H / world; }
+    static constexpr bool kLoadsAreGlobal = true;
+
+    LatentMoeFfn(const Config& c, int N, int world)
+        : c_(c), N_(N), HD_(c.H * c.dh), world_(world), Hl_(c.H / world), M_(world * N), ldU_(c.H / world * c.dh),
+          copies_((int64_t)c.H * N * c.k), max_tiles_((int)routing_max_tiles(world * N, c.H / world, c.E, c.k)) {
         const size_t L = c.L;
-        u_.resize(L * N * HD_); y_.resize(L * N * HD_); o_.resize(L * copies_ * c.dh);
+        U_.resize(L * N * HD_); y_.resize(L * N * HD_); o_.resize(L * copies_ * c.dh);
         sel_.resize(L * copies_); gate_.resize(L * copies_); copy_pos_.resize(L * copies_); copy_row_.resize(L * copies_);
-        group_offset_.resize(L * (c.H * c.E + 1));
+        group_offset_.resize(L * (Hl_ * c.E + 1));
         tile_group_.resize(L * max_tiles_); tile_start_.resize(L * max_tiles_); num_tiles_.resize(L);
-        chunk_counts_.resize((size_t)c.H * routing_chunks(N) * c.E);
-        dy_.resize((size_t)N * HD_); du_.resize((size_t)N * HD_);
+        chunk_counts_.resize((size_t)Hl_ * routing_chunks(M_) * c.E);
+        for (auto* b : {&rows_, &heads_, &heads2_, &exchange_}) b->resize((size_t)N * HD_);
         d_o_.resize(copies_ * c.dh); dx_copy_.resize(copies_ * c.dh); ds_copy_.resize(copies_);
     }
 
-    // out (N, d) = FFN_l(x (N, d)).
+    // out (N, d) = FFN_l(x (N, d)). W = H/R·dh columns per owner; M = R·N rows at the owner.
     void forward(int l, floatX* out, const floatX* x, const Layer& w, const float* bias, Ctx& ctx) {
         const Config& c = c_;
         const RoutingPlan p = plan(l);
-        floatX *u = u_.get() + (size_t)l * N_ * HD_, *y = y_.get() + (size_t)l * N_ * HD_;
+        floatX *U = U_.get() + (size_t)l * N_ * HD_, *y = y_.get() + (size_t)l * N_ * HD_;
         floatX* o = o_.get() + (size_t)l * copies_ * c.dh;
-        // project:  u (N, H·dh) = x W_mh^T                               floatX
-        matmul_forward(ctx.cublas, u, x, w.ffn_in, N_, c.d, HD_, ctx.stream);
-        // exchange: one GPU holds every head (Head Parallel sends head blocks here)
-        // route:    sel, gate (H, N, k) = top-k of u_h R_h + b_h          int32, fp32
-        router_forward(p.sel, p.gate, u, HD_, w.router, bias, N_, c.H, c.dh, c.E, c.k, ctx.stream);
+        const bool single = world_ == 1;  // one rank holds every head: the exchanges vanish
+        // project:  u (N, H·dh) = x W_mh^T                                   floatX
+        matmul_forward(ctx.cublas, single ? U : rows_.get(), x, w.ffn_in, N_, c.d, HD_, ctx.stream);
+        // exchange: U (R·N, W): this rank's heads of every rank's tokens     equal blocks, no metadata
+        if (!single) bytes_sent_ += send_to_head_owners(U, exchange_.get(), rows_.get(), N_, HD_, *ctx.comm, ctx.stream);
+        // route:    sel, gate (H/R, R·N, k) = top-k of U_h R_h + b_h          int32, fp32
+        router_forward(p.sel, p.gate, U, ldU_, w.router, bias, M_, Hl_, c.dh, c.E, c.k, ctx.stream);
         // group:    copies sorted by (head, expert), tiles of one expert
-        group_copies(p, N_, c.H, c.E, c.k, ctx.stream);
-        // compute:  o (H·N·k, dh) = V_e^T GELU(K_e u)                     floatX, group order
-        expert_forward(o, u, HD_, w.expert_in, w.expert_out, p, max_tiles_, c.dh, c.E, c.fe, ctx.stream);
-        // weight:   y[t, h] (dh) = Σ_j gate · o[copy (h, t, j)]            floatX (N, H·dh)
-        combine_forward(y, HD_, o, p, N_, c.H, c.dh, c.k, ctx.stream);
-        // exchange back: nothing to send on one GPU
+        group_copies(p, M_, Hl_, c.E, c.k, ctx.stream);
+        // compute:  o (copies, dh) = V_e^T GELU(K_e U)                         floatX, group order
+        expert_forward(o, U, ldU_, w.expert_in, w.expert_out, p, max_tiles_, c.dh, c.E, c.fe, ctx.stream);
+        // weight:   Y[t, h] (dh) = Σ_j gate · o[copy (h, t, j)]                floatX (R·N, W)
+        combine_forward(single ? y : heads_.get(), ldU_, o, p, M_, Hl_, c.dh, c.k, ctx.stream);
+        // exchange back: y (N, H·dh): every head's output for this rank's tokens
+        if (!single) bytes_sent_ += return_from_head_owners(y, exchange_.get(), heads_.get(), N_, HD_, *ctx.comm, ctx.stream);
         // merge:    out (N, d) = y W_mg^T
         matmul_forward(ctx.cublas, out, y, w.ffn_out, N_, HD_, c.d, ctx.stream);
     }
 
-    // dx (N, d) from dout (N, d); weight gradients accumulated into g.
+    // dx (N, d) from dout (N, d); weight gradients accumulated into g (the expert ones from the
+    // tokens of every rank).
     void backward(int l, floatX* dx, const floatX* dout, const floatX* x, const Layer& w, const GradLayer& g, Ctx& ctx) {
         const Config& c = c_;
         const RoutingPlan p = plan(l);
-        const floatX *u = u_.get() + (size_t)l * N_ * HD_, *y = y_.get() + (size_t)l * N_ * HD_;
+        const floatX *U = U_.get() + (size_t)l * N_ * HD_, *y = y_.get() + (size_t)l * N_ * HD_;
         const floatX* o = o_.get() + (size_t)l * copies_ * c.dh;
+        const bool single = world_ == 1;
+        floatX *dy = rows_.get(), *dY = single ? dy : heads_.get();
         // merge:    dy (N, H·dh) = dout W_mg;  dW_mg += dout^T y
-        matmul_backward(ctx.cublas, dy_.get(), g.ffn_out, dout, y, w.ffn_out, N_, HD_, c.d, false, ctx.stream);
-        // weight:   d_o (copies, dh) = gate · dy;  ds (copies) = gate-softmax backward of dy · o
-        combine_backward(d_o_.get(), ds_copy_.get(), dy_.get(), HD_, o, p, N_, c.H, c.dh, c.k, ctx.stream);
+        matmul_backward(ctx.cublas, dy, g.ffn_out, dout, y, w.ffn_out, N_, HD_, c.d, false, ctx.stream);
+        // exchange: dY (R·N, W) at the head owners
+        if (!single) bytes_sent_ += send_to_head_owners(dY, exchange_.get(), dy, N_, HD_, *ctx.comm, ctx.stream);
+        // weight:   d_o (copies, dh) = gate · dY;  ds (copies) = gate-softmax backward of dY · o
+        combine_backward(d_o_.get(), ds_copy_.get(), dY, ldU_, o, p, M_, Hl_, c.dh, c.k, ctx.stream);
         // compute:  dx_copy (copies, dh); dK, dV += (hidden recomputed per tile)
-        expert_backward(dx_copy_.get(), g.expert_in, g.expert_out, d_o_.get(), u, HD_, w.expert_in, w.expert_out, p,
-                        max_tiles_, c.dh, c.H, c.E, c.fe, ctx.stream);
-        // route:    dR_h[:, e] += Σ_{copies of e} u · ds   (k chosen columns only)
-        router_weight_backward(g.router, u, HD_, ds_copy_.get(), p.copy_row, p.group_offset, c.H, c.dh, c.E, ctx.stream);
-        // group:    du[t, h] = Σ_j dx_copy + Σ_j R_h[:, e_j] ds_j             floatX (N, H·dh)
-        gather_input_grad(du_.get(), HD_, dx_copy_.get(), ds_copy_.get(), w.router, p, N_, c.H, c.dh, c.E, c.k,
-                          ctx.stream);
+        expert_backward(dx_copy_.get(), g.expert_in, g.expert_out, d_o_.get(), U, ldU_, w.expert_in, w.expert_out, p,
+                        max_tiles_, c.dh, Hl_, c.E, c.fe, ctx.stream);
+        // route:    dR_h[:, e] += Σ_{copies of e} U · ds   (k chosen columns only)
+        router_weight_backward(g.router, U, ldU_, ds_copy_.get(), p.copy_row, p.group_offset, Hl_, c.dh, c.E, ctx.stream);
+        // group:    dU[t, h] = Σ_j dx_copy + Σ_j R_h[:, e_j] ds_j                floatX (R·N, W)
+        floatX* dU = single ? rows_.get() : heads2_.get();
+        gather_input_grad(dU, ldU_, dx_copy_.get(), ds_copy_.get(), w.router, p, M_, Hl_, c.dh, c.E, c.k, ctx.stream);
+        // exchange back: du (N, H·dh) for this rank's tokens
+        floatX* du = rows_.get();
+        if (!single) bytes_sent_ += return_from_head_owners(du, exchange_.get(), dU, N_, HD_, *ctx.comm, ctx.stream);
         // project:  dx (N, d) = du W_mh;  dW_mh += du^T x
-        matmul_backward(ctx.cublas, dx, g.ffn_in, du_.get(), x, w.ffn_in, N_, c.d, HD_, false, ctx.stream);
+        matmul_backward(ctx.cublas, dx, g.ffn_in, du, x, w.ffn_in, N_, c.d, HD_, false, ctx.stream);
     }
 
     void add_expert_counts(int l, int* counts, Ctx& ctx) {
-        add_group_sizes(counts, plan(l).group_offset, c_.H * c_.E, ctx.stream);
+        add_group_sizes(counts, plan(l).group_offset, Hl_ * c_.E, ctx.stream);
     }
 
-    // Layer l's choices in its last forward, (H, N, k): tests hold the reference to them.
+    // Layer l's choices in its last forward, (H/R, R·N, k): tests hold the reference to them.
     std::vector<int> selection(int l) const {
         std::vector<int> all = sel_.download();
         return std::vector<int>(all.begin() + l * copies_, all.begin() + (l + 1) * copies_);
     }
 
+    // Bytes this rank sent to other ranks since the last call (SPEC §3 predicts 4·N·H·dh·(R−1)/R·2
+    // per layer and step).
+    int64_t take_bytes_sent() { return std::exchange(bytes_sent_, 0); }
+
   private:
     const Config c_;
-    const int N_, HD_;
-    const int64_t copies_;
+    const int N_, HD_, world_, Hl_, M_, ldU_;  // tokens here, H·dh, ranks, heads here, rows at the owner, W
+    const int64_t copies_;                     // H·N·k = (H/R)·(R·N)·k
     const int max_tiles_;
+    int64_t bytes_sent_ = 0;
     // per layer, kept for the backward
-    DeviceBuffer<floatX> u_, y_, o_;
+    DeviceBuffer<floatX> U_, y_, o_;
     DeviceBuffer<int> sel_, copy_pos_, copy_row_, group_offset_, tile_group_, tile_start_, num_tiles_;
     DeviceBuffer<float> gate_;
-    // scratch shared by all layers
+    // scratch shared by all layers: (N, H·dh) token rows, (R·N, W) head rows, the exchange buffer
     DeviceBuffer<int> chunk_counts_;
-    DeviceBuffer<floatX> dy_, du_, d_o_, dx_copy_;
+    DeviceBuffer<floatX> rows_, heads_, heads2_, exchange_, d_o_, dx_copy_;
     DeviceBuffer<float> ds_copy_;
 
     RoutingPlan plan(int l) {
-        const size_t G = (size_t)c_.H * c_.E;
+        const size_t G = (size_t)Hl_ * c_.E;
         return {sel_.get() + l * copies_, gate_.get() + l * copies_, group_offset_.get() + l * (G + 1),
                 copy_row_.get() + l * copies_, copy_pos_.get() + l * copies_, tile_group_.get() + (size_t)l * max_tiles_,
                 tile_start_.get() + (size_t)l * max_tiles_, num_tiles_.get() + l, chunk_counts_.get()};

@@ -47,8 +47,9 @@ inline void save_checkpoint(const std::string& path, const Config& c, const Trai
     }
 }
 
-// Reads a checkpoint for the model `c`, whose parameter count on this rank is `num_params`.
-inline TrainingState load_checkpoint(const std::string& path, const Config& c, int64_t num_params) {
+// Reads a checkpoint for the model `c`; this rank holds `num_params` parameters and `bias_size`
+// routing biases (its shard under Head Parallel).
+inline TrainingState load_checkpoint(const std::string& path, const Config& c, int64_t num_params, int64_t bias_size) {
     std::FILE* f = std::fopen(path.c_str(), "rb");
     if (!f) throw std::runtime_error(path + ": cannot open checkpoint");
     auto fail = [&](const std::string& why) {
@@ -67,7 +68,6 @@ inline TrainingState load_checkpoint(const std::string& path, const Config& c, i
         if (stored[i] != fingerprint[i].second)
             fail(std::string("checkpoint was written for another model: ") + fingerprint[i].first + " " +
                  std::to_string(stored[i]) + " there, " + std::to_string(fingerprint[i].second) + " here");
-    const int64_t bias_size = (int64_t)c.L * c.H * c.E;
     if (head[3] != num_params || head[4] != bias_size)
         fail("checkpoint holds " + std::to_string(head[3]) + " parameters, this rank needs " +
              std::to_string(num_params) + " (another number of ranks?)");

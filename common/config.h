@@ -67,18 +67,18 @@ inline const char* ffn_name(FfnKind ffn) { return ffn == FfnKind::LatentMoE ? "M
 
 // SPEC §6. Each preset fixes the model; training fields keep their defaults unless flags set them.
 inline void apply_preset(Config& c, const std::string& name) {
-    struct Preset { const char* name; int T, d, L, n_head, H, dh, hp_E, hp_fe, hp_k, ep_E, ep_f, ep_k, B; };
-    static const Preset presets[] = {
-        {"tiny", 32, 64, 2, 4, 4, 16, 8, 32, 2, 8, 32, 2, 16},
-        {"small", 256, 512, 6, 8, 8, 64, 32, 256, 4, 32, 256, 4, 16},
-        {"p1", 1024, 1024, 12, 8, 8, 128, 64, 512, 8, 64, 512, 8, 8},
-        {"p2", 1024, 1024, 12, 8, 8, 128, 128, 256, 16, 128, 256, 16, 8},
+    struct Preset { const char* name; int T, d, L, n_head, H, dh, hp_E, hp_fe, hp_k, ep_E, ep_f, ep_k, B; float lr; };
+    static const Preset presets[] = {  // lr: a peak learning rate that trains the preset well
+        {"tiny", 32, 64, 2, 4, 4, 16, 8, 32, 2, 8, 32, 2, 16, 3e-3f},
+        {"small", 256, 512, 6, 8, 8, 64, 32, 256, 4, 32, 256, 4, 16, 1e-3f},
+        {"p1", 1024, 1024, 12, 8, 8, 128, 64, 512, 8, 64, 512, 8, 8, 6e-4f},
+        {"p2", 1024, 1024, 12, 8, 8, 128, 128, 256, 16, 128, 256, 16, 8, 6e-4f},
     };
     for (const Preset& p : presets) {
         if (name != p.name) continue;
         bool hp = c.ffn == FfnKind::LatentMoE;
         c.preset = name;
-        c.T = p.T; c.d = p.d; c.L = p.L; c.n_head = p.n_head; c.B = p.B;
+        c.T = p.T; c.d = p.d; c.L = p.L; c.n_head = p.n_head; c.B = p.B; c.lr = p.lr;
         c.H = hp ? p.H : 1;
         c.dh = hp ? p.dh : p.d;
         c.E = hp ? p.hp_E : p.ep_E;

@@ -59,7 +59,7 @@ inline int train_on_cpu(const Config& c) {
     std::vector<int32_t> x(c.B * c.T), y(c.B * c.T);
     int first_step = 0;
     if (!c.resume.empty()) {  // continue exactly: weights, moments, biases, and the data position
-        TrainingState s = load_checkpoint(c.resume, c, model.layout.total);
+        TrainingState s = load_checkpoint(c.resume, c, model.layout.total, (int64_t)model.routing_bias.size());
         model.params = s.params;
         m = s.m;
         v = s.v;

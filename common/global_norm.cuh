@@ -90,17 +90,20 @@ inline void global_norm_squared(float* out, const float* grads, int64_t n, float
     CUDA_CHECK_LAUNCH();
 }
 
-// norm = √(norm²);  scale = clip / norm if clip > 0 and norm > clip, else 1.
-__global__ void clip_scale_kernel(float* scale_out, float* norm_out, const float* norm_squared, float clip) {
-    const float norm = sqrtf(norm_squared[0]);
+// norm = √(Σ_i norm²_i) over `parts` partial sums (summed in order: e.g. the replicated gradients'
+// and the sharded ones');  scale = clip / norm if clip > 0 and norm > clip, else 1.
+__global__ void clip_scale_kernel(float* scale_out, float* norm_out, const float* norm_squared, int parts, float clip) {
+    float total = 0.f;
+    for (int i = 0; i < parts; i++) total += norm_squared[i];
+    const float norm = sqrtf(total);
     norm_out[0] = norm;
     scale_out[0] = (clip > 0.f && norm > clip) ? clip / norm : 1.f;
 }
 
-// scale_out, norm_out, norm_squared: 1 float each, on the device (no host round trip).
-inline void clip_scale(float* scale_out, float* norm_out, const float* norm_squared, float clip,
-                       cudaStream_t stream) {
-    clip_scale_kernel<<<1, 1, 0, stream>>>(scale_out, norm_out, norm_squared, clip);
+// scale_out, norm_out: 1 float each; norm_squared: `parts` floats; all on the device (no host round trip).
+inline void clip_scale(float* scale_out, float* norm_out, const float* norm_squared, float clip, cudaStream_t stream,
+                       int parts = 1) {
+    clip_scale_kernel<<<1, 1, 0, stream>>>(scale_out, norm_out, norm_squared, parts, clip);
     CUDA_CHECK_LAUNCH();
 }
 

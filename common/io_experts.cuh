@@ -212,8 +212,15 @@ __global__ void __launch_bounds__(kExpertThreads) expert_weight_backward_kernel(
 //     group's copies 64 rows at a time; its (FC × dh) dK and dV accumulators stay in registers.
 
 using bf16 = __nv_bfloat16;
-constexpr int kMmaRowsPerWarp = 32;
+#ifndef LMOE_ROWS_PER_WARP
+#define LMOE_ROWS_PER_WARP 32
+#endif
+#ifndef LMOE_DW_PAIR
+#define LMOE_DW_PAIR 1
+#endif
+constexpr int kMmaRowsPerWarp = LMOE_ROWS_PER_WARP;
 constexpr int kMmaTileThreads = kExpertTileRows / kMmaRowsPerWarp * 32;
+constexpr int kMmaTileMinBlocks = kMmaRowsPerWarp == 32 ? 256 / kMmaTileThreads : 2;
 constexpr int kMmaWeightThreads = 256;
 constexpr int kMmaWeightRows = 64;  // rows per step of the weight-gradient walk
 static_assert(kExpertTileRows % kMmaRowsPerWarp == 0, "whole warps per planner tile");
@@ -391,7 +398,7 @@ template <int DH, int FC> struct MmaTileSmem {
 // Forward: o[p] = V^T GELU(K x[row(p)]) for the tile's copies, fe in chunks of FC:
 //   S = X K_c^T,  O += GELU(S) V_c      (S and GELU(S) in registers).
 template <int DH, int FC, int SUB>
-__global__ void __launch_bounds__(kMmaTileThreads, 2)
+__global__ void __launch_bounds__(kMmaTileThreads, kMmaTileMinBlocks)
     expert_forward_mma_kernel(bf16* o, const bf16* x, int64_t ld, const bf16* K, const bf16* V, const RoutingPlan plan,
                               int E, int F) {
     using S = MmaTileSmem<DH, FC>;
@@ -441,7 +448,7 @@ __global__ void __launch_bounds__(kMmaTileThreads, 2)
 // Input gradient, fe in chunks of FC: recompute S = X K_c^T; dA = dO V_c^T; dS = dA ⊙ GELU'(S);
 // dX += dS K_c.  Written per copy; gather_input_grad sums a row's copies.
 template <int DH, int FC, int SUB>
-__global__ void __launch_bounds__(kMmaTileThreads, 2)
+__global__ void __launch_bounds__(kMmaTileThreads, kMmaTileMinBlocks)
     expert_input_backward_mma_kernel(bf16* dx_copy, const bf16* d_o, const bf16* x, int64_t ld, const bf16* K,
                                      const bf16* V, const RoutingPlan plan, int E, int F) {
     using S = MmaTileSmem<DH, FC>;
@@ -503,12 +510,213 @@ template <int DH, int FC> struct MmaWeightLayout {
     static constexpr int r_warps_d = DH / 16 < 2 ? DH / 16 : 2;
     static constexpr int r_warps_f = FC / 16 < warps / r_warps_d ? FC / 16 : warps / r_warps_d;
     static constexpr int r_rows = FC / r_warps_f, r_cols = DH / r_warps_d;
+    // When every warp reduces exactly the fe columns it produced (with the s_warps_m - 1 others
+    // that produced them), those warps meet at a named barrier instead of the whole block.
+    static constexpr bool group_sync = LMOE_DW_PAIR && s_warps_n == r_warps_f && s_warps_m == r_warps_d;
     static_assert(s_rows % 16 == 0 && s_cols % 16 == 0 && r_rows % 16 == 0 && r_cols % 16 == 0, "whole mma tiles");
     // shared memory: K, V slices (FC × dh); two stages of X, dO (64 × dh); A, dS (64 × FC)
     static constexpr int ld = DH + 8, ld_hidden = FC + 8;
     static constexpr int slice_elems = FC * ld, rows_elems = kMmaWeightRows * ld, hidden_elems = kMmaWeightRows * ld_hidden;
-    static constexpr size_t bytes = (2 * slice_elems + 4 * rows_elems + 2 * hidden_elems) * sizeof(bf16);
+    static constexpr size_t bytes_mma = (2 * slice_elems + 4 * rows_elems + 2 * hidden_elems) * sizeof(bf16);
+    // the wgmma version (sm_90a builds): unpadded swizzled tiles, three stages of X, dO, and 1 KB to
+    // align the tiles to 1024 bytes
+    static constexpr bool on_wgmma = FC == 128 && (DH == 64 || DH == 128);
+    static constexpr size_t bytes_wgmma = (2 * FC * DH + 6 * kMmaWeightRows * DH + 2 * FC * kMmaWeightRows) * sizeof(bf16) + 1024;
+    static constexpr size_t bytes = on_wgmma && bytes_wgmma > bytes_mma ? bytes_wgmma : bytes_mma;
 };
+
+// ---------------------------------------------------------------------------------------------
+// Warpgroup matrix multiply (wgmma, sm_90a only: compiled where __CUDA_ARCH_FEAT_SM90_ALL is
+// defined). A warpgroup of 4 warps computes D (64 × N, fp32 in registers) += A (64 × 16) B (16 × N)
+// with A and B read from shared memory through descriptors. Operand tiles use the 128-byte swizzle:
+// a tile is cut into blocks of 64 columns (128 bytes per row); within a block, row r's 16-byte
+// chunk c sits at chunk c ^ (r % 8), and blocks are 1024-byte aligned. Such a (rows × cols) tile is
+// a K-major operand when its columns run along k, an MN-major one (transposed) when its rows do.
+// Accumulator fragments: d[i] is (row 16·warp + lane/4 + 8·((i/2) % 2), col 8·(i/4) + 2·(lane%4) + i%2).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LMOE_HAS_WGMMA 1
+
+// The cp.async copies of N_ROWS rows of DH bf16 into a 128B-swizzled shared tile (zeros from `rows`
+// on), as load_rows_async.
+template <int DH, int N_ROWS, int NT, class RowOffset>
+__device__ inline void load_rows_swizzled_async(bf16* dst, const bf16* src, int rows, RowOffset row_offset) {
+    constexpr int vecs = DH / 8, step = NT / vecs;
+    static_assert(NT % vecs == 0 && N_ROWS % step == 0, "whole rows per pass");
+    const int r0 = threadIdx.x / vecs, v = threadIdx.x % vecs;
+    unsigned char* block = reinterpret_cast<unsigned char*>(dst) + v / 8 * N_ROWS * 128;
+#pragma unroll
+    for (int j = 0; j < N_ROWS / step; j++) {
+        const int r = r0 + j * step;
+        const bool valid = r < rows;
+        cp_async_16(block + r * 128 + ((v % 8) ^ (r % 8)) * 16, valid ? src + row_offset(r) + v * 8 : src, valid);
+    }
+}
+
+// Descriptor of a 128B-swizzled operand starting at `tile`: lbo = bytes between 64-column blocks
+// (MN-major), sbo = bytes between groups of 8 rows.
+__device__ inline uint64_t wgmma_desc(const void* tile, uint32_t lbo, uint32_t sbo) {
+    return (uint64_t)((smem_address(tile) & 0x3FFFF) >> 4) | (uint64_t)(lbo >> 4) << 16 | (uint64_t)(sbo >> 4) << 32 |
+           1ull << 62;
+}
+__device__ inline void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ inline void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int n>
+__device__ inline void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(n) : "memory"); }
+// Keeps the compiler from moving accesses of accumulator registers across wgmma issue and wait.
+template <int N>
+__device__ inline void wgmma_fence_operands(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+// Shared-memory writes of ordinary stores (and cp.async) become visible to wgmma's reads.
+__device__ inline void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+template <int TRANS_B>
+__device__ inline void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1, 0, %35;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TRANS_B));
+}
+template <int TRANS_B>
+__device__ inline void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1, 0, %67;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TRANS_B));
+}
+
+// Weight gradients on wgmma for an FC = 128 slice of fe and dh = 64 or 128: two warpgroups, warpgroup
+// w owning fe rows 64w..64w+63 of the slice. Per 64 copies (three stages of X, dO in flight):
+//   S, dA (64 × 64 fe, registers) = X K_w^T, dO V_w^T             (X, dO K-major)
+//   A^T, dS^T (64 fe × 64 rows) → shared memory, swizzled
+//   dV_w += A^T dO,  dK_w += dS^T X       (64 × dh accumulators; dO, X read MN-major, same tiles)
+// The block meets once per 64 rows (they have landed; the stage of the previous rows is refilled);
+// a warpgroup meets only itself between writing A^T, dS^T and reading them.
+template <int DH, int FC>
+__device__ inline void weight_backward_wgmma(float* dK, float* dV, const bf16* d_o, const bf16* x, int64_t ld,
+                                             const bf16* K, const bf16* V, const RoutingPlan& plan, int E, int F,
+                                             unsigned char* smem_raw) {
+    static_assert(FC == 128 && (DH == 64 || DH == 128), "wgmma path: fe slice 128, dh 64 or 128");
+    constexpr int BR = 64, NT = kMmaWeightThreads, STAGES = 3;
+    constexpr int slice_elems = FC * DH, rows_elems = BR * DH, hidden_elems = FC * BR;
+    constexpr uint32_t slice_block = FC * 128, rows_block = BR * 128;  // bytes of one 64-column block
+    unsigned char* smem = smem_raw + ((1024 - (smem_address(smem_raw) & 1023)) & 1023);
+    bf16* Ks = reinterpret_cast<bf16*>(smem);  // (FC, dh) swizzled
+    bf16* Vs = Ks + slice_elems;                // (FC, dh)
+    bf16* Xs = Vs + slice_elems;                // STAGES × (64, dh)
+    bf16* dOs = Xs + STAGES * rows_elems;       // STAGES × (64, dh)
+    bf16* At = dOs + STAGES * rows_elems;       // (FC, 64): A^T
+    bf16* dSt = At + hidden_elems;              // (FC, 64): dS^T
+    const int g = blockIdx.y, h = g / E, f0 = blockIdx.x * FC;
+    const int begin = plan.group_offset[g], end = plan.group_offset[g + 1];
+    const int64_t wofs = ((int64_t)g * F + f0) * DH;
+    const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
+    auto load_rows = [&](int p0, int stage) {
+        const int rows = min(BR, end - p0);
+        load_rows_swizzled_async<DH, BR, NT>(Xs + stage * rows_elems, x, rows,
+                                             [&](int i) { return plan.copy_row[p0 + i] * ld + (int64_t)h * DH; });
+        load_rows_swizzled_async<DH, BR, NT>(dOs + stage * rows_elems, d_o + (int64_t)p0 * DH, rows,
+                                             [](int i) { return (int64_t)i * DH; });
+    };
+    const auto contiguous = [](int i) { return (int64_t)i * DH; };
+    load_rows_swizzled_async<DH, FC, NT>(Ks, K + wofs, FC, contiguous);
+    load_rows_swizzled_async<DH, FC, NT>(Vs, V + wofs, FC, contiguous);
+    if (begin < end) load_rows(begin, 0);
+    cp_async_commit();
+    if (begin + BR < end) load_rows(begin + BR, 1);
+    cp_async_commit();
+
+    // Descriptors: K-major operands step 32 bytes per k16 inside a 64-column block; MN-major ones 16 rows.
+    auto kmajor = [](const bf16* tile, uint32_t block_bytes, int k) {
+        return wgmma_desc(reinterpret_cast<const unsigned char*>(tile) + (k / 4) * block_bytes + (k % 4) * 32, 16, 1024);
+    };
+    auto mnmajor = [](const bf16* tile, int k) {
+        return wgmma_desc(reinterpret_cast<const unsigned char*>(tile) + k * 16 * 128, rows_block, 1024);
+    };
+    const bf16 *Kw = Ks + wg * 64 * 64, *Vw = Vs + wg * 64 * 64;  // this warpgroup's 64 fe rows (block 0)
+    const bf16 *Atw = At + wg * 64 * BR, *dStw = dSt + wg * 64 * BR;
+    float acc_k[DH / 2], acc_v[DH / 2];
+#pragma unroll
+    for (int i = 0; i < DH / 2; i++) acc_k[i] = acc_v[i] = 0.f;
+    for (int p0 = begin, it = 0; p0 < end; p0 += BR, it++) {
+        cp_async_wait<1>();
+        fence_proxy_async();
+        __syncthreads();  // these rows have landed, and both warpgroups are done with the previous ones
+        if (p0 + 2 * BR < end) load_rows(p0 + 2 * BR, (it + 2) % STAGES);  // into the stage of rows it - 1
+        cp_async_commit();
+        const bf16 *Xt = Xs + it % STAGES * rows_elems, *dOt = dOs + it % STAGES * rows_elems;
+        float s[32], da[32];  // no initial values: the first product overwrites them
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < DH / 16; k++) wgmma_m64n64k16<0>(s, kmajor(Xt, rows_block, k), kmajor(Kw, slice_block, k), k);
+#pragma unroll
+        for (int k = 0; k < DH / 16; k++) wgmma_m64n64k16<0>(da, kmajor(dOt, rows_block, k), kmajor(Vw, slice_block, k), k);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operands(s);
+        wgmma_fence_operands(da);
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            const int f = wg * 64 + 8 * (i / 4) + 2 * q + i % 2, r = 16 * warp + gq + 8 * (i / 2 % 2);
+            const int at = f * 64 + (((r / 8) ^ (f % 8)) * 8) + r % 8;  // swizzled (FC, 64) bf16 tile
+            float e;
+            const float cdf = normal_cdf(s[i], e);
+            At[at] = __float2bfloat16(s[i] * cdf);
+            dSt[at] = __float2bfloat16(da[i] * fmaf(s[i] * 0.3989422804014327f, e, cdf));
+        }
+        fence_proxy_async();
+        asm volatile("bar.sync %0, 128;" ::"r"(1 + wg) : "memory");  // this warpgroup's A^T, dS^T complete
+        wgmma_fence_operands(acc_v);
+        wgmma_fence_operands(acc_k);
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < BR / 16; k++) {
+            if constexpr (DH == 128) {
+                wgmma_m64n128k16<1>(acc_v, kmajor(Atw, 0, k), mnmajor(dOt, k), 1);
+                wgmma_m64n128k16<1>(acc_k, kmajor(dStw, 0, k), mnmajor(Xt, k), 1);
+            } else {
+                wgmma_m64n64k16<1>(acc_v, kmajor(Atw, 0, k), mnmajor(dOt, k), 1);
+                wgmma_m64n64k16<1>(acc_k, kmajor(dStw, 0, k), mnmajor(Xt, k), 1);
+            }
+        }
+        wgmma_commit();
+        wgmma_wait<0>();  // waiting here, not at the next rows, keeps ptxas from serializing the products
+    }
+    wgmma_fence_operands(acc_v);
+    wgmma_fence_operands(acc_k);
+#pragma unroll
+    for (int i = 0; i < DH / 2; i += 2) {
+        const int f = wg * 64 + 16 * warp + gq + 8 * (i / 2 % 2), c = 8 * (i / 4) + 2 * q;
+        const int64_t at = wofs + (int64_t)f * DH + c;
+        float2* dk = reinterpret_cast<float2*>(dK + at);
+        float2* dv = reinterpret_cast<float2*>(dV + at);
+        const float2 k_old = *dk, v_old = *dv;
+        *dk = make_float2(k_old.x + acc_k[i], k_old.y + acc_k[i + 1]);
+        *dv = make_float2(v_old.x + acc_v[i], v_old.y + acc_v[i + 1]);
+    }
+}
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 // Weight gradients, one block per (FC-wide slice of fe, group) — slices fastest, so the blocks of a
 // group run together and share its X, dO through L2 — walking the group's copies in order, so each
@@ -523,6 +731,12 @@ __global__ void __launch_bounds__(kMmaWeightThreads, 1)
     constexpr int BR = kMmaWeightRows, NT = kMmaWeightThreads;
     constexpr int S_MT = L::s_rows / 16, R_MT = L::r_rows / 16;
     extern __shared__ __align__(16) unsigned char smem_raw[];
+#if defined(LMOE_HAS_WGMMA)
+    if constexpr (MmaWeightLayout<DH, FC>::on_wgmma) {
+        weight_backward_wgmma<DH, FC>(dK, dV, d_o, x, ld, K, V, plan, E, F, smem_raw);
+        return;
+    }
+#endif
     bf16* Ks = reinterpret_cast<bf16*>(smem_raw);  // (FC, dh)
     bf16* Vs = Ks + L::slice_elems;                 // (FC, dh)
     bf16* Xs = Vs + L::slice_elems;                 // 2 × (64, dh)
@@ -534,7 +748,7 @@ __global__ void __launch_bounds__(kMmaWeightThreads, 1)
     const int64_t wofs = ((int64_t)g * F + f0) * DH;  // this slice of expert g's K, V, dK, dV
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
     const int sm0 = warp / L::s_warps_n * L::s_rows, sn0 = warp % L::s_warps_n * L::s_cols;
-    const int rf0 = warp / L::r_warps_d * L::r_rows, rd0 = warp % L::r_warps_d * L::r_cols;
+    const int rf0 = warp % L::r_warps_f * L::r_rows, rd0 = warp / L::r_warps_f * L::r_cols;
     const bool reducer = warp < L::r_warps_f * L::r_warps_d;
     auto load_rows = [&](int p0, int stage) {
         const int rows = min(BR, end - p0);
@@ -575,7 +789,10 @@ __global__ void __launch_bounds__(kMmaWeightThreads, 1)
                                         da[mt][n][2 * half + 1] * fmaf(s1 * 0.3989422804014327f, e1, cdf1));
                     }
         }
-        __syncthreads();  // A and dS complete
+        if constexpr (L::group_sync)  // A and dS complete in this warp's fe columns
+            asm volatile("bar.sync %0, %1;" ::"r"(1 + warp % L::s_warps_n), "n"(L::s_warps_m * 32) : "memory");
+        else
+            __syncthreads();  // A and dS complete
         if (reducer) {
             warp_mma_tn<BR, R_MT, L::r_cols>(acc_v, As, L::ld_hidden, rf0, dOt, L::ld, rd0);  // dV_c += A^T dO
             warp_mma_tn<BR, R_MT, L::r_cols>(acc_k, dSs, L::ld_hidden, rf0, Xt, L::ld, rd0);  // dK_c += dS^T X
@@ -639,7 +856,7 @@ constexpr bool kExpertsOnTensorCores = std::is_same<floatX, __nv_bfloat16>::valu
 // fe chunk widths of the tensor-core kernels: as wide as their registers allow.
 #ifndef LMOE_FWD_CHUNK
 #define LMOE_FWD_CHUNK 64
-#define LMOE_FWD_SUB 32
+#define LMOE_FWD_SUB 64
 #define LMOE_DX_CHUNK 32
 #define LMOE_DX_SUB 32
 #define LMOE_DW_SLICE 128

@@ -11,7 +11,10 @@
 namespace lmoe {
 
 constexpr int kGroupChunkRows = 256;  // rows counted and placed by one block
-constexpr int kExpertTileRows = 128;  // rows of one expert tile (io_experts.cuh)
+#ifndef LMOE_TILE_ROWS
+#define LMOE_TILE_ROWS 128
+#endif
+constexpr int kExpertTileRows = LMOE_TILE_ROWS;  // rows of one expert tile (io_experts.cuh)
 
 // Where every copy went; device pointers, sized by routing_plan_sizes().
 struct RoutingPlan {

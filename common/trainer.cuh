@@ -9,11 +9,14 @@
 //       static const char* summary();                  // for --help
 //       static void check_supported(const Config&);    // throws ConfigError for shapes the kernels lack
 //       static double forward_macs_per_token(const Config&);  // for the FLOP count
-//       Ffn(const Config&, int N);                     // N tokens per micro-batch; allocates activations
+//       static int local_heads(const Config&, int world);     // routing groups (heads) on this rank
+//       static constexpr bool kLoadsAreGlobal;         // false: sum the expert loads over the ranks
+//       Ffn(const Config&, int N, int world);          // N tokens per micro-batch; allocates activations
 //       void forward(int l, floatX* out, const floatX* x, const Layer& w, const float* bias, Ctx&);
 //       void backward(int l, floatX* dx, const floatX* dout, const floatX* x, const Layer& w, const GradLayer& g,
 //                     Ctx&);                         // dx written; weight gradients accumulated
-//       void add_expert_counts(int l, int* counts, Ctx&);  // (H, E) routed slots of layer l's last forward
+//       void add_expert_counts(int l, int* counts, Ctx&);  // (heads here, E) routed slots of layer l's last forward
+//       int64_t take_bytes_sent();                     // bytes sent to other ranks since the last call
 //   };
 #pragma once
 #include <cuda_runtime.h>
@@ -28,6 +31,7 @@
 #include "adamw.cuh"
 #include "attention.cuh"
 #include "checkpoint.h"
+#include "comm.cuh"
 #include "config.h"
 #include "cpu_train.h"
 #include "cross_entropy.cuh"
@@ -49,6 +53,7 @@ namespace lmoe {
 struct Ctx {
     cublasHandle_t cublas;
     cudaStream_t stream;
+    const Comm* comm;
 };
 
 using Layer = ModelTensors<floatX>::Layer;
@@ -72,20 +77,24 @@ template <class Ffn>
 class GpuModel {
   public:
     const Config cfg;
-    const int N;  // tokens per micro-batch
+    const Comm comm;
+    const int N;       // tokens per micro-batch on this rank
+    const int heads;   // routing groups on this rank (LatentMoE: H / R; MoE: 1)
     const ParamLayout layout;
     Ctx ctx;
     DeviceBuffer<float> master, grads, m, v;
     DeviceBuffer<floatX> params;
-    DeviceBuffer<float> routing_bias;  // (L, H, E): steers selection only
-    DeviceBuffer<int> expert_counts;   // (L, H, E): routed slots since the last optimizer step
+    DeviceBuffer<float> routing_bias;  // (L, heads, E): steers selection only
+    DeviceBuffer<int> expert_counts;   // (L, heads, E): routed slots since the last optimizer step
     ModelTensors<floatX> w;
     ModelTensors<float> g;
 
-    explicit GpuModel(const Config& c)
-        : cfg(c), N(c.B * c.T), layout(build_param_layout(c)), ffn_(c, c.B * c.T) {
+    GpuModel(const Config& c, const Comm& comm_)
+        : cfg(c), comm(comm_), N(c.B * c.T), heads(Ffn::local_heads(c, comm_.world)),
+          layout(build_param_layout(c, comm_.rank, comm_.world)), ffn_(c, c.B * c.T, comm_.world) {
         CUDA_CHECK(cudaStreamCreate(&ctx.stream));
         ctx.cublas = make_cublas_handle();
+        ctx.comm = &comm;
         const int64_t P = layout.total, d = c.d, C = c.n_head * c.d_attn();
         master.resize(P); grads.resize(P); m.resize(P); v.resize(P); params.resize(P);
         std::vector<float> host(P);
@@ -93,7 +102,7 @@ class GpuModel {
         master.upload(host);
         copy_master_to_param(params.get(), master.get(), P, ctx.stream);
         for (auto* b : {&grads, &m, &v}) CUDA_CHECK(cudaMemsetAsync(b->get(), 0, P * sizeof(float), ctx.stream));
-        routing_bias.resize((size_t)c.L * c.H * c.E);
+        routing_bias.resize((size_t)c.L * heads * c.E);
         expert_counts.resize(routing_bias.size());
         CUDA_CHECK(cudaMemsetAsync(routing_bias.get(), 0, routing_bias.size() * sizeof(float), ctx.stream));
         CUDA_CHECK(cudaMemsetAsync(expert_counts.get(), 0, expert_counts.size() * sizeof(int), ctx.stream));
@@ -116,7 +125,7 @@ class GpuModel {
         attention_scratch_.resize(attention_scratch_bytes(c.B, c.T, c.n_head, c.d_attn()));
         norm_scratch_.resize(std::max(rmsnorm_backward_scratch_floats(N, c.d), global_norm_scratch_size()));
         embedding_scratch_.resize(embedding_backward_scratch_bytes(N, c.Vp()));
-        clip_.resize(3);  // norm², norm, scale
+        clip_.resize(4);  // norm² of the replicated and of the sharded gradients, norm, scale
     }
     ~GpuModel() {
         cudaFreeHost(host_tokens_);
@@ -180,29 +189,56 @@ class GpuModel {
             rope_backward(dqkv_.get(), c.B, c.T, c.n_head, c.d_attn(), st);
             matmul_backward(ctx.cublas, dxn_.get(), gl.qkv, dqkv_.get(), xn1(l), wl.qkv, N, d, 3 * C, false, st);
             rmsnorm_backward(dresid_.get(), gl.ln1, dxn_.get(), resid(l), wl.ln1, rstd1(l), N, d, norm_scratch_.get(), st);
-            ffn_.add_expert_counts(l, expert_counts.get() + (size_t)l * c.H * c.E, ctx);
+            ffn_.add_expert_counts(l, expert_counts.get() + (size_t)l * heads * c.E, ctx);
         }
         embedding_backward(g.wte, dresid_.get(), tokens_.get(), N, d, c.Vp(), embedding_scratch_.get(), st);
     }
 
     void zero_grad() { CUDA_CHECK(cudaMemsetAsync(grads.get(), 0, grads.size() * sizeof(float), ctx.stream)); }
 
-    // Clip, AdamW (step is 0-based), then the aux-free bias update from the accumulated counts.
-    // Returns the device address of the gradient norm before clipping.
+    // Data parallel: average the replicated gradients over the ranks (one all-reduce: they are laid
+    // out first); the sharded expert gradients already hold every rank's tokens, each rank's loss
+    // being its own mean, so they are divided by R to be gradients of the global mean.
+    void sync_gradients() {
+        if (comm.single()) return;
+        all_reduce_average(grads.get(), layout.replicated, comm, ctx.stream);
+        const int sharded = (int)(layout.total - layout.replicated);
+        const float inv_world = 1.f / comm.world;
+        CUBLAS_CHECK(cublasSetStream(ctx.cublas, ctx.stream));
+        CUBLAS_CHECK(cublasSscal(ctx.cublas, sharded, &inv_world, grads.get() + layout.replicated, 1));
+        if (!Ffn::kLoadsAreGlobal) all_reduce_sum_int(expert_counts.get(), expert_counts.size(), comm, ctx.stream);
+    }
+
+    // Clip by the global norm (replicated gradients once, shards summed over the ranks), AdamW (step
+    // is 0-based), then the aux-free bias update from the accumulated counts. Returns the device
+    // address of the gradient norm before clipping.
     const float* optimizer_step(double lr, int step) {
         const Config& c = cfg;
         cudaStream_t st = ctx.stream;
-        global_norm_squared(clip_.get(), grads.get(), layout.total, norm_scratch_.get(), st);
-        clip_scale(clip_.get() + 2, clip_.get() + 1, clip_.get(), c.grad_clip, st);
+        global_norm_squared(clip_.get(), grads.get(), layout.replicated, norm_scratch_.get(), st);
+        global_norm_squared(clip_.get() + 1, grads.get() + layout.replicated, layout.total - layout.replicated,
+                            norm_scratch_.get(), st);
+        all_reduce_sum(clip_.get() + 1, 1, comm, st);
+        clip_scale(clip_.get() + 3, clip_.get() + 2, clip_.get(), c.grad_clip, st, 2);
         const ref::AdamW hp;
         const float bc1 = float(1 - std::pow(hp.beta1, step + 1)), bc2 = float(1 - std::pow(hp.beta2, step + 1));
         for (const TensorSpec& t : layout.tensors)
             adamw_update(master.get() + t.offset, params.get() + t.offset, m.get() + t.offset, v.get() + t.offset,
                          grads.get() + t.offset, t.numel, (float)lr, (float)hp.beta1, (float)hp.beta2, (float)hp.eps,
-                         t.decay ? c.weight_decay : 0.f, bc1, bc2, clip_.get() + 2, st);
-        update_routing_bias(routing_bias.get(), expert_counts.get(), c.L * c.H, c.E, c.bias_rate, st);
-        return clip_.get() + 1;
+                         t.decay ? c.weight_decay : 0.f, bc1, bc2, clip_.get() + 3, st);
+        update_routing_bias(routing_bias.get(), expert_counts.get(), c.L * heads, c.E, c.bias_rate, st);
+        return clip_.get() + 2;
     }
+
+    // The micro-batch's mean loss averaged over the ranks, on the host (this synchronises).
+    float mean_loss_global() {
+        all_reduce_average(mean_loss_.get(), 1, comm, ctx.stream);
+        float loss;
+        CUDA_CHECK(cudaMemcpyAsync(&loss, mean_loss_.get(), sizeof(float), cudaMemcpyDeviceToHost, ctx.stream));
+        CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
+        return loss;
+    }
+    int64_t take_bytes_sent() { return ffn_.take_bytes_sent(); }
 
     // Host copies for checkpoints and logs (these synchronise).
     TrainingState state(int step) const {
@@ -231,7 +267,7 @@ class GpuModel {
     DeviceBuffer<unsigned char> attention_scratch_, embedding_scratch_;
     DeviceBuffer<float> norm_scratch_, clip_;
 
-    const float* bias(int l) const { return routing_bias.get() + (size_t)l * cfg.H * cfg.E; }
+    const float* bias(int l) const { return routing_bias.get() + (size_t)l * heads * cfg.E; }
     floatX* resid(int l) { return resid_.get() + (size_t)l * N * cfg.d; }
     floatX* resid_mid(int l) { return resid_mid_.get() + (size_t)l * N * cfg.d; }
     floatX* xn1(int l) { return xn1_.get() + (size_t)l * N * cfg.d; }
@@ -267,38 +303,44 @@ double gpu_validation_loss(GpuModel<Ffn>& model, DataLoader& val, int batches) {
     for (int i = 0; i < batches; i++) {
         val.next_batch(x.data(), y.data());
         model.forward(x.data(), y.data(), 0.f);
-        float loss;
-        CUDA_CHECK(cudaMemcpyAsync(&loss, model.mean_loss_device(), sizeof(float), cudaMemcpyDeviceToHost,
-                                   model.ctx.stream));
-        CUDA_CHECK(cudaStreamSynchronize(model.ctx.stream));
-        sum += loss;
+        sum += model.mean_loss_global();
     }
     return sum / batches;
 }
 
+// Rank r of R > 1 keeps its own checkpoint file (its expert shard), PATH.rank<r>.
+inline std::string rank_path(const std::string& path, const Comm& comm) {
+    return comm.single() ? path : path + ".rank" + std::to_string(comm.rank);
+}
+
 template <class Ffn>
-int train_on_gpu(const Config& c) {
-    DataLoader train(c.train_data, c.B, c.T, 0, 1, c.V), val(c.val_data, c.B, c.T, 0, 1, c.V);
+int train_on_gpu(const Config& c, const Comm& comm) {
+    const bool lead = comm.rank == 0;  // rank 0 prints and writes the log
+    DataLoader train(c.train_data, c.B, c.T, comm.rank, comm.world, c.V),
+        val(c.val_data, c.B, c.T, comm.rank, comm.world, c.V);
     const double baseline = unigram_entropy_nats(read_shard(train.files()[0], c.V), c.V);
     const int eval_batches = (int)std::min<int64_t>(c.eval_batches, val.batches_in_current_shard());
-    GpuModel<Ffn> model(c);
+    GpuModel<Ffn> model(c, comm);
     std::vector<int32_t> x(model.N), y(model.N);
     int first_step = 0;
     if (!c.resume.empty()) {
-        TrainingState s = load_checkpoint(c.resume, c, model.layout.total);
+        TrainingState s = load_checkpoint(rank_path(c.resume, comm), c, model.layout.total, (int64_t)model.routing_bias.size());
         model.load_state(s);
         first_step = s.step;
         for (int64_t i = 0; i < (int64_t)first_step * c.grad_accum; i++) train.next_batch(x.data(), y.data());
-        std::printf("resumed from %s at step %d\n", c.resume.c_str(), first_step);
+        if (lead) std::printf("resumed from %s at step %d\n", c.resume.c_str(), first_step);
     }
-    const double tokens_per_step = (double)model.N * c.grad_accum, flops = flops_per_token<Ffn>(c);
+    const double tokens_per_step = (double)model.N * c.grad_accum * comm.world, flops = flops_per_token<Ffn>(c);
     cudaDeviceProp prop;
     CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-    std::printf("GPU %s: %lld parameters, %.0f tokens per step, %.3g FLOPs per token; train %s, val %s\n", prop.name,
-                (long long)model.layout.total, tokens_per_step, flops, c.train_data.c_str(), c.val_data.c_str());
-    std::printf("unigram baseline (entropy of the train shard's token frequencies): %.4f nats\n", baseline);
+    if (lead) {
+        std::printf("%d x GPU %s: %lld parameters on rank 0, %.0f tokens per step, %.3g FLOPs per token; train %s, "
+                    "val %s\n", comm.world, prop.name, (long long)model.layout.total, tokens_per_step, flops,
+                    c.train_data.c_str(), c.val_data.c_str());
+        std::printf("unigram baseline (entropy of the train shard's token frequencies): %.4f nats\n", baseline);
+    }
     std::FILE* log = nullptr;
-    if (!c.log_file.empty()) {
+    if (lead && !c.log_file.empty()) {
         std::filesystem::path dir = std::filesystem::path(c.log_file).parent_path();
         if (!dir.empty()) std::filesystem::create_directories(dir);
         log = std::fopen(c.log_file.c_str(), first_step > 0 ? "a" : "w");
@@ -307,15 +349,20 @@ int train_on_gpu(const Config& c) {
     auto save = [&](int steps_done) {
         std::filesystem::path dir = std::filesystem::path(c.checkpoint).parent_path();
         if (!dir.empty()) std::filesystem::create_directories(dir);
-        save_checkpoint(c.checkpoint, c, model.state(steps_done));
-        std::printf("saved checkpoint %s (step %d)\n", c.checkpoint.c_str(), steps_done);
+        save_checkpoint(rank_path(c.checkpoint, comm), c, model.state(steps_done));
+        if (lead) std::printf("saved checkpoint %s%s (step %d)\n", c.checkpoint.c_str(), comm.single() ? "" : ".rank*",
+                              steps_done);
     };
 
     install_stop_handler();
     double last_val = NAN, first_loss = NAN, last_loss = NAN;
     std::vector<double> step_ms;
     int step = first_step;
-    for (; step < c.steps && !stop_requested; step++) {
+    for (; step < c.steps; step++) {
+        // every rank must agree to stop (a signal may reach only some of them)
+        int stop = stop_requested;
+        if (!comm.single()) MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &stop, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
+        if (stop) break;
         cudaStream_t st = model.ctx.stream;
         Timer timer;
         model.zero_grad();
@@ -324,11 +371,9 @@ int train_on_gpu(const Config& c) {
             train.next_batch(x.data(), y.data());
             model.forward(x.data(), y.data(), 1.f / c.grad_accum);
             model.backward();
-            float micro_loss;
-            CUDA_CHECK(cudaMemcpyAsync(&micro_loss, model.mean_loss_device(), sizeof(float), cudaMemcpyDeviceToHost, st));
-            CUDA_CHECK(cudaStreamSynchronize(st));
-            loss += micro_loss / c.grad_accum;
+            loss += model.mean_loss_global() / c.grad_accum;
         }
+        model.sync_gradients();
         const double lr = lr_at(step, c.steps, c.lr, c.warmup, c.lr_floor);
         const float* norm_device = model.optimizer_step(lr, step);
         float norm;
@@ -343,16 +388,19 @@ int train_on_gpu(const Config& c) {
         last_loss = loss;
         if (step > first_step) step_ms.push_back(ms);  // the first step pays for warm-up
         const bool last = step == c.steps - 1;
-        std::vector<int64_t> counts = model.take_expert_counts();
-        if (step % c.log_every == 0 || last) {
+        const std::vector<int64_t> counts = model.take_expert_counts();
+        const int64_t bytes = model.take_bytes_sent();
+        if (lead && (step % c.log_every == 0 || last)) {
             const double tok_s = tokens_per_step / (ms / 1000);
-            std::printf("step %5d/%d | loss %.6f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s | MFU %.1f%%\n", step + 1,
-                        c.steps, loss, lr, norm, ms, tok_s, 100 * tok_s * flops / kPeakBf16Flops);
-            print_loads(counts, c.L, c.H, c.E);
+            std::printf("step %5d/%d | loss %.6f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s | MFU %.1f%%", step + 1,
+                        c.steps, loss, lr, norm, ms, tok_s, 100 * tok_s * flops / kPeakBf16Flops / comm.world);
+            if (!comm.single()) std::printf(" | sent %.1f MiB", bytes / 1048576.0);
+            std::printf("\n");
+            print_loads(counts, c.L, model.heads, c.E);
         }
         if ((c.eval_every > 0 && (step + 1) % c.eval_every == 0) || last) {
             last_val = gpu_validation_loss(model, val, eval_batches);
-            std::printf("step %5d | val loss %.4f (unigram baseline %.4f)\n", step + 1, last_val, baseline);
+            if (lead) std::printf("step %5d | val loss %.4f (unigram baseline %.4f)\n", step + 1, last_val, baseline);
         }
         if (log) std::fprintf(log, "%d,%.9g,%.9g,%.9g,%.3f\n", step + 1, loss, norm, last ? last_val : NAN, ms);
         if (c.checkpoint_every > 0 && (step + 1) % c.checkpoint_every == 0 && !last) save(step + 1);
@@ -360,17 +408,18 @@ int train_on_gpu(const Config& c) {
     }
     save(step);
     if (log) std::fclose(log);
-    if (stop_requested) {
-        std::printf("interrupted after step %d: resume with --resume %s\n", step, c.checkpoint.c_str());
+    if (step < c.steps) {
+        if (lead) std::printf("interrupted after step %d: resume with --resume %s\n", step, c.checkpoint.c_str());
         return 130;
     }
     std::sort(step_ms.begin(), step_ms.end());
     const double median_ms = step_ms.empty() ? NAN : step_ms[step_ms.size() / 2];
     const double tok_s = tokens_per_step / (median_ms / 1000);
-    std::printf("done: train loss %.4f -> %.4f, val loss %.4f (unigram baseline %.4f: %s); median step %.2f ms, "
-                "%.0f tok/s, MFU %.1f%%\n",
-                first_loss, last_loss, last_val, baseline, last_val < baseline ? "below" : "NOT below", median_ms, tok_s,
-                100 * tok_s * flops / kPeakBf16Flops);
+    if (lead)
+        std::printf("done: train loss %.4f -> %.4f, val loss %.4f (unigram baseline %.4f: %s); median step %.2f ms, "
+                    "%.0f tok/s, MFU %.1f%%\n",
+                    first_loss, last_loss, last_val, baseline, last_val < baseline ? "below" : "NOT below", median_ms,
+                    tok_s, 100 * tok_s * flops / kPeakBf16Flops / comm.world);
     return 0;
 }
 
@@ -393,9 +442,11 @@ int bench_ffn_layer(const Config& config) {
     master.upload(host);
     DeviceBuffer<floatX> params(layout.total), x((size_t)N * c.d), dout((size_t)N * c.d), out((size_t)N * c.d),
         dx((size_t)N * c.d);
+    const Comm one_rank;
     Ctx ctx;
     CUDA_CHECK(cudaStreamCreate(&ctx.stream));
     ctx.cublas = make_cublas_handle();
+    ctx.comm = &one_rank;
     copy_master_to_param(params.get(), master.get(), layout.total, ctx.stream);
     lmoe::Rng rng(c.seed);
     std::vector<floatX> xs((size_t)N * c.d);
@@ -407,7 +458,7 @@ int bench_ffn_layer(const Config& config) {
     CUDA_CHECK(cudaMemset(grads.get(), 0, grads.size() * sizeof(float)));
     const Layer w = bind_tensors(layout, params.get(), 1, c.ffn).layers[0];
     const GradLayer g = bind_tensors(layout, grads.get(), 1, c.ffn).layers[0];
-    Ffn ffn(c, N);
+    Ffn ffn(c, N, 1);
     CUDA_CHECK(cudaDeviceSynchronize());
     CUDA_CHECK(cudaMemGetInfo(&free_after, &total));
     cudaEvent_t start, mid, stop;
@@ -444,39 +495,68 @@ int bench_ffn_layer(const Config& config) {
 
 // ---------------------------------------------------------------------------------------------
 
+// True when a launcher (mpirun, srun) started this process: only then is MPI initialised, so a
+// one-GPU or CPU run needs no MPI at all.
+inline bool launched_by_mpi() {
+    for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
+        if (std::getenv(v)) return true;
+    return false;
+}
+
+template <class Ffn>
+int run_trainer(int argc, char** argv, const Comm& comm) {
+    Config c;
+    const bool lead = comm.rank == 0;
+    const int gpus = cuda_device_count();
+    if (!parse_flags(c, Ffn::kind, argc, argv)) {
+        if (lead) print_help(argv[0], Ffn::kind, Ffn::summary());
+        return 0;
+    }
+    validate(c, comm.world);
+    if (c.device == "gpu" && gpus == 0) throw ConfigError("--device gpu, but no GPU was found");
+    if (c.device == "gpu" && !Ffn::kHasGpuPath)
+        throw ConfigError("--device gpu: this trainer's CUDA path is not written yet; use --device cpu");
+    const bool on_gpu = Ffn::kHasGpuPath && c.device != "cpu" && gpus > 0;
+    if (!comm.single() && !on_gpu) throw ConfigError("several ranks need the GPU path (one GPU per rank)");
+    if (lead) print_config(c);
+    if constexpr (Ffn::kHasGpuPath) {
+        if (on_gpu) {
+            Ffn::check_supported(c);
+            if (c.bench_layer) {
+                if (!comm.single()) throw ConfigError("--bench-layer runs on one GPU; start it without mpirun");
+                return bench_ffn_layer<Ffn>(c);
+            }
+            return train_on_gpu<Ffn>(c, comm);
+        }
+    }
+    if (c.bench_layer) throw ConfigError("--bench-layer needs a GPU and a trainer with a CUDA path");
+    if (gpus == 0) std::printf("no GPU found: training the CPU reference model (slow; tiny models only)\n");
+    else if (c.device == "cpu") std::printf("--device cpu: training the CPU reference model (slow; tiny models only)\n");
+    else std::printf("this trainer's CUDA path is not written yet: training the CPU reference model instead\n");
+    return train_on_cpu(c);
+}
+
+// Flags and configuration errors exit 2, data and I/O errors 1; under mpirun every rank meets the
+// same error, and only rank 0 reports it.
 template <class Ffn>
 int trainer_main(int argc, char** argv) {
-    Config c;
-    const int gpus = cuda_device_count();
+    Comm comm;
+    int status;
     try {
-        if (!parse_flags(c, Ffn::kind, argc, argv)) {
-            print_help(argv[0], Ffn::kind, Ffn::summary());
-            return 0;
-        }
-        validate(c, 1);
-        if (c.device == "gpu" && gpus == 0) throw ConfigError("--device gpu, but no GPU was found");
-        if (c.device == "gpu" && !Ffn::kHasGpuPath)
-            throw ConfigError("--device gpu: this trainer's CUDA path is not written yet; use --device cpu");
-        const bool on_gpu = Ffn::kHasGpuPath && c.device != "cpu" && gpus > 0;
-        print_config(c);
-        if constexpr (Ffn::kHasGpuPath) {
-            if (on_gpu) {
-                Ffn::check_supported(c);
-                return c.bench_layer ? bench_ffn_layer<Ffn>(c) : train_on_gpu<Ffn>(c);
-            }
-        }
-        if (c.bench_layer) throw ConfigError("--bench-layer needs a GPU and a trainer with a CUDA path");
-        if (gpus == 0) std::printf("no GPU found: training the CPU reference model (slow; tiny models only)\n");
-        else if (c.device == "cpu") std::printf("--device cpu: training the CPU reference model (slow; tiny models only)\n");
-        else std::printf("this trainer's CUDA path is not written yet: training the CPU reference model instead\n");
-        return train_on_cpu(c);
+        if (launched_by_mpi()) comm = comm_init(&argc, &argv);
+        status = run_trainer<Ffn>(argc, argv, comm);
     } catch (const ConfigError& e) {
-        std::fprintf(stderr, "%s: error: %s\n", argv[0], e.what());
-        return 2;
+        if (comm.rank == 0) std::fprintf(stderr, "%s: error: %s\n", argv[0], e.what());
+        status = 2;
     } catch (const std::exception& e) {
-        std::fprintf(stderr, "%s: error: %s\n", argv[0], e.what());
-        return 1;
+        std::fprintf(stderr, "%s: error%s: %s\n", argv[0],
+                     comm.single() ? "" : (" on rank " + std::to_string(comm.rank)).c_str(), e.what());
+        status = 1;
     }
+    // A failure on one rank could leave the others waiting in a collective for ever: end them all.
+    if (status == 1 && !comm.single()) MPI_Abort(MPI_COMM_WORLD, 1);
+    if (launched_by_mpi()) comm_finalize(comm);
+    return status;
 }
 
 }  // namespace lmoe

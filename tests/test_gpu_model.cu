@@ -24,7 +24,7 @@ void check_model(const char* name, Config c, lmoe::Rng& rng, const std::string& 
     std::vector<int32_t> tokens(N), targets(N);
     for (int i = 0; i < N; i++) { tokens[i] = rng.below(c.V); targets[i] = rng.below(c.V); }
 
-    GpuModel<LatentMoeFfn> gpu(c);
+    GpuModel<LatentMoeFfn> gpu(c, Comm{});
     gpu.zero_grad();
     gpu.forward(tokens.data(), targets.data(), 1.f);
     gpu.backward();

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One device run for the multi-GPU work (2 or 4 GPUs): build both precisions, check R GPUs against
+# one (fp32 build), 50-step reproducibility, then p1 training throughput on 1, 2, ... GPUs.
+# Logs go to $OUT (default out/); a short table is printed last.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+out=${OUT:-out}
+mkdir -p "$out"
+export NCCL_NVLS_ENABLE=0  # never NVLink multicast on shared machines
+gpus=$(nvidia-smi -L | grep -c '^GPU')
+nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tee "$out/gpu.txt"
+nvidia-smi topo -m >"$out/topo.txt" 2>&1
+(cmake -B build -G Ninja >/dev/null && cmake --build build) >"$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
+(cmake -B build32 -G Ninja -DLMOE_FP32=ON >/dev/null && cmake --build build32 --target test_multi_gpu train_latentmoe data_prep) \
+    >"$out/build32.log" 2>&1 || { tail -30 "$out/build32.log"; exit 1; }
+bash tests/test_multi_gpu.sh build32 >"$out/multi_fp32.log" 2>&1
+bash tests/test_multi_gpu.sh build >"$out/multi_bf16.log" 2>&1
+MPIRUN=(mpirun --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE)
+for R in 1 2 4 8; do
+    [ "$R" -le "$gpus" ] || continue
+    "${MPIRUN[@]}" -np $R ./build/train_latentmoe --preset p1 --steps ${STEPS:-30} --eval-every 0 --log-every 10 \
+        --train-data data/kjv_train.bin --val-data data/kjv_val.bin --checkpoint "$out/p1.ckpt" >"$out/p1_R$R.log" 2>&1
+    rm -f "$out"/p1.ckpt*
+done
+echo "== R GPUs against one (fp32 build)"; grep -E "^R =|loss:|bytes sent|FAIL|passed|ok -" "$out/multi_fp32.log"
+echo "== bf16 build"; grep -E "loss:|passed|ok -" "$out/multi_bf16.log"
+echo "== p1 training (bf16), per R"; for f in "$out"/p1_R*.log; do echo "$f"; grep -E "^step .*/|done|error" "$f" | tail -3; done
