@@ -32,7 +32,6 @@ namespace lmoe {
 
 namespace attention_detail {
 
-constexpr int kChunk = 16 / sizeof(floatX);  // elements in one 16-byte load or store
 constexpr int kRowsPerBlock = 8;             // softmax kernels: one warp per (b, h, t) row
 
 __device__ inline float warp_max(float v) {
@@ -73,7 +72,7 @@ inline Scratch carve_scratch(void* base, int B, int T, int nh, int da) {
 }
 
 inline void check_head_size(int da) {
-    if (da % 8 != 0) {  // covers kChunk (8 in bf16, 4 in fp32)
+    if (da % 8 != 0) {  // covers kPack (8 in bf16, 4 in fp32)
         std::fprintf(stderr, "attention: head size d_attn = %d is not a multiple of 8\n", da);
         std::exit(1);
     }
@@ -94,8 +93,7 @@ inline size_t attention_scratch_bytes(int B, int T, int nh, int da) {
 // heads[p, b, h, t, :] = tokens[b, t, p·nh·da + h·da : +da]
 __global__ void permute_to_heads_kernel(floatX* heads, const floatX* tokens, int parts, int B, int T, int nh,
                                         int da) {
-    using attention_detail::kChunk;
-    const int chunks_per_head = da / kChunk;
+    const int chunks_per_head = da / kPack;
     const int64_t total = (int64_t)parts * B * nh * T * chunks_per_head;
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= total) return;
@@ -105,15 +103,14 @@ __global__ void permute_to_heads_kernel(floatX* heads, const floatX* tokens, int
     const int h = r % nh; r /= nh;
     const int b = r % B;
     const int p = r / B;
-    const int64_t src = ((int64_t)b * T + t) * parts * nh * da + (int64_t)(p * nh + h) * da + c * kChunk;
+    const int64_t src = ((int64_t)b * T + t) * parts * nh * da + (int64_t)(p * nh + h) * da + c * kPack;
     reinterpret_cast<int4*>(heads)[idx] = *reinterpret_cast<const int4*>(tokens + src);
 }
 
 // tokens[b, t, p·nh·da + h·da : +da] = heads[p, b, h, t, :]   (the inverse of the above)
 __global__ void permute_from_heads_kernel(floatX* tokens, const floatX* heads, int parts, int B, int T, int nh,
                                           int da) {
-    using attention_detail::kChunk;
-    const int chunks_per_head = da / kChunk;
+    const int chunks_per_head = da / kPack;
     const int64_t total = (int64_t)parts * B * nh * T * chunks_per_head;
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= total) return;
@@ -123,20 +120,20 @@ __global__ void permute_from_heads_kernel(floatX* tokens, const floatX* heads, i
     const int p = r % parts; r /= parts;
     const int t = r % T;
     const int b = r / T;
-    const int64_t src = (((int64_t)p * B + b) * nh + h) * T * da + (int64_t)t * da + c * kChunk;
+    const int64_t src = (((int64_t)p * B + b) * nh + h) * T * da + (int64_t)t * da + c * kPack;
     reinterpret_cast<int4*>(tokens)[idx] = *reinterpret_cast<const int4*>(heads + src);
 }
 
 inline void permute_to_heads(floatX* heads, const floatX* tokens, int parts, int B, int T, int nh, int da,
                              cudaStream_t stream) {
-    const int64_t threads = (int64_t)parts * B * nh * T * (da / attention_detail::kChunk);
+    const int64_t threads = (int64_t)parts * B * nh * T * (da / kPack);
     permute_to_heads_kernel<<<ceil_div(threads, 256), 256, 0, stream>>>(heads, tokens, parts, B, T, nh, da);
     CUDA_CHECK_LAUNCH();
 }
 
 inline void permute_from_heads(floatX* tokens, const floatX* heads, int parts, int B, int T, int nh, int da,
                                cudaStream_t stream) {
-    const int64_t threads = (int64_t)parts * B * nh * T * (da / attention_detail::kChunk);
+    const int64_t threads = (int64_t)parts * B * nh * T * (da / kPack);
     permute_from_heads_kernel<<<ceil_div(threads, 256), 256, 0, stream>>>(tokens, heads, parts, B, T, nh, da);
     CUDA_CHECK_LAUNCH();
 }

@@ -5,17 +5,11 @@
 #pragma once
 #include <cstdint>
 
-#include "common/cuda_utils.cuh"
+#include "cuda_utils.cuh"
 
 namespace lmoe {
 
 namespace cross_entropy_detail {
-
-// 16 bytes of floatX: the unit of every logit load and store (8 values in bf16, 4 in fp32).
-constexpr int kPack = 16 / sizeof(floatX);
-struct alignas(16) Pack {
-    floatX v[kPack];
-};
 
 // Running softmax statistics of a set of logits: their max and Σ exp(z − max).
 // An empty set is (−inf, 0).

@@ -67,6 +67,12 @@ __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a
 
 namespace lmoe {
 
+// 16 bytes of floatX, the unit of a vectorised load or store (8 values in bf16, 4 in fp32).
+constexpr int kPack = 16 / sizeof(floatX);
+struct alignas(16) Pack {
+    floatX v[kPack];
+};
+
 // A device allocation that frees itself; tests and the trainers hold their buffers in these.
 template <class T>
 class DeviceBuffer {

@@ -6,17 +6,11 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "common/cuda_utils.cuh"
+#include "cuda_utils.cuh"
 
 namespace lmoe {
 
 namespace embedding_detail {
-
-// 16 bytes of floatX: the unit of every row load and store (8 values in bf16, 4 in fp32).
-constexpr int kPack = 16 / sizeof(floatX);
-struct alignas(16) Pack {
-    floatX v[kPack];
-};
 
 // The backward's counting sort ranks positions within chunks of this many tokens, one block each.
 constexpr int kSortChunk = 1024;
@@ -66,7 +60,7 @@ __global__ void embedding_forward_kernel(floatX* __restrict__ x, const int* __re
 
 inline void embedding_forward(floatX* x, const int* tokens, const floatX* wte, int N, int d, cudaStream_t stream) {
     embedding_detail::check_width(d, "embedding_forward");
-    const int64_t threads = (int64_t)N * (d / embedding_detail::kPack);
+    const int64_t threads = (int64_t)N * (d / kPack);
     if (threads == 0) return;
     embedding_forward_kernel<<<ceil_div(threads, 256), 256, 0, stream>>>(x, tokens, wte, N, d);
     CUDA_CHECK_LAUNCH();

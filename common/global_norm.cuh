@@ -6,7 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "common/cuda_utils.cuh"
+#include "cuda_utils.cuh"
 
 namespace lmoe {
 

@@ -6,17 +6,11 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "common/cuda_utils.cuh"
+#include "cuda_utils.cuh"
 
 namespace lmoe {
 
 namespace rmsnorm_detail {
-
-// 16 bytes of floatX: the unit of every row load and store (8 values in bf16, 4 in fp32).
-constexpr int kPack = 16 / sizeof(floatX);
-struct alignas(16) Pack {
-    floatX v[kPack];
-};
 
 constexpr float kEps = 1e-5f;
 constexpr int kForwardRowsPerBlock = 8;  // one warp per row

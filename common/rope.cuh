@@ -12,17 +12,11 @@
 #pragma once
 #include <cstdint>
 
-#include "common/cuda_utils.cuh"
+#include "cuda_utils.cuh"
 
 namespace lmoe {
 
 namespace rope_detail {
-
-// 16 bytes of floatX: the unit of every load and store (8 values = 4 pairs in bf16, 2 pairs in fp32).
-constexpr int kPack = 16 / sizeof(floatX);
-struct alignas(16) Pack {
-    floatX v[kPack];
-};
 
 constexpr double kBase = 10000.0;
 constexpr int kThreads = 128;      // packs of one row side by side: coalesced 16-byte accesses
