@@ -65,7 +65,7 @@ class LatentMoeFfn {
         // project:  u (N, H·dh) = x W_mh^T                                   floatX
         matmul_forward(ctx.cublas, single ? U : rows_.get(), x, w.ffn_in, N_, c.d, HD_, ctx.stream);
         // exchange: U (R·N, W): this rank's heads of every rank's tokens     equal blocks, no metadata
-        if (!single) bytes_sent_ += send_to_head_owners(U, exchange_.get(), rows_.get(), N_, HD_, *ctx.comm, ctx.stream);
+        if (!single) to_head_owners(U, rows_.get(), ctx);
         // route:    sel, gate (H/R, R·N, k) = top-k of U_h R_h + b_h          int32, fp32
         router_forward(p.sel, p.gate, U, ldU_, w.router, bias, M_, Hl_, c.dh, c.E, c.k, ctx.stream);
         // group:    copies sorted by (head, expert), tiles of one expert
@@ -75,7 +75,7 @@ class LatentMoeFfn {
         // weight:   Y[t, h] (dh) = Σ_j gate · o[copy (h, t, j)]                floatX (R·N, W)
         combine_forward(single ? y : heads_.get(), ldU_, o, p, M_, Hl_, c.dh, c.k, ctx.stream);
         // exchange back: y (N, H·dh): every head's output for this rank's tokens
-        if (!single) bytes_sent_ += return_from_head_owners(y, exchange_.get(), heads_.get(), N_, HD_, *ctx.comm, ctx.stream);
+        if (!single) from_head_owners(y, heads_.get(), ctx);
         // merge:    out (N, d) = y W_mg^T
         matmul_forward(ctx.cublas, out, y, w.ffn_out, N_, HD_, c.d, ctx.stream);
     }
@@ -92,7 +92,7 @@ class LatentMoeFfn {
         // merge:    dy (N, H·dh) = dout W_mg;  dW_mg += dout^T y
         matmul_backward(ctx.cublas, dy, g.ffn_out, dout, y, w.ffn_out, N_, HD_, c.d, false, ctx.stream);
         // exchange: dY (R·N, W) at the head owners
-        if (!single) bytes_sent_ += send_to_head_owners(dY, exchange_.get(), dy, N_, HD_, *ctx.comm, ctx.stream);
+        if (!single) to_head_owners(dY, dy, ctx);
         // weight:   d_o (copies, dh) = gate · dY;  ds (copies) = gate-softmax backward of dY · o
         combine_backward(d_o_.get(), ds_copy_.get(), dY, ldU_, o, p, M_, Hl_, c.dh, c.k, ctx.stream);
         // compute:  dx_copy (copies, dh); dK, dV += (hidden recomputed per tile)
@@ -105,7 +105,7 @@ class LatentMoeFfn {
         gather_input_grad(dU, ldU_, dx_copy_.get(), ds_copy_.get(), w.router, p, M_, Hl_, c.dh, c.E, c.k, ctx.stream);
         // exchange back: du (N, H·dh) for this rank's tokens
         floatX* du = rows_.get();
-        if (!single) bytes_sent_ += return_from_head_owners(du, exchange_.get(), dU, N_, HD_, *ctx.comm, ctx.stream);
+        if (!single) from_head_owners(du, dU, ctx);
         // project:  dx (N, d) = du W_mh;  dW_mh += du^T x
         matmul_backward(ctx.cublas, dx, g.ffn_in, du, x, w.ffn_in, N_, c.d, HD_, false, ctx.stream);
     }
@@ -125,6 +125,17 @@ class LatentMoeFfn {
     int64_t take_bytes_sent() { return std::exchange(bytes_sent_, 0); }
 
   private:
+    // The two directions of Head Parallel's exchange, each timed as a section of the step and
+    // counted in the bytes sent: token rows (N, H·dh) -> head rows (R·N, W) at the owners, and back.
+    void to_head_owners(floatX* heads, const floatX* rows, Ctx& ctx) {
+        ProfileScope timed(ctx.profile, Section::AllToAll);
+        bytes_sent_ += send_to_head_owners(heads, exchange_.get(), rows, N_, HD_, *ctx.comm, ctx.stream);
+    }
+    void from_head_owners(floatX* rows, const floatX* heads, Ctx& ctx) {
+        ProfileScope timed(ctx.profile, Section::AllToAll);
+        bytes_sent_ += return_from_head_owners(rows, exchange_.get(), heads, N_, HD_, *ctx.comm, ctx.stream);
+    }
+
     const Config c_;
     const int N_, HD_, world_, Hl_, M_, ldU_;  // tokens here, H·dh, ranks, heads here, rows at the owner, W
     const int64_t copies_;                     // H·N·k = (H/R)·(R·N)·k

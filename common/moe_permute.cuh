@@ -11,12 +11,10 @@
 namespace lmoe {
 
 constexpr int kGroupChunkRows = 256;  // rows counted and placed by one block
-#ifndef LMOE_TILE_ROWS
-#define LMOE_TILE_ROWS 128
-#endif
-constexpr int kExpertTileRows = LMOE_TILE_ROWS;  // rows of one expert tile (io_experts.cuh)
+constexpr int kExpertTileRows = 128;  // rows of one expert tile (io_experts.cuh)
 
-// Where every copy went; device pointers, sized by routing_plan_sizes().
+// Where every copy went; device pointers (copies = H·M·k; tiles: routing_max_tiles; chunk_counts:
+// H · routing_chunks(M) · E).
 struct RoutingPlan {
     int* sel;           // (H, M, k) chosen experts
     float* gate;        // (H, M, k) their gates

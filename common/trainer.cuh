@@ -25,6 +25,7 @@
 #include <cstdio>
 #include <exception>
 #include <filesystem>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -46,6 +47,7 @@
 #include "rmsnorm.cuh"
 #include "rope.cuh"
 #include "schedule.h"
+#include "step_profile.cuh"
 
 namespace lmoe {
 
@@ -54,6 +56,7 @@ struct Ctx {
     cublasHandle_t cublas;
     cudaStream_t stream;
     const Comm* comm;
+    StepProfile* profile = nullptr;  // null: no timing
 };
 
 using Layer = ModelTensors<floatX>::Layer;
@@ -95,6 +98,8 @@ class GpuModel {
         CUDA_CHECK(cudaStreamCreate(&ctx.stream));
         ctx.cublas = make_cublas_handle();
         ctx.comm = &comm;
+        profile_ = std::make_unique<StepProfile>(ctx.stream);
+        ctx.profile = profile_.get();
         const int64_t P = layout.total, d = c.d, C = c.n_head * c.d_attn();
         master.resize(P); grads.resize(P); m.resize(P); v.resize(P); params.resize(P);
         std::vector<float> host(P);
@@ -149,13 +154,19 @@ class GpuModel {
         rmsnorm_forward(xn1(0), rstd1(0), resid(0), w.layers[0].ln1, N, d, st);
         for (int l = 0; l < c.L; l++) {
             const Layer& wl = w.layers[l];
-            matmul_forward(ctx.cublas, qkv(l), xn1(l), wl.qkv, N, d, 3 * C, st);        // (N, 3C)
-            rope_forward(qkv(l), c.B, c.T, c.n_head, c.d_attn(), st);
-            attention_forward(ctx.cublas, atty(l), probs(l), qkvr(l), attention_scratch_.get(), qkv(l), c.B, c.T,
-                              c.n_head, c.d_attn(), st);                                  // (N, C)
-            matmul_forward(ctx.cublas, branch_.get(), atty(l), wl.attn_out, N, C, d, st);  // (N, d)
+            {
+                ProfileScope timed(ctx.profile, Section::Attention);
+                matmul_forward(ctx.cublas, qkv(l), xn1(l), wl.qkv, N, d, 3 * C, st);        // (N, 3C)
+                rope_forward(qkv(l), c.B, c.T, c.n_head, c.d_attn(), st);
+                attention_forward(ctx.cublas, atty(l), probs(l), qkvr(l), attention_scratch_.get(), qkv(l), c.B, c.T,
+                                  c.n_head, c.d_attn(), st);                                  // (N, C)
+                matmul_forward(ctx.cublas, branch_.get(), atty(l), wl.attn_out, N, C, d, st);  // (N, d)
+            }
             residual_rmsnorm_forward(resid_mid(l), xn2(l), rstd2(l), resid(l), branch_.get(), wl.ln2, N, d, st);
-            ffn_.forward(l, branch_.get(), xn2(l), wl, bias(l), ctx);                     // (N, d)
+            {
+                ProfileScope timed(ctx.profile, Section::Ffn);
+                ffn_.forward(l, branch_.get(), xn2(l), wl, bias(l), ctx);                     // (N, d)
+            }
             const bool last = l == c.L - 1;
             residual_rmsnorm_forward(resid(l + 1), last ? xf_.get() : xn1(l + 1), last ? rstdf_.get() : rstd1(l + 1),
                                      resid_mid(l), branch_.get(), last ? w.lnf : w.layers[l + 1].ln1, N, d, st);
@@ -179,15 +190,21 @@ class GpuModel {
         for (int l = c.L - 1; l >= 0; l--) {  // dresid: d loss / d (residual stream after layer l)
             const Layer& wl = w.layers[l];
             const GradLayer& gl = g.layers[l];
-            ffn_.backward(l, dxn_.get(), dresid_.get(), xn2(l), wl, gl, ctx);
+            {
+                ProfileScope timed(ctx.profile, Section::Ffn);
+                ffn_.backward(l, dxn_.get(), dresid_.get(), xn2(l), wl, gl, ctx);
+            }
             rmsnorm_backward(dresid_.get(), gl.ln2, dxn_.get(), resid_mid(l), wl.ln2, rstd2(l), N, d,
                              norm_scratch_.get(), st);
-            matmul_backward(ctx.cublas, datty_.get(), gl.attn_out, dresid_.get(), atty(l), wl.attn_out, N, C, d, false,
-                            st);
-            attention_backward(ctx.cublas, dqkv_.get(), datty_.get(), qkvr(l), probs(l), attention_scratch_.get(), c.B,
-                               c.T, c.n_head, c.d_attn(), st);
-            rope_backward(dqkv_.get(), c.B, c.T, c.n_head, c.d_attn(), st);
-            matmul_backward(ctx.cublas, dxn_.get(), gl.qkv, dqkv_.get(), xn1(l), wl.qkv, N, d, 3 * C, false, st);
+            {
+                ProfileScope timed(ctx.profile, Section::Attention);
+                matmul_backward(ctx.cublas, datty_.get(), gl.attn_out, dresid_.get(), atty(l), wl.attn_out, N, C, d,
+                                false, st);
+                attention_backward(ctx.cublas, dqkv_.get(), datty_.get(), qkvr(l), probs(l), attention_scratch_.get(),
+                                   c.B, c.T, c.n_head, c.d_attn(), st);
+                rope_backward(dqkv_.get(), c.B, c.T, c.n_head, c.d_attn(), st);
+                matmul_backward(ctx.cublas, dxn_.get(), gl.qkv, dqkv_.get(), xn1(l), wl.qkv, N, d, 3 * C, false, st);
+            }
             rmsnorm_backward(dresid_.get(), gl.ln1, dxn_.get(), resid(l), wl.ln1, rstd1(l), N, d, norm_scratch_.get(), st);
             ffn_.add_expert_counts(l, expert_counts.get() + (size_t)l * heads * c.E, ctx);
         }
@@ -201,6 +218,7 @@ class GpuModel {
     // being its own mean, so they are divided by R to be gradients of the global mean.
     void sync_gradients() {
         if (comm.single()) return;
+        ProfileScope timed(ctx.profile, Section::AllReduce);
         all_reduce_average(grads.get(), layout.replicated, comm, ctx.stream);
         const int sharded = (int)(layout.total - layout.replicated);
         const float inv_world = 1.f / comm.world;
@@ -215,6 +233,7 @@ class GpuModel {
     const float* optimizer_step(double lr, int step) {
         const Config& c = cfg;
         cudaStream_t st = ctx.stream;
+        ProfileScope timed(ctx.profile, Section::Optimizer);
         global_norm_squared(clip_.get(), grads.get(), layout.replicated, norm_scratch_.get(), st);
         global_norm_squared(clip_.get() + 1, grads.get() + layout.replicated, layout.total - layout.replicated,
                             norm_scratch_.get(), st);
@@ -239,6 +258,8 @@ class GpuModel {
         return loss;
     }
     int64_t take_bytes_sent() { return ffn_.take_bytes_sent(); }
+    // Milliseconds per Section since the last call (after a synchronisation).
+    std::vector<double> take_profile() { return profile_->take(); }
 
     // Host copies for checkpoints and logs (these synchronise).
     TrainingState state(int step) const {
@@ -258,6 +279,7 @@ class GpuModel {
     const Ffn& ffn() const { return ffn_; }
 
   private:
+    std::unique_ptr<StepProfile> profile_;
     Ffn ffn_;
     DeviceBuffer<int> tokens_, targets_;
     int* host_tokens_ = nullptr;  // pinned: inputs then targets
@@ -305,6 +327,7 @@ double gpu_validation_loss(GpuModel<Ffn>& model, DataLoader& val, int batches) {
         model.forward(x.data(), y.data(), 0.f);
         sum += model.mean_loss_global();
     }
+    model.take_profile();  // evaluation is not part of any step's breakdown
     return sum / batches;
 }
 
@@ -390,12 +413,18 @@ int train_on_gpu(const Config& c, const Comm& comm) {
         const bool last = step == c.steps - 1;
         const std::vector<int64_t> counts = model.take_expert_counts();
         const int64_t bytes = model.take_bytes_sent();
+        const std::vector<double> t = model.take_profile();
         if (lead && (step % c.log_every == 0 || last)) {
             const double tok_s = tokens_per_step / (ms / 1000);
             std::printf("step %5d/%d | loss %.6f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s | MFU %.1f%%", step + 1,
                         c.steps, loss, lr, norm, ms, tok_s, 100 * tok_s * flops / kPeakBf16Flops / comm.world);
             if (!comm.single()) std::printf(" | sent %.1f MiB", bytes / 1048576.0);
             std::printf("\n");
+            const double a2a = t[(int)Section::AllToAll], ffn = t[(int)Section::Ffn];
+            std::printf("    time (ms): attention %.2f | FFN compute %.2f | all-to-all %.2f | all-reduce %.2f | "
+                        "optimizer %.2f | rest %.2f\n", t[(int)Section::Attention], ffn - a2a, a2a,
+                        t[(int)Section::AllReduce], t[(int)Section::Optimizer],
+                        ms - t[(int)Section::Attention] - ffn - t[(int)Section::AllReduce] - t[(int)Section::Optimizer]);
             print_loads(counts, c.L, model.heads, c.E);
         }
         if ((c.eval_every > 0 && (step + 1) % c.eval_every == 0) || last) {
