@@ -120,7 +120,7 @@ class GpuModel {
         resid_mid_.resize((size_t)c.L * N * d);
         xn1_.resize((size_t)c.L * N * d); xn2_.resize((size_t)c.L * N * d);
         rstd1_.resize((size_t)c.L * N); rstd2_.resize((size_t)c.L * N);
-        qkv_.resize((size_t)c.L * N * 3 * C); qkvr_.resize((size_t)c.L * N * 3 * C);
+        qkv_.resize((size_t)N * 3 * C); qkvr_.resize((size_t)c.L * N * 3 * C);
         probs_.resize((size_t)c.L * c.B * c.n_head * c.T * c.T);
         atty_.resize((size_t)c.L * N * C);
         xf_.resize((size_t)N * d); rstdf_.resize(N);
@@ -156,10 +156,10 @@ class GpuModel {
             const Layer& wl = w.layers[l];
             {
                 ProfileScope timed(ctx.profile, Section::Attention);
-                matmul_forward(ctx.cublas, qkv(l), xn1(l), wl.qkv, N, d, 3 * C, st);        // (N, 3C)
-                rope_forward(qkv(l), c.B, c.T, c.n_head, c.d_attn(), st);
-                attention_forward(ctx.cublas, atty(l), probs(l), qkvr(l), attention_scratch_.get(), qkv(l), c.B, c.T,
-                                  c.n_head, c.d_attn(), st);                                  // (N, C)
+                matmul_forward(ctx.cublas, qkv_.get(), xn1(l), wl.qkv, N, d, 3 * C, st);    // (N, 3C)
+                rope_forward(qkv_.get(), c.B, c.T, c.n_head, c.d_attn(), st);
+                attention_forward(ctx.cublas, atty(l), probs(l), qkvr(l), attention_scratch_.get(), qkv_.get(), c.B,
+                                  c.T, c.n_head, c.d_attn(), st);  // (N, C); keeps q, k, v per head in qkvr
                 matmul_forward(ctx.cublas, branch_.get(), atty(l), wl.attn_out, N, C, d, st);  // (N, d)
             }
             residual_rmsnorm_forward(resid_mid(l), xn2(l), rstd2(l), resid(l), branch_.get(), wl.ln2, N, d, st);
@@ -283,9 +283,9 @@ class GpuModel {
     Ffn ffn_;
     DeviceBuffer<int> tokens_, targets_;
     int* host_tokens_ = nullptr;  // pinned: inputs then targets
-    DeviceBuffer<floatX> resid_, resid_mid_, xn1_, xn2_, qkv_, qkvr_, probs_, atty_, xf_, logits_;
+    DeviceBuffer<floatX> resid_, resid_mid_, xn1_, xn2_, qkvr_, probs_, atty_, xf_, logits_;  // per layer where needed
     DeviceBuffer<float> rstd1_, rstd2_, rstdf_, losses_, mean_loss_;
-    DeviceBuffer<floatX> branch_, dresid_, dxn_, dqkv_, datty_;  // one micro-batch's worth, reused per layer
+    DeviceBuffer<floatX> qkv_, branch_, dresid_, dxn_, dqkv_, datty_;  // one micro-batch's worth, reused per layer
     DeviceBuffer<unsigned char> attention_scratch_, embedding_scratch_;
     DeviceBuffer<float> norm_scratch_, clip_;
 
@@ -296,7 +296,6 @@ class GpuModel {
     floatX* xn2(int l) { return xn2_.get() + (size_t)l * N * cfg.d; }
     float* rstd1(int l) { return rstd1_.get() + (size_t)l * N; }
     float* rstd2(int l) { return rstd2_.get() + (size_t)l * N; }
-    floatX* qkv(int l) { return qkv_.get() + (size_t)l * N * 3 * cfg.n_head * cfg.d_attn(); }
     floatX* qkvr(int l) { return qkvr_.get() + (size_t)l * N * 3 * cfg.n_head * cfg.d_attn(); }
     floatX* probs(int l) { return probs_.get() + (size_t)l * cfg.B * cfg.n_head * cfg.T * cfg.T; }
     floatX* atty(int l) { return atty_.get() + (size_t)l * N * cfg.n_head * cfg.d_attn(); }
