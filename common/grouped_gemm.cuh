@@ -1,0 +1,500 @@
+// Grouped expert GEMMs of the standard MoE (SPEC §2.2): the N·k routed copies, grouped by expert
+// (moe_permute.cuh's RoutingPlan with H = 1), go through their expert's two matrices:
+//     pre = X_e W1_e^T      h = GELU(pre)      o = h W2_e^T                 forward (pre and h are kept)
+//     dpre = (dO W2_e) ⊙ GELU'(pre)            dX = dpre W1_e               backward, per copy
+//     dW2_e += dO^T h                          dW1_e += dpre^T X_e          backward, per expert
+// X_e are the token rows the expert's copies came from, read straight from the token matrix through
+// copy_row: the permuted copy of x is never written. W1: (E, f, d), W2: (E, d, f) floatX; dW1, dW2
+// fp32, accumulated (+=). This is the standard MoE, not the IO-aware one: the (copies × f) hidden
+// activations pre and h go to global memory in the forward and are read back in the backward.
+//
+// Two kinds of kernels, both driven by device-side tile lists, so no count ever goes to the host:
+//   row GEMMs (the four per-copy products): one block per (128 copies of one planner tile, all of one
+//     expert; 128 output columns); the block multiplies its rows by its expert's matrix.
+//   weight-gradient GEMMs: one block per (expert, 128 × 128 tile of its weight gradient), walking the
+//     expert's copies in group order; each gradient element has one owner that sums in a fixed
+//     order (no atomics), so the results are bitwise reproducible run to run.
+//
+// Two implementations of the same tiles: in the default bf16 build they run on tensor cores
+// (mma.sync m16n8k16 from ldmatrix-loaded shared tiles filled by a multistage cp.async pipeline);
+// the fp32 build (LMOE_FP32) uses a plain shared-memory tiled SIMT kernel, so the math can be
+// checked tightly against the CPU reference. d and f must be multiples of 8 (16-byte row segments).
+//
+// Speed (H100, SPEC §6 p1 layer, N = 8192): the row GEMMs run at 185–250 TFLOP/s, the weight
+// gradients at 145 (dW2) and 117 (dW1, whose X rows are gathered) TFLOP/s. Known limits: mma.sync
+// (not Hopper's wgmma, which needs sm_90a) and 128 × 128 tiles, whose operand traffic leaves the
+// kernels bound by shared-memory and L2 bandwidth well below the 790 TFLOP/s tensor-core ceiling;
+// and the weight gradients' fp32 read-modify-write of every dW tile (2 × 268 MB at p1).
+#pragma once
+#include <type_traits>
+
+#include "cuda_utils.cuh"
+#include "io_experts.cuh"  // gelu, gelu_grad and their fast forms, launch_expert_kernel
+#include "mma.cuh"
+#include "moe_permute.cuh"
+
+namespace lmoe {
+
+// Row r of an operand: base + (index ? index[r] : r) · ld. With index = copy_row, the rows of the
+// copies in group order are gathered from the token matrix.
+template <class T>
+struct Rows {
+    const T* base;
+    int64_t ld;
+    const int* index;
+    __device__ const T* row(int64_t r) const { return base + (index ? (int64_t)index[r] : r) * ld; }
+};
+
+// What a row GEMM writes for each (copy p, column n), with v = Σ_k A[p, k] B_e[k, n]:
+//   Store:    out = v
+//   Gelu:     out = v (pre), hidden = GELU(v) (h)
+//   GeluGrad: out = v · GELU'(pre)  (dpre from dh)
+enum class RowsEpilogue { Store, Gelu, GeluGrad };
+
+// One row GEMM over a routing plan: out (copies, cols) = A (copies, K) · B_e, B_e the matrix of the
+// copy's expert e: W_e^T for W (E, cols, K) (w_transposed), or W_e for W (E, K, cols).
+template <class T>
+struct RowsGemm {
+    T* out;         // (copies, cols)
+    T* hidden;      // Gelu only: (copies, cols)
+    const T* pre;   // GeluGrad only: (copies, cols)
+    Rows<T> a;      // (copies, K) in group order
+    const T* w;     // (E, cols, K) or (E, K, cols)
+    int K, cols;
+    RoutingPlan plan;
+};
+
+// One weight-gradient GEMM: dw_e (rows_out, cols_out) += Σ over copies p of expert e of
+// a[p, :]^T b[p, :], a (copies, rows_out), b (copies, cols_out), copies in group order.
+template <class T>
+struct WeightGradGemm {
+    float* dw;  // (E, rows_out, cols_out)
+    Rows<T> a, b;
+    int rows_out, cols_out;
+    const int* group_offset;  // (E + 1)
+};
+
+template <RowsEpilogue EPI, class T>
+__device__ inline void store_rows_output(const RowsGemm<T>& p, int64_t at, float v) {
+    if constexpr (EPI == RowsEpilogue::Store) {
+        p.out[at] = from_float<T>(v);
+    } else if constexpr (EPI == RowsEpilogue::Gelu) {
+        p.out[at] = from_float<T>(v);
+        p.hidden[at] = from_float<T>(gelu(v));
+    } else {
+        p.out[at] = from_float<T>(v * gelu_grad(to_float(p.pre[at])));
+    }
+}
+
+// The copies [p0, p0 + rows) of part `part` (of `part_rows` rows) of planner tile `tile`, and their
+// expert g; rows <= 0 when the part lies past the tile's last copy.
+struct TilePart {
+    int g, p0, rows;
+};
+__device__ inline TilePart tile_part(const RoutingPlan& plan, int tile, int part, int part_rows) {
+    const int g = plan.tile_group[tile], start = plan.tile_start[tile], p0 = start + part * part_rows;
+    const int end = min(plan.group_offset[g + 1], start + kExpertTileRows);
+    return {g, p0, min(part_rows, end - p0)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp32 (SIMT) kernels: 64 × 64 output tiles, 256 threads of 4 × 4 outputs, 16-deep steps through
+// shared memory.
+
+constexpr int kSimtGemmTile = 64, kSimtGemmDepth = 16, kSimtGemmThreads = 256;
+
+// Row GEMM: block (column tile, planner tile, 64-row part of the planner tile).
+template <RowsEpilogue EPI, bool W_TRANSPOSED>
+__global__ void __launch_bounds__(kSimtGemmThreads) rows_gemm_simt_kernel(const RowsGemm<float> p) {
+    __shared__ float As[kSimtGemmDepth][kSimtGemmTile + 1], Bs[kSimtGemmDepth][kSimtGemmTile + 1];
+    if ((int)blockIdx.y >= *p.plan.num_tiles) return;
+    const TilePart part = tile_part(p.plan, blockIdx.y, blockIdx.z, kSimtGemmTile);
+    const int g = part.g, p0 = part.p0, rows = part.rows;
+    if (rows <= 0) return;
+    const int n0 = blockIdx.x * kSimtGemmTile, K = p.K, cols = p.cols;
+    const float* w = p.w + (int64_t)g * K * cols;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // rows ty + 16i, columns tx + 16j
+    float acc[4][4] = {};
+    for (int k0 = 0; k0 < K; k0 += kSimtGemmDepth) {
+        for (int i = threadIdx.x; i < kSimtGemmDepth * kSimtGemmTile; i += blockDim.x) {
+            const int ka = i % kSimtGemmDepth, m = i / kSimtGemmDepth;  // A rows are contiguous in k
+            As[ka][m] = m < rows && k0 + ka < K ? p.a.row(p0 + m)[k0 + ka] : 0.f;
+            const int kb = W_TRANSPOSED ? i % kSimtGemmDepth : i / kSimtGemmTile;
+            const int n = W_TRANSPOSED ? i / kSimtGemmDepth : i % kSimtGemmTile;
+            const bool inside = n0 + n < cols && k0 + kb < K;
+            Bs[kb][n] = !inside ? 0.f : W_TRANSPOSED ? w[(int64_t)(n0 + n) * K + k0 + kb] : w[(int64_t)(k0 + kb) * cols + n0 + n];
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < kSimtGemmDepth; kk++) {
+            float a[4], b[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) a[i] = As[kk][ty + 16 * i];
+#pragma unroll
+            for (int j = 0; j < 4; j++) b[j] = Bs[kk][tx + 16 * j];
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) acc[i][j] += a[i] * b[j];
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int r = ty + 16 * i, n = n0 + tx + 16 * j;
+            if (r < rows && n < cols) store_rows_output<EPI>(p, (int64_t)(p0 + r) * cols + n, acc[i][j]);
+        }
+}
+
+// Weight gradient: block (output tile, expert), copies summed in group order.
+__global__ void __launch_bounds__(kSimtGemmThreads) weight_grad_simt_kernel(const WeightGradGemm<float> p) {
+    __shared__ float As[kSimtGemmDepth][kSimtGemmTile + 1], Bs[kSimtGemmDepth][kSimtGemmTile + 1];
+    const int g = blockIdx.y, tiles_n = (int)ceil_div(p.cols_out, kSimtGemmTile);
+    const int m0 = blockIdx.x / tiles_n * kSimtGemmTile, n0 = blockIdx.x % tiles_n * kSimtGemmTile;
+    const int begin = p.group_offset[g], end = p.group_offset[g + 1];
+    if (begin == end) return;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    float acc[4][4] = {};
+    for (int k0 = begin; k0 < end; k0 += kSimtGemmDepth) {
+        for (int i = threadIdx.x; i < kSimtGemmDepth * kSimtGemmTile; i += blockDim.x) {
+            const int kk = i / kSimtGemmTile, c = i % kSimtGemmTile;
+            const bool copy = k0 + kk < end;
+            As[kk][c] = copy && m0 + c < p.rows_out ? p.a.row(k0 + kk)[m0 + c] : 0.f;
+            Bs[kk][c] = copy && n0 + c < p.cols_out ? p.b.row(k0 + kk)[n0 + c] : 0.f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < kSimtGemmDepth; kk++) {
+            float a[4], b[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) a[i] = As[kk][ty + 16 * i];
+#pragma unroll
+            for (int j = 0; j < 4; j++) b[j] = Bs[kk][tx + 16 * j];
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) acc[i][j] += a[i] * b[j];
+        }
+        __syncthreads();
+    }
+    float* dw = p.dw + (int64_t)g * p.rows_out * p.cols_out;
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
+            if (m < p.rows_out && n < p.cols_out) dw[(int64_t)m * p.cols_out + n] += acc[i][j];
+        }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core kernels (bf16). A block computes a 128 × 128 output tile with 4 warps (2 × 2, each
+// 64 × 64: 128 fp32 accumulators per thread), stepping kGemmDepth deep along the reduction.
+// Operands are staged in shared memory in one of two shapes, both padded by 8 elements per row so
+// ldmatrix is free of bank conflicts:
+//   deep   [128 rows][depth k]: an operand stored k-contiguous (the copies' rows, W in the forward)
+//   wide   [depth k][128 cols]: an operand stored column-contiguous (W in the backward, and both
+//          operands of the weight gradients, whose reduction runs over copies)
+// Two pipelines overlap memory and math (CUTLASS's multistage main loop): cp.async fills stage
+// s + stages − 1 while the tensor cores work on stage s, and each warp loads the ldmatrix
+// fragments of the next 16-deep slice while its mma.sync run on the current one.
+// Depth and stages are a tuning knob: 64 deep × 3 stages measured 2.5% faster on the p1 layer and
+// 1.5% on p2 (some kernels faster, dx_copy at p2 slower); 32 × 4 is the tested default.
+#ifndef LMOE_GEMM_DEPTH
+#define LMOE_GEMM_DEPTH 32
+#define LMOE_GEMM_STAGES 4
+#endif
+constexpr int kGemmTile = 128, kGemmDepth = LMOE_GEMM_DEPTH, kGemmStages = LMOE_GEMM_STAGES, kGemmThreads = 128;
+constexpr int kLdDeep = kGemmDepth + 8, kLdWide = kGemmTile + 8;
+constexpr int kGemmOperandElems =
+    kGemmTile * kLdDeep > kGemmDepth * kLdWide ? kGemmTile * kLdDeep : kGemmDepth * kLdWide;
+constexpr size_t kGemmSmemBytes = (size_t)kGemmStages * 2 * kGemmOperandElems * sizeof(bf16);
+constexpr int kRowsPerThread = kGemmTile * kGemmDepth / 8 / kGemmThreads;  // 16-byte segments of a tile per thread
+static_assert(kGemmDepth % 32 == 0 && kGemmStages >= 2, "an even number of 16-deep slices per stage");
+
+// Issues the copies of a deep tile: this thread's tile rows r = threadIdx.x / (depth/8) + j·step
+// come from row[j] (null: a zero row), k from k0; columns at or past K read as zeros.
+__device__ inline void load_deep_tile(bf16* s, const bf16* const (&row)[kRowsPerThread], int k0, int K, const bf16* any) {
+    constexpr int segs = kGemmDepth / 8, step = kGemmThreads / segs;
+    const int seg = threadIdx.x % segs, k = k0 + seg * 8;
+#pragma unroll
+    for (int j = 0; j < kRowsPerThread; j++) {
+        const int r = threadIdx.x / segs + step * j;
+        const bool valid = row[j] != nullptr && k < K;
+        cp_async_16(s + r * kLdDeep + seg * 8, valid ? row[j] + k : any, valid);
+    }
+}
+
+// Issues the copies of a wide tile: this thread's tile rows i = threadIdx.x / 16 + j·step are the
+// operand rows row[j] (base + row[j]·ld; negative: a zero row), columns col0..col0+127; columns at
+// or past cols read as zeros.
+__device__ inline void load_wide_tile(bf16* s, const bf16* base, int64_t ld, const int64_t (&row)[kRowsPerThread],
+                                      int col0, int cols) {
+    constexpr int step = kGemmThreads / 16;
+    const int seg = threadIdx.x % 16, c = col0 + seg * 8;
+#pragma unroll
+    for (int j = 0; j < kRowsPerThread; j++) {
+        const int i = threadIdx.x / 16 + step * j;
+        const bool valid = row[j] >= 0 && c < cols;
+        cp_async_16(s + i * kLdWide + seg * 8, valid ? base + row[j] * ld + c : base, valid);
+    }
+}
+
+// One warp's operands of a 16-deep slice: A for its 64 rows, B for its 64 columns (pairs of 8).
+struct WarpFragments {
+    uint32_t a[4][4], b[4][4];
+};
+
+// A is deep ([m][k]) or wide ([k][m]), B deep ([n][k]) or wide ([k][n]).
+template <bool A_DEEP, bool B_DEEP>
+__device__ inline void load_fragments(WarpFragments& f, const bf16* sa, const bf16* sb, int wm, int wn, int k0) {
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++) {
+        if constexpr (A_DEEP) load_a(f.a[mt], sa, kLdDeep, wm + 16 * mt, k0);
+        else load_a_trans(f.a[mt], sa, kLdWide, wm + 16 * mt, k0);
+    }
+#pragma unroll
+    for (int np = 0; np < 4; np++) {
+        if constexpr (B_DEEP) load_b_pair(f.b[np], sb, kLdDeep, wn + 16 * np, k0);
+        else load_b_pair_trans(f.b[np], sb, kLdWide, wn + 16 * np, k0);
+    }
+}
+
+// acc (this warp's 64 × 64) += A B over one slice.
+__device__ inline void warp_mma(float (&acc)[4][8][4], const WarpFragments& f) {
+#pragma unroll
+    for (int np = 0; np < 4; np++)
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++) {
+            mma_bf16_16816(acc[mt][2 * np], f.a[mt], f.b[np][0], f.b[np][1]);
+            mma_bf16_16816(acc[mt][2 * np + 1], f.a[mt], f.b[np][2], f.b[np][3]);
+        }
+}
+
+// The pipelined reduction of one block over `steps` steps; load(stage, step) issues step's copies
+// into stage, and is called for steps 0, 1, 2, ... in order.
+template <bool A_DEEP, bool B_DEEP, class Load>
+__device__ inline void gemm_mainloop(float (&acc)[4][8][4], bf16* smem, int steps, Load load) {
+    constexpr int slices = kGemmDepth / 16;
+    const int warp = threadIdx.x / 32, wm = warp / 2 * 64, wn = warp % 2 * 64;
+    auto stage = [&](int step) { return smem + (step % kGemmStages) * 2 * kGemmOperandElems; };
+#pragma unroll
+    for (int s = 0; s < kGemmStages - 1; s++) {
+        if (s < steps) load(s, s);
+        cp_async_commit();
+    }
+    cp_async_wait<kGemmStages - 2>();
+    __syncthreads();
+    WarpFragments frag[2];
+    load_fragments<A_DEEP, B_DEEP>(frag[0], stage(0), stage(0) + kGemmOperandElems, wm, wn, 0);
+    for (int step = 0; step < steps; step++) {
+        const bf16* sa = stage(step);
+#pragma unroll
+        for (int slice = 0; slice < slices; slice++) {
+            if (slice == slices - 1) {
+                // Step + 1 has landed, and every warp has read its last fragments of the stage that
+                // the next step refills.
+                cp_async_wait<kGemmStages - 2>();
+                __syncthreads();
+                sa = stage(step + 1);
+            }
+            load_fragments<A_DEEP, B_DEEP>(frag[(slice + 1) % 2], sa, sa + kGemmOperandElems, wm, wn,
+                                           (slice + 1) % slices * 16);
+            if (slice == 0) {
+                const int fill = step + kGemmStages - 1;
+                if (fill < steps) load(fill % kGemmStages, fill);
+                cp_async_commit();
+            }
+            warp_mma(acc, frag[slice % 2]);
+        }
+    }
+}
+
+// Row GEMM on tensor cores: block (column tile, planner tile, 128-row part of the planner tile).
+template <RowsEpilogue EPI, bool W_TRANSPOSED>
+__global__ void __launch_bounds__(kGemmThreads) rows_gemm_mma_kernel(const RowsGemm<bf16> p) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* smem = reinterpret_cast<bf16*>(smem_raw);
+    if ((int)blockIdx.y >= *p.plan.num_tiles) return;
+    const TilePart part = tile_part(p.plan, blockIdx.y, blockIdx.z, kGemmTile);
+    const int g = part.g, p0 = part.p0, rows = part.rows;
+    if (rows <= 0) return;
+    const int n0 = blockIdx.x * kGemmTile, K = p.K, cols = p.cols;
+    const bf16* w = p.w + (int64_t)g * K * cols;
+    const bf16 *a_row[kRowsPerThread], *w_row[kRowsPerThread];  // this thread's rows of the deep tiles
+#pragma unroll
+    for (int j = 0; j < kRowsPerThread; j++) {
+        const int r = threadIdx.x / (kGemmDepth / 8) + kGemmThreads / (kGemmDepth / 8) * j;
+        a_row[j] = r < rows ? p.a.row(p0 + r) : nullptr;
+        w_row[j] = n0 + r < cols ? w + (int64_t)(n0 + r) * K : nullptr;
+    }
+    auto load = [&](int stage, int step) {
+        bf16* sa = smem + stage * 2 * kGemmOperandElems;
+        const int k0 = step * kGemmDepth;
+        load_deep_tile(sa, a_row, k0, K, w);
+        if constexpr (W_TRANSPOSED) {
+            load_deep_tile(sa + kGemmOperandElems, w_row, k0, K, w);
+        } else {
+            int64_t k[kRowsPerThread];
+#pragma unroll
+            for (int j = 0; j < kRowsPerThread; j++) {
+                const int i = k0 + threadIdx.x / 16 + kGemmThreads / 16 * j;
+                k[j] = i < K ? i : -1;
+            }
+            load_wide_tile(sa + kGemmOperandElems, w, cols, k, n0, cols);
+        }
+    };
+    float acc[4][8][4] = {};
+    gemm_mainloop<true, W_TRANSPOSED>(acc, smem, (int)ceil_div(K, kGemmDepth), load);
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
+    const int wm = warp / 2 * 64, wn = warp % 2 * 64;
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int r = wm + 16 * mt + gq + 8 * half;
+            if (r >= rows) continue;
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) {
+                const int n = n0 + wn + 8 * nt + 2 * q;  // cols is a multiple of 8: n + 1 < cols too
+                if (n >= cols) continue;
+                const int64_t at = (int64_t)(p0 + r) * cols + n;
+                const float v0 = acc[mt][nt][2 * half], v1 = acc[mt][nt][2 * half + 1];
+                if constexpr (EPI == RowsEpilogue::Store) {
+                    *reinterpret_cast<uint32_t*>(p.out + at) = pack_bf16x2(v0, v1);
+                } else if constexpr (EPI == RowsEpilogue::Gelu) {
+                    *reinterpret_cast<uint32_t*>(p.out + at) = pack_bf16x2(v0, v1);
+                    *reinterpret_cast<uint32_t*>(p.hidden + at) = pack_bf16x2(gelu_fast(v0), gelu_fast(v1));
+                } else {
+                    const __nv_bfloat162 pre = *reinterpret_cast<const __nv_bfloat162*>(p.pre + at);
+                    *reinterpret_cast<uint32_t*>(p.out + at) =
+                        pack_bf16x2(v0 * gelu_grad_fast(__low2float(pre)), v1 * gelu_grad_fast(__high2float(pre)));
+                }
+            }
+        }
+}
+
+// Weight gradient on tensor cores: block (output tile, expert), the expert's copies in group order.
+__global__ void __launch_bounds__(kGemmThreads) weight_grad_mma_kernel(const WeightGradGemm<bf16> p) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* smem = reinterpret_cast<bf16*>(smem_raw);
+    const int g = blockIdx.y, tiles_n = (int)ceil_div(p.cols_out, kGemmTile);
+    const int m0 = blockIdx.x / tiles_n * kGemmTile, n0 = blockIdx.x % tiles_n * kGemmTile;
+    const int begin = p.group_offset[g], end = p.group_offset[g + 1];
+    if (begin == end) return;
+    // Storage rows of this thread's tile rows for the next load step (negative: past the group),
+    // read one step ahead so that the index lookup (copy_row, for the gathered X) is off the
+    // critical path.
+    int64_t a_rows[kRowsPerThread], b_rows[kRowsPerThread];
+    auto fetch_rows = [&](int step) {
+#pragma unroll
+        for (int j = 0; j < kRowsPerThread; j++) {
+            const int r = begin + step * kGemmDepth + threadIdx.x / 16 + kGemmThreads / 16 * j;
+            a_rows[j] = r < end ? (p.a.index ? p.a.index[r] : r) : -1;
+            b_rows[j] = r < end ? (p.b.index ? p.b.index[r] : r) : -1;
+        }
+    };
+    fetch_rows(0);
+    auto load = [&](int stage, int step) {
+        bf16* sa = smem + stage * 2 * kGemmOperandElems;
+        load_wide_tile(sa, p.a.base, p.a.ld, a_rows, m0, p.rows_out);
+        load_wide_tile(sa + kGemmOperandElems, p.b.base, p.b.ld, b_rows, n0, p.cols_out);
+        fetch_rows(step + 1);
+    };
+    float acc[4][8][4] = {};
+    gemm_mainloop<false, false>(acc, smem, (int)ceil_div(end - begin, kGemmDepth), load);
+
+    float* dw = p.dw + (int64_t)g * p.rows_out * p.cols_out;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
+    const int wm = warp / 2 * 64, wn = warp % 2 * 64;
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int m = m0 + wm + 16 * mt + gq + 8 * half;
+            if (m >= p.rows_out) continue;
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) {
+                const int n = n0 + wn + 8 * nt + 2 * q;
+                if (n >= p.cols_out) continue;
+                float2* at = reinterpret_cast<float2*>(dw + (int64_t)m * p.cols_out + n);
+                const float2 old = *at;
+                *at = make_float2(old.x + acc[mt][nt][2 * half], old.y + acc[mt][nt][2 * half + 1]);
+            }
+        }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launchers.
+
+inline bool grouped_gemm_shape_supported(int d, int f) { return d % 8 == 0 && f % 8 == 0; }
+
+// out (copies, cols) for every tile of the plan; max_tiles from routing_max_tiles(). The element
+// type picks the implementation: tensor cores for bf16, the SIMT kernel for fp32.
+template <RowsEpilogue EPI, bool W_TRANSPOSED, class T>
+void grouped_rows_gemm(const RowsGemm<T>& p, int max_tiles, cudaStream_t stream) {
+    if constexpr (std::is_same<T, bf16>::value) {
+        const dim3 grid((unsigned)ceil_div(p.cols, kGemmTile), max_tiles, (unsigned)ceil_div(kExpertTileRows, kGemmTile));
+        launch_expert_kernel(rows_gemm_mma_kernel<EPI, W_TRANSPOSED>, grid,
+                             kGemmThreads, kGemmSmemBytes, stream, p);
+    } else {
+        rows_gemm_simt_kernel<EPI, W_TRANSPOSED>
+            <<<dim3((unsigned)ceil_div(p.cols, kSimtGemmTile), max_tiles, (unsigned)ceil_div(kExpertTileRows, kSimtGemmTile)),
+               kSimtGemmThreads, 0, stream>>>(p);
+        CUDA_CHECK_LAUNCH();
+    }
+}
+
+// dw (E, rows_out, cols_out) += per-expert a^T b.
+template <class T>
+void grouped_weight_grad(const WeightGradGemm<T>& p, int E, cudaStream_t stream) {
+    if constexpr (std::is_same<T, bf16>::value) {
+        const int tiles = (int)(ceil_div(p.rows_out, kGemmTile) * ceil_div(p.cols_out, kGemmTile));
+        launch_expert_kernel(weight_grad_mma_kernel, dim3(tiles, E), kGemmThreads, kGemmSmemBytes, stream, p);
+    } else {
+        const int tiles = (int)(ceil_div(p.rows_out, kSimtGemmTile) * ceil_div(p.cols_out, kSimtGemmTile));
+        weight_grad_simt_kernel<<<dim3(tiles, E), kSimtGemmThreads, 0, stream>>>(p);
+        CUDA_CHECK_LAUNCH();
+    }
+}
+
+// The four stages of the expert computation. x (N, ld) holds the token rows; pre, h, dpre are
+// (copies, f); o, d_o, dx_copy are (copies, d); all in group order.
+
+// pre (copies, f) = X_e W1_e^T;  h = GELU(pre).
+inline void expert_up_forward(floatX* pre, floatX* h, const floatX* x, int64_t ld, const floatX* W1,
+                              const RoutingPlan& plan, int max_tiles, int d, int f, cudaStream_t stream) {
+    grouped_rows_gemm<RowsEpilogue::Gelu, true, floatX>({pre, h, nullptr, {x, ld, plan.copy_row}, W1, d, f, plan}, max_tiles,
+                                                stream);
+}
+
+// o (copies, d) = h W2_e^T.
+inline void expert_down_forward(floatX* o, const floatX* h, const floatX* W2, const RoutingPlan& plan, int max_tiles,
+                                int d, int f, cudaStream_t stream) {
+    grouped_rows_gemm<RowsEpilogue::Store, true, floatX>({o, nullptr, nullptr, {h, f, nullptr}, W2, f, d, plan}, max_tiles,
+                                                 stream);
+}
+
+// Backward of expert_down_forward and of the GELU: dpre (copies, f) = (d_o W2_e) ⊙ GELU'(pre);
+// dW2_e (d, f) += d_o^T h.
+inline void expert_down_backward(floatX* dpre, float* dW2, const floatX* d_o, const floatX* h, const floatX* pre,
+                                 const floatX* W2, const RoutingPlan& plan, int max_tiles, int d, int f, int E,
+                                 cudaStream_t stream) {
+    grouped_rows_gemm<RowsEpilogue::GeluGrad, false, floatX>({dpre, nullptr, pre, {d_o, d, nullptr}, W2, d, f, plan},
+                                                     max_tiles, stream);
+    grouped_weight_grad<floatX>({dW2, {d_o, d, nullptr}, {h, f, nullptr}, d, f, plan.group_offset}, E, stream);
+}
+
+// Backward of expert_up_forward: dx_copy (copies, d) = dpre W1_e;  dW1_e (f, d) += dpre^T X_e.
+inline void expert_up_backward(floatX* dx_copy, float* dW1, const floatX* dpre, const floatX* x, int64_t ld,
+                               const floatX* W1, const RoutingPlan& plan, int max_tiles, int d, int f, int E,
+                               cudaStream_t stream) {
+    grouped_rows_gemm<RowsEpilogue::Store, false, floatX>({dx_copy, nullptr, nullptr, {dpre, f, nullptr}, W1, f, d, plan},
+                                                  max_tiles, stream);
+    grouped_weight_grad<floatX>({dW1, {dpre, f, nullptr}, {x, ld, plan.copy_row}, f, d, plan.group_offset}, E, stream);
+}
+
+}  // namespace lmoe
