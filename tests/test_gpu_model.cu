@@ -1,10 +1,11 @@
-// The whole train_latentmoe model on the GPU against the CPU reference at step 0 (SPEC §8.3): the
-// same weights (the GPU's fp32 master weights, copied into the reference), the same batch, the
+// The whole model of each trainer (train_latentmoe, moe_ep_baseline) on the GPU against the CPU
+// reference at step 0 (SPEC §8.3): the same weights (the GPU's fp32 master weights, copied into the reference), the same batch, the
 // same expert choices (the GPU's, so a near-tie that rounds the other way cannot fail the test):
 // the loss and the gradient of every parameter tensor. Tight in the fp32 build; in bf16 it shows
 // how far mixed precision moves them. With --dump DIR it also writes the GPU's step as a model dump
 // for the independent PyTorch oracle (tests/torch_oracle.py).
 #define LMOE_NO_MAIN
+#include "moe_ep_baseline.cu"
 #include "train_latentmoe.cu"
 #include "tests/gpu_test_utils.cuh"
 #include "tests/model_dump.h"
@@ -17,14 +18,17 @@ constexpr double kModelTolerance = 1e-4;  // a dozen fp32 layers deep: sums of ~
 constexpr double kModelTolerance = 5e-2;
 #endif
 
+template <class Ffn>
 void check_model(const char* name, Config c, lmoe::Rng& rng, const std::string& dump_dir) {
-    std::printf("%s: T %d d %d L %d n_head %d | H %d dh %d E %d fe %d k %d | B %d\n", name, c.T, c.d, c.L, c.n_head,
-                c.H, c.dh, c.E, c.fe, c.k, c.B);
+    std::printf("%s (%s): T %d d %d L %d n_head %d | H %d dh %d E %d fe %d k %d | B %d\n", name, ffn_name(c.ffn), c.T,
+                c.d, c.L, c.n_head, c.H, c.dh, c.E, c.fe, c.k, c.B);
+    validate(c, 1);
+    Ffn::check_supported(c);
     const int N = c.B * c.T;
     std::vector<int32_t> tokens(N), targets(N);
     for (int i = 0; i < N; i++) { tokens[i] = rng.below(c.V); targets[i] = rng.below(c.V); }
 
-    GpuModel<LatentMoeFfn> gpu(c, Comm{});
+    GpuModel<Ffn> gpu(c, Comm{});
     gpu.zero_grad();
     gpu.forward(tokens.data(), targets.data(), 1.f);
     gpu.backward();
@@ -54,7 +58,7 @@ void check_model(const char* name, Config c, lmoe::Rng& rng, const std::string& 
         dump.routing_bias = gpu.routing_bias.download();
         dump.loss = gpu_loss;
         dump.producer = std::string("test_gpu_model (") + gpu_test::kPrecision + " build)";
-        write_model_dump(dump_dir + "/" + name, dump);
+        write_model_dump(dump_dir + "/" + name + (c.ffn == FfnKind::MoE ? "_moe" : ""), dump);
     }
     const double loss_err = std::abs(gpu_loss - cpu_loss) / std::abs(cpu_loss);
     std::printf("  loss: GPU %.7f, CPU %.7f, rel err %.2e\n", gpu_loss, cpu_loss, loss_err);
@@ -73,10 +77,20 @@ int main(int argc, char** argv) {
     Config tiny;
     apply_preset(tiny, "tiny");
     tiny.B = 4;
-    check_model("tiny", tiny, rng, dump_dir);
+    check_model<LatentMoeFfn>("tiny", tiny, rng, dump_dir);
     Config wider = tiny;
     wider.d = 128; wider.T = 64; wider.B = 2; wider.n_head = 4; wider.H = 4; wider.dh = 32; wider.E = 16;
     wider.fe = 64; wider.k = 4; wider.V = 300;  // a vocabulary that needs padding
-    check_model("wider", wider, rng, dump_dir);
+    check_model<LatentMoeFfn>("wider", wider, rng, dump_dir);
+
+    Config moe_tiny;
+    moe_tiny.ffn = FfnKind::MoE;
+    apply_preset(moe_tiny, "tiny");
+    moe_tiny.B = 4;
+    check_model<MoeFfn>("tiny", moe_tiny, rng, dump_dir);
+    Config moe_wider = moe_tiny;
+    moe_wider.d = 144; moe_wider.dh = 144; moe_wider.T = 64; moe_wider.B = 2; moe_wider.n_head = 6; moe_wider.E = 12;
+    moe_wider.fe = 88; moe_wider.k = 3; moe_wider.V = 300;  // sizes off the 32/128 grid, a padded vocabulary
+    check_model<MoeFfn>("wider", moe_wider, rng, dump_dir);
     return check::summary();
 }
