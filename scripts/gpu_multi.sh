@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device run for the multi-GPU work (2 or 4 GPUs): build both precisions, check R GPUs against
-# one (fp32 build), 50-step reproducibility, then p1 training throughput on 1, 2, ... GPUs.
+# one for both trainers (fp32 build), 50-step reproducibility, then p1 training throughput (with the
+# per-step time breakdown and bytes sent) of both trainers on 1, 2, ... GPUs.
 # Logs go to $OUT (default out/); a short table is printed last.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -16,12 +17,16 @@ nvidia-smi topo -m >"$out/topo.txt" 2>&1
 bash tests/test_multi_gpu.sh build32 >"$out/multi_fp32.log" 2>&1
 bash tests/test_multi_gpu.sh build >"$out/multi_bf16.log" 2>&1
 MPIRUN=(mpirun --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE)
-for R in 1 2 4 8; do
-    [ "$R" -le "$gpus" ] || continue
-    "${MPIRUN[@]}" -np $R ./build/train_latentmoe --preset p1 --steps ${STEPS:-30} --eval-every 0 --log-every 10 \
-        --train-data data/kjv_train.bin --val-data data/kjv_val.bin --checkpoint "$out/p1.ckpt" >"$out/p1_R$R.log" 2>&1
-    rm -f "$out"/p1.ckpt*
+for trainer in train_latentmoe moe_ep_baseline; do
+    for R in 1 2 4 8; do
+        [ "$R" -le "$gpus" ] || continue
+        "${MPIRUN[@]}" -np $R ./build/$trainer --preset p1 --steps ${STEPS:-30} --eval-every 0 --log-every 10 \
+            --train-data data/kjv_train.bin --val-data data/kjv_val.bin --checkpoint "$out/p1.ckpt" \
+            >"$out/p1_${trainer}_R$R.log" 2>&1
+        rm -f "$out"/p1.ckpt*
+    done
 done
-echo "== R GPUs against one (fp32 build)"; grep -E "^R =|loss:|bytes sent|FAIL|passed|ok -" "$out/multi_fp32.log"
+echo "== R GPUs against one (fp32 build)"; grep -E "R = |loss:|worst|bytes sent|FAIL|passed|ok -" "$out/multi_fp32.log"
 echo "== bf16 build"; grep -E "loss:|passed|ok -" "$out/multi_bf16.log"
-echo "== p1 training (bf16), per R"; for f in "$out"/p1_R*.log; do echo "$f"; grep -E "^step .*/|done|error" "$f" | tail -3; done
+echo "== p1 training (bf16), per trainer and R"
+for f in "$out"/p1_*.log; do echo "$f"; grep -E "^step .*/|time \(ms\)|done|error" "$f" | tail -3; done
