@@ -2,6 +2,7 @@
 // runs, on the tiny preset by default. Same data, optimizer, schedule and bias update as the GPU
 // trainers, so its loss curve is what theirs should look like. Host-only.
 #pragma once
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <vector>
@@ -75,6 +76,7 @@ inline int train_on_cpu(const Config& c) {
 
     install_stop_handler();
     double first_loss = 0, last_loss = 0, last_val = NAN;
+    std::vector<double> step_ms;
     int step = first_step;
     for (; step < c.steps && !stop_requested; step++) {
         Timer timer;
@@ -97,6 +99,7 @@ inline int train_on_cpu(const Config& c) {
         double ms = timer.ms();
         if (step == first_step) first_loss = loss;
         last_loss = loss;
+        step_ms.push_back(ms);
         bool last = step == c.steps - 1;
         if (step % c.log_every == 0 || last) {
             std::printf("step %5d/%d | loss %.6f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s\n", step + 1, c.steps,
@@ -116,8 +119,12 @@ inline int train_on_cpu(const Config& c) {
         std::printf("interrupted after step %d: resume with --resume %s\n", step, c.checkpoint.c_str());
         return 130;
     }
-    std::printf("done: train loss %.4f -> %.4f, val loss %.4f, unigram baseline %.4f: %s\n", first_loss, last_loss,
-                last_val, baseline, last_val < baseline ? "below the baseline" : "NOT below the baseline");
+    std::sort(step_ms.begin(), step_ms.end());
+    const double median_ms = step_ms.empty() ? NAN : step_ms[step_ms.size() / 2];
+    std::printf("done: train loss %.4f -> %.4f, val loss %.4f (unigram baseline %.4f: %s); median step %.2f ms, "
+                "%.0f tok/s\n",
+                first_loss, last_loss, last_val, baseline, last_val < baseline ? "below" : "NOT below", median_ms,
+                c.B * c.T * c.grad_accum / (median_ms / 1000));
     return 0;
 }
 
