@@ -40,6 +40,10 @@ class MoeFfn {
     // expert loads are summed over the ranks.
     static int local_heads(const Config&, int) { return 1; }
     static constexpr bool kLoadsAreGlobal = false;
+    // SPEC §3: about 4·N·k·d·(R−1)/R elements per layer and step when the routing is balanced
+    static double predicted_bytes_per_layer(const Config& c, int N, int world) {
+        return 4.0 * N * c.k * c.d * (world - 1) / world * sizeof(floatX);
+    }
 
     MoeFfn(const Config& c, int N, int world)
         : c_(c), N_(N), world_(world), Er_(c.E / world), copies_((int64_t)N * c.k),

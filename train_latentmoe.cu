@@ -41,6 +41,10 @@ class LatentMoeFfn {
     // owner sees every sub-token of its heads, so its expert loads need no exchange.
     static int local_heads(const Config& c, int world) { return c.H / world; }
     static constexpr bool kLoadsAreGlobal = true;
+    // SPEC §3: each rank sends 4·N·H·dh·(R−1)/R elements per layer and step, exactly
+    static double predicted_bytes_per_layer(const Config& c, int N, int world) {
+        return 4.0 * N * c.H * c.dh * (world - 1) / world * sizeof(floatX);
+    }
 
     LatentMoeFfn(const Config& c, int N, int world)
         : c_(c), N_(N), HD_(c.H * c.dh), world_(world), Hl_(c.H / world), M_(world * N), ldU_(c.H / world * c.dh),

@@ -11,6 +11,7 @@
 //       static double forward_macs_per_token(const Config&);  // for the FLOP count
 //       static int local_heads(const Config&, int world);     // routing groups (heads) on this rank
 //       static constexpr bool kLoadsAreGlobal;         // false: sum the expert loads over the ranks
+//       static double predicted_bytes_per_layer(const Config&, int N, int world);  // SPEC §3, per step
 //       Ffn(const Config&, int N, int world);          // N tokens per micro-batch; allocates activations
 //       void forward(int l, floatX* out, const floatX* x, const Layer& w, const float* bias, Ctx&);
 //       void backward(int l, floatX* dx, const floatX* dout, const floatX* x, const Layer& w, const GradLayer& g,
@@ -417,7 +418,9 @@ int train_on_gpu(const Config& c, const Comm& comm) {
             const double tok_s = tokens_per_step / (ms / 1000);
             std::printf("step %5d/%d | loss %.6f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s | MFU %.1f%%", step + 1,
                         c.steps, loss, lr, norm, ms, tok_s, 100 * tok_s * flops / kPeakBf16Flops / comm.world);
-            if (!comm.single()) std::printf(" | sent %.1f MiB", bytes / 1048576.0);
+            if (!comm.single())
+                std::printf(" | sent %.1f MiB (SPEC §3: %.1f)", bytes / 1048576.0,
+                            c.L * c.grad_accum * Ffn::predicted_bytes_per_layer(c, model.N, comm.world) / 1048576.0);
             std::printf("\n");
             const double a2a = t[(int)Section::AllToAll], ffn = t[(int)Section::Ffn];
             std::printf("    time (ms): attention %.2f | FFN compute %.2f | all-to-all %.2f | all-reduce %.2f | "

@@ -11,8 +11,9 @@ export NCCL_NVLS_ENABLE=0  # never NVLink multicast on shared machines
 gpus=$(nvidia-smi -L | grep -c '^GPU')
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tee "$out/gpu.txt"
 nvidia-smi topo -m >"$out/topo.txt" 2>&1
-(cmake -B build -G Ninja >/dev/null && cmake --build build) >"$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
-(cmake -B build32 -G Ninja -DLMOE_FP32=ON >/dev/null && cmake --build build32 --target test_multi_gpu train_latentmoe data_prep) \
+(cmake -B build -G Ninja >/dev/null && cmake --build build --target test_multi_gpu train_latentmoe moe_ep_baseline data_prep) \
+    >"$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
+(cmake -B build32 -G Ninja -DLMOE_FP32=ON >/dev/null && cmake --build build32 --target test_multi_gpu train_latentmoe moe_ep_baseline data_prep) \
     >"$out/build32.log" 2>&1 || { tail -30 "$out/build32.log"; exit 1; }
 bash tests/test_multi_gpu.sh build32 >"$out/multi_fp32.log" 2>&1
 bash tests/test_multi_gpu.sh build >"$out/multi_bf16.log" 2>&1
@@ -30,3 +31,4 @@ echo "== R GPUs against one (fp32 build)"; grep -E "R = |loss:|worst|bytes sent|
 echo "== bf16 build"; grep -E "loss:|passed|ok -" "$out/multi_bf16.log"
 echo "== p1 training (bf16), per trainer and R"
 for f in "$out"/p1_*.log; do echo "$f"; grep -E "^step .*/|time \(ms\)|done|error" "$f" | tail -3; done
+tar -czf "$out/logs.tgz" -C "$out" --exclude logs.tgz . && find "$out" -name '*.log' -delete
