@@ -49,7 +49,8 @@ class MoeFfn {
         : c_(c), N_(N), world_(world), Er_(c.E / world), copies_((int64_t)N * c.k),
           capacity_(world == 1 ? copies_ : (int64_t)world * copies_),
           max_tiles_((int)routing_max_tiles(N, 1, c.E, c.k)),
-          owner_max_tiles_((int)(ceil_div(capacity_, kExpertTileRows) + c.E / world)), splits_(c.L) {
+          owner_max_tiles_((int)(ceil_div(capacity_, kExpertTileRows) + c.E / world)),
+          segmenter_(moe_segmenter(Er_, capacity_, c.d, c.fe)), splits_(c.L) {
         const size_t L = c.L;
         o_.resize(L * copies_ * c.d); pre_.resize(L * capacity_ * c.fe); h_.resize(L * capacity_ * c.fe);
         sel_.resize(L * copies_); gate_.resize(L * copies_); copy_pos_.resize(L * copies_); copy_row_.resize(L * copies_);
@@ -117,7 +118,7 @@ class MoeFfn {
         const floatX *o = o_.get() + (size_t)l * copies_ * c.d, *pre = pre_.get() + (size_t)l * capacity_ * c.fe;
         const floatX* h = h_.get() + (size_t)l * capacity_ * c.fe;
         const floatX* xe = single ? x : x_received_.get() + (size_t)l * capacity_ * c.d;
-        const int tiles = single ? max_tiles_ : owner_max_tiles_, experts = single ? c.E : Er_;
+        const int tiles = single ? max_tiles_ : owner_max_tiles_;
         // weight + merge: d_o (N·k, d) = gate · dout;  ds (N·k) = gate-softmax backward of dout · o
         combine_backward(d_o_.get(), ds_copy_.get(), dout, c.d, o, p, N_, 1, c.d, c.k, ctx.stream);
         // exchange back: d_o to the experts' owners, regrouped by owned expert
@@ -130,12 +131,13 @@ class MoeFfn {
             d_o_experts = rows_b_.get();
         }
         // compute:  dpre (rows, f) = (d_o W2_e) ⊙ GELU'(pre);  dW2_e += d_o^T h
-        expert_down_backward(dpre_.get(), g.expert_out, d_o_experts, h, pre, w.expert_out, ep, tiles, c.d, c.fe,
-                             experts, ctx.stream);
+        const GradSegments segs = segmenter_.plan(ep.group_offset, single ? copies_ : splits_[l].received, ctx.stream);
+        expert_down_backward(dpre_.get(), g.expert_out, d_o_experts, h, pre, w.expert_out, ep, tiles, segs, segmenter_,
+                             c.d, c.fe, ctx.stream);
         //           dx_copy (rows, d) = dpre W1_e;  dW1_e += dpre^T X_e
         floatX* dx_experts = single ? dx_copy_.get() : rows_a_.get();
-        expert_up_backward(dx_experts, g.expert_in, dpre_.get(), xe, c.d, w.expert_in, ep, tiles, c.d, c.fe, experts,
-                           ctx.stream);
+        expert_up_backward(dx_experts, g.expert_in, dpre_.get(), xe, c.d, w.expert_in, ep, tiles, segs, segmenter_, c.d,
+                           c.fe, ctx.stream);
         // exchange: each copy's dx back to its token's rank
         if (!single) {
             ProfileScope timed(ctx.profile, Section::AllToAll);
@@ -166,6 +168,7 @@ class MoeFfn {
     const int N_, world_, Er_;            // tokens here, ranks, experts owned here
     const int64_t copies_, capacity_;     // N·k copies leave this rank; at most R·N·k arrive (dropless)
     const int max_tiles_, owner_max_tiles_;
+    GradSegmenter segmenter_;             // splits crowded experts' weight-gradient sums over blocks
     int64_t bytes_sent_ = 0;
     std::vector<ExpertSplits> splits_;    // per layer, learned in the forward, reused by the backward
     // per layer, kept for the backward

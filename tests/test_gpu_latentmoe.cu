@@ -17,7 +17,15 @@ using gpu_test::expect_close;
 using gpu_test::rounded;
 using gpu_test::upload;
 
-struct Shape { const char* name; int M, H, dh, E, fe, k; };
+// crowded: a bias sends every row of a head to the same k experts (routing at its most skewed);
+// segment_target: the weight-gradient segmenter's block target (0: its default; small: unsplit
+// sums, large: 64-copy segments, so the partial slots are exercised).
+struct Shape {
+    const char* name;
+    int M, H, dh, E, fe, k;
+    bool crowded = false;
+    int segment_target = 0;
+};
 
 // Device buffers of one routed layer (one head group per latent head) and its plan.
 struct RoutedLayer {
@@ -27,8 +35,10 @@ struct RoutedLayer {
     DeviceBuffer<float> gate, ds_copy;
     DeviceBuffer<floatX> o, d_o, dx_copy;
     lmoe::RoutingPlan plan;
-    explicit RoutedLayer(const Shape& shape) : s(shape) {
-        copies = (int64_t)s.H * s.M * s.k;
+    lmoe::GradSegmenter segmenter;
+    explicit RoutedLayer(const Shape& shape)
+        : s(shape), copies((int64_t)s.H * s.M * s.k),
+          segmenter(lmoe::expert_segmenter(s.H * s.E, copies, s.dh, s.fe, s.segment_target)) {
         max_tiles = lmoe::routing_max_tiles(s.M, s.H, s.E, s.k);
         sel.resize(copies); gate.resize(copies); copy_pos.resize(copies); copy_row.resize(copies);
         group_offset.resize(s.H * s.E + 1); tile_group.resize(max_tiles); tile_start.resize(max_tiles);
@@ -72,7 +82,7 @@ void routed_layer(RoutedLayer& L, LayerTensors& T, cudaEvent_t* events = nullptr
     lmoe::combine_backward(L.d_o.get(), L.ds_copy.get(), T.dy.get(), HD, L.o.get(), L.plan, s.M, s.H, s.dh, s.k, st);
     mark(3);
     lmoe::expert_backward(L.dx_copy.get(), T.dK.get(), T.dV.get(), L.d_o.get(), T.u.get(), HD, T.K.get(), T.V.get(),
-                          L.plan, (int)L.max_tiles, s.dh, s.H, s.E, s.fe, st);
+                          L.plan, (int)L.max_tiles, L.copies, L.segmenter, s.dh, s.E, s.fe, st);
     mark(4);
     lmoe::router_weight_backward(T.dR.get(), T.u.get(), HD, L.ds_copy.get(), L.copy_row.get(), L.group_offset.get(), s.H,
                                  s.dh, s.E, st);
@@ -109,6 +119,16 @@ void check_plan(const RoutedLayer& L, const std::vector<int>& sel) {
     CHECK_MSG(tiles_ok, std::string(s.name) + ": the tile list does not cover the groups");
 }
 
+// The routing bias (H, E): N(0, scale²), and +100 on each head's first k experts when crowded.
+std::vector<float> routing_bias(const Shape& s, lmoe::Rng& rng, double scale) {
+    std::vector<float> bias(s.H * s.E);
+    for (float& b : bias) b = float(scale * rng.normal());
+    if (s.crowded)
+        for (int h = 0; h < s.H; h++)
+            for (int e = 0; e < s.k; e++) bias[h * s.E + e] += 100.f;
+    return bias;
+}
+
 void run_shape(const Shape& s, lmoe::Rng& rng) {
     std::printf("%s: M %d, H %d, dh %d, E %d, fe %d, k %d\n", s.name, s.M, s.H, s.dh, s.E, s.fe, s.k);
     const int HD = s.H * s.dh;
@@ -118,8 +138,7 @@ void run_shape(const Shape& s, lmoe::Rng& rng) {
     auto K = rounded<floatX>(gpu_test::random_normal(rng, (size_t)s.H * s.E * s.fe * s.dh, 1.0 / std::sqrt(s.dh)));
     auto V = rounded<floatX>(gpu_test::random_normal(rng, (size_t)s.H * s.E * s.fe * s.dh, 1.0 / std::sqrt(s.fe)));
     auto dy = rounded<floatX>(gpu_test::random_normal(rng, (size_t)s.M * HD));
-    std::vector<float> bias(s.H * s.E);
-    for (float& b : bias) b = float(0.2 * rng.normal());
+    const std::vector<float> bias = routing_bias(s, rng, 0.2);
     LayerTensors T{upload<floatX>(u), upload<floatX>(R), upload<floatX>(K), upload<floatX>(V), upload<floatX>(dy),
                    DeviceBuffer<floatX>((size_t)s.M * HD), DeviceBuffer<floatX>((size_t)s.M * HD),
                    DeviceBuffer<float>(bias.size()), DeviceBuffer<float>(R.size()), DeviceBuffer<float>(K.size()),
@@ -211,7 +230,7 @@ void bench_shape(const Shape& s, lmoe::Rng& rng) {
                    DeviceBuffer<floatX>((size_t)s.M * HD), DeviceBuffer<floatX>((size_t)s.M * HD),
                    DeviceBuffer<float>((size_t)s.H * s.E), DeviceBuffer<float>((size_t)s.H * s.dh * s.E),
                    DeviceBuffer<float>((size_t)s.H * s.E * s.fe * s.dh), DeviceBuffer<float>((size_t)s.H * s.E * s.fe * s.dh)};
-    CUDA_CHECK(cudaMemset(T.bias.get(), 0, T.bias.size() * sizeof(float)));
+    T.bias.upload(routing_bias(s, rng, 0.0));
     for (auto* g : {&T.dR, &T.dK, &T.dV}) CUDA_CHECK(cudaMemset(g->get(), 0, g->size() * sizeof(float)));
     RoutedLayer L(s);
     cudaEvent_t ev[kStages + 1];
@@ -234,8 +253,8 @@ void bench_shape(const Shape& s, lmoe::Rng& rng) {
     auto median = [](std::vector<float> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; };
     const double unit = 2.0 * s.H * s.M * s.k * s.dh * s.fe;  // FLOPs of one (copies × dh × fe) matmul
     const double flops[kStages] = {0, 2 * unit, 0, 0, 7 * unit, 0};
-    std::printf("bench %s (M %d tokens, H %d, dh %d, E %d, fe %d, k %d), median of %d:\n", s.name, s.M, s.H, s.dh, s.E,
-                s.fe, s.k, reps);
+    std::printf("bench %s (M %d tokens, H %d, dh %d, E %d, fe %d, k %d%s), median of %d:\n", s.name, s.M, s.H, s.dh,
+                s.E, s.fe, s.k, s.crowded ? ", every row on the same k experts" : "", reps);
     for (int i = 0; i < kStages; i++) {
         double t = median(ms[i]);
         std::printf("  %-30s %8.3f ms", kStageNames[i], t);
@@ -245,7 +264,7 @@ void bench_shape(const Shape& s, lmoe::Rng& rng) {
     std::printf("  %-30s %8.3f ms (routed part, without W_mh / W_mg)\n", "total", median(ms[kStages]));
 
     // Each expert kernel alone, on the plan of the last run.
-    const int dh = s.dh, E = s.E, F = s.fe, H = s.H, tiles = (int)L.max_tiles;
+    const int dh = s.dh, E = s.E, F = s.fe, tiles = (int)L.max_tiles;
     auto time_kernel = [&](const char* name, double units, auto&& launch) {
         std::vector<float> t;
         for (int rep = -3; rep < reps; rep++) {
@@ -269,7 +288,7 @@ void bench_shape(const Shape& s, lmoe::Rng& rng) {
     });
     time_kernel("expert weight backward", 4, [&] {
         lmoe::expert_weight_backward(T.dK.get(), T.dV.get(), L.d_o.get(), T.u.get(), HD, T.K.get(), T.V.get(), L.plan,
-                                     dh, H, E, F, 0);
+                                     L.copies, L.segmenter, dh, E, F, 0);
     });
     for (auto& e : ev) CUDA_CHECK(cudaEventDestroy(e));
 }
@@ -282,11 +301,16 @@ int main(int argc, char** argv) {
         {"odd rows", 300, 2, 32, 6, 64, 3},
         {"small", 512, 8, 64, 32, 256, 4},
         {"p1 shape", 192, 8, 128, 64, 512, 8},
+        {"crowded, 64-copy segments", 300, 2, 64, 16, 256, 4, true, 1 << 20},
+        {"crowded", 1024, 4, 128, 32, 512, 8, true},
     };
     for (const Shape& s : shapes) run_shape(s, rng);
     if (argc > 1 && std::string(argv[1]) == "--bench") {  // SPEC §6 layer benchmark sizes, N = 8192
         bench_shape({"p1", 8192, 8, 128, 64, 512, 8}, rng);
         bench_shape({"p2", 8192, 8, 128, 128, 256, 16}, rng);
+        // the weight gradient under the most skewed routing, sums unsplit (one segment per group) and split
+        bench_shape({"p1 crowded, unsplit", 8192, 8, 128, 64, 512, 8, true, 1}, rng);
+        bench_shape({"p1 crowded", 8192, 8, 128, 64, 512, 8, true}, rng);
     }
     return check::summary();
 }

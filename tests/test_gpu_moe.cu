@@ -28,6 +28,9 @@ struct Shape {
     const char* name;
     int M, d, E, f, k;
     bool starve_last = false;  // a large negative bias keeps every copy away from the last expert
+    bool crowded = false;      // a large positive bias sends every token to the first k experts
+    int segment_target = 0;    // the weight-gradient segmenter's block target (0: its default;
+                               // 1: unsplit sums; large: 64-copy segments, exercising the partials)
 };
 
 // Device buffers of one routed MoE layer: the plan and the per-copy activations.
@@ -38,8 +41,9 @@ struct MoeLayer {
     DeviceBuffer<float> gate, ds_copy;
     DeviceBuffer<floatX> pre, h, o, d_o, dpre, dx_copy;
     lmoe::RoutingPlan plan;
-    explicit MoeLayer(const Shape& shape) : s(shape) {
-        copies = (int64_t)s.M * s.k;
+    lmoe::GradSegmenter segmenter;
+    explicit MoeLayer(const Shape& shape)
+        : s(shape), copies((int64_t)s.M * s.k), segmenter(lmoe::moe_segmenter(s.E, copies, s.d, s.f, s.segment_target)) {
         max_tiles = lmoe::routing_max_tiles(s.M, 1, s.E, s.k);
         sel.resize(copies); gate.resize(copies); copy_pos.resize(copies); copy_row.resize(copies);
         group_offset.resize(s.E + 1); tile_group.resize(max_tiles); tile_start.resize(max_tiles);
@@ -88,11 +92,12 @@ void routed_layer(MoeLayer& L, LayerTensors& T, cudaEvent_t* events = nullptr) {
     mark(4);
     lmoe::combine_backward(L.d_o.get(), L.ds_copy.get(), T.dy.get(), s.d, L.o.get(), L.plan, s.M, 1, s.d, s.k, st);
     mark(5);
+    const lmoe::GradSegments segs = L.segmenter.plan(L.group_offset.get(), L.copies, st);
     lmoe::expert_down_backward(L.dpre.get(), T.dW2.get(), L.d_o.get(), L.h.get(), L.pre.get(), T.W2.get(), L.plan, mt,
-                               s.d, s.f, s.E, st);
+                               segs, L.segmenter, s.d, s.f, st);
     mark(6);
-    lmoe::expert_up_backward(L.dx_copy.get(), T.dW1.get(), L.dpre.get(), T.x.get(), s.d, T.W1.get(), L.plan, mt, s.d,
-                             s.f, s.E, st);
+    lmoe::expert_up_backward(L.dx_copy.get(), T.dW1.get(), L.dpre.get(), T.x.get(), s.d, T.W1.get(), L.plan, mt, segs,
+                             L.segmenter, s.d, s.f, st);
     mark(7);
     lmoe::router_weight_backward(T.dR.get(), T.x.get(), s.d, L.ds_copy.get(), L.copy_row.get(), L.group_offset.get(), 1,
                                  s.d, s.E, st);
@@ -199,6 +204,16 @@ void check_grouped_gemms(const MoeLayer& L, const LayerTensors& T, const std::ve
     expect_close("dW1_e += dpre^T X_e (increment)", increment(T.dW1, dW1_start), ref_dW1);
 }
 
+// The routing bias (E): N(0, scale²), then the shape's starved or crowded experts.
+std::vector<float> routing_bias(const Shape& s, lmoe::Rng& rng, double scale) {
+    std::vector<float> bias(s.E);
+    for (float& b : bias) b = float(scale * rng.normal());
+    if (s.starve_last) bias[s.E - 1] = -1e4f;
+    if (s.crowded)
+        for (int e = 0; e < s.k; e++) bias[e] += 100.f;
+    return bias;
+}
+
 void run_shape(const Shape& s, lmoe::Rng& rng) {
     std::printf("%s: M %d, d %d, E %d, f %d, k %d\n", s.name, s.M, s.d, s.E, s.f, s.k);
     // inputs, rounded to what the GPU holds
@@ -207,9 +222,7 @@ void run_shape(const Shape& s, lmoe::Rng& rng) {
     auto W1 = rounded<floatX>(gpu_test::random_normal(rng, (size_t)s.E * s.f * s.d, 1.0 / std::sqrt(s.d)));
     auto W2 = rounded<floatX>(gpu_test::random_normal(rng, (size_t)s.E * s.d * s.f, 1.0 / std::sqrt(s.f)));
     auto dy = rounded<floatX>(gpu_test::random_normal(rng, (size_t)s.M * s.d));
-    std::vector<float> bias(s.E);
-    for (float& b : bias) b = float(0.2 * rng.normal());
-    if (s.starve_last) bias[s.E - 1] = -1e4f;
+    const std::vector<float> bias = routing_bias(s, rng, 0.2);
     // gradients start from random values: the kernels must add to them
     auto start = [&](size_t n) {
         std::vector<float> v(n);
@@ -386,7 +399,7 @@ void bench_shape(const Shape& s, lmoe::Rng& rng) {
                    DeviceBuffer<floatX>((size_t)s.M * s.d), DeviceBuffer<floatX>((size_t)s.M * s.d),
                    DeviceBuffer<float>(s.E), DeviceBuffer<float>((size_t)s.d * s.E),
                    DeviceBuffer<float>((size_t)s.E * s.f * s.d), DeviceBuffer<float>((size_t)s.E * s.d * s.f)};
-    CUDA_CHECK(cudaMemset(T.bias.get(), 0, T.bias.size() * sizeof(float)));
+    T.bias.upload(routing_bias(s, rng, 0.0));
     for (auto* g : {&T.dR, &T.dW1, &T.dW2}) CUDA_CHECK(cudaMemset(g->get(), 0, g->size() * sizeof(float)));
     MoeLayer L(s);
     cudaEvent_t ev[kStages + 1];
@@ -448,12 +461,14 @@ void bench_shape(const Shape& s, lmoe::Rng& rng) {
             {L.dx_copy.get(), nullptr, nullptr, {L.dpre.get(), f, nullptr}, T.W1.get(), f, d, L.plan}, mt, 0);
     });
     kernel("dW2 += dO^T h", [&] {
-        lmoe::grouped_weight_grad<floatX>({T.dW2.get(), {L.d_o.get(), d, nullptr}, {L.h.get(), f, nullptr}, d, f,
-                                           L.group_offset.get()}, s.E, 0);
+        const lmoe::GradSegments segs = L.segmenter.plan(L.group_offset.get(), L.copies, 0);
+        lmoe::grouped_weight_grad<floatX>({T.dW2.get(), {L.d_o.get(), d, nullptr}, {L.h.get(), f, nullptr}, d, f, segs},
+                                          L.segmenter, 0);
     });
     kernel("dW1 += dpre^T X", [&] {
-        lmoe::grouped_weight_grad<floatX>({T.dW1.get(), {L.dpre.get(), f, nullptr}, {T.x.get(), d, L.copy_row.get()}, f,
-                                           d, L.group_offset.get()}, s.E, 0);
+        const lmoe::GradSegments segs = L.segmenter.plan(L.group_offset.get(), L.copies, 0);
+        lmoe::grouped_weight_grad<floatX>(
+            {T.dW1.get(), {L.dpre.get(), f, nullptr}, {T.x.get(), d, L.copy_row.get()}, f, d, segs}, L.segmenter, 0);
     });
     bench_cublas(s, L, T, ev, reps, unit);
     for (auto& e : ev) CUDA_CHECK(cudaEventDestroy(e));
@@ -468,6 +483,8 @@ int main(int argc, char** argv) {
         {"small", 512, 512, 32, 256, 4},
         {"p1 shape", 128, 1024, 64, 512, 8},
         {"p2 shape", 128, 1024, 128, 256, 16},
+        {"crowded, 64-copy segments", 300, 200, 12, 72, 3, false, true, 1 << 20},
+        {"crowded", 1024, 512, 32, 256, 4, false, true},
     };
     const std::string mode = argc > 1 ? argv[1] : "";
     if (mode != "--bench-only")
@@ -475,6 +492,9 @@ int main(int argc, char** argv) {
     if (mode == "--bench" || mode == "--bench-only") {  // SPEC §6 layer benchmark sizes, N = 8192
         bench_shape({"p1", 8192, 1024, 64, 512, 8}, rng);
         bench_shape({"p2", 8192, 1024, 128, 256, 16}, rng);
+        // the weight gradients under the most skewed routing, sums unsplit (one segment per expert) and split
+        bench_shape({"p1 crowded, unsplit", 8192, 1024, 64, 512, 8, false, true, 1}, rng);
+        bench_shape({"p1 crowded", 8192, 1024, 64, 512, 8, false, true}, rng);
     }
     return check::summary();
 }

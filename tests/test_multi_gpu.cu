@@ -35,25 +35,31 @@ void check_parallel(const char* name, Config global, const Comm& comm) {
     model.sync_gradients();
     const float loss = model.mean_loss_global();
     const int64_t bytes = model.take_bytes_sent();
-    // Expert Parallel's exact bytes from this rank's routing: every copy bound for another rank's
-    // expert crosses four times (x, its output, their gradients), plus the count metadata.
-    long long routed_bytes = 0;
-    if constexpr (Ffn::kind == FfnKind::MoE) {
-        const int Er = global.E / comm.world;
+    // Expert Parallel's copies from this rank to each rank's experts, over all layers.
+    std::vector<long long> copies_to(comm.world, 0);
+    if constexpr (Ffn::kind == FfnKind::MoE)
         for (int l = 0; l < global.L; l++)
-            for (int e : model.ffn().selection(l)) routed_bytes += e / Er != comm.rank;
-        routed_bytes = routed_bytes * 4 * global.d * (long long)sizeof(floatX) +
-                       (long long)global.L * (comm.world - 1) * Er * (long long)sizeof(int);
-    }
+            for (int e : model.ffn().selection(l)) copies_to[e / (global.E / comm.world)]++;
     std::vector<float> local_grads = model.grads.download();
     std::vector<float> all((size_t)comm.world * local_grads.size());
     MPI_CHECK(MPI_Gather(local_grads.data(), (int)local_grads.size(), MPI_FLOAT, all.data(), (int)local_grads.size(),
                          MPI_FLOAT, 0, MPI_COMM_WORLD));
-    std::vector<long long> sent(comm.world), routed(comm.world);
+    std::vector<long long> sent(comm.world), copies((size_t)comm.world * comm.world);
     long long mine = bytes;
     MPI_CHECK(MPI_Gather(&mine, 1, MPI_LONG_LONG, sent.data(), 1, MPI_LONG_LONG, 0, MPI_COMM_WORLD));
-    MPI_CHECK(MPI_Gather(&routed_bytes, 1, MPI_LONG_LONG, routed.data(), 1, MPI_LONG_LONG, 0, MPI_COMM_WORLD));
+    MPI_CHECK(MPI_Gather(copies_to.data(), comm.world, MPI_LONG_LONG, copies.data(), comm.world, MPI_LONG_LONG, 0,
+                         MPI_COMM_WORLD));
     if (!lead) return;
+    // What Expert Parallel's routing implies rank r sends: its copies for other ranks' experts and
+    // their gradients back out (x forward, d_o backward), the results for other ranks' copies
+    // (o forward, dx backward), and the counts: (R − 1)·E/R integers per layer.
+    std::vector<long long> routed(comm.world, 0);
+    for (int r = 0; r < comm.world; r++) {
+        for (int q = 0; q < comm.world; q++)
+            if (q != r) routed[r] += 2 * (copies[(size_t)r * comm.world + q] + copies[(size_t)q * comm.world + r]);
+        routed[r] = routed[r] * global.d * (long long)sizeof(floatX) +
+                    (long long)global.L * (comm.world - 1) * (global.E / comm.world) * (long long)sizeof(int);
+    }
 
     std::printf("%s, R = %d: %d tokens per rank, %d in the global batch\n", name, comm.world, Nl, Ng);
     GpuModel<Ffn> one(global, Comm{});
