@@ -49,8 +49,7 @@ class MoeFfn {
         : c_(c), N_(N), world_(world), Er_(c.E / world), copies_((int64_t)N * c.k),
           capacity_(world == 1 ? copies_ : (int64_t)world * copies_),
           max_tiles_((int)routing_max_tiles(N, 1, c.E, c.k)),
-          owner_max_tiles_((int)(ceil_div(capacity_, kExpertTileRows) + c.E / world)),
-          segmenter_(moe_segmenter(Er_, capacity_, c.d, c.fe)), splits_(c.L) {
+          owner_max_tiles_((int)(ceil_div(capacity_, kExpertTileRows) + c.E / world)), splits_(c.L) {
         const size_t L = c.L;
         o_.resize(L * copies_ * c.d); pre_.resize(L * capacity_ * c.fe); h_.resize(L * capacity_ * c.fe);
         sel_.resize(L * copies_); gate_.resize(L * copies_); copy_pos_.resize(L * copies_); copy_row_.resize(L * copies_);
@@ -59,6 +58,7 @@ class MoeFfn {
         chunk_counts_.resize((size_t)routing_chunks(N) * c.E);
         d_o_.resize(copies_ * c.d); dx_copy_.resize(copies_ * c.d); ds_copy_.resize(copies_);
         dpre_.resize(capacity_ * c.fe);
+        router_grad_scratch_.resize(router_grad_scratch_size(c.E, c.d));
         if (world > 1) {  // Expert Parallel: received rows, the owner plans, and room for any routing (dropless)
             x_received_.resize(L * capacity_ * c.d);
             owner_group_offset_.resize(L * (Er_ + 1)); owner_copy_row_.resize(L * capacity_);
@@ -118,7 +118,7 @@ class MoeFfn {
         const floatX *o = o_.get() + (size_t)l * copies_ * c.d, *pre = pre_.get() + (size_t)l * capacity_ * c.fe;
         const floatX* h = h_.get() + (size_t)l * capacity_ * c.fe;
         const floatX* xe = single ? x : x_received_.get() + (size_t)l * capacity_ * c.d;
-        const int tiles = single ? max_tiles_ : owner_max_tiles_;
+        const int tiles = single ? max_tiles_ : owner_max_tiles_, experts = single ? c.E : Er_;
         // weight + merge: d_o (N·k, d) = gate · dout;  ds (N·k) = gate-softmax backward of dout · o
         combine_backward(d_o_.get(), ds_copy_.get(), dout, c.d, o, p, N_, 1, c.d, c.k, ctx.stream);
         // exchange back: d_o to the experts' owners, regrouped by owned expert
@@ -131,13 +131,12 @@ class MoeFfn {
             d_o_experts = rows_b_.get();
         }
         // compute:  dpre (rows, f) = (d_o W2_e) ⊙ GELU'(pre);  dW2_e += d_o^T h
-        const GradSegments segs = segmenter_.plan(ep.group_offset, single ? copies_ : splits_[l].received, ctx.stream);
-        expert_down_backward(dpre_.get(), g.expert_out, d_o_experts, h, pre, w.expert_out, ep, tiles, segs, segmenter_,
-                             c.d, c.fe, ctx.stream);
+        expert_down_backward(dpre_.get(), g.expert_out, d_o_experts, h, pre, w.expert_out, ep, tiles, c.d, c.fe,
+                             experts, ctx.stream);
         //           dx_copy (rows, d) = dpre W1_e;  dW1_e += dpre^T X_e
         floatX* dx_experts = single ? dx_copy_.get() : rows_a_.get();
-        expert_up_backward(dx_experts, g.expert_in, dpre_.get(), xe, c.d, w.expert_in, ep, tiles, segs, segmenter_, c.d,
-                           c.fe, ctx.stream);
+        expert_up_backward(dx_experts, g.expert_in, dpre_.get(), xe, c.d, w.expert_in, ep, tiles, c.d, c.fe, experts,
+                           ctx.stream);
         // exchange: each copy's dx back to its token's rank
         if (!single) {
             ProfileScope timed(ctx.profile, Section::AllToAll);
@@ -146,7 +145,8 @@ class MoeFfn {
                                          *ctx.comm, ctx.stream);
         }
         // route:    dR[:, e] += Σ_{copies of e} x · ds   (k chosen columns only)
-        router_weight_backward(g.router, x, c.d, ds_copy_.get(), p.copy_row, p.group_offset, 1, c.d, c.E, ctx.stream);
+        router_weight_backward(g.router, router_grad_scratch_.get(), x, c.d, ds_copy_.get(), p.copy_row, p.group_offset,
+                               1, c.d, c.E, ctx.stream);
         // group:    dx[t] = Σ_j dx_copy + Σ_j R[:, e_j] ds_j                  floatX (N, d)
         gather_input_grad(dx, c.d, dx_copy_.get(), ds_copy_.get(), w.router, p, N_, 1, c.d, c.E, c.k, ctx.stream);
     }
@@ -168,7 +168,6 @@ class MoeFfn {
     const int N_, world_, Er_;            // tokens here, ranks, experts owned here
     const int64_t copies_, capacity_;     // N·k copies leave this rank; at most R·N·k arrive (dropless)
     const int max_tiles_, owner_max_tiles_;
-    GradSegmenter segmenter_;             // splits crowded experts' weight-gradient sums over blocks
     int64_t bytes_sent_ = 0;
     std::vector<ExpertSplits> splits_;    // per layer, learned in the forward, reused by the backward
     // per layer, kept for the backward
@@ -179,7 +178,7 @@ class MoeFfn {
     // scratch shared by all layers
     DeviceBuffer<int> chunk_counts_, send_counts_, recv_counts_;
     DeviceBuffer<floatX> d_o_, dpre_, dx_copy_, rows_a_, rows_b_;
-    DeviceBuffer<float> ds_copy_;
+    DeviceBuffer<float> ds_copy_, router_grad_scratch_;
 
     RoutingPlan plan(int l) {
         const size_t G = c_.E;

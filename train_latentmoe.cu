@@ -48,8 +48,7 @@ class LatentMoeFfn {
 
     LatentMoeFfn(const Config& c, int N, int world)
         : c_(c), N_(N), HD_(c.H * c.dh), world_(world), Hl_(c.H / world), M_(world * N), ldU_(c.H / world * c.dh),
-          copies_((int64_t)c.H * N * c.k), max_tiles_((int)routing_max_tiles(world * N, c.H / world, c.E, c.k)),
-          segmenter_(expert_segmenter(Hl_ * c.E, copies_, c.dh, c.fe)) {
+          copies_((int64_t)c.H * N * c.k), max_tiles_((int)routing_max_tiles(world * N, c.H / world, c.E, c.k)) {
         const size_t L = c.L;
         U_.resize(L * N * HD_); y_.resize(L * N * HD_); o_.resize(L * copies_ * c.dh);
         sel_.resize(L * copies_); gate_.resize(L * copies_); copy_pos_.resize(L * copies_); copy_row_.resize(L * copies_);
@@ -58,6 +57,7 @@ class LatentMoeFfn {
         chunk_counts_.resize((size_t)Hl_ * routing_chunks(M_) * c.E);
         for (auto* b : {&rows_, &heads_, &heads2_, &exchange_}) b->resize((size_t)N * HD_);
         d_o_.resize(copies_ * c.dh); dx_copy_.resize(copies_ * c.dh); ds_copy_.resize(copies_);
+        router_grad_scratch_.resize(router_grad_scratch_size(Hl_ * c.E, c.dh));
     }
 
     // out (N, d) = FFN_l(x (N, d)). W = H/R·dh columns per owner; M = R·N rows at the owner.
@@ -102,9 +102,10 @@ class LatentMoeFfn {
         combine_backward(d_o_.get(), ds_copy_.get(), dY, ldU_, o, p, M_, Hl_, c.dh, c.k, ctx.stream);
         // compute:  dx_copy (copies, dh); dK, dV += (hidden recomputed per tile)
         expert_backward(dx_copy_.get(), g.expert_in, g.expert_out, d_o_.get(), U, ldU_, w.expert_in, w.expert_out, p,
-                        max_tiles_, copies_, segmenter_, c.dh, c.E, c.fe, ctx.stream);
+                        max_tiles_, c.dh, Hl_, c.E, c.fe, ctx.stream);
         // route:    dR_h[:, e] += Σ_{copies of e} U · ds   (k chosen columns only)
-        router_weight_backward(g.router, U, ldU_, ds_copy_.get(), p.copy_row, p.group_offset, Hl_, c.dh, c.E, ctx.stream);
+        router_weight_backward(g.router, router_grad_scratch_.get(), U, ldU_, ds_copy_.get(), p.copy_row, p.group_offset,
+                               Hl_, c.dh, c.E, ctx.stream);
         // group:    dU[t, h] = Σ_j dx_copy + Σ_j R_h[:, e_j] ds_j                floatX (R·N, W)
         floatX* dU = single ? rows_.get() : heads2_.get();
         gather_input_grad(dU, ldU_, dx_copy_.get(), ds_copy_.get(), w.router, p, M_, Hl_, c.dh, c.E, c.k, ctx.stream);
@@ -145,7 +146,6 @@ class LatentMoeFfn {
     const int N_, HD_, world_, Hl_, M_, ldU_;  // tokens here, H·dh, ranks, heads here, rows at the owner, W
     const int64_t copies_;                     // H·N·k = (H/R)·(R·N)·k
     const int max_tiles_;
-    GradSegmenter segmenter_;  // splits crowded experts' weight-gradient sums over blocks
     int64_t bytes_sent_ = 0;
     // per layer, kept for the backward
     DeviceBuffer<floatX> U_, y_, o_;
@@ -154,7 +154,7 @@ class LatentMoeFfn {
     // scratch shared by all layers: (N, H·dh) token rows, (R·N, W) head rows, the exchange buffer
     DeviceBuffer<int> chunk_counts_;
     DeviceBuffer<floatX> rows_, heads_, heads2_, exchange_, d_o_, dx_copy_;
-    DeviceBuffer<float> ds_copy_;
+    DeviceBuffer<float> ds_copy_, router_grad_scratch_;
 
     RoutingPlan plan(int l) {
         const size_t G = (size_t)Hl_ * c_.E;

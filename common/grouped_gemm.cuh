@@ -65,14 +65,13 @@ struct RowsGemm {
 };
 
 // One weight-gradient GEMM: dw_e (rows_out, cols_out) += Σ over copies p of expert e of
-// a[p, :]^T b[p, :], a (copies, rows_out), b (copies, cols_out), copies in group order; each
-// expert's copies summed in segments (grad_segments.cuh).
+// a[p, :]^T b[p, :], a (copies, rows_out), b (copies, cols_out), copies in group order.
 template <class T>
 struct WeightGradGemm {
     float* dw;  // (E, rows_out, cols_out)
     Rows<T> a, b;
     int rows_out, cols_out;
-    GradSegments segs;
+    const int* group_offset;  // (E + 1)
 };
 
 template <RowsEpilogue EPI, class T>
@@ -149,14 +148,13 @@ __global__ void __launch_bounds__(kSimtGemmThreads) rows_gemm_simt_kernel(const 
         }
 }
 
-// Weight gradient: block (output tile, segment of an expert's copies), copies summed in group order.
+// Weight gradient: block (output tile, expert), copies summed in group order.
 __global__ void __launch_bounds__(kSimtGemmThreads) weight_grad_simt_kernel(const WeightGradGemm<float> p) {
     __shared__ float As[kSimtGemmDepth][kSimtGemmTile + 1], Bs[kSimtGemmDepth][kSimtGemmTile + 1];
-    const Segment seg = segment_at(p.segs, blockIdx.y);
-    if (seg.g < 0) return;
-    const int tiles_n = (int)ceil_div(p.cols_out, kSimtGemmTile);
+    const int g = blockIdx.y, tiles_n = (int)ceil_div(p.cols_out, kSimtGemmTile);
     const int m0 = blockIdx.x / tiles_n * kSimtGemmTile, n0 = blockIdx.x % tiles_n * kSimtGemmTile;
-    const int begin = seg.begin, end = seg.end;
+    const int begin = p.group_offset[g], end = p.group_offset[g + 1];
+    if (begin == end) return;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     float acc[4][4] = {};
     for (int k0 = begin; k0 < end; k0 += kSimtGemmDepth) {
@@ -181,15 +179,13 @@ __global__ void __launch_bounds__(kSimtGemmThreads) weight_grad_simt_kernel(cons
         }
         __syncthreads();
     }
-    float* dw = segment_output(p.segs, seg, p.dw, 0);
+    float* dw = p.dw + (int64_t)g * p.rows_out * p.cols_out;
 #pragma unroll
     for (int i = 0; i < 4; i++)
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             const int m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
-            if (m >= p.rows_out || n >= p.cols_out) continue;
-            float* at = dw + (int64_t)m * p.cols_out + n;
-            *at = seg.accumulates() ? *at + acc[i][j] : acc[i][j];
+            if (m < p.rows_out && n < p.cols_out) dw[(int64_t)m * p.cols_out + n] += acc[i][j];
         }
 }
 
@@ -381,16 +377,14 @@ __global__ void __launch_bounds__(kGemmThreads) rows_gemm_mma_kernel(const RowsG
         }
 }
 
-// Weight gradient on tensor cores: block (output tile, segment of an expert's copies), the copies
-// in group order.
+// Weight gradient on tensor cores: block (output tile, expert), the expert's copies in group order.
 __global__ void __launch_bounds__(kGemmThreads) weight_grad_mma_kernel(const WeightGradGemm<bf16> p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16* smem = reinterpret_cast<bf16*>(smem_raw);
-    const Segment seg = segment_at(p.segs, blockIdx.y);
-    if (seg.g < 0) return;
-    const int tiles_n = (int)ceil_div(p.cols_out, kGemmTile);
+    const int g = blockIdx.y, tiles_n = (int)ceil_div(p.cols_out, kGemmTile);
     const int m0 = blockIdx.x / tiles_n * kGemmTile, n0 = blockIdx.x % tiles_n * kGemmTile;
-    const int begin = seg.begin, end = seg.end;
+    const int begin = p.group_offset[g], end = p.group_offset[g + 1];
+    if (begin == end) return;
     // Storage rows of this thread's tile rows for the next load step (negative: past the group),
     // read one step ahead so that the index lookup (copy_row, for the gathered X) is off the
     // critical path.
@@ -413,7 +407,7 @@ __global__ void __launch_bounds__(kGemmThreads) weight_grad_mma_kernel(const Wei
     float acc[4][8][4] = {};
     gemm_mainloop<false, false>(acc, smem, (int)ceil_div(end - begin, kGemmDepth), load);
 
-    float* dw = segment_output(p.segs, seg, p.dw, 0);
+    float* dw = p.dw + (int64_t)g * p.rows_out * p.cols_out;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
     const int wm = warp / 2 * 64, wn = warp % 2 * 64;
 #pragma unroll
@@ -426,8 +420,9 @@ __global__ void __launch_bounds__(kGemmThreads) weight_grad_mma_kernel(const Wei
             for (int nt = 0; nt < 8; nt++) {
                 const int n = n0 + wn + 8 * nt + 2 * q;
                 if (n >= p.cols_out) continue;
-                store_pair(dw + (int64_t)m * p.cols_out + n, acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1],
-                           seg.accumulates());
+                float2* at = reinterpret_cast<float2*>(dw + (int64_t)m * p.cols_out + n);
+                const float2 old = *at;
+                *at = make_float2(old.x + acc[mt][nt][2 * half], old.y + acc[mt][nt][2 * half + 1]);
             }
         }
 }
@@ -453,30 +448,17 @@ void grouped_rows_gemm(const RowsGemm<T>& p, int max_tiles, cudaStream_t stream)
     }
 }
 
-// Output tiles of one expert's (rows_out, cols_out) weight gradient, elements of type T.
+// dw (E, rows_out, cols_out) += per-expert a^T b.
 template <class T>
-int weight_grad_tiles(int rows_out, int cols_out) {
-    const int tile = std::is_same<T, bf16>::value ? kGemmTile : kSimtGemmTile;
-    return (int)(ceil_div(rows_out, tile) * ceil_div(cols_out, tile));
-}
-
-// The segmenter of the MoE's weight gradients (dW1 and dW2: d·f elements per expert each, reduced
-// one after the other through the same slots) for E experts over at most max_copies copies.
-inline GradSegmenter moe_segmenter(int E, int64_t max_copies, int d, int f, int target_blocks = 0) {
-    return GradSegmenter(E, max_copies, weight_grad_tiles<floatX>(d, f), (int64_t)d * f, 1, target_blocks);
-}
-
-// dw (E, rows_out, cols_out) += per-expert a^T b, over the segments p.segs, then their partials.
-template <class T>
-void grouped_weight_grad(const WeightGradGemm<T>& p, const GradSegmenter& segmenter, cudaStream_t stream) {
-    const dim3 grid(weight_grad_tiles<T>(p.rows_out, p.cols_out), segmenter.max_segments());
+void grouped_weight_grad(const WeightGradGemm<T>& p, int E, cudaStream_t stream) {
     if constexpr (std::is_same<T, bf16>::value) {
-        launch_expert_kernel(weight_grad_mma_kernel, grid, kGemmThreads, kGemmSmemBytes, stream, p);
+        const int tiles = (int)(ceil_div(p.rows_out, kGemmTile) * ceil_div(p.cols_out, kGemmTile));
+        launch_expert_kernel(weight_grad_mma_kernel, dim3(tiles, E), kGemmThreads, kGemmSmemBytes, stream, p);
     } else {
-        weight_grad_simt_kernel<<<grid, kSimtGemmThreads, 0, stream>>>(p);
+        const int tiles = (int)(ceil_div(p.rows_out, kSimtGemmTile) * ceil_div(p.cols_out, kSimtGemmTile));
+        weight_grad_simt_kernel<<<dim3(tiles, E), kSimtGemmThreads, 0, stream>>>(p);
         CUDA_CHECK_LAUNCH();
     }
-    segmenter.reduce(p.dw, p.segs, 0, stream);
 }
 
 // The four stages of the expert computation. x (N, ld) holds the token rows; pre, h, dpre are
@@ -497,22 +479,22 @@ inline void expert_down_forward(floatX* o, const floatX* h, const floatX* W2, co
 }
 
 // Backward of expert_down_forward and of the GELU: dpre (copies, f) = (d_o W2_e) ⊙ GELU'(pre);
-// dW2_e (d, f) += d_o^T h. segs: the plan's segments from moe_segmenter.
+// dW2_e (d, f) += d_o^T h.
 inline void expert_down_backward(floatX* dpre, float* dW2, const floatX* d_o, const floatX* h, const floatX* pre,
-                                 const floatX* W2, const RoutingPlan& plan, int max_tiles, const GradSegments& segs,
-                                 const GradSegmenter& segmenter, int d, int f, cudaStream_t stream) {
+                                 const floatX* W2, const RoutingPlan& plan, int max_tiles, int d, int f, int E,
+                                 cudaStream_t stream) {
     grouped_rows_gemm<RowsEpilogue::GeluGrad, false, floatX>({dpre, nullptr, pre, {d_o, d, nullptr}, W2, d, f, plan},
                                                      max_tiles, stream);
-    grouped_weight_grad<floatX>({dW2, {d_o, d, nullptr}, {h, f, nullptr}, d, f, segs}, segmenter, stream);
+    grouped_weight_grad<floatX>({dW2, {d_o, d, nullptr}, {h, f, nullptr}, d, f, plan.group_offset}, E, stream);
 }
 
 // Backward of expert_up_forward: dx_copy (copies, d) = dpre W1_e;  dW1_e (f, d) += dpre^T X_e.
 inline void expert_up_backward(floatX* dx_copy, float* dW1, const floatX* dpre, const floatX* x, int64_t ld,
-                               const floatX* W1, const RoutingPlan& plan, int max_tiles, const GradSegments& segs,
-                               const GradSegmenter& segmenter, int d, int f, cudaStream_t stream) {
+                               const floatX* W1, const RoutingPlan& plan, int max_tiles, int d, int f, int E,
+                               cudaStream_t stream) {
     grouped_rows_gemm<RowsEpilogue::Store, false, floatX>({dx_copy, nullptr, nullptr, {dpre, f, nullptr}, W1, f, d, plan},
                                                   max_tiles, stream);
-    grouped_weight_grad<floatX>({dW1, {dpre, f, nullptr}, {x, ld, plan.copy_row}, f, d, segs}, segmenter, stream);
+    grouped_weight_grad<floatX>({dW1, {dpre, f, nullptr}, {x, ld, plan.copy_row}, f, d, plan.group_offset}, E, stream);
 }
 
 }  // namespace lmoe

@@ -19,7 +19,6 @@
 #include <type_traits>
 
 #include "cuda_utils.cuh"
-#include "grad_segments.cuh"
 #include "mma.cuh"
 #include "moe_permute.cuh"
 
@@ -158,30 +157,27 @@ __global__ void __launch_bounds__(kExpertThreads) expert_input_backward_kernel(f
         for (int i = 0; i < DH / 4; i++) dx_copy[(int64_t)(p0 + r) * DH + cg + 4 * i] = from_float<floatX>(acc[i]);
 }
 
-// Weight gradients, one block per (segment of a group's copies, fe chunk), walking the segment's
-// copies in order, so each sum has a fixed order (no atomics; grad_segments.cuh):
+// Weight gradients, one block per (group, fe chunk), walking all of the group's copies in order, so
+// each gradient element has one owner and a fixed summation order (no atomics):
 //   dV_c += A^T dO,   dK_c += dS^T X      with A, dS recomputed per tile as above.
 template <int DH>
 __global__ void __launch_bounds__(kExpertThreads) expert_weight_backward_kernel(float* dK, float* dV, const floatX* d_o,
                                                                                 const floatX* x, int64_t ld,
                                                                                 const floatX* K, const floatX* V,
-                                                                                const RoutingPlan plan,
-                                                                                const GradSegments segs, int E, int F) {
+                                                                                const RoutingPlan plan, int E, int F) {
     using S = ExpertTileSmem<DH>;
     extern __shared__ float smem[];
     float *Xs = smem, *dOs = Xs + S::rows_floats, *Ks = dOs + S::rows_floats, *Vs = Ks + S::chunk_floats;
     float *As = Vs + S::chunk_floats, *dSs = As + S::hidden_floats;
-    const Segment seg = segment_at(segs, blockIdx.x);
-    if (seg.g < 0) return;
-    const int g = seg.g, h = g / E, f0 = blockIdx.y * kExpertChunk;
-    const int64_t wofs = ((int64_t)g * F + f0) * DH;  // this chunk of expert g's K, V
+    const int g = blockIdx.x, h = g / E, f0 = blockIdx.y * kExpertChunk;
+    const int64_t wofs = ((int64_t)g * F + f0) * DH;  // this chunk of expert g's K, V, dK, dV
     const int r = threadIdx.x / 4, cg = threadIdx.x % 4;          // for the (rows × chunk) products
     const int c = threadIdx.x / 8, col0 = threadIdx.x % 8;         // for the (chunk × dh) accumulators
     load_chunk<DH>(Ks, K + wofs);
     load_chunk<DH>(Vs, V + wofs);
     float acc_k[DH / 8] = {}, acc_v[DH / 8] = {};
-    for (int p0 = seg.begin; p0 < seg.end; p0 += kSimtTileRows) {
-        const int rows = min(kSimtTileRows, seg.end - p0);
+    for (int p0 = plan.group_offset[g]; p0 < plan.group_offset[g + 1]; p0 += kSimtTileRows) {
+        const int rows = min(kSimtTileRows, plan.group_offset[g + 1] - p0);
         __syncthreads();
         load_tile_rows<DH>(Xs, x, rows, [&](int i) { return plan.copy_row[p0 + i] * ld + (int64_t)h * DH; });
         load_tile_rows<DH>(dOs, d_o, rows, [&](int i) { return (int64_t)(p0 + i) * DH; });
@@ -204,13 +200,10 @@ __global__ void __launch_bounds__(kExpertThreads) expert_weight_backward_kernel(
             }
         }
     }
-    float* out_k = segment_output(segs, seg, dK, 0) + (int64_t)f0 * DH;
-    float* out_v = segment_output(segs, seg, dV, 1) + (int64_t)f0 * DH;
 #pragma unroll
     for (int i = 0; i < DH / 8; i++) {
-        const int64_t at = (int64_t)c * DH + col0 + 8 * i;
-        out_k[at] = seg.accumulates() ? out_k[at] + acc_k[i] : acc_k[i];
-        out_v[at] = seg.accumulates() ? out_v[at] + acc_v[i] : acc_v[i];
+        dK[wofs + (int64_t)c * DH + col0 + 8 * i] += acc_k[i];
+        dV[wofs + (int64_t)c * DH + col0 + 8 * i] += acc_v[i];
     }
 }
 
@@ -612,8 +605,7 @@ __device__ inline void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_
 // a warpgroup meets only itself between writing A^T, dS^T and reading them.
 template <int DH, int FC>
 __device__ inline void weight_backward_wgmma(float* dK, float* dV, const bf16* d_o, const bf16* x, int64_t ld,
-                                             const bf16* K, const bf16* V, const RoutingPlan& plan,
-                                             const GradSegments& segs, const Segment& seg, int E, int F,
+                                             const bf16* K, const bf16* V, const RoutingPlan& plan, int E, int F,
                                              unsigned char* smem_raw) {
     static_assert(FC == 128 && (DH == 64 || DH == 128), "wgmma path: fe slice 128, dh 64 or 128");
     constexpr int BR = 64, NT = kMmaWeightThreads, STAGES = 3;
@@ -626,8 +618,9 @@ __device__ inline void weight_backward_wgmma(float* dK, float* dV, const bf16* d
     bf16* dOs = Xs + STAGES * rows_elems;       // STAGES × (64, dh)
     bf16* At = dOs + STAGES * rows_elems;       // (FC, 64): A^T
     bf16* dSt = At + hidden_elems;              // (FC, 64): dS^T
-    const int g = seg.g, h = g / E, f0 = blockIdx.x * FC, begin = seg.begin, end = seg.end;
-    const int64_t wofs = ((int64_t)g * F + f0) * DH;  // this slice of expert g's K, V
+    const int g = blockIdx.y, h = g / E, f0 = blockIdx.x * FC;
+    const int begin = plan.group_offset[g], end = plan.group_offset[g + 1];
+    const int64_t wofs = ((int64_t)g * F + f0) * DH;
     const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
     auto load_rows = [&](int p0, int stage) {
         const int rows = min(BR, end - p0);
@@ -702,35 +695,35 @@ __device__ inline void weight_backward_wgmma(float* dK, float* dV, const bf16* d
     }
     wgmma_fence_operands(acc_v);
     wgmma_fence_operands(acc_k);
-    float* out_k = segment_output(segs, seg, dK, 0) + (int64_t)f0 * DH;
-    float* out_v = segment_output(segs, seg, dV, 1) + (int64_t)f0 * DH;
 #pragma unroll
     for (int i = 0; i < DH / 2; i += 2) {
         const int f = wg * 64 + 16 * warp + gq + 8 * (i / 2 % 2), c = 8 * (i / 4) + 2 * q;
-        store_pair(out_k + (int64_t)f * DH + c, acc_k[i], acc_k[i + 1], seg.accumulates());
-        store_pair(out_v + (int64_t)f * DH + c, acc_v[i], acc_v[i + 1], seg.accumulates());
+        const int64_t at = wofs + (int64_t)f * DH + c;
+        float2* dk = reinterpret_cast<float2*>(dK + at);
+        float2* dv = reinterpret_cast<float2*>(dV + at);
+        const float2 k_old = *dk, v_old = *dv;
+        *dk = make_float2(k_old.x + acc_k[i], k_old.y + acc_k[i + 1]);
+        *dv = make_float2(v_old.x + acc_v[i], v_old.y + acc_v[i + 1]);
     }
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-// Weight gradients, one block per (FC-wide slice of fe, segment of a group's copies) — slices
-// fastest, so the blocks of a segment run together and share its X, dO through L2 — walking the
-// segment's copies in order, so each sum has a fixed order (no atomics; grad_segments.cuh). Per 64 rows: recompute
+// Weight gradients, one block per (FC-wide slice of fe, group) — slices fastest, so the blocks of a
+// group run together and share its X, dO through L2 — walking the group's copies in order, so each
+// gradient element has one owner and a fixed summation order (no atomics). Per 64 rows: recompute
 // S = X K_c^T, dA = dO V_c^T; park A = GELU(S) and dS = dA ⊙ GELU'(S) in shared memory as bf16;
 // then  dV_c += A^T dO,  dK_c += dS^T X.
 template <int DH, int FC>
 __global__ void __launch_bounds__(kMmaWeightThreads, 1)
     expert_weight_backward_mma_kernel(float* dK, float* dV, const bf16* d_o, const bf16* x, int64_t ld, const bf16* K,
-                                      const bf16* V, const RoutingPlan plan, const GradSegments segs, int E, int F) {
+                                      const bf16* V, const RoutingPlan plan, int E, int F) {
     using L = MmaWeightLayout<DH, FC>;
     constexpr int BR = kMmaWeightRows, NT = kMmaWeightThreads;
     constexpr int S_MT = L::s_rows / 16, R_MT = L::r_rows / 16;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    const Segment seg = segment_at(segs, blockIdx.y);
-    if (seg.g < 0) return;
 #if defined(LMOE_HAS_WGMMA)
     if constexpr (MmaWeightLayout<DH, FC>::on_wgmma) {
-        weight_backward_wgmma<DH, FC>(dK, dV, d_o, x, ld, K, V, plan, segs, seg, E, F, smem_raw);
+        weight_backward_wgmma<DH, FC>(dK, dV, d_o, x, ld, K, V, plan, E, F, smem_raw);
         return;
     }
 #endif
@@ -740,8 +733,9 @@ __global__ void __launch_bounds__(kMmaWeightThreads, 1)
     bf16* dOs = Xs + 2 * L::rows_elems;             // 2 × (64, dh)
     bf16* As = dOs + 2 * L::rows_elems;             // (64, FC)
     bf16* dSs = As + L::hidden_elems;               // (64, FC)
-    const int g = seg.g, h = g / E, f0 = blockIdx.x * FC, begin = seg.begin, end = seg.end;
-    const int64_t wofs = ((int64_t)g * F + f0) * DH;  // this slice of expert g's K, V
+    const int g = blockIdx.y, h = g / E, f0 = blockIdx.x * FC;
+    const int begin = plan.group_offset[g], end = plan.group_offset[g + 1];
+    const int64_t wofs = ((int64_t)g * F + f0) * DH;  // this slice of expert g's K, V, dK, dV
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
     const int sm0 = warp / L::s_warps_n * L::s_rows, sn0 = warp % L::s_warps_n * L::s_cols;
     const int rf0 = warp / L::r_warps_d * L::r_rows, rd0 = warp % L::r_warps_d * L::r_cols;
@@ -792,17 +786,18 @@ __global__ void __launch_bounds__(kMmaWeightThreads, 1)
         }
     }
     if (!reducer) return;
-    float* out_k = segment_output(segs, seg, dK, 0) + (int64_t)f0 * DH;
-    float* out_v = segment_output(segs, seg, dV, 1) + (int64_t)f0 * DH;
 #pragma unroll
     for (int mt = 0; mt < R_MT; mt++)
 #pragma unroll
         for (int nt = 0; nt < L::r_cols / 8; nt++)
 #pragma unroll
             for (int half = 0; half < 2; half++) {
-                const int64_t at = (int64_t)(rf0 + 16 * mt + gq + 8 * half) * DH + rd0 + nt * 8 + 2 * q;
-                store_pair(out_k + at, acc_k[mt][nt][2 * half], acc_k[mt][nt][2 * half + 1], seg.accumulates());
-                store_pair(out_v + at, acc_v[mt][nt][2 * half], acc_v[mt][nt][2 * half + 1], seg.accumulates());
+                const int64_t at = wofs + (int64_t)(rf0 + 16 * mt + gq + 8 * half) * DH + rd0 + nt * 8 + 2 * q;
+                float2* dk = reinterpret_cast<float2*>(dK + at);
+                float2* dv = reinterpret_cast<float2*>(dV + at);
+                const float2 k_old = *dk, v_old = *dv;
+                *dk = make_float2(k_old.x + acc_k[mt][nt][2 * half], k_old.y + acc_k[mt][nt][2 * half + 1]);
+                *dv = make_float2(v_old.x + acc_v[mt][nt][2 * half], v_old.y + acc_v[mt][nt][2 * half + 1]);
             }
 }
 
@@ -891,51 +886,33 @@ inline void expert_input_backward(floatX* dx_copy, const floatX* d_o, const floa
     });
 }
 
-// Output tiles per group of the weight-gradient kernels (fe slices): what expert_segmenter plans for.
-inline int expert_weight_tiles(int F) {
-    if (!kExpertsOnTensorCores) return F / kExpertChunk;
-    int slice = 32;
-    dispatch_fe_chunk<kWeightBackwardSlice>(F, [&](auto s) { slice = decltype(s)::value; });
-    return F / slice;
-}
-
-// The segmenter of expert_weight_backward for G = H·E groups over at most max_copies copies.
-inline GradSegmenter expert_segmenter(int G, int64_t max_copies, int dh, int F, int target_blocks = 0) {
-    return GradSegmenter(G, max_copies, expert_weight_tiles(F), (int64_t)F * dh, 2, target_blocks);
-}
-
-// dK, dV (H, E, fe, dh) fp32, accumulated, from d_o (copies, dh); `copies` copies in the plan.
+// dK, dV (H, E, fe, dh) fp32, accumulated, from d_o (copies, dh).
 inline void expert_weight_backward(float* dK, float* dV, const floatX* d_o, const floatX* x, int64_t ld,
-                                   const floatX* K, const floatX* V, const RoutingPlan& plan, int64_t copies,
-                                   GradSegmenter& segmenter, int dh, int E, int F, cudaStream_t stream) {
-    const GradSegments segs = segmenter.plan(plan.group_offset, copies, stream);
-    const unsigned segments = segmenter.max_segments();
+                                   const floatX* K, const floatX* V, const RoutingPlan& plan, int dh, int H, int E,
+                                   int F, cudaStream_t stream) {
     dispatch_head_dim(dh, [&](auto head_dim) {
         constexpr int DH = decltype(head_dim)::value;
         if constexpr (kExpertsOnTensorCores) {
             dispatch_fe_chunk<kWeightBackwardSlice>(F, [&](auto slice) {
                 constexpr int FC = decltype(slice)::value;
-                launch_expert_kernel(expert_weight_backward_mma_kernel<DH, FC>, dim3(F / FC, segments),
-                                     kMmaWeightThreads, MmaWeightLayout<DH, FC>::bytes, stream, dK, dV, d_o, x, ld, K,
-                                     V, plan, segs, E, F);
+                launch_expert_kernel(expert_weight_backward_mma_kernel<DH, FC>, dim3(F / FC, H * E), kMmaWeightThreads,
+                                     MmaWeightLayout<DH, FC>::bytes, stream, dK, dV, d_o, x, ld, K, V, plan, E, F);
             });
         } else {
             using S = ExpertTileSmem<DH>;
-            launch_expert_kernel(expert_weight_backward_kernel<DH>, dim3(segments, F / kExpertChunk), kExpertThreads,
+            launch_expert_kernel(expert_weight_backward_kernel<DH>, dim3(H * E, F / kExpertChunk), kExpertThreads,
                                  (2 * S::rows_floats + 2 * S::chunk_floats + 2 * S::hidden_floats) * sizeof(float),
-                                 stream, dK, dV, d_o, x, ld, K, V, plan, segs, E, F);
+                                 stream, dK, dV, d_o, x, ld, K, V, plan, E, F);
         }
     });
-    segmenter.reduce(dK, segs, 0, stream);
-    segmenter.reduce(dV, segs, 1, stream);
 }
 
 // Both gradients: dx_copy (copies, dh), and dK, dV (H, E, fe, dh) fp32 accumulated, from d_o (copies, dh).
 inline void expert_backward(floatX* dx_copy, float* dK, float* dV, const floatX* d_o, const floatX* x, int64_t ld,
-                            const floatX* K, const floatX* V, const RoutingPlan& plan, int max_tiles, int64_t copies,
-                            GradSegmenter& segmenter, int dh, int E, int F, cudaStream_t stream) {
+                            const floatX* K, const floatX* V, const RoutingPlan& plan, int max_tiles, int dh, int H,
+                            int E, int F, cudaStream_t stream) {
     expert_input_backward(dx_copy, d_o, x, ld, K, V, plan, max_tiles, dh, E, F, stream);
-    expert_weight_backward(dK, dV, d_o, x, ld, K, V, plan, copies, segmenter, dh, E, F, stream);
+    expert_weight_backward(dK, dV, d_o, x, ld, K, V, plan, dh, H, E, F, stream);
 }
 
 }  // namespace lmoe

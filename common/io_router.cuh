@@ -106,23 +106,67 @@ inline void router_forward(int* sel, float* gate, const floatX* x, int64_t ld, c
     CUDA_CHECK_LAUNCH();
 }
 
-// Router weight gradient, one block per (head, expert) group, touching only the rows that chose
-// the expert: dR_h[:, e] += Σ_{copies p of group (h, e)} x[row(p)] · ds[p], summed in copy order
-// (the grouped order of SPEC §4, so no two blocks write the same column and no atomics are needed).
-__global__ void router_weight_backward_kernel(float* dR, const floatX* x, int64_t ld, const float* ds_copy,
-                                              const int* copy_row, const int* group_offset, int D, int E) {
-    const int g = blockIdx.x, h = g / E, e = g % E;
-    const int first = group_offset[g], last = group_offset[g + 1];
-    for (int i = threadIdx.x; i < D; i += blockDim.x) {
-        float acc = 0.f;
-        for (int p = first; p < last; p++) acc += to_float(x[copy_row[p] * ld + (int64_t)h * D + i]) * ds_copy[p];
-        dR[((int64_t)h * D + i) * E + e] += acc;
+// Router weight gradient (SPEC §4: only the chosen columns): for each (head, expert) group g = (h, e)
+//   dR_h[:, e] += Σ_{copies p of g} x[row(p)] · ds[p]
+// A group's copies are cut into kRouterGradParts equal parts and the D columns into chunks of
+// kRouterGradCols, one block per (chunk, group, part), so a crowded expert (early in training every
+// token may pick the same k experts) is spread over many blocks instead of walking its copies in
+// one. Warp w sums the part's copies w, w + 8, ... (two columns per lane), the warps are combined in
+// order, and the part's sum goes to a scratch slot; router_grad_reduce_kernel adds the parts in
+// order. Fixed orders throughout: bitwise reproducible, no atomics.
+constexpr int kRouterGradParts = 8, kRouterGradCols = 64, kRouterGradWarps = 8;
+
+// Scratch floats router_weight_backward needs for G groups of D columns.
+inline size_t router_grad_scratch_size(int G, int D) { return (size_t)G * kRouterGradParts * D; }
+
+// parts (G, kRouterGradParts, D): each part's sum.
+__global__ void __launch_bounds__(kRouterGradWarps * 32)
+    router_grad_parts_kernel(float* parts, const floatX* x, int64_t ld, const float* ds_copy, const int* copy_row,
+                             const int* group_offset, int D, int E) {
+    const int c0 = blockIdx.x * kRouterGradCols, g = blockIdx.y, part = blockIdx.z, h = g / E;
+    const int first = group_offset[g], n = group_offset[g + 1] - first;
+    const int begin = first + (int)((int64_t)n * part / kRouterGradParts);
+    const int end = first + (int)((int64_t)n * (part + 1) / kRouterGradParts);
+    const int warp = threadIdx.x / 32, col = c0 + 2 * (threadIdx.x % 32);  // D is even: col + 1 < D too
+    float a0 = 0.f, a1 = 0.f;
+    if (col < D) {
+#pragma unroll 4
+        for (int p = begin + warp; p < end; p += kRouterGradWarps) {
+            const floatX* xr = x + copy_row[p] * ld + (int64_t)h * D + col;
+            a0 += to_float(xr[0]) * ds_copy[p];
+            a1 += to_float(xr[1]) * ds_copy[p];
+        }
     }
+    __shared__ float sums[kRouterGradWarps][kRouterGradCols];
+    sums[warp][2 * (threadIdx.x % 32)] = a0;
+    sums[warp][2 * (threadIdx.x % 32) + 1] = a1;
+    __syncthreads();
+    if (threadIdx.x >= kRouterGradCols || c0 + (int)threadIdx.x >= D) return;
+    float total = 0.f;
+    for (int w = 0; w < kRouterGradWarps; w++) total += sums[w][threadIdx.x];
+    parts[((int64_t)g * kRouterGradParts + part) * D + c0 + threadIdx.x] = total;
 }
 
-inline void router_weight_backward(float* dR, const floatX* x, int64_t ld, const float* ds_copy, const int* copy_row,
-                                   const int* group_offset, int H, int D, int E, cudaStream_t stream) {
-    router_weight_backward_kernel<<<H * E, 128, 0, stream>>>(dR, x, ld, ds_copy, copy_row, group_offset, D, E);
+// dR (H, D, E) += Σ over parts, in order; one thread per element of dR.
+__global__ void router_grad_reduce_kernel(float* dR, const float* parts, int H, int D, int E) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (int64_t)H * D * E) return;
+    const int e = (int)(i % E), col = (int)(i / E % D), h = (int)(i / ((int64_t)E * D));
+    const float* p = parts + ((int64_t)(h * E + e) * kRouterGradParts) * D + col;
+    float total = 0.f;
+    for (int part = 0; part < kRouterGradParts; part++) total += p[(int64_t)part * D];
+    dR[i] += total;
+}
+
+// dR (H, D, E) fp32, accumulated; scratch: router_grad_scratch_size(H·E, D) floats. D must be even.
+inline void router_weight_backward(float* dR, float* scratch, const floatX* x, int64_t ld, const float* ds_copy,
+                                   const int* copy_row, const int* group_offset, int H, int D, int E,
+                                   cudaStream_t stream) {
+    const dim3 grid((unsigned)ceil_div(D, kRouterGradCols), H * E, kRouterGradParts);
+    router_grad_parts_kernel<<<grid, kRouterGradWarps * 32, 0, stream>>>(scratch, x, ld, ds_copy, copy_row,
+                                                                         group_offset, D, E);
+    CUDA_CHECK_LAUNCH();
+    router_grad_reduce_kernel<<<(unsigned)ceil_div((int64_t)H * D * E, 256), 256, 0, stream>>>(dR, scratch, H, D, E);
     CUDA_CHECK_LAUNCH();
 }
 

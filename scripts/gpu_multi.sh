@@ -15,13 +15,13 @@ nvidia-smi topo -m >"$out/topo.txt" 2>&1
     >"$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
 (cmake -B build32 -G Ninja -DLMOE_FP32=ON >/dev/null && cmake --build build32 --target test_multi_gpu train_latentmoe moe_ep_baseline data_prep) \
     >"$out/build32.log" 2>&1 || { tail -30 "$out/build32.log"; exit 1; }
-bash tests/test_multi_gpu.sh build32 >"$out/multi_fp32.log" 2>&1
-bash tests/test_multi_gpu.sh build >"$out/multi_bf16.log" 2>&1
+timeout 240 bash tests/test_multi_gpu.sh build32 >"$out/multi_fp32.log" 2>&1
+timeout 240 bash tests/test_multi_gpu.sh build >"$out/multi_bf16.log" 2>&1
 MPIRUN=(mpirun --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE)
 for trainer in train_latentmoe moe_ep_baseline; do
     for R in 1 2 4 8; do
         [ "$R" -le "$gpus" ] || continue
-        "${MPIRUN[@]}" -np $R ./build/$trainer --preset p1 --steps ${STEPS:-30} --eval-every 0 --log-every 10 \
+        timeout 120 "${MPIRUN[@]}" -np $R ./build/$trainer --preset p1 --steps ${STEPS:-30} --eval-every 0 --log-every 10 \
             --train-data data/kjv_train.bin --val-data data/kjv_val.bin --checkpoint "$out/p1.ckpt" \
             >"$out/p1_${trainer}_R$R.log" 2>&1
         rm -f "$out"/p1.ckpt*

@@ -38,7 +38,7 @@ if [ -f .anchors/pytorch_ep_layer.py ]; then
 fi
 if [ -f data/kjv_train.bin ]; then
     for trainer in train_latentmoe moe_ep_baseline; do
-        ./build/$trainer --preset small --steps ${STEPS:-300} --eval-every 100 --log-every 50 \
+        timeout 120 ./build/$trainer --preset small --steps ${STEPS:-300} --eval-every 100 --log-every 50 \
             --train-data data/kjv_train.bin --val-data data/kjv_val.bin --checkpoint "$out/small.ckpt" \
             >"$out/small_$trainer.log" 2>&1
         rm -f "$out/small.ckpt"
