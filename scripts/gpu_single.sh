@@ -53,4 +53,5 @@ echo "== PyTorch oracle on the fp32 GPU dumps"; tail -n 1 "$out"/oracle_*.log
 echo "== layer benchmark, forward+backward of one FFN layer"; cat "$out/layer_bench.log"; grep RESULT "$out/anchor.log"
 echo "== small preset training"
 for trainer in train_latentmoe moe_ep_baseline; do grep -E "val|done|error" "$out/small_$trainer.log" | tail -4; done
-tar -czf "$out/logs.tgz" -C "$out" --exclude logs.tgz . && find "$out" -name '*.log' -delete
+# the device returns at most 8 files: the logs travel as one archive
+tar -czf "${TMPDIR:-/tmp}/logs.tgz" -C "$out" . && find "$out" -name '*.log' -delete && mv "${TMPDIR:-/tmp}/logs.tgz" "$out/"
