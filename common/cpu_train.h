@@ -74,6 +74,7 @@ inline int train_on_cpu(const Config& c) {
                 (long long)train.tokens_per_epoch(), c.val_data.c_str());
     std::printf("unigram baseline (entropy of the train shard's token frequencies): %.4f nats\n", baseline);
 
+    StepLog log(c.log_file, first_step > 0);
     install_stop_handler();
     double first_loss = 0, last_loss = 0, last_val = NAN;
     std::vector<double> step_ms;
@@ -110,6 +111,7 @@ inline int train_on_cpu(const Config& c) {
             last_val = cpu_validation_loss(model, val, eval_batches);
             std::printf("step %5d | val loss %.4f (unigram baseline %.4f)\n", step + 1, last_val, baseline);
         }
+        log.row(step + 1, loss, norm, last ? last_val : NAN, ms);
         if (c.checkpoint_every > 0 && (step + 1) % c.checkpoint_every == 0 && !last)
             save_cpu_checkpoint(c, model, m, v, step + 1);
         std::fflush(stdout);

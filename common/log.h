@@ -4,6 +4,8 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <filesystem>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -39,5 +41,27 @@ inline void print_loads(const std::vector<int64_t>& counts, int L, int H, int E)
     }
     std::printf("\n");
 }
+
+// The --log-file CSV, one row per step: step,loss,norm,val_loss,ms (val_loss on the last step only,
+// NaN elsewhere). Appends when a run resumes. A closed log (no file asked for) ignores rows.
+class StepLog {
+  public:
+    StepLog(const std::string& path, bool resumed) {
+        if (path.empty()) return;
+        const std::filesystem::path dir = std::filesystem::path(path).parent_path();
+        if (!dir.empty()) std::filesystem::create_directories(dir);
+        file_ = std::fopen(path.c_str(), resumed ? "a" : "w");
+        if (!file_) throw std::runtime_error(path + ": cannot write the log file");
+    }
+    ~StepLog() { if (file_) std::fclose(file_); }
+    StepLog(const StepLog&) = delete;
+    StepLog& operator=(const StepLog&) = delete;
+    void row(int step, double loss, double norm, double val_loss, double ms) {
+        if (file_) std::fprintf(file_, "%d,%.9g,%.9g,%.9g,%.3f\n", step, loss, norm, val_loss, ms);
+    }
+
+  private:
+    std::FILE* file_ = nullptr;
+};
 
 }  // namespace lmoe

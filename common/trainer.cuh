@@ -362,13 +362,7 @@ int train_on_gpu(const Config& c, const Comm& comm) {
                     c.train_data.c_str(), c.val_data.c_str());
         std::printf("unigram baseline (entropy of the train shard's token frequencies): %.4f nats\n", baseline);
     }
-    std::FILE* log = nullptr;
-    if (lead && !c.log_file.empty()) {
-        std::filesystem::path dir = std::filesystem::path(c.log_file).parent_path();
-        if (!dir.empty()) std::filesystem::create_directories(dir);
-        log = std::fopen(c.log_file.c_str(), first_step > 0 ? "a" : "w");
-        if (!log) throw std::runtime_error(c.log_file + ": cannot write the log file");
-    }
+    StepLog log(lead ? c.log_file : "", first_step > 0);
     auto save = [&](int steps_done) {
         std::filesystem::path dir = std::filesystem::path(c.checkpoint).parent_path();
         if (!dir.empty()) std::filesystem::create_directories(dir);
@@ -433,12 +427,11 @@ int train_on_gpu(const Config& c, const Comm& comm) {
             last_val = gpu_validation_loss(model, val, eval_batches);
             if (lead) std::printf("step %5d | val loss %.4f (unigram baseline %.4f)\n", step + 1, last_val, baseline);
         }
-        if (log) std::fprintf(log, "%d,%.9g,%.9g,%.9g,%.3f\n", step + 1, loss, norm, last ? last_val : NAN, ms);
+        log.row(step + 1, loss, norm, last ? last_val : NAN, ms);
         if (c.checkpoint_every > 0 && (step + 1) % c.checkpoint_every == 0 && !last) save(step + 1);
         std::fflush(stdout);
     }
     save(step);
-    if (log) std::fclose(log);
     if (step < c.steps) {
         if (lead) std::printf("interrupted after step %d: resume with --resume %s\n", step, c.checkpoint.c_str());
         return 130;

@@ -248,12 +248,17 @@ fi
 # One tiny successful run of each trainer (tiny preset, 3 steps of 2 x 32 tokens).
 
 for program in "${TRAINERS[@]}"; do
-    name="$program trains 3 steps end to end"
-    run 0 "$BUILD/$program" "${RUN[@]}" "${DATA[@]}"
+    name="$program trains 3 steps end to end, with the --log-file CSV"
+    rm -f steps.csv
+    run 0 "$BUILD/$program" "${RUN[@]}" "${DATA[@]}" --log-file steps.csv
     steps=$(grep -cE '^step +[0-9]+/3 \| loss [0-9]+\.[0-9]+' "$OUT")
     [ "$steps" -eq 3 ] || WHY="${WHY:+$WHY; }$steps of 3 'step N/3 | loss X' lines"
     grep -qE '^step .*val loss [0-9]+\.[0-9]+' "$OUT" || WHY="${WHY:+$WHY; }no validation loss line"
     grep '^step' "$OUT" | grep -qiwE 'nan|inf' && WHY="${WHY:+$WHY; }a non-finite number in a step line"
+    # step,loss,norm,val_loss,ms: three rows, the validation loss on the last only
+    rows=$(grep -cE '^[123],[0-9.]+,[0-9.]+,nan,[0-9.]+$' steps.csv 2>/dev/null)
+    [ "$rows" -eq 2 ] && grep -qE '^3,[0-9.]+,[0-9.]+,[0-9.]+,[0-9.]+$' steps.csv ||
+        WHY="${WHY:+$WHY; }the --log-file CSV is not 3 rows of step,loss,norm,val_loss,ms: $(tr '\n' ' ' <steps.csv 2>/dev/null)"
     if [ -z "$WHY" ]; then ok "$name"; else not_ok "$name" "$WHY"; fi
 done
 
