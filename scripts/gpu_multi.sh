@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One device run for the multi-GPU work (2 or 4 GPUs): build both precisions, check R GPUs against
-# one for both trainers (fp32 build), 50-step reproducibility, then p1 training throughput (with the
-# per-step time breakdown and bytes sent) of both trainers on 1, 2, ... GPUs.
+# One device run for the multi-GPU work (2, 4 or 8 GPUs): build both precisions, check R GPUs against
+# one for both trainers (fp32 build), 50-step reproducibility, then training throughput (with the
+# per-step time breakdown and bytes sent) of both trainers on 1, 2, ... GPUs, for each preset in
+# PRESETS (default p1), STEPS steps each (default 30).
 # Logs go to $OUT (default out/); a short table is printed last.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -15,21 +16,23 @@ nvidia-smi topo -m >"$out/topo.txt" 2>&1
     >"$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
 (cmake -B build32 -G Ninja -DLMOE_FP32=ON >/dev/null && cmake --build build32 --target test_multi_gpu train_latentmoe moe_ep_baseline data_prep) \
     >"$out/build32.log" 2>&1 || { tail -30 "$out/build32.log"; exit 1; }
-timeout 240 bash tests/test_multi_gpu.sh build32 >"$out/multi_fp32.log" 2>&1
-timeout 240 bash tests/test_multi_gpu.sh build >"$out/multi_bf16.log" 2>&1
+timeout 360 bash tests/test_multi_gpu.sh build32 >"$out/multi_fp32.log" 2>&1
+timeout 360 bash tests/test_multi_gpu.sh build >"$out/multi_bf16.log" 2>&1
 MPIRUN=(mpirun --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE)
-for trainer in train_latentmoe moe_ep_baseline; do
-    for R in 1 2 4 8; do
-        [ "$R" -le "$gpus" ] || continue
-        timeout 120 "${MPIRUN[@]}" -np $R ./build/$trainer --preset p1 --steps ${STEPS:-30} --eval-every 0 --log-every 10 \
-            --train-data data/kjv_train.bin --val-data data/kjv_val.bin --checkpoint "$out/p1.ckpt" \
-            >"$out/p1_${trainer}_R$R.log" 2>&1
-        rm -f "$out"/p1.ckpt*
+for preset in ${PRESETS:-p1}; do
+    for trainer in train_latentmoe moe_ep_baseline; do
+        for R in 1 2 4 8; do
+            [ "$R" -le "$gpus" ] || continue
+            timeout 120 "${MPIRUN[@]}" -np $R ./build/$trainer --preset $preset --steps ${STEPS:-30} --eval-every 0 \
+                --log-every 10 --train-data data/kjv_train.bin --val-data data/kjv_val.bin --checkpoint "$out/run.ckpt" \
+                >"$out/${preset}_${trainer}_R$R.log" 2>&1
+            rm -f "$out"/run.ckpt*
+        done
     done
 done
 echo "== R GPUs against one (fp32 build)"; grep -E "R = |loss:|worst|bytes sent|FAIL|passed|ok -" "$out/multi_fp32.log"
 echo "== bf16 build"; grep -E "loss:|passed|ok -" "$out/multi_bf16.log"
-echo "== p1 training (bf16), per trainer and R"
-for f in "$out"/p1_*.log; do echo "$f"; grep -E "^step .*/|time \(ms\)|done|error" "$f" | tail -3; done
+echo "== training (bf16), per preset, trainer and R"
+for f in "$out"/p[0-9]_*.log; do echo "$f"; grep -E "^step .*/|time \(ms\)|done|error" "$f" | tail -3; done
 # the device returns at most 8 files: the logs travel as one archive
 tar -czf "${TMPDIR:-/tmp}/logs.tgz" -C "$out" . && find "$out" -name '*.log' -delete && mv "${TMPDIR:-/tmp}/logs.tgz" "$out/"

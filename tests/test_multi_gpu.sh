@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Multi-GPU checks (SPEC §8.4), on every R in {2, 4} the machine has GPUs for: test_multi_gpu (R GPUs
+# Multi-GPU checks (SPEC §8.4), on every R in {2, 4, 8} the machine has GPUs for: test_multi_gpu (R GPUs
 # against one for Head and Expert Parallel, bytes against SPEC §3) and, on the largest R, two 50-step
 # training runs of each trainer that must give identical losses. Exit 77 (skipped) with fewer than two GPUs.
 #   bash tests/test_multi_gpu.sh BUILD_DIR
@@ -13,11 +13,13 @@ fi
 export NCCL_NVLS_ENABLE=0  # never NVLink multicast on shared machines
 MPIRUN=(mpirun --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE)
 passed=0 failed=0
-for R in 2 4; do
+for R in 2 4 8; do
     [ "$R" -le "$gpus" ] || continue
     if "${MPIRUN[@]}" -np "$R" "$BUILD/test_multi_gpu"; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
 done
-R=2; [ "$gpus" -ge 4 ] && R=4
+R=2
+[ "$gpus" -ge 4 ] && R=4
+[ "$gpus" -ge 8 ] && R=8
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/lmoe_mgpu.XXXXXX")
 trap 'rm -rf "$TMP"' EXIT
 for i in $(seq 1 3000); do echo "line $i: the quick brown fox jumps over the lazy dog, again and again."; done >"$TMP/text.txt"
