@@ -2,6 +2,7 @@
 // floatX and double, and the error measure every kernel is judged by (SPEC §8.3):
 // ‖got − ref‖ / ‖ref‖ against the CPU reference in double, with NaN never passing.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -89,6 +90,59 @@ template <class T>
 void expect_close(const std::string& what, const lmoe::DeviceBuffer<T>& got, const std::vector<double>& ref,
                   double tolerance = kTolerance) {
     expect_close(what, to_double(got.download()), ref, tolerance);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Benchmark timing: medians over `reps` runs after three warm-up runs, on the default stream.
+
+inline float median(std::vector<float> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+}
+
+// Median milliseconds of launch().
+template <class Launch>
+float time_ms(int reps, Launch&& launch) {
+    cudaEvent_t ev[2];
+    for (auto& e : ev) CUDA_CHECK(cudaEventCreate(&e));
+    std::vector<float> t;
+    for (int rep = -3; rep < reps; rep++) {
+        CUDA_CHECK(cudaEventRecord(ev[0], 0));
+        launch();
+        CUDA_CHECK(cudaEventRecord(ev[1], 0));
+        CUDA_CHECK(cudaEventSynchronize(ev[1]));
+        float x;
+        CUDA_CHECK(cudaEventElapsedTime(&x, ev[0], ev[1]));
+        if (rep >= 0) t.push_back(x);
+    }
+    for (auto& e : ev) CUDA_CHECK(cudaEventDestroy(e));
+    return median(t);
+}
+
+// Median milliseconds of each of `stages` stages of run(events), which records events[0] first and
+// events[i + 1] at the end of stage i; the last entry is the whole run.
+template <class Run>
+std::vector<float> time_stages(int stages, int reps, Run&& run) {
+    std::vector<cudaEvent_t> ev(stages + 1);
+    for (auto& e : ev) CUDA_CHECK(cudaEventCreate(&e));
+    std::vector<std::vector<float>> ms(stages + 1);
+    for (int rep = -3; rep < reps; rep++) {
+        run(ev.data());
+        CUDA_CHECK(cudaEventSynchronize(ev[stages]));
+        if (rep < 0) continue;
+        for (int i = 0; i < stages; i++) {
+            float t;
+            CUDA_CHECK(cudaEventElapsedTime(&t, ev[i], ev[i + 1]));
+            ms[i].push_back(t);
+        }
+        float total;
+        CUDA_CHECK(cudaEventElapsedTime(&total, ev[0], ev[stages]));
+        ms[stages].push_back(total);
+    }
+    for (auto& e : ev) CUDA_CHECK(cudaEventDestroy(e));
+    std::vector<float> medians;
+    for (const auto& m : ms) medians.push_back(median(m));
+    return medians;
 }
 
 }  // namespace gpu_test

@@ -228,50 +228,24 @@ void bench_shape(const Shape& s, lmoe::Rng& rng) {
     T.bias.upload(routing_bias(s, rng, 0.0));
     for (auto* g : {&T.dR, &T.dK, &T.dV}) CUDA_CHECK(cudaMemset(g->get(), 0, g->size() * sizeof(float)));
     RoutedLayer L(s);
-    cudaEvent_t ev[kStages + 1];
-    for (auto& e : ev) CUDA_CHECK(cudaEventCreate(&e));
     const int reps = 20;
-    std::vector<std::vector<float>> ms(kStages + 1);
-    for (int rep = -3; rep < reps; rep++) {  // three warm-up runs
-        routed_layer(L, T, ev);
-        CUDA_CHECK(cudaEventSynchronize(ev[kStages]));
-        if (rep < 0) continue;
-        for (int i = 0; i < kStages; i++) {
-            float t;
-            CUDA_CHECK(cudaEventElapsedTime(&t, ev[i], ev[i + 1]));
-            ms[i].push_back(t);
-        }
-        float total;
-        CUDA_CHECK(cudaEventElapsedTime(&total, ev[0], ev[kStages]));
-        ms[kStages].push_back(total);
-    }
-    auto median = [](std::vector<float> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; };
+    const std::vector<float> ms = gpu_test::time_stages(kStages, reps, [&](cudaEvent_t* ev) { routed_layer(L, T, ev); });
     const double unit = 2.0 * s.H * s.M * s.k * s.dh * s.fe;  // FLOPs of one (copies × dh × fe) matmul
     const double flops[kStages] = {0, 2 * unit, 0, 0, 7 * unit, 0};
     std::printf("bench %s (M %d tokens, H %d, dh %d, E %d, fe %d, k %d%s), median of %d:\n", s.name, s.M, s.H, s.dh,
                 s.E, s.fe, s.k, s.crowded ? ", every row on the same k experts" : "", reps);
     for (int i = 0; i < kStages; i++) {
-        double t = median(ms[i]);
+        const double t = ms[i];
         std::printf("  %-30s %8.3f ms", kStageNames[i], t);
         if (flops[i] > 0) std::printf("  %6.1f TFLOP/s", flops[i] / (t * 1e-3) / 1e12);
         std::printf("\n");
     }
-    std::printf("  %-30s %8.3f ms (routed part, without W_mh / W_mg)\n", "total", median(ms[kStages]));
+    std::printf("  %-30s %8.3f ms (routed part, without W_mh / W_mg)\n", "total", ms[kStages]);
 
     // Each expert kernel alone, on the plan of the last run.
     const int dh = s.dh, E = s.E, F = s.fe, H = s.H, tiles = (int)L.max_tiles;
     auto time_kernel = [&](const char* name, double units, auto&& launch) {
-        std::vector<float> t;
-        for (int rep = -3; rep < reps; rep++) {
-            CUDA_CHECK(cudaEventRecord(ev[0], 0));
-            launch();
-            CUDA_CHECK(cudaEventRecord(ev[1], 0));
-            CUDA_CHECK(cudaEventSynchronize(ev[1]));
-            float x;
-            CUDA_CHECK(cudaEventElapsedTime(&x, ev[0], ev[1]));
-            if (rep >= 0) t.push_back(x);
-        }
-        const double m = median(t);
+        const double m = gpu_test::time_ms(reps, launch);
         std::printf("  kernel %-23s %8.3f ms  %6.1f TFLOP/s\n", name, m, units * unit / (m * 1e-3) / 1e12);
     };
     time_kernel("expert forward", 2, [&] {
@@ -285,7 +259,6 @@ void bench_shape(const Shape& s, lmoe::Rng& rng) {
         lmoe::expert_weight_backward(T.dK.get(), T.dV.get(), L.d_o.get(), T.u.get(), HD, T.K.get(), T.V.get(), L.plan,
                                      dh, H, E, F, 0);
     });
-    for (auto& e : ev) CUDA_CHECK(cudaEventDestroy(e));
 }
 
 int main(int argc, char** argv) {

@@ -306,34 +306,13 @@ void run_shape(const Shape& s, lmoe::Rng& rng) {
 // Benchmark (SPEC §6 layer sizes, N = 8192 tokens): median time of every stage, the expert GEMMs'
 // rate, and for comparison the same products through cuBLAS.
 
-float median(std::vector<float> v) {
-    std::sort(v.begin(), v.end());
-    return v[v.size() / 2];
-}
-
-// Median time of launch() over `reps` runs after three warm-up runs.
-template <class Launch>
-float time_ms(cudaEvent_t* ev, int reps, Launch&& launch) {
-    std::vector<float> t;
-    for (int rep = -3; rep < reps; rep++) {
-        CUDA_CHECK(cudaEventRecord(ev[0], 0));
-        launch();
-        CUDA_CHECK(cudaEventRecord(ev[1], 0));
-        CUDA_CHECK(cudaEventSynchronize(ev[1]));
-        float x;
-        CUDA_CHECK(cudaEventElapsedTime(&x, ev[0], ev[1]));
-        if (rep >= 0) t.push_back(x);
-    }
-    return median(t);
-}
-
 // The forward product pre_e = X_e W1_e^T and the weight gradient dW1_e += dpre_e^T X_e of every
 // expert through cublasGemmGroupedBatchedEx, one group per expert. cuBLAS needs the per-expert sizes
 // on the host (a synchronisation in a real step, left out here) and contiguous rows (X gathered
 // into group order beforehand, also left out of the timing).
-void bench_cublas(const Shape& s, const MoeLayer& L, const LayerTensors& T, cudaEvent_t* ev, int reps, double unit) {
+void bench_cublas(const Shape& s, const MoeLayer& L, const LayerTensors& T, int reps, double unit) {
 #ifdef LMOE_FP32
-    (void)s; (void)L; (void)T; (void)ev; (void)reps; (void)unit;
+    (void)s; (void)L; (void)T; (void)reps; (void)unit;
 #else
     const int E = s.E, d = s.d, f = s.f;
     auto offset = L.group_offset.download(), row = L.copy_row.download();
@@ -356,7 +335,7 @@ void bench_cublas(const Shape& s, const MoeLayer& L, const LayerTensors& T, cuda
                    const std::vector<cublasOperation_t>& tb, cudaDataType_t ctype, const std::vector<float>& b) {
         dA.upload(A); dB.upload(B); dC.upload(Cp);
         cublasStatus_t status = CUBLAS_STATUS_SUCCESS;
-        const float ms = time_ms(ev, reps, [&] {
+        const float ms = gpu_test::time_ms(reps, [&] {
             status = cublasGemmGroupedBatchedEx(handle, ta.data(), tb.data(), m.data(), n.data(), k.data(), alpha.data(),
                                                 dA.get(), kCudaFloatX, lda.data(), dB.get(), kCudaFloatX, ldb.data(),
                                                 b.data(), dC.get(), ctype, ldc.data(), E, ones.data(), CUBLAS_COMPUTE_32F);
@@ -379,7 +358,7 @@ void bench_cublas(const Shape& s, const MoeLayer& L, const LayerTensors& T, cuda
     }
     run("dW1_e += dpre^T X_e", 1, op_n, op_t, CUDA_R_32F, beta_one);
     // The ceiling: one dense GEMM of all copies through one expert's W1 (same FLOPs, no grouping).
-    const float ms = time_ms(ev, reps, [&] {
+    const float ms = gpu_test::time_ms(reps, [&] {
         lmoe::matmul_forward(handle, out.get(), x_grouped.get(), T.W1.get(), (int)L.copies, d, f, 0);
     });
     std::printf("  cuBLAS dense  %-24s %8.3f ms  %6.1f TFLOP/s\n", "(copies × d) W^T", ms, unit / (ms * 1e-3) / 1e12);
@@ -399,23 +378,8 @@ void bench_shape(const Shape& s, lmoe::Rng& rng) {
     T.bias.upload(routing_bias(s, rng, 0.0));
     for (auto* g : {&T.dR, &T.dW1, &T.dW2}) CUDA_CHECK(cudaMemset(g->get(), 0, g->size() * sizeof(float)));
     MoeLayer L(s);
-    cudaEvent_t ev[kStages + 1];
-    for (auto& e : ev) CUDA_CHECK(cudaEventCreate(&e));
     const int reps = 20;
-    std::vector<std::vector<float>> ms(kStages + 1);
-    for (int rep = -3; rep < reps; rep++) {  // three warm-up runs
-        routed_layer(L, T, ev);
-        CUDA_CHECK(cudaEventSynchronize(ev[kStages]));
-        if (rep < 0) continue;
-        for (int i = 0; i < kStages; i++) {
-            float t;
-            CUDA_CHECK(cudaEventElapsedTime(&t, ev[i], ev[i + 1]));
-            ms[i].push_back(t);
-        }
-        float total;
-        CUDA_CHECK(cudaEventElapsedTime(&total, ev[0], ev[kStages]));
-        ms[kStages].push_back(total);
-    }
+    const std::vector<float> ms = gpu_test::time_stages(kStages, reps, [&](cudaEvent_t* ev) { routed_layer(L, T, ev); });
     auto offset = L.group_offset.download();
     int most = 0;
     for (int e = 0; e < s.E; e++) most = std::max(most, offset[e + 1] - offset[e]);
@@ -426,19 +390,19 @@ void bench_shape(const Shape& s, lmoe::Rng& rng) {
                 "imbalance (max/mean) %.2f\n",
                 s.name, s.M, s.d, s.E, s.f, s.k, gpu_test::kPrecision, reps, mean_rows, most, most / mean_rows);
     for (int i = 0; i < kStages; i++) {
-        const double t = median(ms[i]);
+        const double t = ms[i];
         std::printf("  %-30s %8.3f ms", kStageNames[i], t);
         if (flops[i] > 0) std::printf("  %6.1f TFLOP/s", flops[i] / (t * 1e-3) / 1e12);
         std::printf("\n");
     }
     std::printf("  %-30s %8.3f ms  %6.1f TFLOP/s (forward + backward of the routed layer)\n", "total",
-                median(ms[kStages]), (3 * flops[0] + 6 * unit) / (median(ms[kStages]) * 1e-3) / 1e12);
+                ms[kStages], (3 * flops[0] + 6 * unit) / (ms[kStages] * 1e-3) / 1e12);
 
     // Each grouped GEMM kernel alone, on the plan of the last run.
     using lmoe::RowsEpilogue;
     const int d = s.d, f = s.f, mt = (int)L.max_tiles;
     auto kernel = [&](const char* name, auto&& launch) {
-        const float t = time_ms(ev, reps, launch);
+        const float t = gpu_test::time_ms(reps, launch);
         std::printf("  kernel %-23s %8.3f ms  %6.1f TFLOP/s\n", name, t, unit / (t * 1e-3) / 1e12);
     };
     kernel("pre, h = X W1^T, GELU", [&] {
@@ -465,8 +429,7 @@ void bench_shape(const Shape& s, lmoe::Rng& rng) {
         lmoe::grouped_weight_grad<floatX>({T.dW1.get(), {L.dpre.get(), f, nullptr}, {T.x.get(), d, L.copy_row.get()}, f,
                                            d, L.group_offset.get()}, s.E, 0);
     });
-    bench_cublas(s, L, T, ev, reps, unit);
-    for (auto& e : ev) CUDA_CHECK(cudaEventDestroy(e));
+    bench_cublas(s, L, T, reps, unit);
 }
 
 int main(int argc, char** argv) {
