@@ -9,7 +9,6 @@
 // its rows through W1, GELU and W2 as grouped GEMMs (common/grouped_gemm.cuh); the outputs are
 // weighted by the gates and summed per token. On one GPU the two exchanges are the identity; with
 // R ranks (Expert Parallel) they become variable-size all-to-alls after a count exchange.
-#include <algorithm>
 #include <utility>
 
 #include "common/expert_dispatch.cuh"
@@ -60,7 +59,6 @@ class MoeFfn {
         d_o_.resize(copies_ * c.d); dx_copy_.resize(copies_ * c.d); ds_copy_.resize(copies_);
         dpre_.resize(capacity_ * c.fe);
         router_grad_scratch_.resize(router_grad_scratch_size(c.E, c.d));
-        weight_grad_scratch_.resize(expert_grad_scratch_size(c.d, c.fe));
         if (world > 1) {  // Expert Parallel: received rows, the owner plans, and room for any routing (dropless)
             x_received_.resize(L * capacity_ * c.d);
             owner_group_offset_.resize(L * (Er_ + 1)); owner_copy_row_.resize(L * capacity_);
@@ -121,9 +119,6 @@ class MoeFfn {
         const floatX* h = h_.get() + (size_t)l * capacity_ * c.fe;
         const floatX* xe = single ? x : x_received_.get() + (size_t)l * capacity_ * c.d;
         const int tiles = single ? max_tiles_ : owner_max_tiles_, experts = single ? c.E : Er_;
-        // the experts' copies: all N·k here, or those received (an expert holds at most one per token)
-        const int64_t rows = single ? copies_ : splits_[l].received;
-        const ExpertGradWork work{rows, (int)std::min<int64_t>(rows, (int64_t)world_ * N_), weight_grad_scratch_.get()};
         // weight + merge: d_o (N·k, d) = gate · dout;  ds (N·k) = gate-softmax backward of dout · o
         combine_backward(d_o_.get(), ds_copy_.get(), dout, c.d, o, p, N_, 1, c.d, c.k, ctx.stream);
         // exchange back: d_o to the experts' owners, regrouped by owned expert
@@ -136,12 +131,12 @@ class MoeFfn {
             d_o_experts = rows_b_.get();
         }
         // compute:  dpre (rows, f) = (d_o W2_e) ⊙ GELU'(pre);  dW2_e += d_o^T h
-        expert_down_backward(dpre_.get(), g.expert_out, d_o_experts, h, pre, w.expert_out, ep, tiles, work, c.d, c.fe,
+        expert_down_backward(dpre_.get(), g.expert_out, d_o_experts, h, pre, w.expert_out, ep, tiles, c.d, c.fe,
                              experts, ctx.stream);
         //           dx_copy (rows, d) = dpre W1_e;  dW1_e += dpre^T X_e
         floatX* dx_experts = single ? dx_copy_.get() : rows_a_.get();
-        expert_up_backward(dx_experts, g.expert_in, dpre_.get(), xe, c.d, w.expert_in, ep, tiles, work, c.d, c.fe,
-                           experts, ctx.stream);
+        expert_up_backward(dx_experts, g.expert_in, dpre_.get(), xe, c.d, w.expert_in, ep, tiles, c.d, c.fe, experts,
+                           ctx.stream);
         // exchange: each copy's dx back to its token's rank
         if (!single) {
             ProfileScope timed(ctx.profile, Section::AllToAll);
@@ -183,7 +178,7 @@ class MoeFfn {
     // scratch shared by all layers
     DeviceBuffer<int> chunk_counts_, send_counts_, recv_counts_;
     DeviceBuffer<floatX> d_o_, dpre_, dx_copy_, rows_a_, rows_b_;
-    DeviceBuffer<float> ds_copy_, router_grad_scratch_, weight_grad_scratch_;
+    DeviceBuffer<float> ds_copy_, router_grad_scratch_;
 
     RoutingPlan plan(int l) {
         const size_t G = c_.E;

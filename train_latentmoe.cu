@@ -58,7 +58,6 @@ class LatentMoeFfn {
         for (auto* b : {&rows_, &heads_, &heads2_, &exchange_}) b->resize((size_t)N * HD_);
         d_o_.resize(copies_ * c.dh); dx_copy_.resize(copies_ * c.dh); ds_copy_.resize(copies_);
         router_grad_scratch_.resize(router_grad_scratch_size(Hl_ * c.E, c.dh));
-        weight_grad_scratch_.resize(expert_weight_grad_scratch_size(c.dh, c.fe));
     }
 
     // out (N, d) = FFN_l(x (N, d)). W = H/R·dh columns per owner; M = R·N rows at the owner.
@@ -102,8 +101,8 @@ class LatentMoeFfn {
         // weight:   d_o (copies, dh) = gate · dY;  ds (copies) = gate-softmax backward of dY · o
         combine_backward(d_o_.get(), ds_copy_.get(), dY, ldU_, o, p, M_, Hl_, c.dh, c.k, ctx.stream);
         // compute:  dx_copy (copies, dh); dK, dV += (hidden recomputed per tile)
-        expert_backward(dx_copy_.get(), g.expert_in, g.expert_out, weight_grad_scratch_.get(), d_o_.get(), U, ldU_,
-                        w.expert_in, w.expert_out, p, max_tiles_, M_, c.k, c.dh, Hl_, c.E, c.fe, ctx.stream);
+        expert_backward(dx_copy_.get(), g.expert_in, g.expert_out, d_o_.get(), U, ldU_, w.expert_in, w.expert_out, p,
+                        max_tiles_, c.dh, Hl_, c.E, c.fe, ctx.stream);
         // route:    dR_h[:, e] += Σ_{copies of e} U · ds   (k chosen columns only)
         router_weight_backward(g.router, router_grad_scratch_.get(), U, ldU_, ds_copy_.get(), p.copy_row, p.group_offset,
                                Hl_, c.dh, c.E, ctx.stream);
@@ -155,7 +154,7 @@ class LatentMoeFfn {
     // scratch shared by all layers: (N, H·dh) token rows, (R·N, W) head rows, the exchange buffer
     DeviceBuffer<int> chunk_counts_;
     DeviceBuffer<floatX> rows_, heads_, heads2_, exchange_, d_o_, dx_copy_;
-    DeviceBuffer<float> ds_copy_, router_grad_scratch_, weight_grad_scratch_;
+    DeviceBuffer<float> ds_copy_, router_grad_scratch_;
 
     RoutingPlan plan(int l) {
         const size_t G = (size_t)Hl_ * c_.E;

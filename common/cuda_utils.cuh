@@ -73,17 +73,6 @@ struct alignas(16) Pack {
     floatX v[kPack];
 };
 
-// Streaming multiprocessors of the current device (asked once: one device per process).
-inline int sm_count() {
-    static const int count = [] {
-        int device = 0, n = 0;
-        CUDA_CHECK(cudaGetDevice(&device));
-        CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-        return n;
-    }();
-    return count;
-}
-
 // A device allocation that frees itself; tests and the trainers hold their buffers in these.
 template <class T>
 class DeviceBuffer {
@@ -114,9 +103,7 @@ class DeviceBuffer {
     }
     // Fills every byte with 0xFF: NaN for floats and bf16, -1 for integers. Tests poison outputs this
     // way before a kernel runs, so an element the kernel never wrote cannot pass for a right one.
-    void poison() {
-        if (n_) CUDA_CHECK(cudaMemset(ptr_, 0xFF, n_ * sizeof(T)));
-    }
+    void poison() { CUDA_CHECK(cudaMemset(ptr_, 0xFF, n_ * sizeof(T))); }
 
   private:
     T* ptr_ = nullptr;

@@ -16,7 +16,6 @@
 // 0.73 + 1.10 ms (sm_90a, wgmma). The mma.sync kernels run at 35-46 % of the tensor pipe: with
 // 255 registers they hold two warps per scheduler, too few to hide ldmatrix and mma latency.
 #pragma once
-#include <algorithm>
 #include <type_traits>
 
 #include "cuda_utils.cuh"
@@ -158,134 +157,27 @@ __global__ void __launch_bounds__(kExpertThreads) expert_input_backward_kernel(f
         for (int i = 0; i < DH / 4; i++) dx_copy[(int64_t)(p0 + r) * DH + cg + 4 * i] = from_float<floatX>(acc[i]);
 }
 
-// ---------------------------------------------------------------------------------------------
-// Weight gradients of crowded experts (these kernels and grouped_gemm.cuh's). A weight-gradient
-// block sums the copies of one group for one tile of its gradient; when routing crowds (early in
-// training every token of a head may pick the same k experts) a few groups hold most copies and a
-// handful of blocks would do most of the work: 4.25 ms instead of 1.23 ms for one rank of p1 Head
-// Parallel on 8 GPUs (H100). So a group of n copies is cut into parts of at most part_rows copies
-// (whole 64-row steps): part 0 adds its sums into the gradient, part j ≥ 1 stores them in scratch slot
-// slot_base(g) + j − 1, and weight_grad_reduce_kernel adds the slots in part order. The cut depends
-// only on the group sizes, the copy count and the GPU's SM count: bitwise reproducible, no atomics.
-struct WeightGradSplit {
-    int part_rows;  // most copies one block walks (a multiple of 64)
-    float* slots;   // (slots, gradients, per-group gradient size): the sums of parts 1..
-};
-
-// Most copies one block walks, for `copies` copies and `tiles` blocks per group: half of an SM's
-// fair share of the work, so that even the most crowded routing keeps every SM busy for two rounds,
-// while balanced groups stay far below it and are not cut.
-inline int weight_grad_part_rows(int64_t copies, int tiles) {
-    return (int)(ceil_div(std::max<int64_t>(1, ceil_div(copies * tiles, 2 * sm_count())), 64) * 64);
-}
-
-// Scratch floats for any copy count: the parts beyond each group's first number at most
-// copies / part_rows ≤ 2·SMs / tiles, each holding `gradients` sums of `size` floats.
-inline size_t weight_grad_scratch_size(int tiles, int gradients, int64_t size) {
-    return (size_t)(2 * sm_count() / tiles) * gradients * size;
-}
-
-// Parts a group of n copies is cut into, and the copies of each (all but the last one full).
-__device__ inline int2 weight_grad_parts(int n, int part_rows) {
-    const int wanted = max(1, (int)ceil_div(n, part_rows));
-    const int rows = max(64, (int)ceil_div(ceil_div(n, wanted), 64) * 64);
-    return make_int2(max(1, (int)ceil_div(n, rows)), rows);
-}
-
-// First scratch slot of group g: Σ_{g' < g} (parts(g') − 1). Called by the whole block (it syncs);
-// integer sums are exact in any order.
-__device__ inline int weight_grad_slot_base(const int* group_offset, int g, int part_rows) {
-    __shared__ int warp_sums[32];
-    int sum = 0;
-    for (int i = threadIdx.x; i < g; i += blockDim.x)
-        sum += weight_grad_parts(group_offset[i + 1] - group_offset[i], part_rows).x - 1;
-    for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum;
-    __syncthreads();
-    int total = 0;
-    for (int w = 0; w < (int)blockDim.x / 32; w++) total += warp_sums[w];
-    return total;
-}
-
-// Block (group g, part j)'s copies, and where its sums go.
-struct WeightGradPart {
-    int g, begin, end;  // copies [begin, end) of group g, in group order; begin > end: no such part
-    int slot;           // -1 for part 0, which adds to the gradients; else the scratch slot it fills
-
-    // Called by the whole block.
-    __device__ static WeightGradPart of_block(const WeightGradSplit& split, const int* group_offset, int g, int part) {
-        const int first = group_offset[g], n = group_offset[g + 1] - first;
-        const int2 parts = weight_grad_parts(n, split.part_rows);
-        const int begin = first + part * parts.y, end = min(begin + parts.y, first + n);
-        if (part >= parts.x) return {g, 1, 0, -1};
-        return {g, begin, end, part == 0 ? -1 : weight_grad_slot_base(group_offset, g, split.part_rows) + part - 1};
-    }
-    __device__ bool exists() const { return begin <= end; }
-    // Where this block's sums of gradient `which` (grad: (groups, size) fp32; one of `gradients`) go.
-    __device__ float* target(const WeightGradSplit& split, float* grad, int which, int gradients, int64_t size) const {
-        return slot < 0 ? grad + g * size : split.slots + ((int64_t)slot * gradients + which) * size;
-    }
-    // *at = v for a scratch slot, *at += v for the gradient; v one float or an adjacent pair.
-    __device__ void put(float* at, float v) const { *at = slot < 0 ? *at + v : v; }
-    __device__ void put(float* at, float2 v) const {
-        float2* p = reinterpret_cast<float2*>(at);
-        if (slot < 0) v = make_float2(p->x + v.x, p->y + v.y);
-        *p = v;
-    }
-};
-
-// grad0, grad1 (groups, size) += each cut group's parts 1.., in order; grad1 may be null (one
-// gradient). One block per (1024 elements, group).
-__global__ void weight_grad_reduce_kernel(float* grad0, float* grad1, const float* slots, const int* group_offset,
-                                          int part_rows, int64_t size) {
-    const int g = blockIdx.y, gradients = grad1 ? 2 : 1;
-    const int parts = weight_grad_parts(group_offset[g + 1] - group_offset[g], part_rows).x;
-    if (parts == 1) return;
-    const int base = weight_grad_slot_base(group_offset, g, part_rows);
-    const int64_t last = (int64_t)(blockIdx.x + 1) * 1024, end = last < size ? last : size;
-    for (int64_t i = (int64_t)blockIdx.x * 1024 + threadIdx.x; i < end; i += blockDim.x)
-        for (int which = 0; which < gradients; which++) {
-            float* grad = which == 0 ? grad0 : grad1;
-            float sum = grad[g * size + i];
-            for (int j = 0; j < parts - 1; j++) sum += slots[((int64_t)(base + j) * gradients + which) * size + i];
-            grad[g * size + i] = sum;
-        }
-}
-
-// After a weight-gradient launch over G groups with grid extent max_parts: adds the parts' slots.
-inline void weight_grad_reduce(float* grad0, float* grad1, const WeightGradSplit& split, const int* group_offset,
-                               int G, int64_t size, int max_parts, cudaStream_t stream) {
-    if (max_parts == 1) return;  // no group was cut
-    weight_grad_reduce_kernel<<<dim3((unsigned)ceil_div(size, 1024), G), 256, 0, stream>>>(
-        grad0, grad1, split.slots, group_offset, split.part_rows, size);
-    CUDA_CHECK_LAUNCH();
-}
-
-// Weight gradients, one block per (group, fe chunk, part of the group's copies), walking the part's
-// copies in order, so each gradient element has one owner and a fixed summation order (no atomics):
+// Weight gradients, one block per (group, fe chunk), walking all of the group's copies in order, so
+// each gradient element has one owner and a fixed summation order (no atomics):
 //   dV_c += A^T dO,   dK_c += dS^T X      with A, dS recomputed per tile as above.
 template <int DH>
 __global__ void __launch_bounds__(kExpertThreads) expert_weight_backward_kernel(float* dK, float* dV, const floatX* d_o,
                                                                                 const floatX* x, int64_t ld,
                                                                                 const floatX* K, const floatX* V,
-                                                                                const RoutingPlan plan,
-                                                                                const WeightGradSplit split, int E,
-                                                                                int F) {
+                                                                                const RoutingPlan plan, int E, int F) {
     using S = ExpertTileSmem<DH>;
     extern __shared__ float smem[];
     float *Xs = smem, *dOs = Xs + S::rows_floats, *Ks = dOs + S::rows_floats, *Vs = Ks + S::chunk_floats;
     float *As = Vs + S::chunk_floats, *dSs = As + S::hidden_floats;
     const int g = blockIdx.x, h = g / E, f0 = blockIdx.y * kExpertChunk;
-    const WeightGradPart part = WeightGradPart::of_block(split, plan.group_offset, g, blockIdx.z);
-    if (!part.exists()) return;
-    const int64_t wofs = ((int64_t)g * F + f0) * DH;  // this chunk of expert g's K, V
+    const int64_t wofs = ((int64_t)g * F + f0) * DH;  // this chunk of expert g's K, V, dK, dV
     const int r = threadIdx.x / 4, cg = threadIdx.x % 4;          // for the (rows × chunk) products
     const int c = threadIdx.x / 8, col0 = threadIdx.x % 8;         // for the (chunk × dh) accumulators
     load_chunk<DH>(Ks, K + wofs);
     load_chunk<DH>(Vs, V + wofs);
     float acc_k[DH / 8] = {}, acc_v[DH / 8] = {};
-    for (int p0 = part.begin; p0 < part.end; p0 += kSimtTileRows) {
-        const int rows = min(kSimtTileRows, part.end - p0);
+    for (int p0 = plan.group_offset[g]; p0 < plan.group_offset[g + 1]; p0 += kSimtTileRows) {
+        const int rows = min(kSimtTileRows, plan.group_offset[g + 1] - p0);
         __syncthreads();
         load_tile_rows<DH>(Xs, x, rows, [&](int i) { return plan.copy_row[p0 + i] * ld + (int64_t)h * DH; });
         load_tile_rows<DH>(dOs, d_o, rows, [&](int i) { return (int64_t)(p0 + i) * DH; });
@@ -308,12 +200,10 @@ __global__ void __launch_bounds__(kExpertThreads) expert_weight_backward_kernel(
             }
         }
     }
-    float* dk = part.target(split, dK, 0, 2, (int64_t)F * DH) + (int64_t)f0 * DH;  // this chunk's sums
-    float* dv = part.target(split, dV, 1, 2, (int64_t)F * DH) + (int64_t)f0 * DH;
 #pragma unroll
     for (int i = 0; i < DH / 8; i++) {
-        part.put(dk + c * DH + col0 + 8 * i, acc_k[i]);
-        part.put(dv + c * DH + col0 + 8 * i, acc_v[i]);
+        dK[wofs + (int64_t)c * DH + col0 + 8 * i] += acc_k[i];
+        dV[wofs + (int64_t)c * DH + col0 + 8 * i] += acc_v[i];
     }
 }
 
@@ -714,8 +604,7 @@ __device__ inline void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_
 // The block meets once per 64 rows (they have landed; the stage of the previous rows is refilled);
 // a warpgroup meets only itself between writing A^T, dS^T and reading them.
 template <int DH, int FC>
-__device__ inline void weight_backward_wgmma(float* dK, float* dV, const WeightGradSplit& split,
-                                             const WeightGradPart& part, const bf16* d_o, const bf16* x, int64_t ld,
+__device__ inline void weight_backward_wgmma(float* dK, float* dV, const bf16* d_o, const bf16* x, int64_t ld,
                                              const bf16* K, const bf16* V, const RoutingPlan& plan, int E, int F,
                                              unsigned char* smem_raw) {
     static_assert(FC == 128 && (DH == 64 || DH == 128), "wgmma path: fe slice 128, dh 64 or 128");
@@ -730,8 +619,8 @@ __device__ inline void weight_backward_wgmma(float* dK, float* dV, const WeightG
     bf16* At = dOs + STAGES * rows_elems;       // (FC, 64): A^T
     bf16* dSt = At + hidden_elems;              // (FC, 64): dS^T
     const int g = blockIdx.y, h = g / E, f0 = blockIdx.x * FC;
-    const int begin = part.begin, end = part.end;
-    const int64_t wofs = ((int64_t)g * F + f0) * DH;  // this slice of expert g's K, V
+    const int begin = plan.group_offset[g], end = plan.group_offset[g + 1];
+    const int64_t wofs = ((int64_t)g * F + f0) * DH;
     const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
     auto load_rows = [&](int p0, int stage) {
         const int rows = min(BR, end - p0);
@@ -806,36 +695,35 @@ __device__ inline void weight_backward_wgmma(float* dK, float* dV, const WeightG
     }
     wgmma_fence_operands(acc_v);
     wgmma_fence_operands(acc_k);
-    float* dk = part.target(split, dK, 0, 2, (int64_t)F * DH) + (int64_t)f0 * DH;  // this slice's sums
-    float* dv = part.target(split, dV, 1, 2, (int64_t)F * DH) + (int64_t)f0 * DH;
 #pragma unroll
     for (int i = 0; i < DH / 2; i += 2) {
         const int f = wg * 64 + 16 * warp + gq + 8 * (i / 2 % 2), c = 8 * (i / 4) + 2 * q;
-        part.put(dk + f * DH + c, make_float2(acc_k[i], acc_k[i + 1]));
-        part.put(dv + f * DH + c, make_float2(acc_v[i], acc_v[i + 1]));
+        const int64_t at = wofs + (int64_t)f * DH + c;
+        float2* dk = reinterpret_cast<float2*>(dK + at);
+        float2* dv = reinterpret_cast<float2*>(dV + at);
+        const float2 k_old = *dk, v_old = *dv;
+        *dk = make_float2(k_old.x + acc_k[i], k_old.y + acc_k[i + 1]);
+        *dv = make_float2(v_old.x + acc_v[i], v_old.y + acc_v[i + 1]);
     }
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-// Weight gradients, one block per (FC-wide slice of fe, group, part of the group's copies) — slices
-// fastest, so the blocks of a part run together and share its X, dO through L2 — walking the part's
-// copies in order, so each gradient element has one owner and a fixed summation order (no atomics).
-// Per 64 rows: recompute S = X K_c^T, dA = dO V_c^T; park A = GELU(S) and dS = dA ⊙ GELU'(S) in
-// shared memory as bf16; then  dV_c += A^T dO,  dK_c += dS^T X.
+// Weight gradients, one block per (FC-wide slice of fe, group) — slices fastest, so the blocks of a
+// group run together and share its X, dO through L2 — walking the group's copies in order, so each
+// gradient element has one owner and a fixed summation order (no atomics). Per 64 rows: recompute
+// S = X K_c^T, dA = dO V_c^T; park A = GELU(S) and dS = dA ⊙ GELU'(S) in shared memory as bf16;
+// then  dV_c += A^T dO,  dK_c += dS^T X.
 template <int DH, int FC>
 __global__ void __launch_bounds__(kMmaWeightThreads, 1)
     expert_weight_backward_mma_kernel(float* dK, float* dV, const bf16* d_o, const bf16* x, int64_t ld, const bf16* K,
-                                      const bf16* V, const RoutingPlan plan, const WeightGradSplit split, int E,
-                                      int F) {
+                                      const bf16* V, const RoutingPlan plan, int E, int F) {
     using L = MmaWeightLayout<DH, FC>;
     constexpr int BR = kMmaWeightRows, NT = kMmaWeightThreads;
     constexpr int S_MT = L::s_rows / 16, R_MT = L::r_rows / 16;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    const WeightGradPart part = WeightGradPart::of_block(split, plan.group_offset, blockIdx.y, blockIdx.z);
-    if (!part.exists()) return;
 #if defined(LMOE_HAS_WGMMA)
     if constexpr (MmaWeightLayout<DH, FC>::on_wgmma) {
-        weight_backward_wgmma<DH, FC>(dK, dV, split, part, d_o, x, ld, K, V, plan, E, F, smem_raw);
+        weight_backward_wgmma<DH, FC>(dK, dV, d_o, x, ld, K, V, plan, E, F, smem_raw);
         return;
     }
 #endif
@@ -846,8 +734,8 @@ __global__ void __launch_bounds__(kMmaWeightThreads, 1)
     bf16* As = dOs + 2 * L::rows_elems;             // (64, FC)
     bf16* dSs = As + L::hidden_elems;               // (64, FC)
     const int g = blockIdx.y, h = g / E, f0 = blockIdx.x * FC;
-    const int begin = part.begin, end = part.end;
-    const int64_t wofs = ((int64_t)g * F + f0) * DH;  // this slice of expert g's K, V
+    const int begin = plan.group_offset[g], end = plan.group_offset[g + 1];
+    const int64_t wofs = ((int64_t)g * F + f0) * DH;  // this slice of expert g's K, V, dK, dV
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
     const int sm0 = warp / L::s_warps_n * L::s_rows, sn0 = warp % L::s_warps_n * L::s_cols;
     const int rf0 = warp / L::r_warps_d * L::r_rows, rd0 = warp % L::r_warps_d * L::r_cols;
@@ -898,17 +786,18 @@ __global__ void __launch_bounds__(kMmaWeightThreads, 1)
         }
     }
     if (!reducer) return;
-    float* dk = part.target(split, dK, 0, 2, (int64_t)F * DH) + (int64_t)f0 * DH;  // this slice's sums
-    float* dv = part.target(split, dV, 1, 2, (int64_t)F * DH) + (int64_t)f0 * DH;
 #pragma unroll
     for (int mt = 0; mt < R_MT; mt++)
 #pragma unroll
         for (int nt = 0; nt < L::r_cols / 8; nt++)
 #pragma unroll
             for (int half = 0; half < 2; half++) {
-                const int at = (rf0 + 16 * mt + gq + 8 * half) * DH + rd0 + nt * 8 + 2 * q;
-                part.put(dk + at, make_float2(acc_k[mt][nt][2 * half], acc_k[mt][nt][2 * half + 1]));
-                part.put(dv + at, make_float2(acc_v[mt][nt][2 * half], acc_v[mt][nt][2 * half + 1]));
+                const int64_t at = wofs + (int64_t)(rf0 + 16 * mt + gq + 8 * half) * DH + rd0 + nt * 8 + 2 * q;
+                float2* dk = reinterpret_cast<float2*>(dK + at);
+                float2* dv = reinterpret_cast<float2*>(dV + at);
+                const float2 k_old = *dk, v_old = *dv;
+                *dk = make_float2(k_old.x + acc_k[mt][nt][2 * half], k_old.y + acc_k[mt][nt][2 * half + 1]);
+                *dv = make_float2(v_old.x + acc_v[mt][nt][2 * half], v_old.y + acc_v[mt][nt][2 * half + 1]);
             }
 }
 
@@ -939,19 +828,14 @@ void dispatch_head_dim(int dh, F&& f) {
     }
 }
 
-// The widest fe chunk (128, 64 or 32, at most widest) that divides fe.
-constexpr int fe_chunk_width(int fe, int widest) {
-    return widest >= 128 && fe % 128 == 0 ? 128 : widest >= 64 && fe % 64 == 0 ? 64 : 32;
-}
-
-// Calls f(std::integral_constant<int, FC>{}) with FC = fe_chunk_width(fe, Widest).
+// Calls f(std::integral_constant<int, FC>{}) with the widest fe chunk FC (128, 64 or 32, at most
+// Widest) that divides fe.
 template <int Widest, class F>
 void dispatch_fe_chunk(int fe, F&& f) {
-    const int width = fe_chunk_width(fe, Widest);
     if constexpr (Widest >= 128)
-        if (width == 128) return f(std::integral_constant<int, 128>{});
+        if (fe % 128 == 0) return f(std::integral_constant<int, 128>{});
     if constexpr (Widest >= 64)
-        if (width == 64) return f(std::integral_constant<int, 64>{});
+        if (fe % 64 == 0) return f(std::integral_constant<int, 64>{});
     f(std::integral_constant<int, 32>{});
 }
 
@@ -1002,50 +886,33 @@ inline void expert_input_backward(floatX* dx_copy, const floatX* d_o, const floa
     });
 }
 
-// Blocks per group of the weight-gradient kernel: its fe slices.
-inline int expert_weight_grad_tiles(int F) {
-    return F / (kExpertsOnTensorCores ? fe_chunk_width(F, kWeightBackwardSlice) : kExpertChunk);
-}
-
-// Scratch floats expert_weight_backward needs.
-inline size_t expert_weight_grad_scratch_size(int dh, int F) {
-    return weight_grad_scratch_size(expert_weight_grad_tiles(F), 2, (int64_t)F * dh);
-}
-
-// dK, dV (H, E, fe, dh) fp32, accumulated, from d_o (copies, dh); M rows per head, k copies each;
-// scratch: expert_weight_grad_scratch_size(dh, F) floats.
-inline void expert_weight_backward(float* dK, float* dV, float* scratch, const floatX* d_o, const floatX* x, int64_t ld,
-                                   const floatX* K, const floatX* V, const RoutingPlan& plan, int M, int k, int dh,
-                                   int H, int E, int F, cudaStream_t stream) {
-    const WeightGradSplit split{weight_grad_part_rows((int64_t)H * M * k, expert_weight_grad_tiles(F)), scratch};
-    const int max_parts = (int)ceil_div(M, split.part_rows);  // a group holds at most M copies
+// dK, dV (H, E, fe, dh) fp32, accumulated, from d_o (copies, dh).
+inline void expert_weight_backward(float* dK, float* dV, const floatX* d_o, const floatX* x, int64_t ld,
+                                   const floatX* K, const floatX* V, const RoutingPlan& plan, int dh, int H, int E,
+                                   int F, cudaStream_t stream) {
     dispatch_head_dim(dh, [&](auto head_dim) {
         constexpr int DH = decltype(head_dim)::value;
         if constexpr (kExpertsOnTensorCores) {
             dispatch_fe_chunk<kWeightBackwardSlice>(F, [&](auto slice) {
                 constexpr int FC = decltype(slice)::value;
-                launch_expert_kernel(expert_weight_backward_mma_kernel<DH, FC>, dim3(F / FC, H * E, max_parts),
-                                     kMmaWeightThreads, MmaWeightLayout<DH, FC>::bytes, stream, dK, dV, d_o, x, ld, K,
-                                     V, plan, split, E, F);
+                launch_expert_kernel(expert_weight_backward_mma_kernel<DH, FC>, dim3(F / FC, H * E), kMmaWeightThreads,
+                                     MmaWeightLayout<DH, FC>::bytes, stream, dK, dV, d_o, x, ld, K, V, plan, E, F);
             });
         } else {
             using S = ExpertTileSmem<DH>;
-            launch_expert_kernel(expert_weight_backward_kernel<DH>, dim3(H * E, F / kExpertChunk, max_parts),
-                                 kExpertThreads,
+            launch_expert_kernel(expert_weight_backward_kernel<DH>, dim3(H * E, F / kExpertChunk), kExpertThreads,
                                  (2 * S::rows_floats + 2 * S::chunk_floats + 2 * S::hidden_floats) * sizeof(float),
-                                 stream, dK, dV, d_o, x, ld, K, V, plan, split, E, F);
+                                 stream, dK, dV, d_o, x, ld, K, V, plan, E, F);
         }
     });
-    weight_grad_reduce(dK, dV, split, plan.group_offset, H * E, (int64_t)F * dh, max_parts, stream);
 }
 
-// Both gradients: dx_copy (copies, dh), and dK, dV (H, E, fe, dh) fp32 accumulated, from d_o (copies, dh);
-// scratch: expert_weight_grad_scratch_size(dh, F) floats.
-inline void expert_backward(floatX* dx_copy, float* dK, float* dV, float* scratch, const floatX* d_o, const floatX* x,
-                            int64_t ld, const floatX* K, const floatX* V, const RoutingPlan& plan, int max_tiles, int M,
-                            int k, int dh, int H, int E, int F, cudaStream_t stream) {
+// Both gradients: dx_copy (copies, dh), and dK, dV (H, E, fe, dh) fp32 accumulated, from d_o (copies, dh).
+inline void expert_backward(floatX* dx_copy, float* dK, float* dV, const floatX* d_o, const floatX* x, int64_t ld,
+                            const floatX* K, const floatX* V, const RoutingPlan& plan, int max_tiles, int dh, int H,
+                            int E, int F, cudaStream_t stream) {
     expert_input_backward(dx_copy, d_o, x, ld, K, V, plan, max_tiles, dh, E, F, stream);
-    expert_weight_backward(dK, dV, scratch, d_o, x, ld, K, V, plan, M, k, dh, H, E, F, stream);
+    expert_weight_backward(dK, dV, d_o, x, ld, K, V, plan, dh, H, E, F, stream);
 }
 
 }  // namespace lmoe

@@ -36,7 +36,7 @@ struct MoeLayer {
     Shape s;
     int64_t copies, max_tiles;
     DeviceBuffer<int> sel, group_offset, copy_row, copy_pos, tile_group, tile_start, num_tiles, chunk_counts;
-    DeviceBuffer<float> gate, ds_copy, router_grad_scratch, weight_grad_scratch;
+    DeviceBuffer<float> gate, ds_copy, router_grad_scratch;
     DeviceBuffer<floatX> pre, h, o, d_o, dpre, dx_copy;
     lmoe::RoutingPlan plan;
     explicit MoeLayer(const Shape& shape) : s(shape) {
@@ -47,7 +47,6 @@ struct MoeLayer {
         num_tiles.resize(1); chunk_counts.resize(lmoe::routing_chunks(s.M) * s.E);
         ds_copy.resize(copies);
         router_grad_scratch.resize(lmoe::router_grad_scratch_size(s.E, s.d));
-        weight_grad_scratch.resize(lmoe::expert_grad_scratch_size(s.d, s.f));
         pre.resize(copies * s.f); h.resize(copies * s.f); dpre.resize(copies * s.f);
         o.resize(copies * s.d); d_o.resize(copies * s.d); dx_copy.resize(copies * s.d);
         plan = {sel.get(), gate.get(), group_offset.get(), copy_row.get(), copy_pos.get(),
@@ -55,11 +54,9 @@ struct MoeLayer {
     }
     void poison_all() {
         for (auto* b : {&sel, &group_offset, &copy_row, &copy_pos, &tile_group, &tile_start, &num_tiles}) b->poison();
-        gate.poison(); ds_copy.poison(); weight_grad_scratch.poison();
+        gate.poison(); ds_copy.poison();
         for (auto* b : {&pre, &h, &o, &d_o, &dpre, &dx_copy}) b->poison();
     }
-    // What the expert backward's weight gradients cover: every copy, at most M per expert.
-    lmoe::ExpertGradWork grad_work() const { return {copies, s.M, weight_grad_scratch.get()}; }
 };
 
 // The layer's tensors: inputs x (the normed tokens), dy and weights R, W1, W2, bias; outputs y, dx
@@ -94,10 +91,10 @@ void routed_layer(MoeLayer& L, LayerTensors& T, cudaEvent_t* events = nullptr) {
     lmoe::combine_backward(L.d_o.get(), L.ds_copy.get(), T.dy.get(), s.d, L.o.get(), L.plan, s.M, 1, s.d, s.k, st);
     mark(5);
     lmoe::expert_down_backward(L.dpre.get(), T.dW2.get(), L.d_o.get(), L.h.get(), L.pre.get(), T.W2.get(), L.plan, mt,
-                               L.grad_work(), s.d, s.f, s.E, st);
+                               s.d, s.f, s.E, st);
     mark(6);
-    lmoe::expert_up_backward(L.dx_copy.get(), T.dW1.get(), L.dpre.get(), T.x.get(), s.d, T.W1.get(), L.plan, mt,
-                             L.grad_work(), s.d, s.f, s.E, st);
+    lmoe::expert_up_backward(L.dx_copy.get(), T.dW1.get(), L.dpre.get(), T.x.get(), s.d, T.W1.get(), L.plan, mt, s.d,
+                             s.f, s.E, st);
     mark(7);
     lmoe::router_weight_backward(T.dR.get(), L.router_grad_scratch.get(), T.x.get(), s.d, L.ds_copy.get(),
                                  L.copy_row.get(), L.group_offset.get(), 1, s.d, s.E, st);
@@ -426,11 +423,11 @@ void bench_shape(const Shape& s, lmoe::Rng& rng) {
     });
     kernel("dW2 += dO^T h", [&] {
         lmoe::grouped_weight_grad<floatX>({T.dW2.get(), {L.d_o.get(), d, nullptr}, {L.h.get(), f, nullptr}, d, f,
-                                           L.group_offset.get()}, L.weight_grad_scratch.get(), L.copies, s.M, s.E, 0);
+                                           L.group_offset.get()}, s.E, 0);
     });
     kernel("dW1 += dpre^T X", [&] {
         lmoe::grouped_weight_grad<floatX>({T.dW1.get(), {L.dpre.get(), f, nullptr}, {T.x.get(), d, L.copy_row.get()}, f,
-                                           d, L.group_offset.get()}, L.weight_grad_scratch.get(), L.copies, s.M, s.E, 0);
+                                           d, L.group_offset.get()}, s.E, 0);
     });
     bench_cublas(s, L, T, reps, unit);
 }
