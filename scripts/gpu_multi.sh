@@ -6,45 +6,46 @@
 # the fp32 build; TRAINERS and GPU_COUNTS narrow the training runs, so that the work can be split over
 # several calls (each at most 10 minutes). Each training run's wall seconds go to the end of its log
 # (30-55 s for 60 steps on 8 H200s: process and NCCL start, a 7-8 s first step, the final evaluation).
-# Logs go to $OUT (default out/); a short table is printed last, with each phase's seconds.
+# Logs come back as $OUT/logs.tgz (default out/), refreshed after every run; a short table is printed
+# last, with each phase's seconds.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-out=${OUT:-out}
-mkdir -p "$out"
+source scripts/device_logs.sh
 export NCCL_NVLS_ENABLE=0  # never NVLink multicast on shared machines
 gpus=$(nvidia-smi -L | grep -c '^GPU')
-nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tee "$out/gpu.txt"
-nvidia-smi topo -m >"$out/topo.txt" 2>&1
+nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tee "$logs/gpu.txt"
+nvidia-smi topo -m >"$logs/topo.txt" 2>&1
 (cmake -B build -G Ninja >/dev/null && cmake --build build --target test_multi_gpu train_latentmoe moe_ep_baseline data_prep) \
-    >"$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
+    >"$logs/build.log" 2>&1 || { tail -30 "$logs/build.log"; pack_logs; exit 1; }
 echo "build: ${SECONDS} s"
 if [ "${TESTS:-1}" = 1 ]; then
     (cmake -B build32 -G Ninja -DLMOE_FP32=ON >/dev/null && cmake --build build32 --target test_multi_gpu train_latentmoe moe_ep_baseline data_prep) \
-        >"$out/build32.log" 2>&1 || { tail -30 "$out/build32.log"; exit 1; }
-    timeout 360 bash tests/test_multi_gpu.sh build32 >"$out/multi_fp32.log" 2>&1
-    timeout 360 bash tests/test_multi_gpu.sh build >"$out/multi_bf16.log" 2>&1
+        >"$logs/build32.log" 2>&1 || { tail -30 "$logs/build32.log"; pack_logs; exit 1; }
+    timeout 360 bash tests/test_multi_gpu.sh build32 >"$logs/multi_fp32.log" 2>&1
+    timeout 360 bash tests/test_multi_gpu.sh build >"$logs/multi_bf16.log" 2>&1
     echo "tests: ${SECONDS} s"
+    pack_logs
 fi
 MPIRUN=(mpirun --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE)
 for preset in ${PRESETS-p1}; do
     for trainer in ${TRAINERS:-train_latentmoe moe_ep_baseline}; do
         for R in ${GPU_COUNTS:-1 2 4 8}; do
             [ "$R" -le "$gpus" ] || continue
-            log="$out/${preset}_${trainer}_R$R.log" start=$SECONDS
+            log="$logs/${preset}_${trainer}_R$R.log" start=$SECONDS
             timeout 120 "${MPIRUN[@]}" -np $R ./build/$trainer --preset $preset --steps ${STEPS:-30} --eval-every 0 \
-                --log-every 10 --train-data data/kjv_train.bin --val-data data/kjv_val.bin --checkpoint "$out/run.ckpt" \
+                --log-every 10 --train-data data/kjv_train.bin --val-data data/kjv_val.bin --checkpoint "$logs/run.ckpt" \
                 >"$log" 2>&1
             echo "wall: $((SECONDS - start)) s" >>"$log"
-            rm -f "$out"/run.ckpt*
+            rm -f "$logs"/run.ckpt*
+            pack_logs
         done
     done
 done
 echo "training: ${SECONDS} s"
 if [ "${TESTS:-1}" = 1 ]; then
-    echo "== R GPUs against one (fp32 build)"; grep -E "R = |loss:|worst|bytes sent|FAIL|passed|ok -" "$out/multi_fp32.log"
-    echo "== bf16 build"; grep -E "loss:|passed|ok -" "$out/multi_bf16.log"
+    echo "== R GPUs against one (fp32 build)"; grep -E "R = |loss:|worst|bytes sent|FAIL|passed|ok -" "$logs/multi_fp32.log"
+    echo "== bf16 build"; grep -E "loss:|passed|ok -" "$logs/multi_bf16.log"
 fi
 echo "== training (bf16), per preset, trainer and R"
-for f in "$out"/p[0-9]_*.log; do [ -e "$f" ] || continue; echo "$f"; grep -E "^step .*/|time \(ms\)|done|error|wall" "$f" | tail -4; done
-# the device returns at most 8 files: the logs travel as one archive
-tar -czf "${TMPDIR:-/tmp}/logs.tgz" -C "$out" . && find "$out" -name '*.log' -delete && mv "${TMPDIR:-/tmp}/logs.tgz" "$out/"
+for f in "$logs"/p[0-9]_*.log; do [ -e "$f" ] || continue; basename "$f"; grep -E "^step .*/|time \(ms\)|done|error|wall" "$f" | tail -4; done
+pack_logs
