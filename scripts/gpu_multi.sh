@@ -16,12 +16,11 @@ export NCCL_NVLS_ENABLE=0  # never NVLink multicast on shared machines
 gpus=$(nvidia-smi -L | grep -c '^GPU')
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tee "$logs/gpu.txt"
 nvidia-smi topo -m >"$logs/topo.txt" 2>&1
-(cmake -B build -G Ninja >/dev/null && cmake --build build --target test_multi_gpu train_latentmoe moe_ep_baseline data_prep) \
-    >"$logs/build.log" 2>&1 || { tail -30 "$logs/build.log"; pack_logs; exit 1; }
+targets=(test_multi_gpu train_latentmoe moe_ep_baseline data_prep)
+cmake_build build "" "${targets[@]}"
 echo "build: ${SECONDS} s"
 if [ "${TESTS:-1}" = 1 ]; then
-    (cmake -B build32 -G Ninja -DLMOE_FP32=ON >/dev/null && cmake --build build32 --target test_multi_gpu train_latentmoe moe_ep_baseline data_prep) \
-        >"$logs/build32.log" 2>&1 || { tail -30 "$logs/build32.log"; pack_logs; exit 1; }
+    cmake_build build32 -DLMOE_FP32=ON "${targets[@]}"
     timeout 360 bash tests/test_multi_gpu.sh build32 >"$logs/multi_fp32.log" 2>&1
     timeout 360 bash tests/test_multi_gpu.sh build >"$logs/multi_bf16.log" 2>&1
     echo "tests: ${SECONDS} s"

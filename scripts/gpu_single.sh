@@ -10,12 +10,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/device_logs.sh
 export NCCL_NVLS_ENABLE=0
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$logs/gpu.txt"
-(cmake -B build -G Ninja >/dev/null && cmake --build build) >"$logs/build.log" 2>&1 || { tail -30 "$logs/build.log"; pack_logs; exit 1; }
-(cmake -B build32 -G Ninja -DLMOE_FP32=ON >/dev/null && cmake --build build32 --target test_gpu_model test_gpu_latentmoe test_gpu_moe) \
-    >"$logs/build32.log" 2>&1 || { tail -30 "$logs/build32.log"; pack_logs; exit 1; }
-# the wgmma weight gradient is built only for sm_90a
-(cmake -B build90a -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90a >/dev/null && cmake --build build90a --target test_gpu_latentmoe) \
-    >"$logs/build90a.log" 2>&1 || { tail -30 "$logs/build90a.log"; pack_logs; exit 1; }
+cmake_build build ""
+cmake_build build32 -DLMOE_FP32=ON test_gpu_model test_gpu_latentmoe test_gpu_moe
+cmake_build build90a -DCMAKE_CUDA_ARCHITECTURES=90a test_gpu_latentmoe  # the wgmma weight gradient is sm_90a only
 echo "build: ${SECONDS} s"
 ctest --test-dir build -L gpu --output-on-failure >"$logs/ctest_gpu.log" 2>&1
 ./build32/test_gpu_model >"$logs/model_fp32.log" 2>&1
