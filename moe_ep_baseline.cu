@@ -1,21 +1,21 @@
 // moe_ep_baseline: the same language model with standard MoE FFN layers (SPEC §2.2), trained with
 // Expert Parallel (SPEC §3): the baseline Multi-Head LatentMoE is compared against. Everything dense
-// is the shared skeleton in common/trainer.cuh; this file is the FFN layer, as the named stages of
+// is the shared skeleton in train/trainer.cuh; this file is the FFN layer, as the named stages of
 // Expert Parallel:
 //
 //   route -> group -> exchange -> compute -> exchange back -> weight + merge
 //
 // Each token x (d) picks its top-k experts; its k copies are grouped by expert; each expert runs
-// its rows through W1, GELU and W2 as grouped GEMMs (common/grouped_gemm.cuh); the outputs are
+// its rows through W1, GELU and W2 as grouped GEMMs (moe/grouped/grouped_gemm.cuh); the outputs are
 // weighted by the gates and summed per token. On one GPU the two exchanges are the identity; with
 // R ranks (Expert Parallel) they become variable-size all-to-alls after a count exchange.
 #include <utility>
 
-#include "common/expert_dispatch.cuh"
-#include "common/grouped_gemm.cuh"
-#include "common/io_router.cuh"
-#include "common/moe_permute.cuh"
-#include "common/trainer.cuh"
+#include "parallel/expert_dispatch.cuh"
+#include "moe/grouped/grouped_gemm.cuh"
+#include "moe/router.cuh"
+#include "moe/routing_plan.cuh"
+#include "train/trainer.cuh"
 
 namespace lmoe {
 

@@ -1,5 +1,5 @@
 // train_latentmoe: a GPT-style language model whose FFN layers are Multi-Head LatentMoE (SPEC §2.1),
-// trained with Head Parallel (SPEC §3). Everything dense is the shared skeleton in common/trainer.cuh;
+// trained with Head Parallel (SPEC §3). Everything dense is the shared skeleton in train/trainer.cuh;
 // this file is the FFN layer, as the named stages of the method:
 //
 //   project -> exchange -> route -> group -> compute -> weight -> exchange back -> merge
@@ -10,11 +10,11 @@
 // are the identity; with R ranks (Head Parallel) they become equal-block all-to-alls.
 #include <utility>
 
-#include "common/head_exchange.cuh"
-#include "common/io_experts.cuh"
-#include "common/io_router.cuh"
-#include "common/moe_permute.cuh"
-#include "common/trainer.cuh"
+#include "parallel/head_exchange.cuh"
+#include "moe/latent/io_experts.cuh"
+#include "moe/router.cuh"
+#include "moe/routing_plan.cuh"
+#include "train/trainer.cuh"
 
 namespace lmoe {
 

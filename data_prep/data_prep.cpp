@@ -13,8 +13,8 @@
 #include <system_error>
 #include <vector>
 
-#include "common/dataloader.h"
-#include "common/shard.h"
+#include "io/dataloader.h"
+#include "io/shard.h"
 
 constexpr int kByteVocab = 256;
 

@@ -17,9 +17,9 @@
 #include <string>
 #include <vector>
 
-#include "common/config.h"
-#include "common/reference.h"
-#include "common/rng.h"
+#include "model/config.h"
+#include "cpu/reference.h"
+#include "util/rng.h"
 #include "tests/model_dump.h"
 
 namespace {

@@ -9,8 +9,8 @@
 #include <string>
 #include <vector>
 
-#include "common/cuda_utils.cuh"
-#include "common/rng.h"
+#include "util/cuda_utils.cuh"
+#include "util/rng.h"
 #include "tests/check.h"
 
 namespace gpu_test {

@@ -24,8 +24,8 @@
 #include <string>
 #include <vector>
 
-#include "common/config.h"
-#include "common/params.h"
+#include "model/config.h"
+#include "model/params.h"
 
 namespace lmoe {
 

@@ -13,8 +13,8 @@
 #include <string>
 #include <vector>
 
-#include "common/dataloader.h"
-#include "common/shard.h"
+#include "io/dataloader.h"
+#include "io/shard.h"
 #include "tests/check.h"
 
 using lmoe::DataLoader;

@@ -1,4 +1,4 @@
-// GPU tests of common/matmul.cuh (the cuBLAS dense matmuls) and common/attention.cuh (causal
+// GPU tests of dense/matmul.cuh (the cuBLAS dense matmuls) and dense/attention.cuh (causal
 // attention), each against the CPU reference in double on exactly the rounded inputs the GPU sees:
 // outputs poisoned before every call, odd sizes next to realistic ones, and every result computed
 // twice and compared byte for byte (determinism). Prints median timings of the realistic sizes.
@@ -9,9 +9,9 @@
 #include <string>
 #include <vector>
 
-#include "common/attention.cuh"
-#include "common/matmul.cuh"
-#include "common/reference.h"
+#include "dense/attention.cuh"
+#include "dense/matmul.cuh"
+#include "cpu/reference.h"
 #include "tests/gpu_test_utils.cuh"
 
 using gpu_test::expect_close;

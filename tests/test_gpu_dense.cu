@@ -11,10 +11,10 @@
 #include <string>
 #include <vector>
 
-#include "common/embedding.cuh"
-#include "common/reference.h"
-#include "common/rmsnorm.cuh"
-#include "common/rope.cuh"
+#include "dense/embedding.cuh"
+#include "cpu/reference.h"
+#include "dense/rmsnorm.cuh"
+#include "dense/rope.cuh"
 #include "tests/gpu_test_utils.cuh"
 
 using gpu_test::expect_close;

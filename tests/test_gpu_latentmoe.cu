@@ -6,10 +6,10 @@
 #include <algorithm>
 #include <cstring>
 
-#include "common/io_experts.cuh"
-#include "common/io_router.cuh"
-#include "common/moe_permute.cuh"
-#include "common/reference.h"
+#include "moe/latent/io_experts.cuh"
+#include "moe/router.cuh"
+#include "moe/routing_plan.cuh"
+#include "cpu/reference.h"
 #include "tests/gpu_test_utils.cuh"
 
 using lmoe::DeviceBuffer;

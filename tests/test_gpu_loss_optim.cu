@@ -10,10 +10,10 @@
 #include <string>
 #include <vector>
 
-#include "common/adamw.cuh"
-#include "common/cross_entropy.cuh"
-#include "common/global_norm.cuh"
-#include "common/reference.h"
+#include "dense/adamw.cuh"
+#include "dense/cross_entropy.cuh"
+#include "dense/global_norm.cuh"
+#include "cpu/reference.h"
 #include "tests/gpu_test_utils.cuh"
 
 using gpu_test::expect_close;

@@ -12,11 +12,11 @@
 #include <cstring>
 #include <string>
 
-#include "common/grouped_gemm.cuh"
-#include "common/io_router.cuh"
-#include "common/matmul.cuh"
-#include "common/moe_permute.cuh"
-#include "common/reference.h"
+#include "moe/grouped/grouped_gemm.cuh"
+#include "moe/router.cuh"
+#include "dense/matmul.cuh"
+#include "moe/routing_plan.cuh"
+#include "cpu/reference.h"
 #include "tests/gpu_test_utils.cuh"
 
 using lmoe::DeviceBuffer;

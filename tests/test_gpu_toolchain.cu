@@ -6,9 +6,9 @@
 #include <cstdio>
 #include <vector>
 
-#include "common/cuda_utils.cuh"
-#include "common/reference.h"
-#include "common/rng.h"
+#include "util/cuda_utils.cuh"
+#include "cpu/reference.h"
+#include "util/rng.h"
 #include "tests/check.h"
 
 // y (N, O) = x (N, I) W^T with W (O, I), all row-major fp32. In column-major terms y^T = W x^T, so

@@ -7,8 +7,8 @@
 #include <map>
 #include <string>
 
-#include "common/reference.h"
-#include "common/rng.h"
+#include "cpu/reference.h"
+#include "util/rng.h"
 #include "tests/check.h"
 
 using Fn = std::function<double()>;

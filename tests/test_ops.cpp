@@ -12,11 +12,11 @@
 #include <string>
 #include <vector>
 
-#include "common/config.h"
-#include "common/params.h"
-#include "common/reference.h"
-#include "common/rng.h"
-#include "common/schedule.h"
+#include "model/config.h"
+#include "model/params.h"
+#include "cpu/reference.h"
+#include "util/rng.h"
+#include "train/schedule.h"
 #include "tests/check.h"
 
 using lmoe::Config;

@@ -7,8 +7,8 @@
 #include <cstdio>
 #include <string>
 
-#include "common/reference.h"
-#include "common/rng.h"
+#include "cpu/reference.h"
+#include "util/rng.h"
 #include "tests/check.h"
 
 using Vec = std::vector<double>;

@@ -11,8 +11,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "config.h"
-#include "params.h"
+#include "model/config.h"
+#include "model/params.h"
 
 namespace ref {
 

@@ -8,7 +8,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "cuda_utils.cuh"
+#include "util/cuda_utils.cuh"
 
 namespace lmoe {
 

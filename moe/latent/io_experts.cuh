@@ -18,9 +18,9 @@
 #pragma once
 #include <type_traits>
 
-#include "cuda_utils.cuh"
-#include "mma.cuh"
-#include "moe_permute.cuh"
+#include "util/cuda_utils.cuh"
+#include "tc/mma.cuh"
+#include "moe/routing_plan.cuh"
 
 namespace lmoe {
 

@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "shard.h"
+#include "io/shard.h"
 
 namespace lmoe {
 

@@ -1,5 +1,5 @@
 // Expert Parallel's exchange (SPEC §3): rank q owns experts [q·E/R, (q+1)·E/R). After routing and
-// grouping (moe_permute.cuh), a rank's copies for q's experts are one contiguous run of its group
+// grouping (moe/routing_plan.cuh), a rank's copies for q's experts are one contiguous run of its group
 // order. The ranks first swap per-expert counts (the metadata Head Parallel does without), learn the
 // split sizes on the host, then move the copies with a variable-size all-to-all. The owner regroups
 // what it received by its own experts (an "owner plan", so every expert's rows come source rank by
@@ -13,9 +13,9 @@
 #pragma once
 #include <vector>
 
-#include "comm.cuh"
-#include "cuda_utils.cuh"
-#include "moe_permute.cuh"
+#include "parallel/comm.cuh"
+#include "util/cuda_utils.cuh"
+#include "moe/routing_plan.cuh"
 
 namespace lmoe {
 

@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "cuda_utils.cuh"
+#include "util/cuda_utils.cuh"
 
 namespace lmoe {
 

@@ -1,6 +1,6 @@
 // Dense matmuls through cuBLAS (the project's one use of a library for arithmetic: plain GEMMs).
 //
-// Convention (common/reference.h): row-major tensors, a weight W: (O, I) maps I inputs to O outputs,
+// Convention (cpu/reference.h): row-major tensors, a weight W: (O, I) maps I inputs to O outputs,
 //   forward   out (N, O) = x (N, I) W^T
 //   backward  dx  (N, I) = dout (N, O) W            (written, or added to dx)
 //             dW  (O, I) += dout^T (O, N) x (N, I)   (fp32, always accumulated)
@@ -17,7 +17,7 @@
 // (cublasSetAtomicsMode), and make_cublas_handle pins that mode to "not allowed". Results are not
 // reproducible across GPU models, SM counts or toolkit versions.
 #pragma once
-#include "cuda_utils.cuh"
+#include "util/cuda_utils.cuh"
 
 namespace lmoe {
 

@@ -1,5 +1,5 @@
 // Grouped expert GEMMs of the standard MoE (SPEC §2.2): the N·k routed copies, grouped by expert
-// (moe_permute.cuh's RoutingPlan with H = 1), go through their expert's two matrices:
+// (moe/routing_plan.cuh's RoutingPlan with H = 1), go through their expert's two matrices:
 //     pre = X_e W1_e^T      h = GELU(pre)      o = h W2_e^T                 forward (pre and h are kept)
 //     dpre = (dO W2_e) ⊙ GELU'(pre)            dX = dpre W1_e               backward, per copy
 //     dW2_e += dO^T h                          dW1_e += dpre^T X_e          backward, per expert
@@ -28,10 +28,10 @@
 #pragma once
 #include <type_traits>
 
-#include "cuda_utils.cuh"
-#include "io_experts.cuh"  // gelu, gelu_grad and their fast forms, launch_expert_kernel
-#include "mma.cuh"
-#include "moe_permute.cuh"
+#include "util/cuda_utils.cuh"
+#include "moe/latent/io_experts.cuh"  // gelu, gelu_grad and their fast forms, launch_expert_kernel
+#include "tc/mma.cuh"
+#include "moe/routing_plan.cuh"
 
 namespace lmoe {
 

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "config.h"
+#include "model/config.h"
 
 namespace lmoe {
 

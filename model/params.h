@@ -10,8 +10,8 @@
 #include <string>
 #include <vector>
 
-#include "config.h"
-#include "rng.h"
+#include "model/config.h"
+#include "util/rng.h"
 
 namespace lmoe {
 

@@ -7,12 +7,12 @@
 #include <filesystem>
 #include <vector>
 
-#include "checkpoint.h"
-#include "config.h"
-#include "dataloader.h"
-#include "log.h"
-#include "reference.h"
-#include "schedule.h"
+#include "train/checkpoint.h"
+#include "model/config.h"
+#include "io/dataloader.h"
+#include "train/log.h"
+#include "cpu/reference.h"
+#include "train/schedule.h"
 
 namespace lmoe {
 

@@ -6,7 +6,7 @@
 // Layout: x is (M, ld) floatX and head h's rows are x[t, h·D : (h+1)·D]; R is (H, D, E) floatX;
 // bias (H, E) fp32; sel and gate are (H, M, k), chosen experts in descending order of s + b.
 #pragma once
-#include "cuda_utils.cuh"
+#include "util/cuda_utils.cuh"
 
 namespace lmoe {
 

@@ -21,12 +21,12 @@
 //
 // Both passes take one scratch buffer of attention_scratch_bytes(): it holds nothing between calls,
 // so one buffer can serve every layer. All GEMMs go through the caller's cuBLAS handle (see
-// common/matmul.cuh for its determinism notes); the two kernels here reduce in a fixed order (warp
+// dense/matmul.cuh for its determinism notes); the two kernels here reduce in a fixed order (warp
 // butterflies), so the whole attention is bitwise reproducible run to run.
 #pragma once
 #include <cmath>
 
-#include "cuda_utils.cuh"
+#include "util/cuda_utils.cuh"
 
 namespace lmoe {
 
@@ -200,7 +200,7 @@ inline void causal_softmax_backward(floatX* dS, const float* dP, const floatX* p
 // ---------------------------------------------------------------------------------------------
 // The batched GEMMs, one batch entry per (b, h), in the three shapes attention needs. Row-major
 // (T, da) head blocks and (T, T) square blocks are read by column-major cuBLAS as their transposes
-// (see common/matmul.cuh); each helper states its row-major product and its column-major form.
+// (see dense/matmul.cuh); each helper states its row-major product and its column-major form.
 // fp32 accumulation throughout; C is fp32 or floatX as the caller needs.
 namespace attention_detail {
 

@@ -6,12 +6,12 @@
 // kExpertTileRows rows (a tile never mixes experts); the tile list is built on the device, so no
 // count ever travels to the host.
 #pragma once
-#include "cuda_utils.cuh"
+#include "util/cuda_utils.cuh"
 
 namespace lmoe {
 
 constexpr int kGroupChunkRows = 256;  // rows counted and placed by one block
-constexpr int kExpertTileRows = 128;  // rows of one expert tile (io_experts.cuh)
+constexpr int kExpertTileRows = 128;  // rows of one expert tile (moe/latent/io_experts.cuh)
 
 // Where every copy went; device pointers (copies = H·M·k; tiles: routing_max_tiles; chunk_counts:
 // H · routing_chunks(M) · E).

@@ -12,7 +12,7 @@
 #pragma once
 #include <cstdint>
 
-#include "cuda_utils.cuh"
+#include "util/cuda_utils.cuh"
 
 namespace lmoe {
 

@@ -3,8 +3,8 @@
 // which then holds its heads' sub-tokens of all R·N tokens; the reverse brings the head outputs home.
 // Block sizes are fixed by (N, H, dh, R): no counts, no metadata, no host synchronisation.
 #pragma once
-#include "comm.cuh"
-#include "cuda_utils.cuh"
+#include "parallel/comm.cuh"
+#include "util/cuda_utils.cuh"
 
 namespace lmoe {
 
