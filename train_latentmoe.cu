@@ -13,6 +13,8 @@
 #include "parallel/head_exchange.cuh"
 #include "moe/latent/io_experts.cuh"
 #include "moe/router.cuh"
+#include "moe/combine.cuh"
+#include "moe/load_balance.cuh"
 #include "moe/routing_plan.cuh"
 #include "train/trainer.cuh"
 
@@ -48,13 +50,9 @@ class LatentMoeFfn {
 
     LatentMoeFfn(const Config& c, int N, int world)
         : c_(c), N_(N), HD_(c.H * c.dh), world_(world), Hl_(c.H / world), M_(world * N), ldU_(c.H / world * c.dh),
-          copies_((int64_t)c.H * N * c.k), max_tiles_((int)routing_max_tiles(world * N, c.H / world, c.E, c.k)) {
+          copies_((int64_t)c.H * N * c.k), plans_(RoutingPlans::routed(c.L, world * N, c.H / world, c.E, c.k)) {
         const size_t L = c.L;
         U_.resize(L * N * HD_); y_.resize(L * N * HD_); o_.resize(L * copies_ * c.dh);
-        sel_.resize(L * copies_); gate_.resize(L * copies_); copy_pos_.resize(L * copies_); copy_row_.resize(L * copies_);
-        group_offset_.resize(L * (Hl_ * c.E + 1));
-        tile_group_.resize(L * max_tiles_); tile_start_.resize(L * max_tiles_); num_tiles_.resize(L);
-        chunk_counts_.resize((size_t)Hl_ * routing_chunks(M_) * c.E);
         for (auto* b : {&rows_, &heads_, &heads2_, &exchange_}) b->resize((size_t)N * HD_);
         d_o_.resize(copies_ * c.dh); dx_copy_.resize(copies_ * c.dh); ds_copy_.resize(copies_);
         router_grad_scratch_.resize(router_grad_scratch_size(Hl_ * c.E, c.dh));
@@ -63,7 +61,7 @@ class LatentMoeFfn {
     // out (N, d) = FFN_l(x (N, d)). W = H/R·dh columns per owner; M = R·N rows at the owner.
     void forward(int l, floatX* out, const floatX* x, const Layer& w, const float* bias, Ctx& ctx) {
         const Config& c = c_;
-        const RoutingPlan p = plan(l);
+        const RoutingPlan p = plans_[l];
         floatX *U = U_.get() + (size_t)l * N_ * HD_, *y = y_.get() + (size_t)l * N_ * HD_;
         floatX* o = o_.get() + (size_t)l * copies_ * c.dh;
         const bool single = world_ == 1;  // one rank holds every head: the exchanges vanish
@@ -72,13 +70,13 @@ class LatentMoeFfn {
         // exchange: U (R·N, W): this rank's heads of every rank's tokens     equal blocks, no metadata
         if (!single) to_head_owners(U, rows_.get(), ctx);
         // route:    sel, gate (H/R, R·N, k) = top-k of U_h R_h + b_h          int32, fp32
-        router_forward(p.sel, p.gate, U, ldU_, w.router, bias, M_, Hl_, c.dh, c.E, c.k, ctx.stream);
+        router_forward(p, U, ldU_, w.router, bias, c.dh, ctx.stream);
         // group:    copies sorted by (head, expert), tiles of one expert
-        group_copies(p, M_, Hl_, c.E, c.k, ctx.stream);
+        group_copies(p, ctx.stream);
         // compute:  o (copies, dh) = V_e^T GELU(K_e U)                         floatX, group order
-        expert_forward(o, U, ldU_, w.expert_in, w.expert_out, p, max_tiles_, c.dh, c.E, c.fe, ctx.stream);
+        expert_forward(o, U, ldU_, w.expert_in, w.expert_out, p, c.dh, c.fe, ctx.stream);
         // weight:   Y[t, h] (dh) = Σ_j gate · o[copy (h, t, j)]                floatX (R·N, W)
-        combine_forward(single ? y : heads_.get(), ldU_, o, p, M_, Hl_, c.dh, c.k, ctx.stream);
+        combine_forward(single ? y : heads_.get(), ldU_, o, p, c.dh, ctx.stream);
         // exchange back: y (N, H·dh): every head's output for this rank's tokens
         if (!single) from_head_owners(y, heads_.get(), ctx);
         // merge:    out (N, d) = y W_mg^T
@@ -89,7 +87,7 @@ class LatentMoeFfn {
     // tokens of every rank).
     void backward(int l, floatX* dx, const floatX* dout, const floatX* x, const Layer& w, const GradLayer& g, Ctx& ctx) {
         const Config& c = c_;
-        const RoutingPlan p = plan(l);
+        const RoutingPlan p = plans_[l];
         const floatX *U = U_.get() + (size_t)l * N_ * HD_, *y = y_.get() + (size_t)l * N_ * HD_;
         const floatX* o = o_.get() + (size_t)l * copies_ * c.dh;
         const bool single = world_ == 1;
@@ -99,16 +97,15 @@ class LatentMoeFfn {
         // exchange: dY (R·N, W) at the head owners
         if (!single) to_head_owners(dY, dy, ctx);
         // weight:   d_o (copies, dh) = gate · dY;  ds (copies) = gate-softmax backward of dY · o
-        combine_backward(d_o_.get(), ds_copy_.get(), dY, ldU_, o, p, M_, Hl_, c.dh, c.k, ctx.stream);
+        combine_backward(d_o_.get(), ds_copy_.get(), dY, ldU_, o, p, c.dh, ctx.stream);
         // compute:  dx_copy (copies, dh); dK, dV += (hidden recomputed per tile)
         expert_backward(dx_copy_.get(), g.expert_in, g.expert_out, d_o_.get(), U, ldU_, w.expert_in, w.expert_out, p,
-                        max_tiles_, c.dh, Hl_, c.E, c.fe, ctx.stream);
+                        c.dh, c.fe, ctx.stream);
         // route:    dR_h[:, e] += Σ_{copies of e} U · ds   (k chosen columns only)
-        router_weight_backward(g.router, router_grad_scratch_.get(), U, ldU_, ds_copy_.get(), p.copy_row, p.group_offset,
-                               Hl_, c.dh, c.E, ctx.stream);
+        router_weight_backward(g.router, router_grad_scratch_.get(), U, ldU_, ds_copy_.get(), p, c.dh, ctx.stream);
         // group:    dU[t, h] = Σ_j dx_copy + Σ_j R_h[:, e_j] ds_j                floatX (R·N, W)
         floatX* dU = single ? rows_.get() : heads2_.get();
-        gather_input_grad(dU, ldU_, dx_copy_.get(), ds_copy_.get(), w.router, p, M_, Hl_, c.dh, c.E, c.k, ctx.stream);
+        gather_input_grad(dU, ldU_, dx_copy_.get(), ds_copy_.get(), w.router, p, c.dh, ctx.stream);
         // exchange back: du (N, H·dh) for this rank's tokens
         floatX* du = rows_.get();
         if (!single) from_head_owners(du, dU, ctx);
@@ -116,15 +113,10 @@ class LatentMoeFfn {
         matmul_backward(ctx.cublas, dx, g.ffn_in, du, x, w.ffn_in, N_, c.d, HD_, false, ctx.stream);
     }
 
-    void add_expert_counts(int l, int* counts, Ctx& ctx) {
-        add_group_sizes(counts, plan(l).group_offset, Hl_ * c_.E, ctx.stream);
-    }
+    void add_expert_counts(int l, int* counts, Ctx& ctx) { add_group_sizes(counts, plans_[l], ctx.stream); }
 
     // Layer l's choices in its last forward, (H/R, R·N, k): tests hold the reference to them.
-    std::vector<int> selection(int l) const {
-        std::vector<int> all = sel_.download();
-        return std::vector<int>(all.begin() + l * copies_, all.begin() + (l + 1) * copies_);
-    }
+    std::vector<int> selection(int l) const { return plans_.selection(l); }
 
     // Bytes this rank sent to other ranks since the last call (SPEC §3 predicts 4·N·H·dh·(R−1)/R·2
     // per layer and step).
@@ -145,23 +137,13 @@ class LatentMoeFfn {
     const Config c_;
     const int N_, HD_, world_, Hl_, M_, ldU_;  // tokens here, H·dh, ranks, heads here, rows at the owner, W
     const int64_t copies_;                     // H·N·k = (H/R)·(R·N)·k
-    const int max_tiles_;
     int64_t bytes_sent_ = 0;
     // per layer, kept for the backward
+    RoutingPlans plans_;
     DeviceBuffer<floatX> U_, y_, o_;
-    DeviceBuffer<int> sel_, copy_pos_, copy_row_, group_offset_, tile_group_, tile_start_, num_tiles_;
-    DeviceBuffer<float> gate_;
     // scratch shared by all layers: (N, H·dh) token rows, (R·N, W) head rows, the exchange buffer
-    DeviceBuffer<int> chunk_counts_;
     DeviceBuffer<floatX> rows_, heads_, heads2_, exchange_, d_o_, dx_copy_;
     DeviceBuffer<float> ds_copy_, router_grad_scratch_;
-
-    RoutingPlan plan(int l) {
-        const size_t G = (size_t)Hl_ * c_.E;
-        return {sel_.get() + l * copies_, gate_.get() + l * copies_, group_offset_.get() + l * (G + 1),
-                copy_row_.get() + l * copies_, copy_pos_.get() + l * copies_, tile_group_.get() + (size_t)l * max_tiles_,
-                tile_start_.get() + (size_t)l * max_tiles_, num_tiles_.get() + l, chunk_counts_.get()};
-    }
 };
 
 }  // namespace lmoe

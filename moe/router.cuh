@@ -6,6 +6,7 @@
 // Layout: x is (M, ld) floatX and head h's rows are x[t, h·D : (h+1)·D]; R is (H, D, E) floatX;
 // bias (H, E) fp32; sel and gate are (H, M, k), chosen experts in descending order of s + b.
 #pragma once
+#include "moe/routing_plan.cuh"
 #include "util/cuda_utils.cuh"
 
 namespace lmoe {
@@ -94,8 +95,12 @@ __global__ void router_forward_kernel(int* sel, float* gate, const floatX* x, in
     }
 }
 
-inline void router_forward(int* sel, float* gate, const floatX* x, int64_t ld, const floatX* R, const float* bias,
-                           int M, int H, int D, int E, int k, cudaStream_t stream) {
+// plan.sel, plan.gate (H, M, k) from x (M, ld); the rest of the plan is group_copies' work.
+inline void router_forward(const RoutingPlan& plan, const floatX* x, int64_t ld, const floatX* R, const float* bias, int D,
+                           cudaStream_t stream) {
+    const int M = plan.M, H = plan.H, E = plan.E, k = plan.k;
+    int* sel = plan.sel;
+    float* gate = plan.gate;
     const int threads = 256, warps = threads / 32;
     const unsigned blocks = (unsigned)ceil_div((int64_t)H * M, warps);
     const int per_lane = (int)ceil_div(E, 32);
@@ -160,55 +165,15 @@ __global__ void router_grad_reduce_kernel(float* dR, const float* parts, int H, 
 
 // dR (H, D, E) fp32, accumulated; scratch: router_grad_scratch_size(H·E, D) floats. D must be even.
 inline void router_weight_backward(float* dR, float* scratch, const floatX* x, int64_t ld, const float* ds_copy,
-                                   const int* copy_row, const int* group_offset, int H, int D, int E,
-                                   cudaStream_t stream) {
+                                   const RoutingPlan& plan, int D, cudaStream_t stream) {
+    const int H = plan.H, E = plan.E;
+    const int* copy_row = plan.copy_row;
+    const int* group_offset = plan.group_offset;
     const dim3 grid((unsigned)ceil_div(D, kRouterGradCols), H * E, kRouterGradParts);
     router_grad_parts_kernel<<<grid, kRouterGradWarps * 32, 0, stream>>>(scratch, x, ld, ds_copy, copy_row,
                                                                          group_offset, D, E);
     CUDA_CHECK_LAUNCH();
     router_grad_reduce_kernel<<<(unsigned)ceil_div((int64_t)H * D * E, 256), 256, 0, stream>>>(dR, scratch, H, D, E);
-    CUDA_CHECK_LAUNCH();
-}
-
-// ---------------------------------------------------------------------------------------------
-// Aux-loss-free load balancing (SPEC §2.3). Each (layer, head) group of E experts is one warp-sized
-// job: load_e = count_e / Σ count;  b += γ · (sign(1/E − load_e) − mean_e sign(1/E − load_e)).
-// The sign is taken exactly, in integers; the mean is summed in a fixed order.
-
-// counts (groups, E) += the sizes of the (head, expert) groups of one plan: group_offset (G + 1).
-__global__ void add_group_sizes_kernel(int* counts, const int* group_offset, int G) {
-    const int g = blockIdx.x * blockDim.x + threadIdx.x;
-    if (g < G) counts[g] += group_offset[g + 1] - group_offset[g];
-}
-
-inline void add_group_sizes(int* counts, const int* group_offset, int G, cudaStream_t stream) {
-    add_group_sizes_kernel<<<(unsigned)ceil_div(G, 256), 256, 0, stream>>>(counts, group_offset, G);
-    CUDA_CHECK_LAUNCH();
-}
-
-__global__ void update_routing_bias_kernel(float* bias, const int* counts, int groups, int E, float gamma) {
-    const int group = blockIdx.x;
-    if (group >= groups || threadIdx.x != 0) return;
-    const int* c = counts + (int64_t)group * E;
-    float* b = bias + (int64_t)group * E;
-    int64_t total = 0;
-    for (int e = 0; e < E; e++) total += c[e];
-    if (total == 0) return;
-    float mean_sign = 0.f;
-    for (int e = 0; e < E; e++) {
-        const int64_t gap = total - (int64_t)E * c[e];
-        mean_sign += (float)((gap > 0) - (gap < 0));
-    }
-    mean_sign /= E;
-    for (int e = 0; e < E; e++) {
-        const int64_t gap = total - (int64_t)E * c[e];
-        b[e] += gamma * ((float)((gap > 0) - (gap < 0)) - mean_sign);
-    }
-}
-
-inline void update_routing_bias(float* bias, const int* counts, int groups, int E, float gamma, cudaStream_t stream) {
-    if (gamma == 0.f) return;
-    update_routing_bias_kernel<<<groups, 32, 0, stream>>>(bias, counts, groups, E, gamma);
     CUDA_CHECK_LAUNCH();
 }
 

@@ -1,4 +1,4 @@
-// Grouping routed copies by (head, expert) and putting the expert outputs back (SPEC §4).
+// The routing plan: routed copies grouped by (head, expert), and the tile list the expert kernels walk (SPEC §4).
 //
 // Each of the H·M·k copies (head h, row t, slot j) goes to group g = h·E + sel[h, t, j]. Copies are
 // laid out group after group, and inside a group by increasing row: a stable counting sort, so the
@@ -6,6 +6,8 @@
 // kExpertTileRows rows (a tile never mixes experts); the tile list is built on the device, so no
 // count ever travels to the host.
 #pragma once
+#include <vector>
+
 #include "util/cuda_utils.cuh"
 
 namespace lmoe {
@@ -13,24 +15,86 @@ namespace lmoe {
 constexpr int kGroupChunkRows = 256;  // rows counted and placed by one block
 constexpr int kExpertTileRows = 128;  // rows of one expert tile (moe/latent/io_experts.cuh)
 
-// Where every copy went; device pointers (copies = H·M·k; tiles: routing_max_tiles; chunk_counts:
-// H · routing_chunks(M) · E).
+// One layer's routing plan: where every copy went. A device view, passed by value to the kernels;
+// RoutingPlans below owns the buffers. Copies (head h, row t, slot j), h < H, t < M, j < k.
 struct RoutingPlan {
+    int M, H, E, k;     // rows, routing groups (heads), experts per head, copies per row
+    int max_tiles;      // room in the tile list: grids are launched this wide, tiles past num_tiles exit
     int* sel;           // (H, M, k) chosen experts
     float* gate;        // (H, M, k) their gates
-    int* group_offset;  // (H·E + 1) first copy of each group; the last entry is H·M·k
+    int* group_offset;  // (H·E + 1) first copy of each group; the last entry is the number of copies
     int* copy_row;      // (H·M·k) source row t of each copy, in group order
     int* copy_pos;      // (H, M, k) where copy (h, t, j) sits in group order
     int* tile_group;    // (max_tiles) group of each tile
     int* tile_start;    // (max_tiles) first copy of each tile
     int* num_tiles;     // (1) tiles in use
-    int* chunk_counts;  // (H, chunks, E) scratch: copies per expert in each chunk of rows
+    int* chunk_counts;  // (H, routing_chunks(M), E) scratch: copies per expert in each chunk of rows
+    int groups() const { return H * E; }
+    int64_t copies() const { return (int64_t)H * M * k; }
 };
 
 inline int64_t routing_chunks(int M) { return ceil_div(M, kGroupChunkRows); }
+// Every group may end in a part-filled tile: H·M·k / kExpertTileRows tiles, plus one per group.
 inline int64_t routing_max_tiles(int M, int H, int E, int k) {
     return ceil_div((int64_t)H * M * k, kExpertTileRows) + (int64_t)H * E;
 }
+
+// The plans of a model's layers and the buffers behind them (one allocation path for the trainers
+// and the tests). routed(): plans the router fills (sel, gate) and group_copies completes. received():
+// Expert Parallel's owner plans, built from counts by build_owner_plan: up to `rows` copies that
+// arrived for E owned experts, one copy per row (k = 1), no sel, gate, copy_pos or chunk scratch.
+class RoutingPlans {
+  public:
+    static RoutingPlans routed(int layers, int M, int H, int E, int k) { return RoutingPlans(layers, M, H, E, k, true); }
+    static RoutingPlans received(int layers, int rows, int E) { return RoutingPlans(layers, rows, 1, E, 1, false); }
+
+    RoutingPlan operator[](int l) const {
+        const int64_t n = shape_.copies(), G = shape_.groups(), tiles = shape_.max_tiles;
+        RoutingPlan p = shape_;
+        p.sel = at(sel_, l * n);
+        p.gate = at(gate_, l * n);
+        p.copy_pos = at(copy_pos_, l * n);
+        p.group_offset = group_offset_.get() + l * (G + 1);
+        p.copy_row = copy_row_.get() + l * n;
+        p.tile_group = tile_group_.get() + l * tiles;
+        p.tile_start = tile_start_.get() + l * tiles;
+        p.num_tiles = num_tiles_.get() + l;
+        p.chunk_counts = chunk_counts_.get();  // scratch: shared by every layer
+        return p;
+    }
+    int layers() const { return layers_; }
+    // Layer l's chosen experts (H, M, k), on the host.
+    std::vector<int> selection(int l) const {
+        std::vector<int> all = sel_.download();
+        return std::vector<int>(all.begin() + l * shape_.copies(), all.begin() + (l + 1) * shape_.copies());
+    }
+    // Every entry of every plan set to -1 (NaN for the gates): tests poison before a run, so an entry
+    // the kernels never wrote cannot pass for a right one.
+    void poison() {
+        for (auto* b : {&sel_, &group_offset_, &copy_row_, &copy_pos_, &tile_group_, &tile_start_, &num_tiles_})
+            if (b->size()) b->poison();
+        if (gate_.size()) gate_.poison();
+    }
+
+  private:
+    RoutingPlans(int layers, int M, int H, int E, int k, bool routed) : layers_(layers) {
+        shape_ = {M, H, E, k, (int)routing_max_tiles(M, H, E, k)};
+        const size_t L = layers, n = shape_.copies(), tiles = shape_.max_tiles;
+        if (routed) {
+            sel_.resize(L * n); gate_.resize(L * n); copy_pos_.resize(L * n);
+            chunk_counts_.resize((size_t)H * routing_chunks(M) * E);
+        }
+        copy_row_.resize(L * n);
+        group_offset_.resize(L * (shape_.groups() + 1));
+        tile_group_.resize(L * tiles); tile_start_.resize(L * tiles); num_tiles_.resize(L);
+    }
+    template <class T> static T* at(const DeviceBuffer<T>& b, int64_t offset) { return b.size() ? b.get() + offset : nullptr; }
+
+    int layers_;
+    RoutingPlan shape_{};  // the shape; its pointers stay null
+    DeviceBuffer<int> sel_, copy_pos_, copy_row_, group_offset_, tile_group_, tile_start_, num_tiles_, chunk_counts_;
+    DeviceBuffer<float> gate_;
+};
 
 // Per chunk of rows: how many copies each expert of head h receives (integer atomics on shared
 // memory: the counts are exact whatever the order).
@@ -116,7 +180,8 @@ __global__ void place_copies_kernel(RoutingPlan plan, int M, int E, int k) {
 }
 
 // Builds the plan from plan.sel (filled by router_forward). H·E must be at most 4096.
-inline void group_copies(const RoutingPlan& plan, int M, int H, int E, int k, cudaStream_t stream) {
+inline void group_copies(const RoutingPlan& plan, cudaStream_t stream) {
+    const int M = plan.M, H = plan.H, E = plan.E, k = plan.k;
     const int chunks = (int)routing_chunks(M);
     const dim3 grid(chunks, H);
     count_copies_kernel<<<grid, kGroupChunkRows, E * sizeof(int), stream>>>(plan.chunk_counts, plan.sel, M, E, k);
@@ -125,92 +190,6 @@ inline void group_copies(const RoutingPlan& plan, int M, int H, int E, int k, cu
     CUDA_CHECK_LAUNCH();
     place_copies_kernel<<<grid, kGroupChunkRows, E * (kGroupChunkRows / 32) * sizeof(unsigned), stream>>>(plan, M, E,
                                                                                                          k);
-    CUDA_CHECK_LAUNCH();
-}
-
-// ---------------------------------------------------------------------------------------------
-// Weight and merge: y[t, h] = Σ_j w[h, t, j] · o[pos(h, t, j)], slots summed in order (fp32).
-// o is (H·M·k, D) in group order; y is (M, ld) with head h at columns h·D.
-__global__ void combine_forward_kernel(floatX* y, int64_t ld, const floatX* o, const RoutingPlan plan, int M, int H,
-                                       int D, int k) {
-    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (int64_t)M * H * D) return;
-    const int i = (int)(idx % D), h = (int)(idx / D % H);
-    const int64_t t = idx / ((int64_t)D * H);
-    const int64_t slot0 = ((int64_t)h * M + t) * k;
-    float acc = 0.f;
-    for (int j = 0; j < k; j++) acc += plan.gate[slot0 + j] * to_float(o[(int64_t)plan.copy_pos[slot0 + j] * D + i]);
-    y[t * ld + (int64_t)h * D + i] = from_float<floatX>(acc);
-}
-
-inline void combine_forward(floatX* y, int64_t ld, const floatX* o, const RoutingPlan& plan, int M, int H, int D,
-                            int k, cudaStream_t stream) {
-    const int64_t n = (int64_t)M * H * D;
-    combine_forward_kernel<<<(unsigned)ceil_div(n, 256), 256, 0, stream>>>(y, ld, o, plan, M, H, D, k);
-    CUDA_CHECK_LAUNCH();
-}
-
-// Backward of the weighting, one warp per (head, row):
-//   dw_j = dy · o_j;   do_j = w_j dy   (to the copy's slot, for the expert backward);
-//   ds_j = w_j (dw_j − Σ_i w_i dw_i)   (the gate softmax; stored per copy for the router backward).
-__global__ void combine_backward_kernel(floatX* d_o, float* ds_copy, const floatX* dy, int64_t ld, const floatX* o,
-                                        const RoutingPlan plan, int M, int H, int D, int k) {
-    const int lane = threadIdx.x % 32;
-    const int64_t warp = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    if (warp >= (int64_t)H * M) return;
-    const int h = (int)(warp / M);
-    const int64_t t = warp % M, slot0 = warp * k;
-    const floatX* dyt = dy + t * ld + (int64_t)h * D;
-    float my_dgate = 0.f, my_gate = 0.f;  // lane j < k holds slot j's
-    for (int j = 0; j < k; j++) {
-        const int64_t pos = plan.copy_pos[slot0 + j];
-        const float w = plan.gate[slot0 + j];
-        float dot = 0.f;
-        for (int i = lane; i < D; i += 32) {
-            float g = to_float(dyt[i]);
-            dot += g * to_float(o[pos * D + i]);
-            d_o[pos * D + i] = from_float<floatX>(w * g);
-        }
-        for (int offset = 16; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, offset);
-        if (lane == j) {
-            my_dgate = dot;
-            my_gate = w;
-        }
-    }
-    float wdw = my_gate * my_dgate;
-    for (int offset = 16; offset > 0; offset >>= 1) wdw += __shfl_xor_sync(0xffffffff, wdw, offset);
-    if (lane < k) ds_copy[plan.copy_pos[slot0 + lane]] = my_gate * (my_dgate - wdw);
-}
-
-inline void combine_backward(floatX* d_o, float* ds_copy, const floatX* dy, int64_t ld, const floatX* o,
-                             const RoutingPlan& plan, int M, int H, int D, int k, cudaStream_t stream) {
-    const int warps = 8;
-    combine_backward_kernel<<<(unsigned)ceil_div((int64_t)H * M, warps), warps * 32, 0, stream>>>(d_o, ds_copy, dy, ld,
-                                                                                                  o, plan, M, H, D, k);
-    CUDA_CHECK_LAUNCH();
-}
-
-// The gradient of each row from its copies and the router, in the reference's order:
-//   dx[t, h] = Σ_j dx_copy[pos(h, t, j)]  +  Σ_j R_h[:, e_j] ds_j      (written, not accumulated)
-__global__ void gather_input_grad_kernel(floatX* dx, int64_t ld, const floatX* dx_copy, const float* ds_copy,
-                                         const floatX* R, const RoutingPlan plan, int M, int H, int D, int E, int k) {
-    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (int64_t)M * H * D) return;
-    const int i = (int)(idx % D), h = (int)(idx / D % H);
-    const int64_t t = idx / ((int64_t)D * H);
-    const int64_t slot0 = ((int64_t)h * M + t) * k;
-    float acc = 0.f;
-    for (int j = 0; j < k; j++) acc += to_float(dx_copy[(int64_t)plan.copy_pos[slot0 + j] * D + i]);
-    const floatX* Ri = R + ((int64_t)h * D + i) * E;
-    for (int j = 0; j < k; j++) acc += to_float(Ri[plan.sel[slot0 + j]]) * ds_copy[plan.copy_pos[slot0 + j]];
-    dx[t * ld + (int64_t)h * D + i] = from_float<floatX>(acc);
-}
-
-inline void gather_input_grad(floatX* dx, int64_t ld, const floatX* dx_copy, const float* ds_copy, const floatX* R,
-                              const RoutingPlan& plan, int M, int H, int D, int E, int k, cudaStream_t stream) {
-    const int64_t n = (int64_t)M * H * D;
-    gather_input_grad_kernel<<<(unsigned)ceil_div(n, 256), 256, 0, stream>>>(dx, ld, dx_copy, ds_copy, R, plan, M, H,
-                                                                             D, E, k);
     CUDA_CHECK_LAUNCH();
 }
 

@@ -11,6 +11,7 @@
 //   owner order:    by local expert, then source rank, then token — what the grouped GEMMs walk
 // owner_plan.copy_row[p] is the received position of owner row p.
 #pragma once
+#include <utility>
 #include <vector>
 
 #include "parallel/comm.cuh"
@@ -77,17 +78,18 @@ __global__ void build_owner_plan_kernel(RoutingPlan plan, const int* recv_counts
     }
 }
 
-inline void build_owner_plan(const RoutingPlan& plan, const int* recv_counts, int R, int Er, cudaStream_t stream) {
-    build_owner_plan_kernel<<<1, 1024, R * Er * sizeof(int64_t), stream>>>(plan, recv_counts, R, Er);
+inline void build_owner_plan(const RoutingPlan& plan, const int* recv_counts, int R, cudaStream_t stream) {
+    build_owner_plan_kernel<<<1, 1024, R * plan.E * sizeof(int64_t), stream>>>(plan, recv_counts, R, plan.E);
     CUDA_CHECK_LAUNCH();
 }
 
 // Swaps counts: rank r's counts for q's Er experts (from its group offsets) go to q. Then copies the
 // send and receive sizes to the host — the one host synchronisation Expert Parallel needs per layer.
-// group_offset: the local plan's (E + 1) offsets; send_counts, recv_counts: (R, Er) device scratch.
-inline ExpertSplits exchange_expert_counts(int* recv_counts, int* send_counts, const int* group_offset, int E,
-                                           const Comm& c, cudaStream_t stream, int64_t* metadata_bytes) {
-    const int R = c.world, Er = E / R;
+// plan: the local routing plan (one group per expert); send_counts, recv_counts: (R, Er) device scratch.
+inline ExpertSplits exchange_expert_counts(int* recv_counts, int* send_counts, const RoutingPlan& plan, const Comm& c,
+                                           cudaStream_t stream, int64_t* metadata_bytes) {
+    const int R = c.world, E = plan.E, Er = E / R;
+    const int* group_offset = plan.group_offset;
     std::vector<int> offsets(E + 1);
     CUDA_CHECK(cudaMemcpyAsync(offsets.data(), group_offset, (E + 1) * sizeof(int), cudaMemcpyDeviceToHost, stream));
     CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -133,5 +135,57 @@ inline int64_t exchange_rows(floatX* recv_buf, const std::vector<int64_t>& recv,
     NCCL_CHECK(ncclGroupEnd());
     return sent;
 }
+
+// Expert Parallel's exchange for every layer of a model on R > 1 ranks: the owner plans, each layer's
+// split sizes (learned in the forward, reused by its backward), the staging rows, and the bytes sent.
+// Its three moves are the dispatch and combine of the MoE layer:
+//   dispatch       token rows -> the experts' owners, received order (+ the owner plan)     forward
+//   to_owners      rows in group order -> the owners, owner order (the copies' gradients)   backward
+//   to_sources     owner rows -> the ranks the copies came from, group order                 both
+class ExpertExchange {
+  public:
+    // tokens: N per rank; every copy may land on one owner (dropless), so R·N·k rows are kept.
+    ExpertExchange(int layers, int tokens, int E, int k, int d, int world)
+        : d_(d), capacity_((int)((int64_t)world * tokens * k)),
+          owner_plans_(RoutingPlans::received(layers, capacity_, E / world)), splits_(layers) {
+        send_counts_.resize(E);
+        recv_counts_.resize(E);
+        staging_.resize((size_t)capacity_ * d);
+    }
+    int capacity() const { return capacity_; }
+    RoutingPlan owner_plan(int l) const { return owner_plans_[l]; }
+
+    // x_received (capacity, d) = the rows of p's copies at their experts' owners, received order;
+    // builds layer l's owner plan. Learning the split sizes synchronises the host once.
+    RoutingPlan dispatch(int l, floatX* x_received, const floatX* x, const RoutingPlan& p, const Comm& comm,
+                         cudaStream_t stream) {
+        splits_[l] = exchange_expert_counts(recv_counts_.get(), send_counts_.get(), p, comm, stream, &bytes_sent_);
+        permute_rows(staging_.get(), x, p.copy_row, p.copies(), d_, true, stream);  // (N·k, d) group order
+        bytes_sent_ += exchange_rows(x_received, splits_[l].recv, staging_.get(), splits_[l].send, d_, comm, stream);
+        const RoutingPlan owner = owner_plan(l);
+        build_owner_plan(owner, recv_counts_.get(), comm.world, stream);
+        return owner;
+    }
+    // owner_rows (capacity, d) in owner order = rows (N·k, d) in group order, sent to the owners.
+    void to_owners(int l, floatX* owner_rows, const floatX* rows, const Comm& comm, cudaStream_t stream) {
+        bytes_sent_ += exchange_rows(staging_.get(), splits_[l].recv, rows, splits_[l].send, d_, comm, stream);
+        permute_rows(owner_rows, staging_.get(), owner_plan(l).copy_row, splits_[l].received, d_, true, stream);
+    }
+    // rows (N·k, d) in group order = owner_rows (owner order), sent back where the copies came from.
+    void to_sources(int l, floatX* rows, const floatX* owner_rows, const Comm& comm, cudaStream_t stream) {
+        permute_rows(staging_.get(), owner_rows, owner_plan(l).copy_row, splits_[l].received, d_, false, stream);
+        bytes_sent_ += exchange_rows(rows, splits_[l].send, staging_.get(), splits_[l].recv, d_, comm, stream);
+    }
+    // Bytes sent to other ranks since the last call: rows and count metadata.
+    int64_t take_bytes_sent() { return std::exchange(bytes_sent_, 0); }
+
+  private:
+    const int d_, capacity_;
+    RoutingPlans owner_plans_;
+    std::vector<ExpertSplits> splits_;
+    DeviceBuffer<int> send_counts_, recv_counts_;  // (R, Er)
+    DeviceBuffer<floatX> staging_;                  // (capacity, d): rows in received order
+    int64_t bytes_sent_ = 0;
+};
 
 }  // namespace lmoe

@@ -66,6 +66,14 @@ lmoe::DeviceBuffer<T> upload(const std::vector<double>& v) {
     return b;
 }
 
+// n elements at a device address, on the host.
+template <class T>
+std::vector<T> download(const T* device, size_t n) {
+    std::vector<T> host(n);
+    CUDA_CHECK(cudaMemcpy(host.data(), device, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return host;
+}
+
 // ‖got − ref‖ / ‖ref‖; infinity if anything is NaN or infinite (an unwritten, poisoned element).
 inline double rel_error(const std::vector<double>& got, const std::vector<double>& ref) {
     if (got.size() != ref.size()) return INFINITY;

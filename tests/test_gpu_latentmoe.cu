@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "moe/combine.cuh"
 #include "moe/latent/io_experts.cuh"
 #include "moe/router.cuh"
 #include "moe/routing_plan.cuh"
@@ -27,24 +28,20 @@ struct Shape {
 struct RoutedLayer {
     Shape s;
     int64_t copies, max_tiles;
-    DeviceBuffer<int> sel, group_offset, copy_row, copy_pos, tile_group, tile_start, num_tiles, chunk_counts;
-    DeviceBuffer<float> gate, ds_copy, router_grad_scratch;
+    DeviceBuffer<float> ds_copy, router_grad_scratch;
     DeviceBuffer<floatX> o, d_o, dx_copy;
+    lmoe::RoutingPlans plans;
     lmoe::RoutingPlan plan;
-    explicit RoutedLayer(const Shape& shape) : s(shape) {
+    explicit RoutedLayer(const Shape& shape)
+        : s(shape), plans(lmoe::RoutingPlans::routed(1, shape.M, shape.H, shape.E, shape.k)), plan(plans[0]) {
         copies = (int64_t)s.H * s.M * s.k;
-        max_tiles = lmoe::routing_max_tiles(s.M, s.H, s.E, s.k);
-        sel.resize(copies); gate.resize(copies); copy_pos.resize(copies); copy_row.resize(copies);
-        group_offset.resize(s.H * s.E + 1); tile_group.resize(max_tiles); tile_start.resize(max_tiles);
-        num_tiles.resize(1); chunk_counts.resize(s.H * lmoe::routing_chunks(s.M) * s.E);
+        max_tiles = plan.max_tiles;
         router_grad_scratch.resize(lmoe::router_grad_scratch_size(s.H * s.E, s.dh));
         ds_copy.resize(copies); o.resize(copies * s.dh); d_o.resize(copies * s.dh); dx_copy.resize(copies * s.dh);
-        plan = {sel.get(), gate.get(), group_offset.get(), copy_row.get(), copy_pos.get(),
-                tile_group.get(), tile_start.get(), num_tiles.get(), chunk_counts.get()};
     }
     void poison_all() {
-        for (auto* b : {&sel, &group_offset, &copy_row, &copy_pos, &tile_group, &tile_start, &num_tiles}) b->poison();
-        gate.poison(); ds_copy.poison(); o.poison(); d_o.poison(); dx_copy.poison();
+        plans.poison();
+        ds_copy.poison(); o.poison(); d_o.poison(); dx_copy.poison();
     }
 };
 
@@ -67,30 +64,29 @@ void routed_layer(RoutedLayer& L, LayerTensors& T, cudaEvent_t* events = nullptr
     cudaStream_t st = 0;
     auto mark = [&](int i) { if (events) CUDA_CHECK(cudaEventRecord(events[i + 1], st)); };
     if (events) CUDA_CHECK(cudaEventRecord(events[0], st));
-    lmoe::router_forward(L.sel.get(), L.gate.get(), T.u.get(), HD, T.R.get(), T.bias.get(), s.M, s.H, s.dh, s.E, s.k, st);
-    lmoe::group_copies(L.plan, s.M, s.H, s.E, s.k, st);
+    lmoe::router_forward(L.plan, T.u.get(), HD, T.R.get(), T.bias.get(), s.dh, st);
+    lmoe::group_copies(L.plan, st);
     mark(0);
-    lmoe::expert_forward(L.o.get(), T.u.get(), HD, T.K.get(), T.V.get(), L.plan, (int)L.max_tiles, s.dh, s.E, s.fe, st);
+    lmoe::expert_forward(L.o.get(), T.u.get(), HD, T.K.get(), T.V.get(), L.plan, s.dh, s.fe, st);
     mark(1);
-    lmoe::combine_forward(T.y.get(), HD, L.o.get(), L.plan, s.M, s.H, s.dh, s.k, st);
+    lmoe::combine_forward(T.y.get(), HD, L.o.get(), L.plan, s.dh, st);
     mark(2);
-    lmoe::combine_backward(L.d_o.get(), L.ds_copy.get(), T.dy.get(), HD, L.o.get(), L.plan, s.M, s.H, s.dh, s.k, st);
+    lmoe::combine_backward(L.d_o.get(), L.ds_copy.get(), T.dy.get(), HD, L.o.get(), L.plan, s.dh, st);
     mark(3);
     lmoe::expert_backward(L.dx_copy.get(), T.dK.get(), T.dV.get(), L.d_o.get(), T.u.get(), HD, T.K.get(), T.V.get(),
-                          L.plan, (int)L.max_tiles, s.dh, s.H, s.E, s.fe, st);
+                          L.plan, s.dh, s.fe, st);
     mark(4);
-    lmoe::router_weight_backward(T.dR.get(), L.router_grad_scratch.get(), T.u.get(), HD, L.ds_copy.get(),
-                                 L.copy_row.get(), L.group_offset.get(), s.H, s.dh, s.E, st);
-    lmoe::gather_input_grad(T.du.get(), HD, L.dx_copy.get(), L.ds_copy.get(), T.R.get(), L.plan, s.M, s.H, s.dh, s.E,
-                            s.k, st);
+    lmoe::router_weight_backward(T.dR.get(), L.router_grad_scratch.get(), T.u.get(), HD, L.ds_copy.get(), L.plan, s.dh,
+                                 st);
+    lmoe::gather_input_grad(T.du.get(), HD, L.dx_copy.get(), L.ds_copy.get(), T.R.get(), L.plan, s.dh, st);
     mark(5);
 }
 
 // The plan must be a stable grouping: every copy once, in its (head, expert) group, rows increasing.
 void check_plan(const RoutedLayer& L, const std::vector<int>& sel) {
     const Shape& s = L.s;
-    auto offset = L.group_offset.download(), row = L.copy_row.download(), pos = L.copy_pos.download();
-    auto tg = L.tile_group.download(), ts = L.tile_start.download();
+    auto offset = gpu_test::download(L.plan.group_offset, L.plan.groups() + 1), row = gpu_test::download(L.plan.copy_row, L.copies), pos = gpu_test::download(L.plan.copy_pos, L.copies);
+    auto tg = gpu_test::download(L.plan.tile_group, L.max_tiles), ts = gpu_test::download(L.plan.tile_start, L.max_tiles);
     bool ok = offset[0] == 0 && offset[s.H * s.E] == L.copies;
     std::vector<int> seen(L.copies, 0);
     for (int h = 0; h < s.H; h++)
@@ -106,7 +102,7 @@ void check_plan(const RoutedLayer& L, const std::vector<int>& sel) {
     for (int g = 0; g < s.H * s.E; g++)
         for (int p = offset[g] + 1; p < offset[g + 1]; p++) ok &= row[p - 1] < row[p];
     CHECK_MSG(ok, std::string(s.name) + ": the grouping is not a stable partition of the copies by (head, expert)");
-    int tiles = L.num_tiles.download()[0], expected = 0;
+    int tiles = gpu_test::download(L.plan.num_tiles, 1)[0], expected = 0;
     for (int g = 0; g < s.H * s.E; g++) expected += (int)ceil_div(offset[g + 1] - offset[g], lmoe::kExpertTileRows);
     bool tiles_ok = tiles == expected && tiles <= L.max_tiles;
     for (int i = 0; tiles_ok && i < tiles; i++)
@@ -152,7 +148,7 @@ void run_shape(const Shape& s, lmoe::Rng& rng) {
 
     // Router: the choices must be the reference's top-k, except where the k-th and (k+1)-th biased
     // scores are within rounding of each other.
-    auto sel = L.sel.download();
+    auto sel = gpu_test::download(L.plan.sel, L.copies);
     int mismatched = 0, near_ties = 0;
     std::vector<double> logits(s.E);
     std::vector<int> ref_sel(s.k);
@@ -192,7 +188,7 @@ void run_shape(const Shape& s, lmoe::Rng& rng) {
                              bank, sel_h, gate_h);
     }
     std::vector<double> gate_got(gates.size());
-    auto gate_f = L.gate.download();
+    auto gate_f = gpu_test::download(L.plan.gate, L.copies);
     for (size_t i = 0; i < gate_f.size(); i++) gate_got[i] = gate_f[i];
     expect_close("gates", gate_got, gates, gpu_test::kPrecision[0] == 'f' ? 1e-5 : 1e-2);
     expect_close("y = sum_j w_j expert_j(u)", T.y, ref_y);
@@ -243,21 +239,20 @@ void bench_shape(const Shape& s, lmoe::Rng& rng) {
     std::printf("  %-30s %8.3f ms (routed part, without W_mh / W_mg)\n", "total", ms[kStages]);
 
     // Each expert kernel alone, on the plan of the last run.
-    const int dh = s.dh, E = s.E, F = s.fe, H = s.H, tiles = (int)L.max_tiles;
+    const int dh = s.dh, F = s.fe;
     auto time_kernel = [&](const char* name, double units, auto&& launch) {
         const double m = gpu_test::time_ms(reps, launch);
         std::printf("  kernel %-23s %8.3f ms  %6.1f TFLOP/s\n", name, m, units * unit / (m * 1e-3) / 1e12);
     };
     time_kernel("expert forward", 2, [&] {
-        lmoe::expert_forward(L.o.get(), T.u.get(), HD, T.K.get(), T.V.get(), L.plan, tiles, dh, E, F, 0);
+        lmoe::expert_forward(L.o.get(), T.u.get(), HD, T.K.get(), T.V.get(), L.plan, dh, F, 0);
     });
     time_kernel("expert input backward", 3, [&] {
-        lmoe::expert_input_backward(L.dx_copy.get(), L.d_o.get(), T.u.get(), HD, T.K.get(), T.V.get(), L.plan, tiles,
-                                    dh, E, F, 0);
+        lmoe::expert_input_backward(L.dx_copy.get(), L.d_o.get(), T.u.get(), HD, T.K.get(), T.V.get(), L.plan, dh, F, 0);
     });
     time_kernel("expert weight backward", 4, [&] {
         lmoe::expert_weight_backward(T.dK.get(), T.dV.get(), L.d_o.get(), T.u.get(), HD, T.K.get(), T.V.get(), L.plan,
-                                     dh, H, E, F, 0);
+                                     dh, F, 0);
     });
 }
 

@@ -12,9 +12,10 @@
 #include <cstring>
 #include <string>
 
+#include "dense/matmul.cuh"
+#include "moe/combine.cuh"
 #include "moe/grouped/grouped_gemm.cuh"
 #include "moe/router.cuh"
-#include "dense/matmul.cuh"
 #include "moe/routing_plan.cuh"
 #include "cpu/reference.h"
 #include "tests/gpu_test_utils.cuh"
@@ -35,26 +36,22 @@ struct Shape {
 struct MoeLayer {
     Shape s;
     int64_t copies, max_tiles;
-    DeviceBuffer<int> sel, group_offset, copy_row, copy_pos, tile_group, tile_start, num_tiles, chunk_counts;
-    DeviceBuffer<float> gate, ds_copy, router_grad_scratch;
+    DeviceBuffer<float> ds_copy, router_grad_scratch;
     DeviceBuffer<floatX> pre, h, o, d_o, dpre, dx_copy;
+    lmoe::RoutingPlans plans;
     lmoe::RoutingPlan plan;
-    explicit MoeLayer(const Shape& shape) : s(shape) {
+    explicit MoeLayer(const Shape& shape)
+        : s(shape), plans(lmoe::RoutingPlans::routed(1, shape.M, 1, shape.E, shape.k)), plan(plans[0]) {
         copies = (int64_t)s.M * s.k;
-        max_tiles = lmoe::routing_max_tiles(s.M, 1, s.E, s.k);
-        sel.resize(copies); gate.resize(copies); copy_pos.resize(copies); copy_row.resize(copies);
-        group_offset.resize(s.E + 1); tile_group.resize(max_tiles); tile_start.resize(max_tiles);
-        num_tiles.resize(1); chunk_counts.resize(lmoe::routing_chunks(s.M) * s.E);
+        max_tiles = plan.max_tiles;
         ds_copy.resize(copies);
         router_grad_scratch.resize(lmoe::router_grad_scratch_size(s.E, s.d));
         pre.resize(copies * s.f); h.resize(copies * s.f); dpre.resize(copies * s.f);
         o.resize(copies * s.d); d_o.resize(copies * s.d); dx_copy.resize(copies * s.d);
-        plan = {sel.get(), gate.get(), group_offset.get(), copy_row.get(), copy_pos.get(),
-                tile_group.get(), tile_start.get(), num_tiles.get(), chunk_counts.get()};
     }
     void poison_all() {
-        for (auto* b : {&sel, &group_offset, &copy_row, &copy_pos, &tile_group, &tile_start, &num_tiles}) b->poison();
-        gate.poison(); ds_copy.poison();
+        plans.poison();
+        ds_copy.poison();
         for (auto* b : {&pre, &h, &o, &d_o, &dpre, &dx_copy}) b->poison();
     }
 };
@@ -74,41 +71,39 @@ const char* kStageNames[kStages] = {"route",          "group",           "up for
 // Forward and backward of the routed layer, the stages of MoeFfn; events[i + 1] marks the end of stage i.
 void routed_layer(MoeLayer& L, LayerTensors& T, cudaEvent_t* events = nullptr) {
     const Shape& s = L.s;
-    const int mt = (int)L.max_tiles;
     cudaStream_t st = 0;
     auto mark = [&](int i) { if (events) CUDA_CHECK(cudaEventRecord(events[i + 1], st)); };
     if (events) CUDA_CHECK(cudaEventRecord(events[0], st));
-    lmoe::router_forward(L.sel.get(), L.gate.get(), T.x.get(), s.d, T.R.get(), T.bias.get(), s.M, 1, s.d, s.E, s.k, st);
+    lmoe::router_forward(L.plan, T.x.get(), s.d, T.R.get(), T.bias.get(), s.d, st);
     mark(0);
-    lmoe::group_copies(L.plan, s.M, 1, s.E, s.k, st);
+    lmoe::group_copies(L.plan, st);
     mark(1);
-    lmoe::expert_up_forward(L.pre.get(), L.h.get(), T.x.get(), s.d, T.W1.get(), L.plan, mt, s.d, s.f, st);
+    lmoe::expert_up_forward(L.pre.get(), L.h.get(), T.x.get(), s.d, T.W1.get(), L.plan, s.d, s.f, st);
     mark(2);
-    lmoe::expert_down_forward(L.o.get(), L.h.get(), T.W2.get(), L.plan, mt, s.d, s.f, st);
+    lmoe::expert_down_forward(L.o.get(), L.h.get(), T.W2.get(), L.plan, s.d, s.f, st);
     mark(3);
-    lmoe::combine_forward(T.y.get(), s.d, L.o.get(), L.plan, s.M, 1, s.d, s.k, st);
+    lmoe::combine_forward(T.y.get(), s.d, L.o.get(), L.plan, s.d, st);
     mark(4);
-    lmoe::combine_backward(L.d_o.get(), L.ds_copy.get(), T.dy.get(), s.d, L.o.get(), L.plan, s.M, 1, s.d, s.k, st);
+    lmoe::combine_backward(L.d_o.get(), L.ds_copy.get(), T.dy.get(), s.d, L.o.get(), L.plan, s.d, st);
     mark(5);
-    lmoe::expert_down_backward(L.dpre.get(), T.dW2.get(), L.d_o.get(), L.h.get(), L.pre.get(), T.W2.get(), L.plan, mt,
-                               s.d, s.f, s.E, st);
+    lmoe::expert_down_backward(L.dpre.get(), T.dW2.get(), L.d_o.get(), L.h.get(), L.pre.get(), T.W2.get(), L.plan, s.d,
+                               s.f, st);
     mark(6);
-    lmoe::expert_up_backward(L.dx_copy.get(), T.dW1.get(), L.dpre.get(), T.x.get(), s.d, T.W1.get(), L.plan, mt, s.d,
-                             s.f, s.E, st);
+    lmoe::expert_up_backward(L.dx_copy.get(), T.dW1.get(), L.dpre.get(), T.x.get(), s.d, T.W1.get(), L.plan, s.d, s.f,
+                             st);
     mark(7);
-    lmoe::router_weight_backward(T.dR.get(), L.router_grad_scratch.get(), T.x.get(), s.d, L.ds_copy.get(),
-                                 L.copy_row.get(), L.group_offset.get(), 1, s.d, s.E, st);
+    lmoe::router_weight_backward(T.dR.get(), L.router_grad_scratch.get(), T.x.get(), s.d, L.ds_copy.get(), L.plan, s.d,
+                                 st);
     mark(8);
-    lmoe::gather_input_grad(T.dx.get(), s.d, L.dx_copy.get(), L.ds_copy.get(), T.R.get(), L.plan, s.M, 1, s.d, s.E, s.k,
-                            st);
+    lmoe::gather_input_grad(T.dx.get(), s.d, L.dx_copy.get(), L.ds_copy.get(), T.R.get(), L.plan, s.d, st);
     mark(9);
 }
 
 // The plan must be a stable grouping: every copy once, in its expert's group, rows increasing.
 void check_plan(const MoeLayer& L, const std::vector<int>& sel) {
     const Shape& s = L.s;
-    auto offset = L.group_offset.download(), row = L.copy_row.download(), pos = L.copy_pos.download();
-    auto tg = L.tile_group.download(), ts = L.tile_start.download();
+    auto offset = gpu_test::download(L.plan.group_offset, L.plan.groups() + 1), row = gpu_test::download(L.plan.copy_row, L.copies), pos = gpu_test::download(L.plan.copy_pos, L.copies);
+    auto tg = gpu_test::download(L.plan.tile_group, L.max_tiles), ts = gpu_test::download(L.plan.tile_start, L.max_tiles);
     bool ok = offset[0] == 0 && offset[s.E] == L.copies;
     std::vector<int> seen(L.copies, 0);
     for (int t = 0; t < s.M; t++)
@@ -123,7 +118,7 @@ void check_plan(const MoeLayer& L, const std::vector<int>& sel) {
     for (int e = 0; e < s.E; e++)
         for (int p = offset[e] + 1; p < offset[e + 1]; p++) ok &= row[p - 1] < row[p];
     CHECK_MSG(ok, std::string(s.name) + ": the grouping is not a stable partition of the copies by expert");
-    int tiles = L.num_tiles.download()[0], expected = 0;
+    int tiles = gpu_test::download(L.plan.num_tiles, 1)[0], expected = 0;
     for (int e = 0; e < s.E; e++) expected += (int)ceil_div(offset[e + 1] - offset[e], lmoe::kExpertTileRows);
     bool tiles_ok = tiles == expected && tiles <= L.max_tiles;
     for (int i = 0; tiles_ok && i < tiles; i++)
@@ -149,7 +144,7 @@ void check_grouped_gemms(const MoeLayer& L, const LayerTensors& T, const std::ve
     const Shape& s = L.s;
     const int d = s.d, f = s.f;
     const int64_t C = L.copies;
-    auto offset = L.group_offset.download(), row = L.copy_row.download();
+    auto offset = gpu_test::download(L.plan.group_offset, L.plan.groups() + 1), row = gpu_test::download(L.plan.copy_row, L.copies);
     auto pre = gpu_test::to_double(L.pre.download()), h = gpu_test::to_double(L.h.download());
     auto d_o = gpu_test::to_double(L.d_o.download()), dpre = gpu_test::to_double(L.dpre.download());
     std::vector<int> expert(C);
@@ -247,7 +242,7 @@ void run_shape(const Shape& s, lmoe::Rng& rng) {
 
     // Router: the choices must be the reference's top-k, except where the k-th and (k+1)-th biased
     // scores are within rounding of each other.
-    auto sel = L.sel.download();
+    auto sel = gpu_test::download(L.plan.sel, L.copies);
     int mismatched = 0, near_ties = 0;
     std::vector<double> logits(s.E);
     std::vector<int> ref_sel(s.k);
@@ -279,7 +274,7 @@ void run_shape(const Shape& s, lmoe::Rng& rng) {
     const ref::ExpertBankGrad<double> grad{dR.data(), dW1.data(), dW2.data()};
     ref::routed_forward(ref_y.data(), s.d, x.data(), s.d, s.M, bank, frozen.data(), gates.data(), true);
     ref::routed_backward(ref_dx.data(), s.d, grad, dy.data(), s.d, x.data(), s.d, s.M, bank, frozen.data(), gates.data());
-    auto gate_f = L.gate.download();
+    auto gate_f = gpu_test::download(L.plan.gate, L.copies);
     expect_close("gates", std::vector<double>(gate_f.begin(), gate_f.end()), gates,
                  gpu_test::kPrecision[0] == 'f' ? 1e-5 : 1e-2);
     expect_close("y = sum_j w_j expert_j(x)", T.y, ref_y);
@@ -315,7 +310,7 @@ void bench_cublas(const Shape& s, const MoeLayer& L, const LayerTensors& T, int 
     (void)s; (void)L; (void)T; (void)reps; (void)unit;
 #else
     const int E = s.E, d = s.d, f = s.f;
-    auto offset = L.group_offset.download(), row = L.copy_row.download();
+    auto offset = gpu_test::download(L.plan.group_offset, L.plan.groups() + 1), row = gpu_test::download(L.plan.copy_row, L.copies);
     auto x = T.x.download();
     std::vector<floatX> xg((size_t)L.copies * d);
     for (int64_t p = 0; p < L.copies; p++) std::copy(x.begin() + (int64_t)row[p] * d, x.begin() + (int64_t)(row[p] + 1) * d, xg.begin() + p * d);
@@ -380,7 +375,7 @@ void bench_shape(const Shape& s, lmoe::Rng& rng) {
     MoeLayer L(s);
     const int reps = 20;
     const std::vector<float> ms = gpu_test::time_stages(kStages, reps, [&](cudaEvent_t* ev) { routed_layer(L, T, ev); });
-    auto offset = L.group_offset.download();
+    auto offset = gpu_test::download(L.plan.group_offset, L.plan.groups() + 1);
     int most = 0;
     for (int e = 0; e < s.E; e++) most = std::max(most, offset[e + 1] - offset[e]);
     const double mean_rows = (double)L.copies / s.E;
@@ -400,34 +395,34 @@ void bench_shape(const Shape& s, lmoe::Rng& rng) {
 
     // Each grouped GEMM kernel alone, on the plan of the last run.
     using lmoe::RowsEpilogue;
-    const int d = s.d, f = s.f, mt = (int)L.max_tiles;
+    const int d = s.d, f = s.f;
     auto kernel = [&](const char* name, auto&& launch) {
         const float t = gpu_test::time_ms(reps, launch);
         std::printf("  kernel %-23s %8.3f ms  %6.1f TFLOP/s\n", name, t, unit / (t * 1e-3) / 1e12);
     };
     kernel("pre, h = X W1^T, GELU", [&] {
         lmoe::grouped_rows_gemm<RowsEpilogue::Gelu, true, floatX>(
-            {L.pre.get(), L.h.get(), nullptr, {T.x.get(), d, L.copy_row.get()}, T.W1.get(), d, f, L.plan}, mt, 0);
+            {L.pre.get(), L.h.get(), nullptr, {T.x.get(), d, L.plan.copy_row}, T.W1.get(), d, f, L.plan}, 0);
     });
     kernel("o = h W2^T", [&] {
         lmoe::grouped_rows_gemm<RowsEpilogue::Store, true, floatX>(
-            {L.o.get(), nullptr, nullptr, {L.h.get(), f, nullptr}, T.W2.get(), f, d, L.plan}, mt, 0);
+            {L.o.get(), nullptr, nullptr, {L.h.get(), f, nullptr}, T.W2.get(), f, d, L.plan}, 0);
     });
     kernel("dpre = dO W2 * GELU'", [&] {
         lmoe::grouped_rows_gemm<RowsEpilogue::GeluGrad, false, floatX>(
-            {L.dpre.get(), nullptr, L.pre.get(), {L.d_o.get(), d, nullptr}, T.W2.get(), d, f, L.plan}, mt, 0);
+            {L.dpre.get(), nullptr, L.pre.get(), {L.d_o.get(), d, nullptr}, T.W2.get(), d, f, L.plan}, 0);
     });
     kernel("dx_copy = dpre W1", [&] {
         lmoe::grouped_rows_gemm<RowsEpilogue::Store, false, floatX>(
-            {L.dx_copy.get(), nullptr, nullptr, {L.dpre.get(), f, nullptr}, T.W1.get(), f, d, L.plan}, mt, 0);
+            {L.dx_copy.get(), nullptr, nullptr, {L.dpre.get(), f, nullptr}, T.W1.get(), f, d, L.plan}, 0);
     });
     kernel("dW2 += dO^T h", [&] {
         lmoe::grouped_weight_grad<floatX>({T.dW2.get(), {L.d_o.get(), d, nullptr}, {L.h.get(), f, nullptr}, d, f,
-                                           L.group_offset.get()}, s.E, 0);
+                                           L.plan.group_offset}, s.E, 0);
     });
     kernel("dW1 += dpre^T X", [&] {
-        lmoe::grouped_weight_grad<floatX>({T.dW1.get(), {L.dpre.get(), f, nullptr}, {T.x.get(), d, L.copy_row.get()}, f,
-                                           d, L.group_offset.get()}, s.E, 0);
+        lmoe::grouped_weight_grad<floatX>({T.dW1.get(), {L.dpre.get(), f, nullptr}, {T.x.get(), d, L.plan.copy_row}, f,
+                                           d, L.plan.group_offset}, s.E, 0);
     });
     bench_cublas(s, L, T, reps, unit);
 }

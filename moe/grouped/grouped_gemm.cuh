@@ -432,10 +432,11 @@ __global__ void __launch_bounds__(kGemmThreads) weight_grad_mma_kernel(const Wei
 
 inline bool grouped_gemm_shape_supported(int d, int f) { return d % 8 == 0 && f % 8 == 0; }
 
-// out (copies, cols) for every tile of the plan; max_tiles from routing_max_tiles(). The element
-// type picks the implementation: tensor cores for bf16, the SIMT kernel for fp32.
+// out (copies, cols) for every tile of the plan. The element type picks the implementation: tensor
+// cores for bf16, the SIMT kernel for fp32.
 template <RowsEpilogue EPI, bool W_TRANSPOSED, class T>
-void grouped_rows_gemm(const RowsGemm<T>& p, int max_tiles, cudaStream_t stream) {
+void grouped_rows_gemm(const RowsGemm<T>& p, cudaStream_t stream) {
+    const int max_tiles = p.plan.max_tiles;
     if constexpr (std::is_same<T, bf16>::value) {
         const dim3 grid((unsigned)ceil_div(p.cols, kGemmTile), max_tiles, (unsigned)ceil_div(kExpertTileRows, kGemmTile));
         launch_expert_kernel(rows_gemm_mma_kernel<EPI, W_TRANSPOSED>, grid,
@@ -466,35 +467,31 @@ void grouped_weight_grad(const WeightGradGemm<T>& p, int E, cudaStream_t stream)
 
 // pre (copies, f) = X_e W1_e^T;  h = GELU(pre).
 inline void expert_up_forward(floatX* pre, floatX* h, const floatX* x, int64_t ld, const floatX* W1,
-                              const RoutingPlan& plan, int max_tiles, int d, int f, cudaStream_t stream) {
-    grouped_rows_gemm<RowsEpilogue::Gelu, true, floatX>({pre, h, nullptr, {x, ld, plan.copy_row}, W1, d, f, plan}, max_tiles,
-                                                stream);
+                              const RoutingPlan& plan, int d, int f, cudaStream_t stream) {
+    grouped_rows_gemm<RowsEpilogue::Gelu, true, floatX>({pre, h, nullptr, {x, ld, plan.copy_row}, W1, d, f, plan}, stream);
 }
 
 // o (copies, d) = h W2_e^T.
-inline void expert_down_forward(floatX* o, const floatX* h, const floatX* W2, const RoutingPlan& plan, int max_tiles,
-                                int d, int f, cudaStream_t stream) {
-    grouped_rows_gemm<RowsEpilogue::Store, true, floatX>({o, nullptr, nullptr, {h, f, nullptr}, W2, f, d, plan}, max_tiles,
-                                                 stream);
+inline void expert_down_forward(floatX* o, const floatX* h, const floatX* W2, const RoutingPlan& plan, int d, int f,
+                                cudaStream_t stream) {
+    grouped_rows_gemm<RowsEpilogue::Store, true, floatX>({o, nullptr, nullptr, {h, f, nullptr}, W2, f, d, plan}, stream);
 }
 
 // Backward of expert_down_forward and of the GELU: dpre (copies, f) = (d_o W2_e) ⊙ GELU'(pre);
 // dW2_e (d, f) += d_o^T h.
 inline void expert_down_backward(floatX* dpre, float* dW2, const floatX* d_o, const floatX* h, const floatX* pre,
-                                 const floatX* W2, const RoutingPlan& plan, int max_tiles, int d, int f, int E,
-                                 cudaStream_t stream) {
+                                 const floatX* W2, const RoutingPlan& plan, int d, int f, cudaStream_t stream) {
     grouped_rows_gemm<RowsEpilogue::GeluGrad, false, floatX>({dpre, nullptr, pre, {d_o, d, nullptr}, W2, d, f, plan},
-                                                     max_tiles, stream);
-    grouped_weight_grad<floatX>({dW2, {d_o, d, nullptr}, {h, f, nullptr}, d, f, plan.group_offset}, E, stream);
+                                                             stream);
+    grouped_weight_grad<floatX>({dW2, {d_o, d, nullptr}, {h, f, nullptr}, d, f, plan.group_offset}, plan.E, stream);
 }
 
 // Backward of expert_up_forward: dx_copy (copies, d) = dpre W1_e;  dW1_e (f, d) += dpre^T X_e.
 inline void expert_up_backward(floatX* dx_copy, float* dW1, const floatX* dpre, const floatX* x, int64_t ld,
-                               const floatX* W1, const RoutingPlan& plan, int max_tiles, int d, int f, int E,
-                               cudaStream_t stream) {
+                               const floatX* W1, const RoutingPlan& plan, int d, int f, cudaStream_t stream) {
     grouped_rows_gemm<RowsEpilogue::Store, false, floatX>({dx_copy, nullptr, nullptr, {dpre, f, nullptr}, W1, f, d, plan},
-                                                  max_tiles, stream);
-    grouped_weight_grad<floatX>({dW1, {dpre, f, nullptr}, {x, ld, plan.copy_row}, f, d, plan.group_offset}, E, stream);
+                                                          stream);
+    grouped_weight_grad<floatX>({dW1, {dpre, f, nullptr}, {x, ld, plan.copy_row}, f, d, plan.group_offset}, plan.E, stream);
 }
 
 }  // namespace lmoe

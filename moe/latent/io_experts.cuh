@@ -844,9 +844,10 @@ constexpr bool kExpertsOnTensorCores = std::is_same<floatX, __nv_bfloat16>::valu
 // input gradient's 32 keeps two blocks per SM (64 would halve that and spill).
 constexpr int kForwardChunk = 64, kInputBackwardChunk = 32, kWeightBackwardSlice = 128;
 
-// o (copies, dh) for every copy of the plan; max_tiles from routing_max_tiles().
+// o (copies, dh) for every copy of the plan.
 inline void expert_forward(floatX* o, const floatX* x, int64_t ld, const floatX* K, const floatX* V,
-                           const RoutingPlan& plan, int max_tiles, int dh, int E, int F, cudaStream_t stream) {
+                           const RoutingPlan& plan, int dh, int F, cudaStream_t stream) {
+    const int max_tiles = plan.max_tiles, E = plan.E;
     dispatch_head_dim(dh, [&](auto head_dim) {
         constexpr int DH = decltype(head_dim)::value;
         if constexpr (kExpertsOnTensorCores) {
@@ -866,8 +867,8 @@ inline void expert_forward(floatX* o, const floatX* x, int64_t ld, const floatX*
 
 // dx_copy (copies, dh) from d_o (copies, dh): each copy's input gradient, before gather_input_grad.
 inline void expert_input_backward(floatX* dx_copy, const floatX* d_o, const floatX* x, int64_t ld, const floatX* K,
-                                  const floatX* V, const RoutingPlan& plan, int max_tiles, int dh, int E, int F,
-                                  cudaStream_t stream) {
+                                  const floatX* V, const RoutingPlan& plan, int dh, int F, cudaStream_t stream) {
+    const int max_tiles = plan.max_tiles, E = plan.E;
     dispatch_head_dim(dh, [&](auto head_dim) {
         constexpr int DH = decltype(head_dim)::value;
         if constexpr (kExpertsOnTensorCores) {
@@ -888,8 +889,9 @@ inline void expert_input_backward(floatX* dx_copy, const floatX* d_o, const floa
 
 // dK, dV (H, E, fe, dh) fp32, accumulated, from d_o (copies, dh).
 inline void expert_weight_backward(float* dK, float* dV, const floatX* d_o, const floatX* x, int64_t ld,
-                                   const floatX* K, const floatX* V, const RoutingPlan& plan, int dh, int H, int E,
-                                   int F, cudaStream_t stream) {
+                                   const floatX* K, const floatX* V, const RoutingPlan& plan, int dh, int F,
+                                   cudaStream_t stream) {
+    const int H = plan.H, E = plan.E;
     dispatch_head_dim(dh, [&](auto head_dim) {
         constexpr int DH = decltype(head_dim)::value;
         if constexpr (kExpertsOnTensorCores) {
@@ -909,10 +911,10 @@ inline void expert_weight_backward(float* dK, float* dV, const floatX* d_o, cons
 
 // Both gradients: dx_copy (copies, dh), and dK, dV (H, E, fe, dh) fp32 accumulated, from d_o (copies, dh).
 inline void expert_backward(floatX* dx_copy, float* dK, float* dV, const floatX* d_o, const floatX* x, int64_t ld,
-                            const floatX* K, const floatX* V, const RoutingPlan& plan, int max_tiles, int dh, int H,
-                            int E, int F, cudaStream_t stream) {
-    expert_input_backward(dx_copy, d_o, x, ld, K, V, plan, max_tiles, dh, E, F, stream);
-    expert_weight_backward(dK, dV, d_o, x, ld, K, V, plan, dh, H, E, F, stream);
+                            const floatX* K, const floatX* V, const RoutingPlan& plan, int dh, int F,
+                            cudaStream_t stream) {
+    expert_input_backward(dx_copy, d_o, x, ld, K, V, plan, dh, F, stream);
+    expert_weight_backward(dK, dV, d_o, x, ld, K, V, plan, dh, F, stream);
 }
 
 }  // namespace lmoe
