@@ -16,16 +16,14 @@
 #include "moe/grouped/grouped_gemm.cuh"
 #include "moe/router.cuh"
 #include "moe/combine.cuh"
-#include "moe/load_balance.cuh"
 #include "moe/routing_plan.cuh"
-#include "train/trainer.cuh"
+#include "train/main.cuh"
 
 namespace lmoe {
 
 class MoeFfn {
   public:
     static constexpr FfnKind kind = FfnKind::MoE;
-    static constexpr bool kHasGpuPath = true;
     static const char* summary() { return "Trains a standard MoE language model (Expert Parallel baseline)."; }
     static void check_supported(const Config& c) {
         if (!grouped_gemm_shape_supported(c.d, c.fe))
@@ -111,7 +109,8 @@ class MoeFfn {
         gather_input_grad(dx, c.d, dx_copy_.get(), ds_copy_.get(), w.router, p, c.d, ctx.stream);
     }
 
-    void add_expert_counts(int l, int* counts, Ctx& ctx) { add_group_sizes(counts, plans_[l], ctx.stream); }
+    // Layer l's routing plan of its last forward (the routed copies the load balance counts).
+    RoutingPlan plan(int l) const { return plans_[l]; }
 
     // Bytes this rank sent to other ranks since the last call: rows (SPEC §3: about 4·N·k·d·(R−1)/R·2
     // per layer when balanced) plus the count metadata.

@@ -14,16 +14,14 @@
 #include "moe/latent/io_experts.cuh"
 #include "moe/router.cuh"
 #include "moe/combine.cuh"
-#include "moe/load_balance.cuh"
 #include "moe/routing_plan.cuh"
-#include "train/trainer.cuh"
+#include "train/main.cuh"
 
 namespace lmoe {
 
 class LatentMoeFfn {
   public:
     static constexpr FfnKind kind = FfnKind::LatentMoE;
-    static constexpr bool kHasGpuPath = true;
     static const char* summary() { return "Trains a Multi-Head LatentMoE language model (Head Parallel)."; }
     static void check_supported(const Config& c) {
         if (!expert_shape_supported(c.dh, c.fe))
@@ -113,7 +111,8 @@ class LatentMoeFfn {
         matmul_backward(ctx.cublas, dx, g.ffn_in, du, x, w.ffn_in, N_, c.d, HD_, false, ctx.stream);
     }
 
-    void add_expert_counts(int l, int* counts, Ctx& ctx) { add_group_sizes(counts, plans_[l], ctx.stream); }
+    // Layer l's routing plan of its last forward (the routed copies the load balance counts).
+    RoutingPlan plan(int l) const { return plans_[l]; }
 
     // Layer l's choices in its last forward, (H/R, R·N, k): tests hold the reference to them.
     std::vector<int> selection(int l) const { return plans_.selection(l); }

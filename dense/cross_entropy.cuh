@@ -54,9 +54,9 @@ constexpr int kThreads = 512;  // per row; 4 rows in flight per SM hide one row'
 //   loss_t = logsumexp(z) − z[target_t]              (max and Σ exp in fp32, online in one read pass)
 //   dlogits[t, v] = (softmax(z)_v − [v = target_t]) · dloss / N   for v < V;  0 for V ≤ v < Vp
 // The first pass walks the row backwards so that its start is still in cache when the second pass
-// (forward) re-reads it to write the gradient. Known slack: at N = 8192, Vp = 50304 (bf16, H100) this
-// takes 0.79 ms against 0.55 ms for a plain copy of the same bytes; staging the row in shared memory
-// or using 256 or 1024 threads per row measured no faster.
+// (forward) re-reads it to write the gradient. It runs somewhat slower than a plain copy of the same
+// bytes (docs/perf/single_gpu.md); staging the row in shared memory or using 256 or 1024 threads per
+// row measured no faster.
 __global__ void __launch_bounds__(cross_entropy_detail::kThreads)
     cross_entropy_forward_backward_kernel(floatX* logits, float* losses, const int* targets, int N, int V, int Vp,
                                           float dloss, bool write_grad) {

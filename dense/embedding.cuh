@@ -83,7 +83,7 @@ inline void embedding_forward(floatX* x, const int* tokens, const floatX* wte, i
 // a batch is one id, as with a byte-level vocabulary, where the space is ~15% of all tokens.
 
 // Step 1. A position's rank in its chunk counts its id among the earlier warps' ids (a uniform loop
-// over shared memory, 4 ids per load; ~15 µs on an H100) and among the lower lanes of its own warp
+// over shared memory, 4 ids per load) and among the lower lanes of its own warp
 // (one __match_any_sync). The chunk's count of an id is the largest rank + 1: an integer atomicMax,
 // whose result does not depend on the order the atomics land in.
 __global__ void __launch_bounds__(embedding_detail::kSortChunk)

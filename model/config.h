@@ -60,7 +60,6 @@ struct Config {
 
     int d_attn() const { return d / n_head; }
     int Vp() const { return (V + 127) / 128 * 128; }
-    int tokens_per_micro_batch() const { return B * T; }
 };
 
 inline const char* ffn_name(FfnKind ffn) { return ffn == FfnKind::LatentMoE ? "Multi-Head LatentMoE" : "MoE"; }

@@ -3,6 +3,8 @@
 // steers the next steps' selection towards the under-loaded experts. The bias only shifts which
 // experts are chosen; the gates are computed without it (moe/router.cuh).
 #pragma once
+#include <vector>
+
 #include "moe/routing_plan.cuh"
 #include "util/cuda_utils.cuh"
 
@@ -48,5 +50,43 @@ inline void update_routing_bias(float* bias, const int* counts, int groups, int 
     update_routing_bias_kernel<<<groups, 32, 0, stream>>>(bias, counts, groups, E, gamma);
     CUDA_CHECK_LAUNCH();
 }
+
+// The balancing state of a model's routed layers: a bias per (layer, routing group, expert) that
+// steers selection, and the copies each expert received since the last optimizer step. The bias is
+// part of the training state (checkpoints carry it); the counts are also what the log prints.
+class LoadBalance {
+  public:
+    LoadBalance(int layers, int groups, int E)
+        : groups_(groups), E_(E), bias_((size_t)layers * groups * E), counts_(bias_.size()) {
+        CUDA_CHECK(cudaMemset(bias_.get(), 0, bias_.size() * sizeof(float)));
+        CUDA_CHECK(cudaMemset(counts_.get(), 0, counts_.size() * sizeof(int)));
+    }
+    // (groups, E): layer l's biases, as router_forward reads them.
+    const float* bias(int l) const { return bias_.get() + (size_t)l * groups_ * E_; }
+    // Adds the group sizes of layer l's plan (its last forward) to the layer's counts.
+    void count(int l, const RoutingPlan& plan, cudaStream_t stream) {
+        add_group_sizes(counts_.get() + (size_t)l * groups_ * E_, plan, stream);
+    }
+    // Every layer's counts, for a sum over the ranks where each rank saw only its own tokens.
+    int* counts() { return counts_.get(); }
+    size_t size() const { return counts_.size(); }
+    // The step's bias update, from the counts since the last one.
+    void update(float gamma, cudaStream_t stream) {
+        update_routing_bias(bias_.get(), counts_.get(), (int)(counts_.size() / E_), E_, gamma, stream);
+    }
+    // The counts since the last call, (layers, groups, E), on the host; they start again from zero.
+    std::vector<int64_t> take_counts(cudaStream_t stream) {
+        std::vector<int> c = counts_.download();
+        CUDA_CHECK(cudaMemsetAsync(counts_.get(), 0, counts_.size() * sizeof(int), stream));
+        return std::vector<int64_t>(c.begin(), c.end());
+    }
+    std::vector<float> download_bias() const { return bias_.download(); }
+    void upload_bias(const std::vector<float>& b) { bias_.upload(b); }
+
+  private:
+    int groups_, E_;
+    DeviceBuffer<float> bias_;  // (layers, groups, E)
+    DeviceBuffer<int> counts_;  // (layers, groups, E)
+};
 
 }  // namespace lmoe

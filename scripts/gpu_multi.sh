@@ -5,8 +5,7 @@
 # PRESETS (default p1; empty: no training), STEPS steps each (default 30). TESTS=0 skips the checks and
 # the fp32 build; TRAINERS and GPU_COUNTS narrow the training runs, so that the work can be split over
 # several calls (each at most 10 minutes). Each training run's wall seconds go to the end of its log
-# (30-55 s for 60 steps of ~0.1 s on 8 H200s: start-up, a 7-8 s first step, the final evaluation and
-# checkpoint).
+# (start-up, the slow first step, the final evaluation and checkpoint are a large part of a short run).
 # Logs come back as $OUT/logs.tgz (default out/), refreshed after every run; a short table is printed
 # last, with each phase's seconds.
 set -uo pipefail

@@ -6,7 +6,9 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "util/cuda_utils.cuh"
@@ -15,12 +17,15 @@
 
 namespace gpu_test {
 
-// fp32 build: tight; bf16 build: loose (bf16 keeps 8 bits of mantissa).
+// fp32 build: tight; bf16 build: loose (bf16 keeps 8 bits of mantissa). kGateTolerance: the routed
+// layers' gates (plan.gate, fp32 in both builds).
 #ifdef LMOE_FP32
 constexpr double kTolerance = 1e-5;
+constexpr double kGateTolerance = 1e-5;
 constexpr const char* kPrecision = "fp32";
 #else
 constexpr double kTolerance = 2e-2;
+constexpr double kGateTolerance = 1e-2;
 constexpr const char* kPrecision = "bf16";
 #endif
 
@@ -100,6 +105,22 @@ void expect_close(const std::string& what, const lmoe::DeviceBuffer<T>& got, con
     expect_close(what, to_double(got.download()), ref, tolerance);
 }
 
+// The same bytes: for "a second run is bitwise identical".
+template <class A, class B>
+bool same_bytes(const A& a, const B& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(a[0])) == 0;
+}
+
+// Bitwise reproducible: after rerun(), every one of the device buffers must hold the same bytes as
+// before it; `what` is the failure message.
+template <class Rerun, class... Buffers>
+void expect_rerun_identical(const std::string& what, Rerun&& rerun, const Buffers&... buffers) {
+    const auto before = std::make_tuple(buffers.download()...);
+    rerun();
+    const bool same = std::apply([&](const auto&... b) { return (same_bytes(b, buffers.download()) && ...); }, before);
+    CHECK_MSG(same, what);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Benchmark timing: medians over `reps` runs after three warm-up runs, on the default stream.
 
@@ -151,6 +172,23 @@ std::vector<float> time_stages(int stages, int reps, Run&& run) {
     std::vector<float> medians;
     for (const auto& m : ms) medians.push_back(median(m));
     return medians;
+}
+
+// One line per stage from time_stages' medians: its time and, where flops[i] > 0, its rate.
+inline void print_stages(int stages, const char* const* names, const std::vector<float>& ms, const double* flops) {
+    for (int i = 0; i < stages; i++) {
+        const double t = ms[i];
+        std::printf("  %-30s %8.3f ms", names[i], t);
+        if (flops[i] > 0) std::printf("  %6.1f TFLOP/s", flops[i] / (t * 1e-3) / 1e12);
+        std::printf("\n");
+    }
+}
+
+// Median milliseconds of launch() alone, printed as one kernel line with its rate at `flops` FLOPs.
+template <class Launch>
+void time_kernel(const char* name, int reps, double flops, Launch&& launch) {
+    const double t = time_ms(reps, launch);
+    std::printf("  kernel %-23s %8.3f ms  %6.1f TFLOP/s\n", name, t, flops / (t * 1e-3) / 1e12);
 }
 
 }  // namespace gpu_test

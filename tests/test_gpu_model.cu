@@ -55,7 +55,7 @@ void check_model(const char* name, Config c, lmoe::Rng& rng, const std::string& 
             std::vector<int> sel = gpu.ffn().selection(l);
             dump.sel.insert(dump.sel.end(), sel.begin(), sel.end());
         }
-        dump.routing_bias = gpu.routing_bias.download();
+        dump.routing_bias = gpu.balance.download_bias();
         dump.loss = gpu_loss;
         dump.producer = std::string("test_gpu_model (") + gpu_test::kPrecision + " build)";
         write_model_dump(dump_dir + "/" + name + (c.ffn == FfnKind::MoE ? "_moe" : ""), dump);

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The CPU reference against an independent PyTorch oracle (SPEC §8.3): BUILD_DIR/dump_reference writes one
 # forward + backward of ref::Model<double> for each FFN kind, and tests/torch_oracle.py recomputes both
-# with autograd from SPEC §2 alone. Then the oracle's teeth: each deliberate mistake it knows (--mutate)
-# and two tampered dumps (one expert choice changed, one gradient element nudged) must make it fail.
+# with autograd through model.py (SPEC §2 in PyTorch, sharing no code with the C++). Then the oracle's
+# teeth: each deliberate mistake it knows (--mutate) and two tampered dumps (one expert choice changed,
+# one gradient element nudged) must make it fail.
 #
 #   bash tests/test_torch_oracle.sh BUILD_DIR
 #

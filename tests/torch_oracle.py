@@ -4,8 +4,8 @@
     python3 tests/torch_oracle.py DIR [--tolerance X] [--tie-margin M] [--mutate NAME]
 
 DIR is a dump written by tests/model_dump.h (meta.json + raw little-endian .bin files). The model is
-written here from SPEC §2 alone, in float64 on the CPU, and shares no code with the C++ reference or the
-GPU kernels; autograd supplies every gradient. Checked, one line each:
+model.py at the repository root, written from SPEC §2 alone; it runs here in float64 on the CPU and shares
+no code with the C++ reference or the GPU kernels; autograd supplies every gradient. Checked, one line each:
   - the parameter layout: every tensor SPEC §2 implies, with its shape, and nothing else;
   - the dumped expert selection: valid ids, k distinct experts per row, and the same sets as our own
     top-k of s + b (ties to the lower index). With --tie-margin M > 0 (GPU dumps) a row may differ when
@@ -24,10 +24,20 @@ Conventions that SPEC §2 leaves to the layout (tensor names and shapes come fro
 tests/test_torch_oracle.sh expects every mutation to be caught.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: model.py
+try:
+    import torch
+except ImportError:  # main() reports the skip
+    torch = None
+    Model = object
+else:
+    from model import Config, Model, param_shapes, topk_lower_index_first
 
 # Deliberate mistakes, each a bug a real implementation could have. The oracle must FAIL under each.
 MUTATIONS = {
@@ -51,15 +61,13 @@ def main():
     parser.add_argument("--mutate", choices=sorted(MUTATIONS), help="break the oracle on purpose (self-test)")
     args = parser.parse_args()
 
-    try:
-        import torch
-    except ImportError:
+    if torch is None:
         print("skipped: PyTorch is not installed")
         return 77
 
     checks = Checks()
     try:
-        dump = read_dump(args.dir, torch)
+        dump = read_dump(args.dir)
     except (OSError, ValueError, KeyError, TypeError) as e:
         checks.record(False, "read dump %s" % args.dir, str(e))
         return checks.summary()
@@ -75,11 +83,12 @@ def main():
     if problems:
         return checks.summary()
 
-    model = OracleModel(torch, c, dump, args.mutate)
-    loss = model.loss()
+    model = OracleModel(model_config(c), dump, args.mutate)
+    B, T = c["B"], c["T"]
+    loss = model.loss(dump["tokens"].reshape(B, T), dump["targets"].reshape(B, T), dump["routing_bias"], dump["sel"])
     loss.backward()
 
-    check_selection(checks, torch, model, dump, args.tie_margin)
+    check_selection(checks, model, dump, args.tie_margin)
 
     dumped_loss = dump["loss"]
     ours = loss.item()
@@ -93,7 +102,7 @@ def main():
     worst = {}
     for spec in dump["tensors"]:
         name = spec["name"]
-        ours = model.params[name].grad.reshape(-1)
+        ours = model.leaves[name].grad.reshape(-1)
         theirs = dump["grads"][spec["offset"]:spec["offset"] + spec["numel"]]
         norm = ours.norm().item()
         diff = (ours - theirs).norm().item()
@@ -128,7 +137,7 @@ class Checks:
 # ------------------------------------------------------------------------------------------------
 # Reading a dump
 
-def read_dump(directory, torch):
+def read_dump(directory):
     with open(os.path.join(directory, "meta.json")) as f:
         meta = json.load(f)
     if meta.get("format") != "lmoe-model-dump" or meta.get("version") != 1:
@@ -169,30 +178,14 @@ def read_dump(directory, torch):
     }
 
 
+def model_config(c):
+    """model.py's Config from the dump's configuration."""
+    return Config(**{f.name: c[f.name] for f in dataclasses.fields(Config)})
+
+
 def expected_shapes(c):
-    """Every parameter tensor of SPEC §2 and its shape, by the layout's names."""
-    d, Vp, L = c["d"], c["Vp"], c["L"]
-    attn = c["d"] // c["n_head"] * c["n_head"]
-    shapes = {"wte": [Vp, d], "lnf": [d], "lm_head": [Vp, d]}
-    for l in range(L):
-        p = "layer%d." % l
-        shapes[p + "ln1"] = [d]
-        shapes[p + "qkv"] = [3 * attn, d]
-        shapes[p + "attn_out"] = [d, attn]
-        shapes[p + "ln2"] = [d]
-        if c["ffn"] == "latentmoe":
-            H, dh, E, fe = c["H"], c["dh"], c["E"], c["fe"]
-            shapes[p + "ffn_in"] = [H * dh, d]
-            shapes[p + "ffn_out"] = [d, H * dh]
-            shapes[p + "router"] = [H, dh, E]
-            shapes[p + "expert_in"] = [H, E, fe, dh]
-            shapes[p + "expert_out"] = [H, E, fe, dh]
-        else:
-            E, f = c["E"], c["fe"]
-            shapes[p + "router"] = [d, E]
-            shapes[p + "expert_in"] = [E, f, d]
-            shapes[p + "expert_out"] = [E, d, f]
-    return shapes
+    """Every parameter tensor of SPEC §2 and its shape, by the layout's names (model.py's param_shapes)."""
+    return param_shapes(model_config(c))
 
 
 def layout_problems(c, tensors, num_params):
@@ -225,121 +218,59 @@ def layout_problems(c, tensors, num_params):
 
 
 # ------------------------------------------------------------------------------------------------
-# The model of SPEC §2
+# The model of SPEC §2 (model.py) on the dump's weights, optionally with one deliberate mistake
 
-class OracleModel:
-    def __init__(self, torch, c, dump, mutate):
-        self.torch, self.c, self.dump, self.mutate = torch, c, dump, mutate
-        self.params = {}
+class OracleModel(Model):
+    def __init__(self, cfg, dump, mutate):
+        self.mutate = mutate
+        self.leaves = {}  # the dump's weights as autograd leaves: their .grad is what gets compared
         for t in dump["tensors"]:
             flat = dump["params"][t["offset"]:t["offset"] + t["numel"]]
-            self.params[t["name"]] = flat.reshape(t["shape"]).clone().requires_grad_(True)
-        self.router_logits = []  # per layer: (N, H, E) unbiased logits s, kept for the selection check
+            self.leaves[t["name"]] = flat.reshape(t["shape"]).clone().requires_grad_(True)
+        params = dict(self.leaves)
+        if mutate == "transposed-router":  # the same numbers read as (..., E, D): a transposed-storage bug
+            for name, R in self.leaves.items():
+                if name.endswith(".router"):
+                    params[name] = R.reshape(*R.shape[:-2], R.shape[-1], R.shape[-2]).transpose(-1, -2)
+        if mutate == "padded-vocab-counts":  # a vocabulary as wide as the padded one: no logit is dropped
+            cfg = dataclasses.replace(cfg, V=cfg.Vp)
+        super().__init__(cfg, params)
+        self.routed_logits = []  # every route() call's unbiased logits (M, E): layer by layer, head by head
 
-    # RMSNorm(x; g) = g ⊙ x / sqrt(mean(x²) + 1e-5)
-    def rmsnorm(self, x, g):
-        return g * x / self.torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + 1e-5)
-
-    # exact GELU: 0.5·x·(1 + erf(x/√2))
     def gelu(self, x):
-        torch = self.torch
         if self.mutate == "tanh-gelu":
             return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x.pow(3))))
-        return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+        return super().gelu(x)
 
-    # x: (B, T, heads, da). Pair (2i, 2i+1) at position pos turns by pos·10000^(−2i/da).
     def rotary(self, x):
-        torch = self.torch
-        B, T, heads, da = x.shape
-        pos = torch.arange(T, dtype=torch.float64)
-        i = torch.arange(da // 2, dtype=torch.float64)
-        angle = pos[:, None] * torch.pow(torch.tensor(10000.0, dtype=torch.float64), -2 * i / da)  # (T, da/2)
-        cos = torch.cos(angle)[None, :, None, :]
-        sin = torch.sin(angle)[None, :, None, :]
         if self.mutate == "rope-half-split":
+            B, T, heads, da = x.shape
+            pos = torch.arange(T, dtype=torch.float64)
+            i = torch.arange(da // 2, dtype=torch.float64)
+            angle = pos[:, None] * torch.pow(torch.tensor(10000.0, dtype=torch.float64), -2 * i / da)
+            cos = torch.cos(angle)[None, :, None, :]
+            sin = torch.sin(angle)[None, :, None, :]
             a, b = x[..., :da // 2], x[..., da // 2:]
             return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
-        pairs = x.reshape(B, T, heads, da // 2, 2)
-        a, b = pairs[..., 0], pairs[..., 1]
-        return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).reshape(B, T, heads, da)
+        return super().rotary(x)
 
-    # causal softmax attention with rotary q, k; x: (N, d) normalised input
-    def attention(self, x, W_qkv, W_o):
-        torch, c = self.torch, self.c
-        B, T, nh = c["B"], c["T"], c["n_head"]
-        da = c["d"] // nh
-        qkv = (x @ W_qkv.T).reshape(B, T, 3, nh, da)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, nh, da)
-        q, k = self.rotary(q), self.rotary(k)
-        q, k, v = (t.permute(0, 2, 1, 3) for t in (q, k, v))  # (B, nh, T, da)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(da)       # (B, nh, T, T)
-        future = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
-        probs = torch.softmax(scores.masked_fill(future, -math.inf), dim=-1)
-        o = (probs @ v).permute(0, 2, 1, 3).reshape(B * T, nh * da)
-        return o @ W_o.T
+    def route(self, s, bias, sel=None):
+        self.routed_logits.append(s.detach())
+        if self.mutate == "gates-with-bias":
+            return sel, torch.softmax(torch.gather(s + bias, 1, sel), dim=-1)
+        return super().route(s, bias, sel)
 
-    # One routed group: rows x (N, D), logits s (N, E), chosen experts S (N, k); experts
-    # W_in (E, F, D) and W_out (E, F, D) with y = Σ_j w_j · W_out[S_j]^T GELU(W_in[S_j] x).
-    def routed(self, x, s, S, bias, W_in, W_out):
-        torch = self.torch
-        scores = s + bias if self.mutate == "gates-with-bias" else s
-        gates = torch.softmax(torch.gather(scores, 1, S), dim=-1)  # (N, k), softmax over the chosen experts
-        y = torch.zeros_like(x)
-        for e in range(W_in.shape[0]):
-            rows, slots = (S == e).nonzero(as_tuple=True)
-            if rows.numel() == 0:
-                continue
-            hidden = self.gelu(x[rows] @ W_in[e].T)              # (m, F)
-            out = hidden @ W_out[e]                               # (m, D)
-            y = y.index_add(0, rows, gates[rows, slots][:, None] * out)
-        return y
-
-    def router_matrix(self, R):
-        # R: (..., D, E). The mutation reads the same numbers as (..., E, D), a transposed-storage bug.
-        if self.mutate == "transposed-router":
-            return R.reshape(*R.shape[:-2], R.shape[-1], R.shape[-2]).transpose(-1, -2)
-        return R
-
-    def ffn(self, l, x):
-        c, p, torch = self.c, self.params, self.torch
-        pre = "layer%d." % l
-        sel = self.dump["sel"][l]            # (H, N, k)
-        bias = self.dump["routing_bias"][l]  # (H, E)
-        N = x.shape[0]
-        if c["ffn"] == "moe":
-            s = x @ self.router_matrix(p[pre + "router"])  # (N, E)
-            self.router_logits.append(s.detach()[:, None, :])
-            W_out = p[pre + "expert_out"].transpose(1, 2)   # W2 (E, d, f) -> (E, f, d)
-            return self.routed(x, s, sel[0], bias[0], p[pre + "expert_in"], W_out)
-        H, dh = c["H"], c["dh"]
-        u = (x @ p[pre + "ffn_in"].T).reshape(N, H, dh)
-        R = self.router_matrix(p[pre + "router"])           # (H, dh, E)
-        s = torch.einsum("nhd,hde->nhe", u, R)              # (N, H, E)
-        self.router_logits.append(s.detach())
-        K, V = p[pre + "expert_in"], p[pre + "expert_out"]  # (H, E, fe, dh)
-        y = torch.stack([self.routed(u[:, h], s[:, h], sel[h], bias[h], K[h], V[h]) for h in range(H)], dim=1)
-        return y.reshape(N, H * dh) @ p[pre + "ffn_out"].T
-
-    def loss(self):
-        c, p, torch = self.c, self.params, self.torch
-        x = p["wte"][self.dump["tokens"]]  # (N, d); token ids index rows, no positional embedding
-        for l in range(c["L"]):
-            pre = "layer%d." % l
-            x = x + self.attention(self.rmsnorm(x, p[pre + "ln1"]), p[pre + "qkv"], p[pre + "attn_out"])
-            x = x + self.ffn(l, self.rmsnorm(x, p[pre + "ln2"]))
-        logits = self.rmsnorm(x, p["lnf"]) @ p["lm_head"].T  # (N, Vp)
-        if self.mutate != "padded-vocab-counts":
-            logits = logits[:, :c["V"]]                       # padded logits never count
-        targets = self.dump["targets"]
-        nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, targets[:, None])[:, 0]
-        return nll.mean()
+    def router_logits(self, l):
+        """Layer l's unbiased logits s, (H, N, E)."""
+        H = self.cfg.H
+        return torch.stack(self.routed_logits[l * H:(l + 1) * H])
 
 
 # ------------------------------------------------------------------------------------------------
 # The dumped selection against our own top-k of s + b
 
-def check_selection(checks, torch, model, dump, tie_margin):
-    c = model.c
+def check_selection(checks, model, dump, tie_margin):
+    c = dump["config"]
     k, E = c["k"], c["E"]
     sel = dump["sel"]  # (L, H, N, k)
     valid = bool(((sel >= 0) & (sel < E)).all())
@@ -352,13 +283,13 @@ def check_selection(checks, torch, model, dump, tie_margin):
 
     rows = differ = near_ties = bias_mattered = 0
     worst_violation = -math.inf
-    for l, s in enumerate(model.router_logits):
-        s = s.permute(1, 0, 2)                            # (H, N, E)
+    for l in range(c["L"]):
+        s = model.router_logits(l)                        # (H, N, E)
         biased = s + dump["routing_bias"][l][:, None, :]
-        ours = top_k_lower_index_first(torch, s if model.mutate == "selection-without-bias" else biased, k)
+        ours = topk_lower_index_first(s if model.mutate == "selection-without-bias" else biased, k)
         theirs = sel[l]
         same = (ours.sort(dim=-1).values == theirs.sort(dim=-1).values).all(dim=-1)  # (H, N)
-        unbiased = top_k_lower_index_first(torch, s, k)
+        unbiased = topk_lower_index_first(s, k)
         bias_mattered += int((unbiased.sort(dim=-1).values != ours.sort(dim=-1).values).any(dim=-1).sum())
         # violation: how far the best expert outside the dumped set outscores the worst one inside it
         # (< 0 for a strict top-k, 0 at an exact tie, > 0 when the dumped set is not a top-k of s + b)
@@ -375,11 +306,6 @@ def check_selection(checks, torch, model, dump, tie_margin):
         detail += " (%d within the tie margin %g; worst violation %.3e)" % (near_ties, tie_margin, worst_violation)
     print("info   the routing bias changes the selection of %d of %d rows" % (bias_mattered, rows))
     checks.record(differ == near_ties, "selection agrees with our top-k", detail)
-
-
-def top_k_lower_index_first(torch, scores, k):
-    # A stable ascending sort of −score puts higher scores first and keeps equal scores in index order.
-    return torch.sort(-scores, dim=-1, stable=True).indices[..., :k]
 
 
 if __name__ == "__main__":

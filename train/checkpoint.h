@@ -85,6 +85,11 @@ inline TrainingState load_checkpoint(const std::string& path, const Config& c, i
     return s;
 }
 
+// Rank r of R > 1 keeps its own checkpoint file (its expert shard), PATH.rank<r>.
+inline std::string rank_path(const std::string& path, int rank, int world) {
+    return world == 1 ? path : path + ".rank" + std::to_string(rank);
+}
+
 // Ctrl-C or SIGTERM asks the loop to stop after the current step and save; a second one kills at once.
 inline volatile std::sig_atomic_t stop_requested = 0;
 

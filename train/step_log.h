@@ -1,7 +1,8 @@
-// Timing and logging helpers for the training loops. Host-only.
+// How the training loop (train/loop.h) reports a step beyond its one-line summary: the expert-load
+// line (SPEC §2.3 asks that imbalance be visible), the GPU's time breakdown (SPEC §3), and the
+// --log-file CSV that scripts and tests read back. Host-only, so the CPU reference path shares it.
 #pragma once
 #include <algorithm>
-#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
@@ -11,22 +12,11 @@
 
 namespace lmoe {
 
-// Wall-clock stopwatch in milliseconds.
-class Timer {
-  public:
-    Timer() : start_(std::chrono::steady_clock::now()) {}
-    double ms() const {
-        return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start_).count();
-    }
-    void restart() { start_ = std::chrono::steady_clock::now(); }
-
-  private:
-    std::chrono::steady_clock::time_point start_;
-};
-
 // Expert loads per layer as "min/median/max": each expert's share of its head's routed slots (1/E
 // when balanced), pooled over the layer's heads so one line shows the worst imbalance of each layer.
-inline void print_loads(const std::vector<int64_t>& counts, int L, int H, int E) {
+// `counts` is (L, heads, E); the heads are those of this rank.
+inline void print_loads(const std::vector<int64_t>& counts, int L, int E) {
+    const int H = (int)(counts.size() / ((size_t)L * E));
     std::printf("    expert load min/median/max (balanced %.3f):", 1.0 / E);
     for (int l = 0; l < L; l++) {
         std::vector<double> shares;
@@ -40,6 +30,20 @@ inline void print_loads(const std::vector<int64_t>& counts, int L, int H, int E)
         std::printf(" L%d %.3f/%.3f/%.3f", l, shares.front(), shares[shares.size() / 2], shares.back());
     }
     std::printf("\n");
+}
+
+// Where a GPU step's milliseconds went, from CUDA events on the training stream. The FFN's time
+// includes the all-to-alls inside it; the line shows the two apart.
+struct StepTimes {
+    double attention = 0, ffn = 0, all_to_all = 0, all_reduce = 0, optimizer = 0;
+};
+
+// `ms` is the whole step's wall time; "rest" is what no section claims (embedding, norms, LM head,
+// loss, launch gaps).
+inline void print_time_breakdown(const StepTimes& t, double ms) {
+    std::printf("    time (ms): attention %.2f | FFN compute %.2f | all-to-all %.2f | all-reduce %.2f | "
+                "optimizer %.2f | rest %.2f\n", t.attention, t.ffn - t.all_to_all, t.all_to_all, t.all_reduce,
+                t.optimizer, ms - t.attention - t.ffn - t.all_reduce - t.optimizer);
 }
 
 // The --log-file CSV, one row per step: step,loss,norm,val_loss,ms (val_loss on the last step only,

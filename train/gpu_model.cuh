@@ -1,0 +1,339 @@
+// The dense model on one GPU, shared by both trainers: embedding, attention blocks, norms, LM head
+// and loss, the data-parallel gradient sync and the optimizer, with the trainer's FFN layer plugged
+// in. The training loop (train/loop.h) drives it through the interface it shares with the CPU
+// reference (train/cpu_model.h); the GPU tests drive forward() and backward() directly. Each trainer
+// supplies only its FFN layer, a class with this shape (see train_latentmoe.cu, moe_ep_baseline.cu):
+//
+//   struct Ffn {
+//       static constexpr FfnKind kind;
+//       static const char* summary();                  // for --help
+//       static void check_supported(const Config&);    // throws ConfigError for shapes the kernels lack
+//       static double forward_macs_per_token(const Config&);  // for the FLOP count
+//       static int local_heads(const Config&, int world);     // routing groups (heads) on this rank
+//       static constexpr bool kLoadsAreGlobal;         // false: sum the expert loads over the ranks
+//       static double predicted_bytes_per_layer(const Config&, int N, int world);  // SPEC §3, per step
+//       Ffn(const Config&, int N, int world);          // N tokens per micro-batch; allocates activations
+//       void forward(int l, floatX* out, const floatX* x, const Layer& w, const float* bias, Ctx&);
+//       void backward(int l, floatX* dx, const floatX* dout, const floatX* x, const Layer& w, const GradLayer& g,
+//                     Ctx&);                         // dx written; weight gradients accumulated
+//       RoutingPlan plan(int l) const;                 // layer l's routing plan of its last forward
+//       int64_t take_bytes_sent();                     // bytes sent to other ranks since the last call
+//   };
+#pragma once
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <vector>
+
+#include "cpu/reference.h"
+#include "dense/adamw.cuh"
+#include "dense/attention.cuh"
+#include "dense/cross_entropy.cuh"
+#include "dense/embedding.cuh"
+#include "dense/global_norm.cuh"
+#include "dense/matmul.cuh"
+#include "dense/rmsnorm.cuh"
+#include "dense/rope.cuh"
+#include "io/dataloader.h"
+#include "model/config.h"
+#include "model/params.h"
+#include "moe/load_balance.cuh"
+#include "parallel/comm.cuh"
+#include "train/checkpoint.h"
+#include "train/flops.h"
+#include "train/step_log.h"
+#include "util/cuda_utils.cuh"
+#include "util/step_profile.cuh"
+
+namespace lmoe {
+
+// What every layer's kernels run with.
+struct Ctx {
+    cublasHandle_t cublas;
+    cudaStream_t stream;
+    const Comm* comm;
+    StepProfile* profile = nullptr;  // null: no timing
+};
+
+using Layer = ModelTensors<floatX>::Layer;
+using GradLayer = ModelTensors<float>::Layer;
+
+// The model on one GPU: fp32 master weights, their floatX working copy, fp32 gradients and AdamW
+// moments, all in flat buffers laid out by build_param_layout; the activations of one micro-batch.
+template <class Ffn>
+class GpuModel {
+  public:
+    const Config cfg;
+    const Comm comm;
+    const int N;       // tokens per micro-batch on this rank
+    const int heads;   // routing groups on this rank (LatentMoE: H / R; MoE: 1)
+    const ParamLayout layout;
+    Ctx ctx;
+    DeviceBuffer<float> master, grads, m, v;
+    DeviceBuffer<floatX> params;
+    ModelTensors<floatX> w;
+    ModelTensors<float> g;
+    // Aux-loss-free balancing (SPEC §2.3): forward reads the biases, backward counts the copies,
+    // sync_gradients sums the counts where loads are not global, optimizer_step updates the biases.
+    LoadBalance balance;  // (L, heads, E)
+
+    GpuModel(const Config& c, const Comm& comm_)
+        : cfg(c), comm(comm_), N(c.B * c.T), heads(Ffn::local_heads(c, comm_.world)),
+          layout(build_param_layout(c, comm_.rank, comm_.world)), balance(c.L, heads, c.E),
+          ffn_(c, c.B * c.T, comm_.world) {
+        CUDA_CHECK(cudaStreamCreate(&ctx.stream));
+        ctx.cublas = make_cublas_handle();
+        ctx.comm = &comm;
+        profile_ = std::make_unique<StepProfile>(ctx.stream);
+        ctx.profile = profile_.get();
+        const int64_t P = layout.total, d = c.d, C = c.n_head * c.d_attn();
+        master.resize(P); grads.resize(P); m.resize(P); v.resize(P); params.resize(P);
+        std::vector<float> host(P);
+        init_params(host.data(), layout, c.seed);
+        master.upload(host);
+        copy_master_to_param(params.get(), master.get(), P, ctx.stream);
+        for (auto* b : {&grads, &m, &v}) CUDA_CHECK(cudaMemsetAsync(b->get(), 0, P * sizeof(float), ctx.stream));
+        w = bind_tensors(layout, params.get(), c.L, c.ffn);
+        g = bind_tensors(layout, grads.get(), c.L, c.ffn);
+
+        tokens_.resize(N); targets_.resize(N);
+        CUDA_CHECK(cudaMallocHost(&host_tokens_, 2 * N * sizeof(int)));
+        resid_.resize((size_t)(c.L + 1) * N * d);
+        resid_mid_.resize((size_t)c.L * N * d);
+        xn1_.resize((size_t)c.L * N * d); xn2_.resize((size_t)c.L * N * d);
+        rstd1_.resize((size_t)c.L * N); rstd2_.resize((size_t)c.L * N);
+        qkv_.resize((size_t)N * 3 * C); qkvr_.resize((size_t)c.L * N * 3 * C);
+        probs_.resize((size_t)c.L * c.B * c.n_head * c.T * c.T);
+        atty_.resize((size_t)c.L * N * C);
+        xf_.resize((size_t)N * d); rstdf_.resize(N);
+        logits_.resize((size_t)N * c.Vp()); losses_.resize(N); mean_loss_.resize(1);
+        branch_.resize((size_t)N * d); dresid_.resize((size_t)N * d); dxn_.resize((size_t)N * d);
+        dqkv_.resize((size_t)N * 3 * C); datty_.resize((size_t)N * C);
+        attention_scratch_.resize(attention_scratch_bytes(c.B, c.T, c.n_head, c.d_attn()));
+        norm_scratch_.resize(std::max(rmsnorm_backward_scratch_floats(N, c.d), global_norm_scratch_size()));
+        embedding_scratch_.resize(embedding_backward_scratch_bytes(N, c.Vp()));
+        clip_.resize(4);  // norm² of the replicated and of the sharded gradients, norm, scale
+    }
+    ~GpuModel() {
+        cudaFreeHost(host_tokens_);
+        cublasDestroy(ctx.cublas);
+        cudaStreamDestroy(ctx.stream);
+    }
+
+    // Forward pass on one micro-batch; returns nothing (the mean loss stays on the device, see
+    // mean_loss_device). With `dloss` > 0 the loss kernel also writes d(loss·dloss)/dlogits, ready
+    // for backward(); with dloss = 0 (evaluation) it does not.
+    void forward(const int32_t* tokens, const int32_t* targets, float dloss) {
+        const Config& c = cfg;
+        const int d = c.d, C = c.n_head * c.d_attn();
+        cudaStream_t st = ctx.stream;
+        std::copy(tokens, tokens + N, host_tokens_);
+        std::copy(targets, targets + N, host_tokens_ + N);
+        CUDA_CHECK(cudaMemcpyAsync(tokens_.get(), host_tokens_, N * sizeof(int), cudaMemcpyHostToDevice, st));
+        CUDA_CHECK(cudaMemcpyAsync(targets_.get(), host_tokens_ + N, N * sizeof(int), cudaMemcpyHostToDevice, st));
+
+        embedding_forward(resid(0), tokens_.get(), w.wte, N, d, st);                     // x (N, d)
+        rmsnorm_forward(xn1(0), rstd1(0), resid(0), w.layers[0].ln1, N, d, st);
+        for (int l = 0; l < c.L; l++) {
+            const Layer& wl = w.layers[l];
+            {
+                ProfileScope timed(ctx.profile, Section::Attention);
+                matmul_forward(ctx.cublas, qkv_.get(), xn1(l), wl.qkv, N, d, 3 * C, st);    // (N, 3C)
+                rope_forward(qkv_.get(), c.B, c.T, c.n_head, c.d_attn(), st);
+                attention_forward(ctx.cublas, atty(l), probs(l), qkvr(l), attention_scratch_.get(), qkv_.get(), c.B,
+                                  c.T, c.n_head, c.d_attn(), st);  // (N, C); keeps q, k, v per head in qkvr
+                matmul_forward(ctx.cublas, branch_.get(), atty(l), wl.attn_out, N, C, d, st);  // (N, d)
+            }
+            residual_rmsnorm_forward(resid_mid(l), xn2(l), rstd2(l), resid(l), branch_.get(), wl.ln2, N, d, st);
+            {
+                ProfileScope timed(ctx.profile, Section::Ffn);
+                ffn_.forward(l, branch_.get(), xn2(l), wl, balance.bias(l), ctx);                     // (N, d)
+            }
+            const bool last = l == c.L - 1;
+            residual_rmsnorm_forward(resid(l + 1), last ? xf_.get() : xn1(l + 1), last ? rstdf_.get() : rstd1(l + 1),
+                                     resid_mid(l), branch_.get(), last ? w.lnf : w.layers[l + 1].ln1, N, d, st);
+        }
+        matmul_forward(ctx.cublas, logits_.get(), xf_.get(), w.lm_head, N, d, c.Vp(), st);  // (N, Vp)
+        cross_entropy_forward_backward(logits_.get(), losses_.get(), targets_.get(), N, c.V, c.Vp(), dloss,
+                                       dloss > 0, st);
+        mean_loss(mean_loss_.get(), losses_.get(), N, st);
+    }
+    const float* mean_loss_device() const { return mean_loss_.get(); }
+
+    // Backward of the last forward (which must have had dloss > 0); accumulates into grads and
+    // adds the micro-batch's routed slots to expert_counts.
+    void backward() {
+        const Config& c = cfg;
+        const int d = c.d, C = c.n_head * c.d_attn();
+        cudaStream_t st = ctx.stream;
+        CUDA_CHECK(cudaMemsetAsync(dresid_.get(), 0, (size_t)N * d * sizeof(floatX), st));
+        matmul_backward(ctx.cublas, dxn_.get(), g.lm_head, logits_.get(), xf_.get(), w.lm_head, N, d, c.Vp(), false, st);
+        rmsnorm_backward(dresid_.get(), g.lnf, dxn_.get(), resid(c.L), w.lnf, rstdf_.get(), N, d, norm_scratch_.get(), st);
+        for (int l = c.L - 1; l >= 0; l--) {  // dresid: d loss / d (residual stream after layer l)
+            const Layer& wl = w.layers[l];
+            const GradLayer& gl = g.layers[l];
+            {
+                ProfileScope timed(ctx.profile, Section::Ffn);
+                ffn_.backward(l, dxn_.get(), dresid_.get(), xn2(l), wl, gl, ctx);
+            }
+            rmsnorm_backward(dresid_.get(), gl.ln2, dxn_.get(), resid_mid(l), wl.ln2, rstd2(l), N, d,
+                             norm_scratch_.get(), st);
+            {
+                ProfileScope timed(ctx.profile, Section::Attention);
+                matmul_backward(ctx.cublas, datty_.get(), gl.attn_out, dresid_.get(), atty(l), wl.attn_out, N, C, d,
+                                false, st);
+                attention_backward(ctx.cublas, dqkv_.get(), datty_.get(), qkvr(l), probs(l), attention_scratch_.get(),
+                                   c.B, c.T, c.n_head, c.d_attn(), st);
+                rope_backward(dqkv_.get(), c.B, c.T, c.n_head, c.d_attn(), st);
+                matmul_backward(ctx.cublas, dxn_.get(), gl.qkv, dqkv_.get(), xn1(l), wl.qkv, N, d, 3 * C, false, st);
+            }
+            rmsnorm_backward(dresid_.get(), gl.ln1, dxn_.get(), resid(l), wl.ln1, rstd1(l), N, d, norm_scratch_.get(), st);
+            balance.count(l, ffn_.plan(l), st);
+        }
+        embedding_backward(g.wte, dresid_.get(), tokens_.get(), N, d, c.Vp(), embedding_scratch_.get(), st);
+    }
+
+    void zero_grad() { CUDA_CHECK(cudaMemsetAsync(grads.get(), 0, grads.size() * sizeof(float), ctx.stream)); }
+
+    // Data parallel: average the replicated gradients over the ranks (one all-reduce: they are laid
+    // out first); the sharded expert gradients already hold every rank's tokens, each rank's loss
+    // being its own mean, so they are divided by R to be gradients of the global mean.
+    void sync_gradients() {
+        if (comm.single()) return;
+        ProfileScope timed(ctx.profile, Section::AllReduce);
+        all_reduce_average(grads.get(), layout.replicated, comm, ctx.stream);
+        const int sharded = (int)(layout.total - layout.replicated);
+        const float inv_world = 1.f / comm.world;
+        CUBLAS_CHECK(cublasSetStream(ctx.cublas, ctx.stream));
+        CUBLAS_CHECK(cublasSscal(ctx.cublas, sharded, &inv_world, grads.get() + layout.replicated, 1));
+        if (!Ffn::kLoadsAreGlobal) all_reduce_sum_int(balance.counts(), balance.size(), comm, ctx.stream);
+    }
+
+    // Clip by the global norm (replicated gradients once, shards summed over the ranks), AdamW (step
+    // is 0-based), then the aux-free bias update from the accumulated counts. Returns the gradient
+    // norm before clipping, which waits for the step to finish.
+    float optimizer_step(double lr, int step) {
+        const Config& c = cfg;
+        cudaStream_t st = ctx.stream;
+        {
+            ProfileScope timed(ctx.profile, Section::Optimizer);  // closed before the wait below, so it has completed
+            global_norm_squared(clip_.get(), grads.get(), layout.replicated, norm_scratch_.get(), st);
+            global_norm_squared(clip_.get() + 1, grads.get() + layout.replicated, layout.total - layout.replicated,
+                                norm_scratch_.get(), st);
+            all_reduce_sum(clip_.get() + 1, 1, comm, st);
+            clip_scale(clip_.get() + 3, clip_.get() + 2, clip_.get(), c.grad_clip, st, 2);
+            const ref::AdamW hp;
+            const float bc1 = float(1 - std::pow(hp.beta1, step + 1)), bc2 = float(1 - std::pow(hp.beta2, step + 1));
+            for (const TensorSpec& t : layout.tensors)
+                adamw_update(master.get() + t.offset, params.get() + t.offset, m.get() + t.offset, v.get() + t.offset,
+                             grads.get() + t.offset, t.numel, (float)lr, (float)hp.beta1, (float)hp.beta2,
+                             (float)hp.eps, t.decay ? c.weight_decay : 0.f, bc1, bc2, clip_.get() + 3, st);
+            balance.update(c.bias_rate, st);
+        }
+        float norm;
+        CUDA_CHECK(cudaMemcpyAsync(&norm, clip_.get() + 2, sizeof(float), cudaMemcpyDeviceToHost, st));
+        CUDA_CHECK(cudaStreamSynchronize(st));
+        return norm;
+    }
+
+    // The micro-batch's mean loss averaged over the ranks, on the host (this synchronises).
+    float mean_loss_global() {
+        all_reduce_average(mean_loss_.get(), 1, comm, ctx.stream);
+        float loss;
+        CUDA_CHECK(cudaMemcpyAsync(&loss, mean_loss_.get(), sizeof(float), cudaMemcpyDeviceToHost, ctx.stream));
+        CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
+        return loss;
+    }
+    int64_t take_bytes_sent() { return ffn_.take_bytes_sent(); }
+
+    // Host copies for checkpoints and logs (these synchronise).
+    TrainingState state(int step) const {
+        CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
+        return {step, master.download(), m.download(), v.download(), balance.download_bias()};
+    }
+    void load_state(const TrainingState& s) {
+        master.upload(s.params); m.upload(s.m); v.upload(s.v); balance.upload_bias(s.routing_bias);
+        copy_master_to_param(params.get(), master.get(), layout.total, ctx.stream);
+    }
+    std::vector<int64_t> take_expert_counts() { return balance.take_counts(ctx.stream); }
+
+    const Ffn& ffn() const { return ffn_; }
+
+    // ---- The interface the training loop (train/loop.h) drives, shared with train/cpu_model.h ----
+    using LossSum = float;  // the step loss is summed in float, so logged losses compare bit for bit with earlier runs
+    static constexpr bool kOnGpu = true;  // it reports MFU, bytes sent and the time breakdown
+
+    void print_banner(const DataLoader&, double tokens_per_step) const {
+        cudaDeviceProp prop;
+        CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+        std::printf("%d x GPU %s: %lld parameters on rank 0, %.0f tokens per step, %.3g FLOPs per token; train %s, "
+                    "val %s\n", comm.world, prop.name, (long long)layout.total, tokens_per_step,
+                    flops_per_token<Ffn>(cfg), cfg.train_data.c_str(), cfg.val_data.c_str());
+    }
+    int64_t num_params() const { return layout.total; }
+    int64_t num_routing_biases() const { return (int64_t)balance.size(); }
+
+    // One micro-batch of a training step, its loss scaled for the accumulation; returns its mean
+    // loss over the ranks.
+    float train_micro_batch(const int32_t* tokens, const int32_t* targets) {
+        forward(tokens, targets, 1.f / cfg.grad_accum);
+        backward();
+        return mean_loss_global();
+    }
+    // Forward only. Its timed sections are dropped: evaluation is not part of any step's breakdown.
+    float eval_micro_batch(const int32_t* tokens, const int32_t* targets) {
+        forward(tokens, targets, 0.f);
+        const float loss = mean_loss_global();
+        profile_->take();
+        return loss;
+    }
+
+    // A signal may reach only some ranks: each stops when any of them was asked to.
+    bool any_rank_stopping(bool here) const {
+        int stop = here;
+        if (!comm.single()) MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &stop, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
+        return stop != 0;
+    }
+
+    // Model FLOPs utilisation per GPU against the H100's dense bf16 peak, for `tokens_per_second`
+    // over all ranks.
+    double mfu_percent(double tokens_per_second) const {
+        return 100 * tokens_per_second * flops_per_token<Ffn>(cfg) / kPeakBf16Flops / comm.world;
+    }
+    // What SPEC §3 predicts this rank sends per optimizer step, to print next to take_bytes_sent().
+    double predicted_bytes_per_step() const {
+        return cfg.L * cfg.grad_accum * Ffn::predicted_bytes_per_layer(cfg, N, comm.world);
+    }
+    // Milliseconds per section since the last call (the stream must have been synchronised).
+    StepTimes take_step_times() {
+        const std::vector<double> t = profile_->take();
+        return {t[(int)Section::Attention], t[(int)Section::Ffn], t[(int)Section::AllToAll], t[(int)Section::AllReduce],
+                t[(int)Section::Optimizer]};
+    }
+
+  private:
+    std::unique_ptr<StepProfile> profile_;
+    Ffn ffn_;
+    DeviceBuffer<int> tokens_, targets_;
+    int* host_tokens_ = nullptr;  // pinned: inputs then targets
+    DeviceBuffer<floatX> resid_, resid_mid_, xn1_, xn2_, qkvr_, probs_, atty_, xf_, logits_;  // per layer where needed
+    DeviceBuffer<float> rstd1_, rstd2_, rstdf_, losses_, mean_loss_;
+    DeviceBuffer<floatX> qkv_, branch_, dresid_, dxn_, dqkv_, datty_;  // one micro-batch's worth, reused per layer
+    DeviceBuffer<unsigned char> attention_scratch_, embedding_scratch_;
+    DeviceBuffer<float> norm_scratch_, clip_;
+
+    floatX* resid(int l) { return resid_.get() + (size_t)l * N * cfg.d; }
+    floatX* resid_mid(int l) { return resid_mid_.get() + (size_t)l * N * cfg.d; }
+    floatX* xn1(int l) { return xn1_.get() + (size_t)l * N * cfg.d; }
+    floatX* xn2(int l) { return xn2_.get() + (size_t)l * N * cfg.d; }
+    float* rstd1(int l) { return rstd1_.get() + (size_t)l * N; }
+    float* rstd2(int l) { return rstd2_.get() + (size_t)l * N; }
+    floatX* qkvr(int l) { return qkvr_.get() + (size_t)l * N * 3 * cfg.n_head * cfg.d_attn(); }
+    floatX* probs(int l) { return probs_.get() + (size_t)l * cfg.B * cfg.n_head * cfg.T * cfg.T; }
+    floatX* atty(int l) { return atty_.get() + (size_t)l * N * cfg.n_head * cfg.d_attn(); }
+};
+
+}  // namespace lmoe

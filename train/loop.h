@@ -1,0 +1,169 @@
+// The training loop of both trainers, written once for the GPU model (train/gpu_model.cuh) and the
+// CPU reference (train/cpu_model.h), so the two paths cannot drift apart: the CPU run's loss curve is
+// what the GPU's should look like. Resume, steps with gradient accumulation, progress lines,
+// evaluation, checkpoints, Ctrl-C and the final summary; under mpirun every rank runs it, rank 0
+// alone prints and writes the log. Host-only: the model does all the arithmetic.
+//
+// A Model, built as Model(config, extra constructor arguments...), provides:
+//
+//   using LossSum = float or double;               // what the loop sums a step's micro-batch losses in
+//   static constexpr bool kOnGpu;                  // true: it also reports the figures marked GPU below
+//   void print_banner(const DataLoader& train, double tokens_per_step) const;  // rank 0's first line
+//   int64_t num_params() const;                    // on this rank: what its checkpoint must hold
+//   int64_t num_routing_biases() const;
+//   void zero_grad();
+//   float train_micro_batch(const int32_t* tokens, const int32_t* targets);  // forward + backward (the loss
+//                                                  // scaled by 1/grad_accum); its mean loss over all ranks
+//   float eval_micro_batch(const int32_t* tokens, const int32_t* targets);   // forward only; the same loss
+//   void sync_gradients();                         // data parallel: the gradients of the global batch
+//   float or double optimizer_step(double lr, int step);  // clip, AdamW, bias update; the norm before clipping
+//   std::vector<int64_t> take_expert_counts();     // (L, heads here, E) routed slots of the step; resets them
+//   bool any_rank_stopping(bool here);             // true on every rank if `here` is true on any
+//   TrainingState state(int steps_done) const;     // host copies for a checkpoint
+//   void load_state(const TrainingState&);
+//   GPU: double mfu_percent(double tokens_per_second) const;
+//        double predicted_bytes_per_step() const;  // SPEC §3, for this rank
+//        int64_t take_bytes_sent();                // since the last call
+//        StepTimes take_step_times();              // since the last call
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <filesystem>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "io/dataloader.h"
+#include "model/config.h"
+#include "train/checkpoint.h"
+#include "train/schedule.h"
+#include "train/step_log.h"
+#include "util/timer.h"
+
+namespace lmoe {
+
+// Mean loss over `batches` micro-batches of N tokens from the start of the validation split.
+template <class Model>
+double validation_loss(Model& model, DataLoader& val, int batches, int N) {
+    std::vector<int32_t> x(N), y(N);
+    val.reset();
+    double sum = 0;
+    for (int i = 0; i < batches; i++) {
+        val.next_batch(x.data(), y.data());
+        sum += model.eval_micro_batch(x.data(), y.data());
+    }
+    return sum / batches;
+}
+
+// Trains `c.steps` optimizer steps (from a checkpoint's step with --resume) as rank `rank` of
+// `world`. Returns 0 when done, 130 when a signal stopped it (after saving a checkpoint).
+template <class Model, class... ModelArgs>
+int training_loop(const Config& c, int rank, int world, const ModelArgs&... model_args) {
+    const bool lead = rank == 0;
+    // the data first: a bad file is reported before the model takes any memory
+    DataLoader train(c.train_data, c.B, c.T, rank, world, c.V), val(c.val_data, c.B, c.T, rank, world, c.V);
+    const double baseline = unigram_entropy_nats(read_shard(train.files()[0], c.V), c.V);
+    const int eval_batches = (int)std::min<int64_t>(c.eval_batches, val.batches_in_current_shard());
+    Model model(c, model_args...);
+    const int N = c.B * c.T;  // tokens per micro-batch on this rank
+    std::vector<int32_t> x(N), y(N);
+    int first_step = 0;
+    if (!c.resume.empty()) {  // continue exactly: weights, moments, biases, and the data position
+        TrainingState s = load_checkpoint(rank_path(c.resume, rank, world), c, model.num_params(),
+                                          model.num_routing_biases());
+        model.load_state(s);
+        first_step = s.step;
+        for (int64_t i = 0; i < (int64_t)first_step * c.grad_accum; i++) train.next_batch(x.data(), y.data());
+        if (lead) std::printf("resumed from %s at step %d\n", c.resume.c_str(), first_step);
+    }
+    const double tokens_per_step = (double)N * c.grad_accum * world;
+    if (lead) {
+        model.print_banner(train, tokens_per_step);
+        std::printf("unigram baseline (entropy of the train shard's token frequencies): %.4f nats\n", baseline);
+    }
+    StepLog log(lead ? c.log_file : "", first_step > 0);
+    auto save = [&](int steps_done) {
+        std::filesystem::path dir = std::filesystem::path(c.checkpoint).parent_path();
+        if (!dir.empty()) std::filesystem::create_directories(dir);
+        save_checkpoint(rank_path(c.checkpoint, rank, world), c, model.state(steps_done));
+        if (lead)
+            std::printf("saved checkpoint %s%s (step %d)\n", c.checkpoint.c_str(), world == 1 ? "" : ".rank*",
+                        steps_done);
+    };
+
+    install_stop_handler();
+    double last_val = NAN, first_loss = NAN, last_loss = NAN;
+    std::vector<double> step_ms;
+    int step = first_step;
+    for (; step < c.steps; step++) {
+        if (model.any_rank_stopping(stop_requested != 0)) break;
+        Timer timer;
+        model.zero_grad();
+        typename Model::LossSum loss = 0;
+        for (int micro = 0; micro < c.grad_accum; micro++) {
+            train.next_batch(x.data(), y.data());
+            loss += model.train_micro_batch(x.data(), y.data()) / c.grad_accum;
+        }
+        model.sync_gradients();
+        const double lr = lr_at(step, c.steps, c.lr, c.warmup, c.lr_floor);
+        const auto norm = model.optimizer_step(lr, step);
+        const double ms = timer.ms();
+        if (!std::isfinite(loss) || !std::isfinite(norm))  // diverged: stop rather than train on garbage
+            throw std::runtime_error("step " + std::to_string(step + 1) + ": loss " + std::to_string(loss) +
+                                     ", gradient norm " + std::to_string(norm) +
+                                     " is not finite (learning rate too high?); the checkpoint was not overwritten");
+        if (step == first_step) first_loss = loss;
+        last_loss = loss;
+        if (step > first_step) step_ms.push_back(ms);  // the first step pays for warm-up
+        const bool last = step == c.steps - 1;
+        // taken every step, printed or not: each covers the step just done
+        const std::vector<int64_t> counts = model.take_expert_counts();
+        [[maybe_unused]] int64_t bytes = 0;
+        [[maybe_unused]] StepTimes times;
+        if constexpr (Model::kOnGpu) {
+            bytes = model.take_bytes_sent();
+            times = model.take_step_times();
+        }
+        if (lead && (step % c.log_every == 0 || last)) {
+            const double tok_s = tokens_per_step / (ms / 1000);
+            std::printf("step %5d/%d | loss %.6f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s", step + 1, c.steps,
+                        loss, lr, norm, ms, tok_s);
+            if constexpr (Model::kOnGpu) {
+                std::printf(" | MFU %.1f%%", model.mfu_percent(tok_s));
+                if (world > 1)
+                    std::printf(" | sent %.1f MiB (SPEC §3: %.1f)", bytes / 1048576.0,
+                                model.predicted_bytes_per_step() / 1048576.0);
+            }
+            std::printf("\n");
+            if constexpr (Model::kOnGpu) print_time_breakdown(times, ms);
+            print_loads(counts, c.L, c.E);
+        }
+        if ((c.eval_every > 0 && (step + 1) % c.eval_every == 0) || last) {
+            last_val = validation_loss(model, val, eval_batches, N);
+            if (lead) std::printf("step %5d | val loss %.4f (unigram baseline %.4f)\n", step + 1, last_val, baseline);
+        }
+        log.row(step + 1, loss, norm, last ? last_val : NAN, ms);
+        if (c.checkpoint_every > 0 && (step + 1) % c.checkpoint_every == 0 && !last) save(step + 1);
+        std::fflush(stdout);
+    }
+    save(step);
+    if (step < c.steps) {
+        if (lead) std::printf("interrupted after step %d: resume with --resume %s\n", step, c.checkpoint.c_str());
+        return 130;
+    }
+    std::sort(step_ms.begin(), step_ms.end());
+    const double median_ms = step_ms.empty() ? NAN : step_ms[step_ms.size() / 2];
+    const double tok_s = tokens_per_step / (median_ms / 1000);
+    if (lead) {
+        std::printf("done: train loss %.4f -> %.4f, val loss %.4f (unigram baseline %.4f: %s); median step %.2f ms, "
+                    "%.0f tok/s", first_loss, last_loss, last_val, baseline, last_val < baseline ? "below" : "NOT below",
+                    median_ms, tok_s);
+        if constexpr (Model::kOnGpu) std::printf(", MFU %.1f%%", model.mfu_percent(tok_s));
+        std::printf("\n");
+    }
+    return 0;
+}
+
+}  // namespace lmoe

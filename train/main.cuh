@@ -1,0 +1,91 @@
+// What a trainer's main() runs (train_latentmoe.cu, moe_ep_baseline.cu): MPI when a launcher started
+// the process, the flags, then the layer benchmark, the training loop on the GPU model, or — without a
+// GPU, or with --device cpu — the same loop on the CPU reference; and the exit status every error
+// maps to. Kept apart from the models so the tests can include a trainer without its main().
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <string>
+
+#include "model/config.h"
+#include "parallel/comm.cuh"
+#include "train/cpu_model.h"
+#include "train/gpu_model.cuh"
+#include "train/layer_bench.cuh"
+#include "train/loop.h"
+
+namespace lmoe {
+
+// Number of usable CUDA devices; 0 when there is no GPU or no working driver.
+inline int cuda_device_count() {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError();  // clear the sticky "no device / no driver" error
+        return 0;
+    }
+    return n;
+}
+
+// True when a launcher (mpirun, srun) started this process: only then is MPI initialised, so a
+// one-GPU or CPU run needs no MPI at all.
+inline bool launched_by_mpi() {
+    for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
+        if (std::getenv(v)) return true;
+    return false;
+}
+
+template <class Ffn>
+int run_trainer(int argc, char** argv, const Comm& comm) {
+    Config c;
+    const bool lead = comm.rank == 0;
+    const int gpus = cuda_device_count();
+    if (!parse_flags(c, Ffn::kind, argc, argv)) {
+        if (lead) print_help(argv[0], Ffn::kind, Ffn::summary());
+        return 0;
+    }
+    validate(c, comm.world);
+    if (c.device == "gpu" && gpus == 0) throw ConfigError("--device gpu, but no GPU was found");
+    const bool on_gpu = c.device != "cpu" && gpus > 0;
+    if (!comm.single() && !on_gpu) throw ConfigError("several ranks need the GPU path (one GPU per rank)");
+    if (lead) print_config(c);
+    if (on_gpu) {
+        Ffn::check_supported(c);
+        if (c.bench_layer) {
+            if (!comm.single()) throw ConfigError("--bench-layer runs on one GPU; start it without mpirun");
+            return bench_ffn_layer<Ffn>(c);
+        }
+        return training_loop<GpuModel<Ffn>>(c, comm.rank, comm.world, comm);
+    }
+    if (c.bench_layer) throw ConfigError("--bench-layer needs a GPU");
+    std::printf("%s: training the CPU reference model (slow; tiny models only)\n",
+                gpus == 0 ? "no GPU found" : "--device cpu");
+    return training_loop<CpuModel>(c, 0, 1);
+}
+
+// Flags and configuration errors exit 2, data and I/O errors 1; under mpirun every rank meets the
+// same error, and only rank 0 reports it.
+template <class Ffn>
+int trainer_main(int argc, char** argv) {
+    Comm comm;
+    int status;
+    try {
+        if (launched_by_mpi()) comm = comm_init(&argc, &argv);
+        status = run_trainer<Ffn>(argc, argv, comm);
+    } catch (const ConfigError& e) {
+        if (comm.rank == 0) std::fprintf(stderr, "%s: error: %s\n", argv[0], e.what());
+        status = 2;
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "%s: error%s: %s\n", argv[0],
+                     comm.single() ? "" : (" on rank " + std::to_string(comm.rank)).c_str(), e.what());
+        status = 1;
+    }
+    // A failure on one rank could leave the others waiting in a collective for ever: end them all.
+    if (status == 1 && !comm.single()) MPI_Abort(MPI_COMM_WORLD, 1);
+    if (launched_by_mpi()) comm_finalize(comm);
+    return status;
+}
+
+}  // namespace lmoe
