@@ -1,7 +1,7 @@
 // moe_ep_baseline: the same language model with standard MoE FFN layers (SPEC §2.2), trained with
 // Expert Parallel (SPEC §3): the baseline Multi-Head LatentMoE is compared against. Everything dense
-// is the shared skeleton in train/trainer.cuh; this file is the FFN layer, as the named stages of
-// Expert Parallel:
+// is the skeleton both trainers share (train/gpu_model.cuh, run by train/loop.h); this file is the
+// FFN layer, as the named stages of Expert Parallel:
 //
 //   route -> group -> dispatch -> compute -> combine -> weight + merge
 //
@@ -9,15 +9,17 @@
 // copy to its expert's owner; each expert runs its rows through W1, GELU and W2 as grouped GEMMs;
 // combine brings the outputs back, where they are weighted by the gates and summed per token. On one
 // GPU dispatch and combine are the identity; with R ranks (Expert Parallel) they are variable-size
-// all-to-alls after a count exchange (parallel/expert_dispatch.cuh).
+// all-to-alls after a count exchange.
+//
+// The includes, in the order the stages use them:
 #include <memory>
 
-#include "parallel/expert_dispatch.cuh"
-#include "moe/grouped/grouped_gemm.cuh"
-#include "moe/router.cuh"
-#include "moe/combine.cuh"
-#include "moe/routing_plan.cuh"
-#include "train/main.cuh"
+#include "moe/router.cuh"                 // route: router_forward, router_weight_backward (IO-aware top-k)
+#include "moe/routing_plan.cuh"           // group: RoutingPlan, RoutingPlans, group_copies
+#include "parallel/expert_dispatch.cuh"   // dispatch, combine: ExpertExchange (counts, then rows)
+#include "moe/grouped/grouped_gemm.cuh"   // compute: expert_up_forward, expert_down_forward and backwards
+#include "moe/combine.cuh"                // weight + merge: combine_forward, combine_backward, gather_input_grad
+#include "train/main.cuh"                 // the trainer around this layer: trainer_main -> training_loop -> GpuModel
 
 namespace lmoe {
 

@@ -1,6 +1,7 @@
 // train_latentmoe: a GPT-style language model whose FFN layers are Multi-Head LatentMoE (SPEC §2.1),
-// trained with Head Parallel (SPEC §3). Everything dense is the shared skeleton in train/trainer.cuh;
-// this file is the FFN layer, as the named stages of the method:
+// trained with Head Parallel (SPEC §3). Everything dense is the skeleton both trainers share
+// (train/gpu_model.cuh, run by train/loop.h); this file is the FFN layer, as the named stages of the
+// method:
 //
 //   project -> exchange -> route -> group -> compute -> weight -> exchange back -> merge
 //
@@ -8,14 +9,17 @@
 // sub-tokens among its own E experts (top-k), the experts run as IO-aware tiles, their outputs are
 // weighted by the gates, and the heads' outputs are merged back to d. On one GPU the two exchanges
 // are the identity; with R ranks (Head Parallel) they become equal-block all-to-alls.
+//
+// The includes, in the order the stages use them:
 #include <utility>
 
-#include "parallel/head_exchange.cuh"
-#include "moe/latent/io_experts.cuh"
-#include "moe/router.cuh"
-#include "moe/combine.cuh"
-#include "moe/routing_plan.cuh"
-#include "train/main.cuh"
+#include "dense/matmul.cuh"            // project, merge: matmul_forward, matmul_backward (cuBLAS)
+#include "parallel/head_exchange.cuh"  // exchange: send_to_head_owners, return_from_head_owners
+#include "moe/router.cuh"              // route: router_forward, router_weight_backward (IO-aware top-k)
+#include "moe/routing_plan.cuh"        // group: RoutingPlan, RoutingPlans, group_copies
+#include "moe/latent/io_experts.cuh"   // compute: expert_forward, expert_backward (IO-aware expert tiles)
+#include "moe/combine.cuh"             // weight: combine_forward, combine_backward, gather_input_grad
+#include "train/main.cuh"              // the trainer around this layer: trainer_main -> training_loop -> GpuModel
 
 namespace lmoe {
 

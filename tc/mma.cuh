@@ -9,12 +9,16 @@
 // so the accumulators of two adjacent 16×8 products are, packed to bf16, exactly the A operand of a
 // following product (FlashAttention-2's trick): hidden activations go from one matmul to the next
 // without leaving registers.
+// Users: the LatentMoE expert kernels (through tc/warp_tile.cuh, tc/wgmma.cuh) and the MoE's grouped
+// GEMMs (moe/grouped/grouped_gemm.cuh).
 #pragma once
 #include <cuda_bf16.h>
 
 #include <cstdint>
 
 namespace lmoe {
+
+using bf16 = __nv_bfloat16;
 
 __device__ inline uint32_t smem_address(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
@@ -45,27 +49,42 @@ __device__ inline uint32_t pack_bf16x2(float lo, float hi) {
 }
 
 // Operand loads from row-major shared-memory tiles of bf16 with `ld` elements per row. Each gives
-// what one warp needs for one 16×16 A operand, or the B operands of two adjacent 16×8 tiles.
+// what one warp needs for one 16×16 A operand, or the B operands of two adjacent 16×8 tiles. An
+// operand tile is stored with k along its rows ([m][k] for A, [n][k] for B), or transposed (TRANS:
+// [k][m], [k][n]); ldmatrix's .trans form makes the two give the same fragments.
 
-// A (16×16) at (m0, k0) of an [m][k] tile.
-__device__ inline void load_a(uint32_t (&a)[4], const __nv_bfloat16* tile, int ld, int m0, int k0) {
+// A (16×16) at (m0, k0) of an [m][k] tile, or of a [k][m] one (TRANS).
+template <bool TRANS = false>
+__device__ inline void load_a(uint32_t (&a)[4], const bf16* tile, int ld, int m0, int k0) {
     const int lane = threadIdx.x % 32, i = lane / 8, r = lane % 8;
-    ldmatrix_x4(a, tile + (m0 + r + (i % 2) * 8) * ld + k0 + (i / 2) * 8);
+    if constexpr (TRANS) ldmatrix_x4_trans(a, tile + (k0 + r + (i / 2) * 8) * ld + m0 + (i % 2) * 8);
+    else ldmatrix_x4(a, tile + (m0 + r + (i % 2) * 8) * ld + k0 + (i / 2) * 8);
 }
-// A (16×16) at (m0, k0) from a tile stored transposed, [k][m].
-__device__ inline void load_a_trans(uint32_t (&a)[4], const __nv_bfloat16* tile, int ld, int m0, int k0) {
+// B for n-tiles n0..n0+7 (b[0], b[1]) and n0+8..n0+15 (b[2], b[3]), k0..k0+15, from an [n][k] tile,
+// or from a [k][n] one (TRANS).
+template <bool TRANS = false>
+__device__ inline void load_b_pair(uint32_t (&b)[4], const bf16* tile, int ld, int n0, int k0) {
     const int lane = threadIdx.x % 32, i = lane / 8, r = lane % 8;
-    ldmatrix_x4_trans(a, tile + (k0 + r + (i / 2) * 8) * ld + m0 + (i % 2) * 8);
+    if constexpr (TRANS) ldmatrix_x4_trans(b, tile + (k0 + r + (i % 2) * 8) * ld + n0 + (i / 2) * 8);
+    else ldmatrix_x4(b, tile + (n0 + r + (i / 2) * 8) * ld + k0 + (i % 2) * 8);
 }
-// B for n-tiles n0..n0+7 (b[0], b[1]) and n0+8..n0+15 (b[2], b[3]), k0..k0+15, from an [n][k] tile.
-__device__ inline void load_b_pair(uint32_t (&b)[4], const __nv_bfloat16* tile, int ld, int n0, int k0) {
-    const int lane = threadIdx.x % 32, i = lane / 8, r = lane % 8;
-    ldmatrix_x4(b, tile + (n0 + r + (i / 2) * 8) * ld + k0 + (i % 2) * 8);
+// The A operands of MT row tiles m0 + 16·mt, and the B pairs of NP column pairs n0 + 16·np.
+template <int MT, bool TRANS = false>
+__device__ inline void load_a_tiles(uint32_t (&a)[MT][4], const bf16* tile, int ld, int m0, int k0) {
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) load_a<TRANS>(a[mt], tile, ld, m0 + 16 * mt, k0);
 }
-// The same from a [k][n] tile.
-__device__ inline void load_b_pair_trans(uint32_t (&b)[4], const __nv_bfloat16* tile, int ld, int n0, int k0) {
-    const int lane = threadIdx.x % 32, i = lane / 8, r = lane % 8;
-    ldmatrix_x4_trans(b, tile + (k0 + r + (i % 2) * 8) * ld + n0 + (i / 2) * 8);
+template <int NP, bool TRANS = false>
+__device__ inline void load_b_pairs(uint32_t (&b)[NP][4], const bf16* tile, int ld, int n0, int k0) {
+#pragma unroll
+    for (int np = 0; np < NP; np++) load_b_pair<TRANS>(b[np], tile, ld, n0 + 16 * np, k0);
+}
+
+// D0 += A B0, D1 += A B1 for two adjacent 16×8 tiles sharing A, with b as load_b_pair gives it.
+__device__ inline void mma_bf16_16816_pair(float (&d0)[4], float (&d1)[4], const uint32_t (&a)[4],
+                                           const uint32_t (&b)[4]) {
+    mma_bf16_16816(d0, a, b[0], b[1]);
+    mma_bf16_16816(d1, a, b[2], b[3]);
 }
 
 // Asynchronous 16-byte copy global → shared (cp.async.cg: bypasses L1, the data is used once per

@@ -20,18 +20,23 @@
 // the fp32 build (LMOE_FP32) uses a plain shared-memory tiled SIMT kernel, so the math can be
 // checked tightly against the CPU reference. d and f must be multiples of 8 (16-byte row segments).
 //
-// Speed (H100, SPEC §6 p1 layer, N = 8192): the row GEMMs run at 185–250 TFLOP/s, the weight
-// gradients at 145 (dW2) and 117 (dW1, whose X rows are gathered) TFLOP/s. Known limits: mma.sync
-// (not Hopper's wgmma, which needs sm_90a) and 128 × 128 tiles, whose operand traffic leaves the
-// kernels bound by shared-memory and L2 bandwidth well below the 790 TFLOP/s tensor-core ceiling;
-// and the weight gradients' fp32 read-modify-write of every dW tile (2 × 268 MB at p1).
+// Known limits (docs/perf/expert_kernels.md has the measurements): mma.sync (not Hopper's wgmma,
+// which needs sm_90a) and 128 × 128 tiles, whose operand traffic leaves the kernels bound by
+// shared-memory and L2 bandwidth, well below the tensor-core ceiling; dW1, whose X rows are gathered,
+// is the slowest; and the weight gradients' fp32 read-modify-write of every dW tile (2 × 268 MB at p1).
+//
+// Shared with the LatentMoE kernels (moe/latent/): GELU (moe/gelu.cuh), the launch with a raised
+// shared-memory limit (util/launch.cuh), and the ldmatrix fragment loads and paired mma.sync of
+// tc/mma.cuh. The main loop is this file's own: it loads a whole 16-deep slice of fragments one
+// slice ahead into registers, where tc/warp_tile.cuh's loops load one B pair next to its products.
 #pragma once
 #include <type_traits>
 
 #include "util/cuda_utils.cuh"
-#include "moe/latent/io_experts.cuh"  // gelu, gelu_grad and their fast forms, launch_expert_kernel
-#include "tc/mma.cuh"
+#include "util/launch.cuh"
+#include "moe/gelu.cuh"
 #include "moe/routing_plan.cuh"
+#include "tc/mma.cuh"
 
 namespace lmoe {
 
@@ -200,8 +205,9 @@ __global__ void __launch_bounds__(kSimtGemmThreads) weight_grad_simt_kernel(cons
 // Two pipelines overlap memory and math (CUTLASS's multistage main loop): cp.async fills stage
 // s + stages − 1 while the tensor cores work on stage s, and each warp loads the ldmatrix
 // fragments of the next 16-deep slice while its mma.sync run on the current one.
-// Depth and stages are a tuning knob: 64 deep × 3 stages measured 2.5% faster on the p1 layer and
-// 1.5% on p2 (some kernels faster, dx_copy at p2 slower); 32 × 4 is the tested default.
+// Depth and stages are a tuning knob: 64 deep × 3 stages measured slightly faster on the p1 and p2
+// layers as a whole, but slower for some kernels (dx_copy at p2; docs/perf/single_gpu.md); 32 × 4
+// is the tested default.
 #ifndef LMOE_GEMM_DEPTH
 #define LMOE_GEMM_DEPTH 32
 #define LMOE_GEMM_STAGES 4
@@ -250,27 +256,16 @@ struct WarpFragments {
 // A is deep ([m][k]) or wide ([k][m]), B deep ([n][k]) or wide ([k][n]).
 template <bool A_DEEP, bool B_DEEP>
 __device__ inline void load_fragments(WarpFragments& f, const bf16* sa, const bf16* sb, int wm, int wn, int k0) {
-#pragma unroll
-    for (int mt = 0; mt < 4; mt++) {
-        if constexpr (A_DEEP) load_a(f.a[mt], sa, kLdDeep, wm + 16 * mt, k0);
-        else load_a_trans(f.a[mt], sa, kLdWide, wm + 16 * mt, k0);
-    }
-#pragma unroll
-    for (int np = 0; np < 4; np++) {
-        if constexpr (B_DEEP) load_b_pair(f.b[np], sb, kLdDeep, wn + 16 * np, k0);
-        else load_b_pair_trans(f.b[np], sb, kLdWide, wn + 16 * np, k0);
-    }
+    load_a_tiles<4, !A_DEEP>(f.a, sa, A_DEEP ? kLdDeep : kLdWide, wm, k0);
+    load_b_pairs<4, !B_DEEP>(f.b, sb, B_DEEP ? kLdDeep : kLdWide, wn, k0);
 }
 
 // acc (this warp's 64 × 64) += A B over one slice.
-__device__ inline void warp_mma(float (&acc)[4][8][4], const WarpFragments& f) {
+__device__ inline void warp_mma_slice(float (&acc)[4][8][4], const WarpFragments& f) {
 #pragma unroll
     for (int np = 0; np < 4; np++)
 #pragma unroll
-        for (int mt = 0; mt < 4; mt++) {
-            mma_bf16_16816(acc[mt][2 * np], f.a[mt], f.b[np][0], f.b[np][1]);
-            mma_bf16_16816(acc[mt][2 * np + 1], f.a[mt], f.b[np][2], f.b[np][3]);
-        }
+        for (int mt = 0; mt < 4; mt++) mma_bf16_16816_pair(acc[mt][2 * np], acc[mt][2 * np + 1], f.a[mt], f.b[np]);
 }
 
 // The pipelined reduction of one block over `steps` steps; load(stage, step) issues step's copies
@@ -307,7 +302,7 @@ __device__ inline void gemm_mainloop(float (&acc)[4][8][4], bf16* smem, int step
                 if (fill < steps) load(fill % kGemmStages, fill);
                 cp_async_commit();
             }
-            warp_mma(acc, frag[slice % 2]);
+            warp_mma_slice(acc, frag[slice % 2]);
         }
     }
 }
@@ -439,8 +434,7 @@ void grouped_rows_gemm(const RowsGemm<T>& p, cudaStream_t stream) {
     const int max_tiles = p.plan.max_tiles;
     if constexpr (std::is_same<T, bf16>::value) {
         const dim3 grid((unsigned)ceil_div(p.cols, kGemmTile), max_tiles, (unsigned)ceil_div(kExpertTileRows, kGemmTile));
-        launch_expert_kernel(rows_gemm_mma_kernel<EPI, W_TRANSPOSED>, grid,
-                             kGemmThreads, kGemmSmemBytes, stream, p);
+        launch_with_smem(rows_gemm_mma_kernel<EPI, W_TRANSPOSED>, grid, kGemmThreads, kGemmSmemBytes, stream, p);
     } else {
         rows_gemm_simt_kernel<EPI, W_TRANSPOSED>
             <<<dim3((unsigned)ceil_div(p.cols, kSimtGemmTile), max_tiles, (unsigned)ceil_div(kExpertTileRows, kSimtGemmTile)),
@@ -454,7 +448,7 @@ template <class T>
 void grouped_weight_grad(const WeightGradGemm<T>& p, int E, cudaStream_t stream) {
     if constexpr (std::is_same<T, bf16>::value) {
         const int tiles = (int)(ceil_div(p.rows_out, kGemmTile) * ceil_div(p.cols_out, kGemmTile));
-        launch_expert_kernel(weight_grad_mma_kernel, dim3(tiles, E), kGemmThreads, kGemmSmemBytes, stream, p);
+        launch_with_smem(weight_grad_mma_kernel, dim3(tiles, E), kGemmThreads, kGemmSmemBytes, stream, p);
     } else {
         const int tiles = (int)(ceil_div(p.rows_out, kSimtGemmTile) * ceil_div(p.cols_out, kSimtGemmTile));
         weight_grad_simt_kernel<<<dim3(tiles, E), kSimtGemmThreads, 0, stream>>>(p);

@@ -1,0 +1,324 @@
+// Weight gradients of the LatentMoE experts (SPEC §4), per expert g = (head, e), over all its copies p
+// (with s = K_g x_p, a = GELU(s), ds = GELU'(s) ⊙ V_g do_p as in the input gradient):
+//     dV_g += Σ_p a do_p^T        dK_g += Σ_p ds x_p^T          (fe × dh, fp32, accumulated)
+// A block owns a slice of fe of one expert and walks the expert's copies in order, a tile of rows at
+// a time, recomputing S = X K_c^T, dA = dO V_c^T, A = GELU(S) and dS = dA ⊙ GELU'(S) per tile; so
+// each gradient element has one owner and a fixed summation order (no atomics, bitwise
+// reproducible).
+// Three kernels, one launcher: expert_weight_backward_kernel (fp32 SIMT), and
+// expert_weight_backward_mma_kernel (tensor cores, mma.sync), which in sm_90a builds runs
+// weight_backward_wgmma (below, on tc/wgmma.cuh) instead for the shapes it covers;
+// expert_weight_backward picks by floatX.
+#pragma once
+#include "moe/latent/expert_tiles.cuh"
+#include "tc/wgmma.cuh"
+
+namespace lmoe {
+
+// fp32: one block per (group, kExpertChunk-wide chunk c of fe), kSimtTileRows copies at a time:
+//   S = X K_c^T,  dA = dO V_c^T,  A = GELU(S), dS = dA ⊙ GELU'(S) → shared,
+//   dV_c += A^T dO,  dK_c += dS^T X.
+template <int DH>
+__global__ void __launch_bounds__(kExpertThreads) expert_weight_backward_kernel(float* dK, float* dV, const floatX* d_o,
+                                                                                const floatX* x, int64_t ld,
+                                                                                const floatX* K, const floatX* V,
+                                                                                const RoutingPlan plan, int E, int F) {
+    using S = ExpertTileSmem<DH>;
+    extern __shared__ float smem[];
+    float *Xs = smem, *dOs = Xs + S::rows_floats, *Ks = dOs + S::rows_floats, *Vs = Ks + S::chunk_floats;
+    float *As = Vs + S::chunk_floats, *dSs = As + S::hidden_floats;
+    const int g = blockIdx.x, h = g / E, f0 = blockIdx.y * kExpertChunk;
+    const int64_t wofs = ((int64_t)g * F + f0) * DH;  // this chunk of expert g's K, V, dK, dV
+    const int r = threadIdx.x / 4, cg = threadIdx.x % 4;          // for the (rows × chunk) products
+    const int c = threadIdx.x / 8, col0 = threadIdx.x % 8;         // for the (chunk × dh) accumulators
+    load_chunk<DH>(Ks, K + wofs);
+    load_chunk<DH>(Vs, V + wofs);
+    float acc_k[DH / 8] = {}, acc_v[DH / 8] = {};
+    for (int p0 = plan.group_offset[g]; p0 < plan.group_offset[g + 1]; p0 += kSimtTileRows) {
+        const int rows = min(kSimtTileRows, plan.group_offset[g + 1] - p0);
+        __syncthreads();
+        load_tile_rows<DH>(Xs, x, rows, GatheredRows<DH>{plan, ld, p0, h});
+        load_tile_rows<DH>(dOs, d_o, rows, [&](int i) { return (int64_t)(p0 + i) * DH; });
+        __syncthreads();
+        float s[kExpertChunk / 4], da[kExpertChunk / 4];
+        tile_times_chunk_t<DH>(s, Xs, Ks, r, cg);
+        tile_times_chunk_t<DH>(da, dOs, Vs, r, cg);
+#pragma unroll
+        for (int i = 0; i < kExpertChunk / 4; i++) {
+            As[r * S::ld_chunk + cg + 4 * i] = gelu(s[i]);
+            dSs[r * S::ld_chunk + cg + 4 * i] = da[i] * gelu_grad(s[i]);
+        }
+        __syncthreads();
+        for (int rr = 0; rr < rows; rr++) {
+            const float a = As[rr * S::ld_chunk + c], ds = dSs[rr * S::ld_chunk + c];
+#pragma unroll
+            for (int i = 0; i < DH / 8; i++) {
+                acc_v[i] += a * dOs[rr * S::ld_row + col0 + 8 * i];
+                acc_k[i] += ds * Xs[rr * S::ld_row + col0 + 8 * i];
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < DH / 8; i++) {
+        dK[wofs + (int64_t)c * DH + col0 + 8 * i] += acc_k[i];
+        dV[wofs + (int64_t)c * DH + col0 + 8 * i] += acc_v[i];
+    }
+}
+
+// dK[0..1] += (k0, k1), dV[0..1] += (v0, v1): an accumulator pair of the tensor-core kernels, as
+// one 8-byte read and write each (both read before either is written).
+__device__ inline void add_to_dk_dv(float* dK, float* dV, float k0, float k1, float v0, float v1) {
+    float2* dk = reinterpret_cast<float2*>(dK);
+    float2* dv = reinterpret_cast<float2*>(dV);
+    const float2 k_old = *dk, v_old = *dv;
+    *dk = make_float2(k_old.x + k0, k_old.y + k1);
+    *dv = make_float2(v_old.x + v0, v_old.y + v1);
+}
+
+// Warp layouts of the weight-gradient kernel for an FC-wide slice of fe (FC = 32, 64 or 128):
+//   row products S, dA (64 rows × FC): s_warps_m × s_warps_n warps of (s_rows × s_cols);
+//   reductions dK, dV (FC × dh):        r_warps_f × r_warps_d warps of (r_rows × r_cols), the rest idle
+//                                        (only when FC·dh is small).
+template <int DH, int FC> struct MmaWeightLayout {
+    static constexpr int warps = kMmaWeightThreads / 32;
+    static constexpr int s_warps_n = FC / 16 < 4 ? FC / 16 : 4, s_warps_m = warps / s_warps_n;
+    static constexpr int s_rows = kMmaWeightRows / s_warps_m, s_cols = FC / s_warps_n;
+    static constexpr int r_warps_d = DH / 16 < 2 ? DH / 16 : 2;
+    static constexpr int r_warps_f = FC / 16 < warps / r_warps_d ? FC / 16 : warps / r_warps_d;
+    static constexpr int r_rows = FC / r_warps_f, r_cols = DH / r_warps_d;
+    static_assert(s_rows % 16 == 0 && s_cols % 16 == 0 && r_rows % 16 == 0 && r_cols % 16 == 0, "whole mma tiles");
+    // shared memory: K, V slices (FC × dh); two stages of X, dO (64 × dh); A, dS (64 × FC)
+    static constexpr int ld = DH + 8, ld_hidden = FC + 8;
+    static constexpr int slice_elems = FC * ld, rows_elems = kMmaWeightRows * ld, hidden_elems = kMmaWeightRows * ld_hidden;
+    static constexpr size_t bytes_mma = (2 * slice_elems + 4 * rows_elems + 2 * hidden_elems) * sizeof(bf16);
+    // the wgmma version (sm_90a builds): unpadded swizzled tiles, three stages of X, dO, and 1 KB to
+    // align the tiles to 1024 bytes
+    static constexpr bool on_wgmma = FC == 128 && (DH == 64 || DH == 128);
+    static constexpr size_t bytes_wgmma = (2 * FC * DH + 6 * kMmaWeightRows * DH + 2 * FC * kMmaWeightRows) * sizeof(bf16) + 1024;
+    static constexpr size_t bytes = on_wgmma && bytes_wgmma > bytes_mma ? bytes_wgmma : bytes_mma;
+};
+
+#if defined(LMOE_HAS_WGMMA)
+
+// Weight gradients on wgmma for an FC = 128 slice of fe and dh = 64 or 128: two warpgroups, warpgroup
+// w owning fe rows 64w..64w+63 of the slice. Per 64 copies (three stages of X, dO in flight):
+//   S, dA (64 × 64 fe, registers) = X K_w^T, dO V_w^T             (X, dO K-major)
+//   A^T, dS^T (64 fe × 64 rows) → shared memory, swizzled
+//   dV_w += A^T dO,  dK_w += dS^T X       (64 × dh accumulators; dO, X read MN-major, same tiles)
+// The block meets once per 64 rows (they have landed; the stage of the previous rows is refilled);
+// a warpgroup meets only itself between writing A^T, dS^T and reading them.
+template <int DH, int FC>
+__device__ inline void weight_backward_wgmma(float* dK, float* dV, const bf16* d_o, const bf16* x, int64_t ld,
+                                             const bf16* K, const bf16* V, const RoutingPlan& plan, int E, int F,
+                                             unsigned char* smem_raw) {
+    static_assert(FC == 128 && (DH == 64 || DH == 128), "wgmma path: fe slice 128, dh 64 or 128");
+    constexpr int BR = 64, NT = kMmaWeightThreads, STAGES = 3;
+    constexpr int slice_elems = FC * DH, rows_elems = BR * DH, hidden_elems = FC * BR;
+    constexpr uint32_t slice_block = FC * 128, rows_block = BR * 128;  // bytes of one 64-column block
+    unsigned char* smem = smem_raw + ((1024 - (smem_address(smem_raw) & 1023)) & 1023);
+    bf16* Ks = reinterpret_cast<bf16*>(smem);  // (FC, dh) swizzled
+    bf16* Vs = Ks + slice_elems;                // (FC, dh)
+    bf16* Xs = Vs + slice_elems;                // STAGES × (64, dh)
+    bf16* dOs = Xs + STAGES * rows_elems;       // STAGES × (64, dh)
+    bf16* At = dOs + STAGES * rows_elems;       // (FC, 64): A^T
+    bf16* dSt = At + hidden_elems;              // (FC, 64): dS^T
+    const int g = blockIdx.y, h = g / E, f0 = blockIdx.x * FC;
+    const int begin = plan.group_offset[g], end = plan.group_offset[g + 1];
+    const int64_t wofs = ((int64_t)g * F + f0) * DH;
+    const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
+    auto load_rows = [&](int p0, int stage) {
+        const int rows = min(BR, end - p0);
+        load_rows_swizzled_async<DH, BR, NT>(Xs + stage * rows_elems, x, rows,
+                                             GatheredRows<DH>{plan, ld, p0, h});
+        load_rows_swizzled_async<DH, BR, NT>(dOs + stage * rows_elems, d_o + (int64_t)p0 * DH, rows,
+                                             [](int i) { return (int64_t)i * DH; });
+    };
+    const auto contiguous = [](int i) { return (int64_t)i * DH; };
+    load_rows_swizzled_async<DH, FC, NT>(Ks, K + wofs, FC, contiguous);
+    load_rows_swizzled_async<DH, FC, NT>(Vs, V + wofs, FC, contiguous);
+    if (begin < end) load_rows(begin, 0);
+    cp_async_commit();
+    if (begin + BR < end) load_rows(begin + BR, 1);
+    cp_async_commit();
+
+    // Descriptors: K-major operands step 32 bytes per k16 inside a 64-column block; MN-major ones 16 rows.
+    auto kmajor = [](const bf16* tile, uint32_t block_bytes, int k) {
+        return wgmma_desc(reinterpret_cast<const unsigned char*>(tile) + (k / 4) * block_bytes + (k % 4) * 32, 16, 1024);
+    };
+    auto mnmajor = [](const bf16* tile, int k) {
+        return wgmma_desc(reinterpret_cast<const unsigned char*>(tile) + k * 16 * 128, rows_block, 1024);
+    };
+    const bf16 *Kw = Ks + wg * 64 * 64, *Vw = Vs + wg * 64 * 64;  // this warpgroup's 64 fe rows (block 0)
+    const bf16 *Atw = At + wg * 64 * BR, *dStw = dSt + wg * 64 * BR;
+    float acc_k[DH / 2], acc_v[DH / 2];
+#pragma unroll
+    for (int i = 0; i < DH / 2; i++) acc_k[i] = acc_v[i] = 0.f;
+    for (int p0 = begin, it = 0; p0 < end; p0 += BR, it++) {
+        cp_async_wait<1>();
+        fence_proxy_async();
+        __syncthreads();  // these rows have landed, and both warpgroups are done with the previous ones
+        if (p0 + 2 * BR < end) load_rows(p0 + 2 * BR, (it + 2) % STAGES);  // into the stage of rows it - 1
+        cp_async_commit();
+        const bf16 *Xt = Xs + it % STAGES * rows_elems, *dOt = dOs + it % STAGES * rows_elems;
+        float s[32], da[32];  // no initial values: the first product overwrites them
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < DH / 16; k++) wgmma_m64n64k16<0>(s, kmajor(Xt, rows_block, k), kmajor(Kw, slice_block, k), k);
+#pragma unroll
+        for (int k = 0; k < DH / 16; k++) wgmma_m64n64k16<0>(da, kmajor(dOt, rows_block, k), kmajor(Vw, slice_block, k), k);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operands(s);
+        wgmma_fence_operands(da);
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            const int f = wg * 64 + 8 * (i / 4) + 2 * q + i % 2, r = 16 * warp + gq + 8 * (i / 2 % 2);
+            const int at = f * 64 + (((r / 8) ^ (f % 8)) * 8) + r % 8;  // swizzled (FC, 64) bf16 tile
+            float e;
+            const float cdf = normal_cdf(s[i], e);
+            At[at] = __float2bfloat16(gelu_from_cdf(s[i], cdf));
+            dSt[at] = __float2bfloat16(da[i] * gelu_grad_from_cdf(s[i], cdf, e));
+        }
+        fence_proxy_async();
+        asm volatile("bar.sync %0, 128;" ::"r"(1 + wg) : "memory");  // this warpgroup's A^T, dS^T complete
+        wgmma_fence_operands(acc_v);
+        wgmma_fence_operands(acc_k);
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < BR / 16; k++) {
+            if constexpr (DH == 128) {
+                wgmma_m64n128k16<1>(acc_v, kmajor(Atw, 0, k), mnmajor(dOt, k), 1);
+                wgmma_m64n128k16<1>(acc_k, kmajor(dStw, 0, k), mnmajor(Xt, k), 1);
+            } else {
+                wgmma_m64n64k16<1>(acc_v, kmajor(Atw, 0, k), mnmajor(dOt, k), 1);
+                wgmma_m64n64k16<1>(acc_k, kmajor(dStw, 0, k), mnmajor(Xt, k), 1);
+            }
+        }
+        wgmma_commit();
+        wgmma_wait<0>();  // waiting here, not at the next rows, keeps ptxas from serializing the products
+    }
+    wgmma_fence_operands(acc_v);
+    wgmma_fence_operands(acc_k);
+#pragma unroll
+    for (int i = 0; i < DH / 2; i += 2) {
+        const int f = wg * 64 + 16 * warp + gq + 8 * (i / 2 % 2), c = 8 * (i / 4) + 2 * q;
+        const int64_t at = wofs + (int64_t)f * DH + c;
+        add_to_dk_dv(dK + at, dV + at, acc_k[i], acc_k[i + 1], acc_v[i], acc_v[i + 1]);
+    }
+}
+#endif  // LMOE_HAS_WGMMA
+
+// Tensor cores: one block per (FC-wide slice c of fe, group) — slices fastest, so the blocks of a
+// group run together and share its X, dO through L2. Per 64 rows: S = X K_c^T, dA = dO V_c^T in
+// registers; A = GELU(S) and dS = dA ⊙ GELU'(S) parked in shared memory as bf16; then
+// dV_c += A^T dO,  dK_c += dS^T X, the (FC × dh) accumulators in registers.
+template <int DH, int FC>
+__global__ void __launch_bounds__(kMmaWeightThreads, 1)
+    expert_weight_backward_mma_kernel(float* dK, float* dV, const bf16* d_o, const bf16* x, int64_t ld, const bf16* K,
+                                      const bf16* V, const RoutingPlan plan, int E, int F) {
+    using L = MmaWeightLayout<DH, FC>;
+    constexpr int BR = kMmaWeightRows, NT = kMmaWeightThreads;
+    constexpr int S_MT = L::s_rows / 16, R_MT = L::r_rows / 16;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+#if defined(LMOE_HAS_WGMMA)
+    if constexpr (MmaWeightLayout<DH, FC>::on_wgmma) {
+        weight_backward_wgmma<DH, FC>(dK, dV, d_o, x, ld, K, V, plan, E, F, smem_raw);
+        return;
+    }
+#endif
+    bf16* Ks = reinterpret_cast<bf16*>(smem_raw);  // (FC, dh)
+    bf16* Vs = Ks + L::slice_elems;                 // (FC, dh)
+    bf16* Xs = Vs + L::slice_elems;                 // 2 × (64, dh)
+    bf16* dOs = Xs + 2 * L::rows_elems;             // 2 × (64, dh)
+    bf16* As = dOs + 2 * L::rows_elems;             // (64, FC)
+    bf16* dSs = As + L::hidden_elems;               // (64, FC)
+    const int g = blockIdx.y, h = g / E, f0 = blockIdx.x * FC;
+    const int begin = plan.group_offset[g], end = plan.group_offset[g + 1];
+    const int64_t wofs = ((int64_t)g * F + f0) * DH;  // this slice of expert g's K, V, dK, dV
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
+    const int sm0 = warp / L::s_warps_n * L::s_rows, sn0 = warp % L::s_warps_n * L::s_cols;
+    const int rf0 = warp / L::r_warps_d * L::r_rows, rd0 = warp % L::r_warps_d * L::r_cols;
+    const bool reducer = warp < L::r_warps_f * L::r_warps_d;
+    auto load_rows = [&](int p0, int stage) {
+        const int rows = min(BR, end - p0);
+        load_rows_async<DH, BR, NT>(Xs + stage * L::rows_elems, x, rows,
+                                    GatheredRows<DH>{plan, ld, p0, h});
+        load_rows_async<DH, BR, NT>(dOs + stage * L::rows_elems, d_o + (int64_t)p0 * DH, rows,
+                                    [](int i) { return (int64_t)i * DH; });
+    };
+
+    load_chunk_async<DH, FC, NT>(Ks, K + wofs);
+    load_chunk_async<DH, FC, NT>(Vs, V + wofs);
+    if (begin < end) load_rows(begin, 0);
+    cp_async_commit();
+    float acc_k[R_MT][L::r_cols / 8][4] = {}, acc_v[R_MT][L::r_cols / 8][4] = {};
+    for (int p0 = begin, it = 0; p0 < end; p0 += BR, it++) {
+        cp_async_wait<0>();
+        __syncthreads();  // these rows have landed, and every warp is done with the previous step
+        if (p0 + BR < end) load_rows(p0 + BR, (it + 1) % 2);
+        cp_async_commit();
+        const bf16 *Xt = Xs + (it % 2) * L::rows_elems, *dOt = dOs + (it % 2) * L::rows_elems;
+        {
+            float s[S_MT][L::s_cols / 8][4], da[S_MT][L::s_cols / 8][4];
+            warp_mma_nt<DH, S_MT, L::s_cols>(s, Xt, L::ld, sm0, Ks, L::ld, sn0);
+            warp_mma_nt<DH, S_MT, L::s_cols>(da, dOt, L::ld, sm0, Vs, L::ld, sn0);
+#pragma unroll
+            for (int mt = 0; mt < S_MT; mt++)
+#pragma unroll
+                for (int n = 0; n < L::s_cols / 8; n++)
+#pragma unroll
+                    for (int half = 0; half < 2; half++) {
+                        const int r = sm0 + 16 * mt + gq + 8 * half, c = sn0 + n * 8 + 2 * q;
+                        float e0, e1;
+                        const float s0 = s[mt][n][2 * half], s1 = s[mt][n][2 * half + 1];
+                        const float cdf0 = normal_cdf(s0, e0), cdf1 = normal_cdf(s1, e1);
+                        *reinterpret_cast<uint32_t*>(As + r * L::ld_hidden + c) =
+                            pack_bf16x2(gelu_from_cdf(s0, cdf0), gelu_from_cdf(s1, cdf1));
+                        *reinterpret_cast<uint32_t*>(dSs + r * L::ld_hidden + c) =
+                            pack_bf16x2(da[mt][n][2 * half] * gelu_grad_from_cdf(s0, cdf0, e0),
+                                        da[mt][n][2 * half + 1] * gelu_grad_from_cdf(s1, cdf1, e1));
+                    }
+        }
+        __syncthreads();  // A and dS complete
+        if (reducer) {
+            warp_mma_tn<BR, R_MT, L::r_cols>(acc_v, As, L::ld_hidden, rf0, dOt, L::ld, rd0);  // dV_c += A^T dO
+            warp_mma_tn<BR, R_MT, L::r_cols>(acc_k, dSs, L::ld_hidden, rf0, Xt, L::ld, rd0);  // dK_c += dS^T X
+        }
+    }
+    if (!reducer) return;
+#pragma unroll
+    for (int mt = 0; mt < R_MT; mt++)
+#pragma unroll
+        for (int nt = 0; nt < L::r_cols / 8; nt++)
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                const int64_t at = wofs + (int64_t)(rf0 + 16 * mt + gq + 8 * half) * DH + rd0 + nt * 8 + 2 * q;
+                add_to_dk_dv(dK + at, dV + at, acc_k[mt][nt][2 * half], acc_k[mt][nt][2 * half + 1],
+                             acc_v[mt][nt][2 * half], acc_v[mt][nt][2 * half + 1]);
+            }
+}
+
+// fe slice of the tensor-core weight gradient: the widest, 128, reads the group's X and dO the fewest
+// times and is the shape the wgmma version covers.
+constexpr int kWeightBackwardSlice = 128;
+
+// dK, dV (H, E, fe, dh) fp32, accumulated, from d_o (copies, dh).
+inline void expert_weight_backward(float* dK, float* dV, const floatX* d_o, const floatX* x, int64_t ld,
+                                   const floatX* K, const floatX* V, const RoutingPlan& plan, int dh, int F,
+                                   cudaStream_t stream) {
+    const int H = plan.H, E = plan.E;
+    dispatch_expert_kernel<kWeightBackwardSlice>(
+        dh, F,
+        [&](auto head_dim, auto slice) {
+            constexpr int DH = decltype(head_dim)::value, FC = decltype(slice)::value;
+            launch_with_smem(expert_weight_backward_mma_kernel<DH, FC>, dim3(F / FC, H * E), kMmaWeightThreads,
+                             MmaWeightLayout<DH, FC>::bytes, stream, dK, dV, d_o, x, ld, K, V, plan, E, F);
+        },
+        [&](auto head_dim) {
+            constexpr int DH = decltype(head_dim)::value;
+            launch_with_smem(expert_weight_backward_kernel<DH>, dim3(H * E, F / kExpertChunk), kExpertThreads,
+                             ExpertTileSmem<DH>::bytes(2, 2), stream, dK, dV, d_o, x, ld, K, V, plan, E, F);
+        });
+}
+
+}  // namespace lmoe
