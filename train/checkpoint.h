@@ -2,7 +2,6 @@
 // moments, routing biases, the step), written atomically, and refused with a clear message when they
 // were written for another model. Host-only; the GPU trainers copy their buffers to the host to use it.
 #pragma once
-#include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <stdexcept>
@@ -88,19 +87,6 @@ inline TrainingState load_checkpoint(const std::string& path, const Config& c, i
 // Rank r of R > 1 keeps its own checkpoint file (its expert shard), PATH.rank<r>.
 inline std::string rank_path(const std::string& path, int rank, int world) {
     return world == 1 ? path : path + ".rank" + std::to_string(rank);
-}
-
-// Ctrl-C or SIGTERM asks the loop to stop after the current step and save; a second one kills at once.
-inline volatile std::sig_atomic_t stop_requested = 0;
-
-inline void request_stop(int signal_number) {
-    stop_requested = 1;
-    std::signal(signal_number, SIG_DFL);
-}
-
-inline void install_stop_handler() {
-    std::signal(SIGINT, request_stop);
-    std::signal(SIGTERM, request_stop);
 }
 
 }  // namespace lmoe

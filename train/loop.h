@@ -39,6 +39,7 @@
 #include "model/config.h"
 #include "train/checkpoint.h"
 #include "train/schedule.h"
+#include "train/signals.h"
 #include "train/step_log.h"
 #include "util/timer.h"
 
