@@ -1,20 +1,20 @@
 // data_prep: turns text files into llm.c token shards for the trainers. The tokenizer is byte-level
 // (every byte is one token, V = 256), so it needs no vocabulary file and no network. The text of all
 // inputs, concatenated, is split at a byte boundary: the last fraction goes to PREFIX_val.bin, the rest
-// to PREFIX_train.bin. Exit status: 0 success, 1 data or I/O error, 2 usage error.
+// to PREFIX_train.bin. Exit status: 0 success, 1 data or I/O error, 2 usage error (an output that is not
+// a writable file, or is one of the inputs, included: train/output_paths.h checks them before reading).
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <filesystem>
 #include <stdexcept>
 #include <string>
-#include <system_error>
 #include <vector>
 
 #include "io/dataloader.h"
 #include "io/shard.h"
+#include "train/output_paths.h"
 
 constexpr int kByteVocab = 256;
 
@@ -31,7 +31,8 @@ const char* const kUsage =
     "  --val-fraction F  fraction of the bytes held out for validation, 0 < F < 1 (default 0.1)\n"
     "  -h, --help        print this help and exit\n"
     "\n"
-    "Exit status: 0 success, 1 data or I/O error, 2 usage error.\n";
+    "Exit status: 0 success, 1 data or I/O error, 2 usage error (including an output that is a\n"
+    "directory, a device, one of the FILEs or in a folder that cannot be written: nothing is written).\n";
 
 // A mistake in how the program was called (exit 2), as opposed to a problem with the data (exit 1).
 struct UsageError : std::runtime_error {
@@ -134,25 +135,21 @@ Split split_bytes(const std::string& text, double val_fraction) {
     return split;
 }
 
-// Creates the directory the output prefix lives in (data/ on a fresh checkout).
-void make_parent_directory(const std::string& prefix) {
-    std::filesystem::path parent = std::filesystem::path(prefix).parent_path();
-    if (parent.empty()) return;
-    std::error_code error;
-    std::filesystem::create_directories(parent, error);
-    if (error) throw std::runtime_error(parent.string() + ": cannot create directory: " + error.message());
-}
-
 // Does the work once the arguments are known: read, tokenize, split, write, report.
 void run(const Options& options) {
+    std::string train_path = options.out_prefix + "_train.bin", val_path = options.out_prefix + "_val.bin";
+    std::vector<lmoe::NamedPath> inputs;
+    for (const std::string& path : options.inputs)  // /dev/stdin: the file standard input reads, if any
+        inputs.push_back({path == "-" ? "standard input" : "the input", path == "-" ? "/dev/stdin" : path});
+    const std::vector<lmoe::NamedPath> outputs = {{"the train shard", train_path}, {"the val shard", val_path}};
+    lmoe::check_outputs(outputs, inputs);
     std::string text;
     for (const std::string& path : options.inputs) text += read_input(path);
     if (text.empty())
         throw std::runtime_error("input is empty (0 bytes in " + std::to_string(options.inputs.size()) +
                                  (options.inputs.size() == 1 ? " file)" : " files)"));
     Split split = split_bytes(text, options.val_fraction);
-    make_parent_directory(options.out_prefix);
-    std::string train_path = options.out_prefix + "_train.bin", val_path = options.out_prefix + "_val.bin";
+    lmoe::make_parent_folder(outputs[0]);
     lmoe::write_shard(train_path, split.train, kByteVocab);
     lmoe::write_shard(val_path, split.val, kByteVocab);
     std::printf("data_prep: read %zu bytes from %zu file(s); byte-level tokens, vocabulary size %d\n", text.size(),
@@ -173,6 +170,9 @@ int main(int argc, char** argv) {
         }
         run(options);
         return 0;
+    } catch (const lmoe::ConfigError& e) {  // an output that cannot be written or would overwrite an input
+        std::fprintf(stderr, "data_prep: error: %s\n", e.what());
+        return 2;
     } catch (const UsageError& e) {
         std::fprintf(stderr, "data_prep: error: %s\nrun 'data_prep --help' for usage\n", e.what());
         return 2;

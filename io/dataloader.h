@@ -5,7 +5,9 @@
 // multi-GPU run be checked against the one-GPU run. One shard is held in memory at a time.
 #pragma once
 #include <glob.h>
+#include <sys/stat.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
@@ -16,8 +18,12 @@
 
 namespace lmoe {
 
-// Expands a glob pattern (or a plain path) into the sorted list of shard files it names.
+// The sorted list of shard files a path or glob pattern names. A path that names an existing file is
+// taken literally, even when it holds glob characters (data[1].bin, run*.bin as a real name); only a
+// path that names no file is expanded as a pattern.
 inline std::vector<std::string> glob_shards(const std::string& pattern) {
+    struct stat st;
+    if (!pattern.empty() && stat(pattern.c_str(), &st) == 0) return {pattern};
     glob_t matches{};  // zeroed so globfree is safe whatever glob returns
     int status = glob(pattern.c_str(), 0, nullptr, &matches);
     std::vector<std::string> files;
@@ -27,6 +33,22 @@ inline std::vector<std::string> glob_shards(const std::string& pattern) {
     if (status == GLOB_NOMATCH) throw std::runtime_error("no shard files match '" + pattern + "'");
     if (status != 0) throw std::runtime_error("cannot expand shard pattern '" + pattern + "' (glob error)");
     return files;
+}
+
+// Bytes of tokens in the largest shard the pattern names (its file size less the header), for the
+// memory estimate; 0 when the pattern names nothing readable (the loader then says why).
+inline int64_t largest_shard_bytes(const std::string& pattern) {
+    int64_t largest = 0;
+    try {
+        for (const std::string& file : glob_shards(pattern)) {
+            struct stat st;
+            if (stat(file.c_str(), &st) == 0 && S_ISREG(st.st_mode))
+                largest = std::max<int64_t>(largest, static_cast<int64_t>(st.st_size) - kShardHeaderBytes);
+        }
+    } catch (const std::exception&) {
+        return 0;
+    }
+    return largest;
 }
 
 class DataLoader {

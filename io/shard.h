@@ -37,12 +37,15 @@ struct ShardFile {
 // can only fall short without errno if the file shrank after we measured it).
 inline std::string io_failure_reason(const char* otherwise) { return errno ? std::strerror(errno) : otherwise; }
 
-// Opens `path` for reading, or says why it cannot (missing, a directory, no permission).
+// Opens `path` for reading, or says why it cannot (missing, a directory or other non-file, no permission).
 inline std::FILE* open_shard_for_reading(const std::string& path, int64_t* file_bytes) {
     struct stat st;
     if (stat(path.c_str(), &st) != 0)
         throw std::runtime_error(path + ": cannot open: " + std::strerror(errno));
     if (S_ISDIR(st.st_mode)) throw std::runtime_error(path + ": cannot open: is a directory, not a shard file");
+    // a FIFO would block the open until some writer came, a device could read for ever: shards are files
+    if (!S_ISREG(st.st_mode))
+        throw std::runtime_error(path + ": cannot open: not a regular file (a FIFO, device or socket), not a shard");
     std::FILE* f = std::fopen(path.c_str(), "rb");
     if (!f) throw std::runtime_error(path + ": cannot open: " + std::strerror(errno));
     *file_bytes = static_cast<int64_t>(st.st_size);

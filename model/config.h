@@ -2,10 +2,13 @@
 // Host-only. One flag table drives parsing and --help, so the help text cannot drift from the code.
 #pragma once
 #include <cerrno>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -88,6 +91,104 @@ inline void apply_preset(Config& c, const std::string& name) {
     throw ConfigError("unknown preset '" + name + "' (choose tiny, small, p1 or p2)");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Size bounds (SPEC §8.5). Every size flag has an upper bound, and every product of sizes that indexes a
+// buffer is checked in 64-bit before anything is allocated. The kernels and the CPU reference index
+// one buffer with int in places (N = B·T, rows·width, copies = H·N·k in RoutingPlan's int offsets,
+// ExpertExchange's int capacity R·N·k, B·n_head·T² attention scores), so the bound on each product is
+// 2^31 − 1 elements of one layer's buffer; buffers that hold every layer are indexed per layer with
+// size_t. The bound on each single flag is the largest value that can ever pass the products (or,
+// where none binds, a value far beyond any model this trainer is for), so a huge value is refused by
+// name before any product is formed. The memory a configuration needs is checked separately
+// (train/memory_estimate.h), against the machine.
+
+constexpr int64_t kMaxIndex = 2147483647;  // 2^31 − 1: the largest element count an int can index
+
+// a·b, saturating at INT64_MAX: products of several bounded flags cannot wrap.
+inline int64_t mul_sat(int64_t a, int64_t b) {
+    int64_t r;
+    return __builtin_mul_overflow(a, b, &r) ? INT64_MAX : r;
+}
+inline int64_t mul_sat(std::initializer_list<int64_t> factors) {
+    int64_t r = 1;
+    for (int64_t f : factors) r = mul_sat(r, f);
+    return r;
+}
+
+struct FlagBound {
+    const char* flag;  // as the user types it
+    int value, max;
+    const char* why;
+};
+
+// The upper bound of every size flag (their lower bounds are checked in validate with the other
+// constraints). Why each bound is what it is:
+inline std::vector<FlagBound> size_bounds(const Config& c) {
+    return {
+        // one head's T×T attention scores (ref attention, the GPU scratch) must be int-indexable:
+        // 46340² < 2^31 ≤ 46341²
+        {"--seq-len", c.T, 46340, "one head's T x T attention scores must stay below 2^31 elements"},
+        // the qkv weight is 3d x d: 3·16384² = 805M elements (GPT-3's d is 12288)
+        {"--d-model", c.d, 16384, "the 3d x d attention weight must stay well below 2^31 elements"},
+        // per-layer tensors, views and buffers are built layer by layer; 1024 is ten times the
+        // deepest published dense model, and keeps the parameter table (12 tensors a layer) small
+        {"--layers", c.L, 1024, "deeper than any model this trainer is for"},
+        // d % n_head == 0 and an even head size already give n_head <= d/2 <= 8192
+        {"--attn-heads", c.n_head, 8192, "the attention head size d/attn-heads must be at least 2"},
+        // routing groups (L, H, E) and the per-head loops; the GPU router supports H·E <= 4096
+        {"--latent-heads", c.H, 1024, "more latent heads than any configuration of the method"},
+        {"--head-dim", c.dh, 16384, "a latent head is at most as wide as the widest model (--d-model)"},
+        // counts (L, H, E) and the router's E columns; the GPU router supports E <= 256
+        {"--experts", c.E, 4096, "more experts per routing group than the routers are written for"},
+        // the MoE's f is ~4d: 4·16384
+        {"--expert-dim", c.fe, 65536, "four times the widest model (--d-model)"},
+        {"--topk", c.k, 4096, "at most the largest number of experts"},
+        // N = B·T is an int everywhere; with T >= 1 and d >= 2, N·3d < 2^31 gives B < 2^30 anyway
+        {"--batch", c.B, 1 << 20, "a micro-batch of over a million sequences cannot fit the int token index"},
+        {"--grad-accum", c.grad_accum, 1 << 20, "tokens per step, B·T·grad-accum·R, are counted in int"},
+        // step counters are int; step·grad_accum (the data position on --resume) is 64-bit
+        {"--steps", c.steps, 1000000000, "a billion optimizer steps"},
+        {"--warmup", c.warmup, 1000000000, "a billion steps, as --steps"},
+        {"--eval-batches", c.eval_batches, 1 << 20, "validation micro-batches per evaluation"},
+    };
+}
+
+// The products of sizes that index one buffer, each checked against 2^31 − 1 in 64-bit. `world`
+// ranks: Expert Parallel keeps R·N·k rows at each expert owner.
+struct SizeProduct {
+    const char* what;     // the product, in the flags' letters
+    int64_t value;        // saturated at INT64_MAX
+    const char* flags;    // what to lower
+};
+
+inline std::vector<SizeProduct> size_products(const Config& c, int world) {
+    const int64_t B = c.B, T = c.T, d = c.d, N = B * T, R = world < 1 ? 1 : world;
+    std::vector<SizeProduct> p = {
+        {"tokens per optimizer step B·T·grad-accum·R", mul_sat({B, T, c.grad_accum, R}),
+         "--batch, --seq-len or --grad-accum"},
+        {"one layer's qkv activations B·T·3d", mul_sat({N, 3, d}), "--batch, --seq-len or --d-model"},
+        {"the logits B·T·Vp", mul_sat({N, c.Vp()}), "--batch, --seq-len or --vocab"},
+        {"one layer's attention scores B·attn-heads·T·T", mul_sat({B, c.n_head, T, T}),
+         "--batch, --seq-len or --attn-heads"},
+        {"the embedding and LM head Vp·d", mul_sat({c.Vp(), d}), "--vocab or --d-model"},
+    };
+    if (c.ffn == FfnKind::LatentMoE) {
+        // copies H·N·k (int offsets in the routing plan), each dh wide (the expert outputs per layer);
+        // k >= 2 makes this bound N·H·dh (the sub-tokens) too
+        p.push_back({"one layer's routed copies H·B·T·k·dh", mul_sat({c.H, N, c.k, c.dh}),
+                     "--batch, --seq-len, --latent-heads, --topk or --head-dim"});
+        p.push_back({"one layer's expert weights H·E·fe·dh", mul_sat({c.H, c.E, c.fe, c.dh}),
+                     "--latent-heads, --experts, --expert-dim or --head-dim"});
+    } else {
+        // the rows an expert owner may receive: R·N·k (dropless), each d wide in and f wide hidden
+        p.push_back({"one layer's expert rows R·B·T·k·max(d, f)", mul_sat({R, N, c.k, std::max(d, (int64_t)c.fe)}),
+                     "--batch, --seq-len, --topk, --d-model or --expert-dim"});
+        p.push_back({"one layer's expert weights E·f·d", mul_sat({c.E, c.fe, d}),
+                     "--experts, --expert-dim or --d-model"});
+    }
+    return p;
+}
+
 // Every constraint of SPEC §2–§3, each with a message that names it. `world` is the number of ranks.
 inline void validate(const Config& c, int world) {
     auto require = [](bool ok, const std::string& what) {
@@ -95,13 +196,17 @@ inline void validate(const Config& c, int world) {
     };
     require(c.T >= 1 && c.d >= 1 && c.L >= 1 && c.n_head >= 1 && c.B >= 1,
             "T, d, L, n_head and B must all be at least 1");
+    require(c.H >= 1 && c.dh >= 1 && c.E >= 1 && c.fe >= 1, "H, dh, E and the expert size must be at least 1");
+    require(c.grad_accum >= 1 && c.steps >= 1, "steps and grad_accum must be at least 1");
+    for (const FlagBound& b : size_bounds(c))
+        require(b.value <= b.max, b.flag + std::string(" ") + std::to_string(b.value) + " is above its bound " +
+                                      std::to_string(b.max) + " (" + b.why + ")");
     require(c.d % c.n_head == 0, "d (" + std::to_string(c.d) + ") must be divisible by n_head (" +
                                      std::to_string(c.n_head) + ")");
     require(c.d_attn() % 2 == 0, "attention head size d/n_head = " + std::to_string(c.d_attn()) +
                                      " must be even (rotary embedding rotates pairs)");
     require(c.V >= 2 && c.V <= 65536, "vocabulary size V = " + std::to_string(c.V) +
                                           " must be in [2, 65536] (shards store uint16 tokens)");
-    require(c.H >= 1 && c.dh >= 1 && c.E >= 1 && c.fe >= 1, "H, dh, E and the expert size must be at least 1");
     require(c.k >= 2, "k = " + std::to_string(c.k) + ": at least 2 active experts are needed (k >= 2)");
     require(c.k <= c.E, "k = " + std::to_string(c.k) + " exceeds the number of experts E = " + std::to_string(c.E));
     if (c.ffn == FfnKind::MoE)
@@ -113,7 +218,12 @@ inline void validate(const Config& c, int world) {
     else
         require(c.E % world == 0, "Expert Parallel needs E % R == 0: E = " + std::to_string(c.E) +
                                       " experts cannot be split over R = " + std::to_string(world) + " ranks");
-    require(c.grad_accum >= 1 && c.steps >= 1, "steps and grad_accum must be at least 1");
+    for (const SizeProduct& p : size_products(c, world))
+        require(p.value <= kMaxIndex,
+                std::string(p.what) + " = " +
+                    (p.value == INT64_MAX ? std::string("more than 2^63") : std::to_string(p.value)) +
+                    " is above the bound 2^31 - 1 = " + std::to_string(kMaxIndex) +
+                    " (one buffer is indexed with int); lower " + p.flags);
     require(std::isfinite(c.lr) && c.lr >= 0, "learning rate must be a finite number >= 0");
     require(c.warmup >= 0, "warmup must be >= 0");
     require(c.lr_floor >= 0 && c.lr_floor <= 1, "lr_floor must be in [0, 1]");
@@ -134,6 +244,7 @@ struct Flag {
     enum Type { Int, Float, U64, Str, Bool } type;
     void* field;
     bool hp_only;  // latent-head flags mean nothing to the MoE baseline
+    bool empty_ok = false;  // Str: '' is a meaningful value (--log-file '': no log); else '' is refused
 };
 
 inline std::vector<Flag> flag_table(Config& c) {
@@ -167,8 +278,9 @@ inline std::vector<Flag> flag_table(Config& c) {
         {"device", "auto | cpu | gpu (auto: the GPU if one is present)", Flag::Str, &c.device, false},
         {"checkpoint", "checkpoint file, saved at the end and on Ctrl-C", Flag::Str, &c.checkpoint, false},
         {"checkpoint-every", "also save every N steps (0: never in between)", Flag::Int, &c.checkpoint_every, false},
-        {"resume", "resume training from this checkpoint", Flag::Str, &c.resume, false},
-        {"log-file", "also write step,loss,norm,val_loss,ms per step to this CSV file", Flag::Str, &c.log_file, false},
+        {"resume", "resume training from this checkpoint (leave out to start fresh)", Flag::Str, &c.resume, false},
+        {"log-file", "also write step,loss,norm,val_loss,ms per step to this CSV file (empty: no log)", Flag::Str,
+         &c.log_file, false, true},
         {"bench-layer", "1: time forward+backward of one FFN layer of this config (B·T tokens) and exit",
          Flag::Bool, &c.bench_layer, false},
     };
@@ -216,10 +328,17 @@ inline void set_flag(const Flag& f, const std::string& value) {
             return;
         }
         case Flag::Float: {
-            float v = std::strtof(value.c_str(), &end);
-            if (value.empty() || *end || errno || !std::isfinite(v))
+            // parsed as a double, so a value a float cannot hold gets a range message, not "not a number"
+            const double v = std::strtod(value.c_str(), &end);
+            const bool range = errno == ERANGE;  // beyond a double: huge (±HUGE_VAL) or tiny (about 0)
+            if (value.empty() || *end || (!std::isfinite(v) && !range))  // not a number, nan, inf
                 throw ConfigError(name + " expects a number, got '" + value + "'");
-            *static_cast<float*>(f.field) = v;
+            if ((range && std::fabs(v) >= 1) || std::fabs(v) > FLT_MAX)
+                throw ConfigError(name + " " + value + " is out of range: a float holds at most 3.4e38 in magnitude");
+            if ((range && std::fabs(v) < 1) || (v != 0 && std::fabs(v) < FLT_MIN))
+                throw ConfigError(name + " " + value + " is out of range: too small for a float (the smallest "
+                                  "is 1.2e-38); use 0 for none");
+            *static_cast<float*>(f.field) = static_cast<float>(v);
             return;
         }
         case Flag::U64: {
@@ -229,7 +348,13 @@ inline void set_flag(const Flag& f, const std::string& value) {
             *static_cast<uint64_t*>(f.field) = v;
             return;
         }
-        case Flag::Str: *static_cast<std::string*>(f.field) = value; return;
+        case Flag::Str:
+            // an empty value is most often an unset shell variable: for --checkpoint it would have meant
+            // the default path (and overwritten it), for --resume a silent fresh start
+            if (value.empty() && !f.empty_ok)
+                throw ConfigError(name + " needs a non-empty value, got '' (leave the flag out for its default)");
+            *static_cast<std::string*>(f.field) = value;
+            return;
         case Flag::Bool:
             if (value != "0" && value != "1") throw ConfigError(name + " expects 0 or 1, got '" + value + "'");
             *static_cast<bool*>(f.field) = value == "1";

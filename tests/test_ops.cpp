@@ -6,17 +6,22 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <numeric>
 #include <string>
 #include <vector>
+
+#include <unistd.h>
 
 #include "model/config.h"
 #include "model/params.h"
 #include "cpu/reference.h"
 #include "util/rng.h"
 #include "train/schedule.h"
+#include "train/memory_estimate.h"
 #include "tests/check.h"
 
 using lmoe::Config;
@@ -642,6 +647,128 @@ static void test_config() {
                   config_error(EP, {"--d-model", "128", "--preset", "small"}));
 }
 
+// Size bounds, flag values at the edges and the memory estimate (SPEC §8.5, §8.6).
+static void test_limits() {
+    const FfnKind HP = FfnKind::LatentMoE, EP = FfnKind::MoE;
+    // every size flag above its bound is refused by name, with the bound, in validate: before the
+    // parameter table or any buffer exists (--layers 2000000000 used to grow memory for ever)
+    struct Over { const char* flag; const char* value; const char* needle; bool hp_only; };
+    const Over over[] = {
+        {"--layers", "2000000000", "--layers 2000000000 is above its bound 1024", false},
+        {"--seq-len", "46341", "--seq-len 46341 is above its bound 46340", false},
+        {"--d-model", "16385", "--d-model 16385 is above its bound 16384", false},
+        {"--attn-heads", "8193", "--attn-heads 8193 is above its bound 8192", false},
+        {"--latent-heads", "1025", "--latent-heads 1025 is above its bound 1024", true},
+        {"--head-dim", "16385", "--head-dim 16385 is above its bound 16384", true},
+        {"--experts", "4097", "--experts 4097 is above its bound 4096", false},
+        {"--expert-dim", "65537", "--expert-dim 65537 is above its bound 65536", false},
+        {"--topk", "4097", "--topk 4097 is above its bound 4096", false},
+        {"--batch", "2147483647", "--batch 2147483647 is above its bound 1048576", false},
+        {"--grad-accum", "2147483647", "--grad-accum 2147483647 is above its bound 1048576", false},
+        {"--steps", "2000000000", "--steps 2000000000 is above its bound 1000000000", false},
+        {"--eval-batches", "2000000", "--eval-batches 2000000 is above its bound 1048576", false},
+    };
+    for (FfnKind ffn : {HP, EP})
+        for (const Over& o : over)
+            if (!o.hp_only || ffn == HP) CHECK_THROWS(parse_and_validate(ffn, {o.flag, o.value}), o.needle);
+    // products of bounded flags, in 64-bit: each names what overflows and what to lower
+    for (FfnKind ffn : {HP, EP}) {
+        CHECK_THROWS(parse_and_validate(ffn, {"--batch", "1", "--seq-len", "30000"}),
+                     "attention scores B·attn-heads·T·T = 3600000000 is above the bound 2^31 - 1");
+        // 16·32·2^20 = 2^29 tokens per step pass on one rank, and are 2^31 on four
+        CHECK_MSG(config_error(ffn, {"--grad-accum", "1048576"}) == "", config_error(ffn, {"--grad-accum", "1048576"}));
+        CHECK_THROWS(parse_and_validate(ffn, {"--grad-accum", "1048576"}, 4),
+                     "tokens per optimizer step B·T·grad-accum·R = 2147483648");
+        CHECK_THROWS(parse_and_validate(ffn, {"--batch", "1048576", "--seq-len", "46340"}), "lower --batch");
+        CHECK_THROWS(parse_and_validate(ffn, {"--vocab", "65536", "--d-model", "16384", "--batch", "1048576"}),
+                     "above the bound 2^31 - 1");
+    }
+    // the largest T passes where the rest is small: 46340² = 2147395600 < 2^31
+    CHECK_MSG(config_error(HP, {"--seq-len", "46340", "--batch", "1", "--attn-heads", "1"}) == "",
+              config_error(HP, {"--seq-len", "46340", "--batch", "1", "--attn-heads", "1"}));
+    CHECK_THROWS(parse_and_validate(HP, {"--latent-heads", "1024", "--experts", "4096", "--expert-dim", "65536"}),
+                 "one layer's expert weights H·E·fe·dh");
+    CHECK_THROWS(parse_and_validate(EP, {"--experts", "4096", "--expert-dim", "65536"}), "expert weights E·f·d");
+    {  // Expert Parallel keeps R·N·k rows at an owner: 8·16384·8·4096 > 2^31 on 8 ranks, not on one
+        const std::vector<std::string> f = {"--batch", "64", "--seq-len", "256", "--topk", "8", "--experts", "64",
+                                            "--d-model", "1024", "--expert-dim", "4096"};
+        CHECK_MSG(config_error(EP, f) == "", config_error(EP, f));
+        CHECK_THROWS(parse_and_validate(EP, f, 8), "expert rows R·B·T·k·max(d, f) = 4294967296");
+    }
+    CHECK(lmoe::mul_sat({1LL << 40, 1LL << 40, 3}) == INT64_MAX);
+    CHECK(lmoe::mul_sat({46340, 46340}) == 2147395600LL);
+
+    // float flags: a finite value a float cannot hold gets a range message, never "not a number"
+    for (const char* tiny : {"1e-50", "1e-400", "-1e-45"}) {
+        const std::string e = config_error(HP, {"--lr", tiny});
+        CHECK_MSG(e.find("out of range: too small for a float") != std::string::npos &&
+                      e.find("expects a number") == std::string::npos, e);
+    }
+    CHECK_THROWS(parse_and_validate(HP, {"--lr", "1e39"}), "--lr 1e39 is out of range: a float holds at most");
+    CHECK_THROWS(parse_and_validate(HP, {"--lr", "1e400"}), "--lr 1e400 is out of range");
+    CHECK_THROWS(parse_and_validate(HP, {"--lr", "inf"}), "--lr expects a number");
+    CHECK(parse_and_validate(HP, {"--lr", "1e-30"}).lr == 1e-30f);
+    CHECK(parse_and_validate(HP, {"--lr", "0"}).lr == 0.f);
+
+    // empty paths: --checkpoint '' used to mean the default (and overwrite it); --log-file '' is the
+    // documented "no log"
+    for (FfnKind ffn : {HP, EP}) {
+        CHECK_THROWS(parse_and_validate(ffn, {"--checkpoint", ""}), "--checkpoint needs a non-empty value");
+        CHECK_THROWS(parse_and_validate(ffn, {"--checkpoint="}), "--checkpoint needs a non-empty value");
+        CHECK_THROWS(parse_and_validate(ffn, {"--resume", ""}), "--resume needs a non-empty value");
+        CHECK_THROWS(parse_and_validate(ffn, {"--train-data", ""}), "--train-data needs a non-empty value");
+        Config c = parse_and_validate(ffn, {"--log-file", ""});
+        CHECK(c.log_file.empty() && c.checkpoint == lmoe::default_checkpoint(ffn));
+    }
+
+    // a data path with glob characters that names a file is taken literally; a pattern still expands
+    {
+        const std::string dir = "/tmp/lmoe_test_ops_glob_" + std::to_string(::getpid());
+        std::string cmd = "mkdir -p '" + dir + "'";
+        CHECK(std::system(cmd.c_str()) == 0);
+        for (const char* name : {"/a[1].bin", "/a1.bin", "/b*.bin"}) std::ofstream(dir + name) << "x";
+        std::vector<std::string> f = lmoe::glob_shards(dir + "/a[1].bin");
+        CHECK_MSG(f.size() == 1 && f[0] == dir + "/a[1].bin", "a[1].bin named literally");
+        f = lmoe::glob_shards(dir + "/a[0-9].bin");  // no such file: a pattern, matching a1.bin
+        CHECK_MSG(f.size() == 1 && f[0] == dir + "/a1.bin", "a[0-9].bin expanded");
+        f = lmoe::glob_shards(dir + "/b*.bin");
+        CHECK(f.size() == 1 && f[0] == dir + "/b*.bin");
+        f = lmoe::glob_shards(dir + "/a*.bin");
+        CHECK(f.size() == 2);
+        CHECK_THROWS(lmoe::glob_shards(dir + "/c[1].bin"), "no shard files match");
+        cmd = "rm -rf '" + dir + "'";
+        CHECK(std::system(cmd.c_str()) == 0);
+    }
+
+    // the memory estimate: tiny's is small and positive, p1's is GiBs; both exceed the parameters'
+    // own 16 bytes each (weights, gradients, two moments)
+    for (FfnKind ffn : {HP, EP}) {
+        Config tiny = parse_and_validate(ffn, {"--train-data", "/nonexistent", "--val-data", "/nonexistent"});
+        const lmoe::MemoryEstimate t = lmoe::cpu_memory_estimate(tiny);
+        const int64_t P = lmoe::build_param_layout(tiny).total;
+        CHECK_MSG(t.total() > 16 * P && t.total() < (1LL << 30), t.breakdown());
+        Config p1 = parse_and_validate(ffn, {"--preset", "p1", "--train-data", "/nonexistent"});
+        const lmoe::MemoryEstimate e = lmoe::cpu_memory_estimate(p1);
+        const int64_t P1 = lmoe::build_param_layout(p1).total;
+        CHECK_MSG(e.total() > 16 * P1 && e.total() > (8LL << 30) && e.total() < (1LL << 40), e.breakdown());
+        CHECK(lmoe::gpu_host_memory_estimate(p1, 1).total() > 12 * P1);
+        // over the machine: refused with the figure; under it: printed only
+        CHECK_THROWS(lmoe::check_memory(e, 1LL << 30, "host", "test", "use tiny", false),
+                     "needs about");
+        CHECK_THROWS(lmoe::check_memory(e, 1LL << 30, "host", "test", "use tiny", false), "GiB is available");
+        lmoe::check_memory(t, 1LL << 40, "host", "test", "use tiny", false);  // fits: no throw
+        // the CPU path refuses the GPU presets, naming the ones to use
+        CHECK_THROWS(lmoe::check_cpu_trainable(p1, false), "--device cpu trains tiny models: use --preset tiny or small");
+        lmoe::check_cpu_trainable(tiny, false);
+    }
+    // a parameter count past 2^31 per rank is refused (the flags pass their own bounds)
+    {
+        Config big = parse_and_validate(HP, {"--layers", "1024", "--d-model", "4096", "--attn-heads", "32"});
+        CHECK_THROWS(lmoe::checked_param_layout(big, 1), "parameters per rank, above the bound 2^31 - 1");
+    }
+    CHECK(lmoe::available_host_memory().bytes > 0);
+}
+
 // Runs one group of tests; an exception escaping it (a missing tensor name, say) is one failure, and
 // the other groups still run.
 static void run(const char* name, void (*test)()) {
@@ -661,5 +788,6 @@ int main() {
     run("lr_schedule", test_lr_schedule);
     run("params", test_params);
     run("config", test_config);
+    run("limits", test_limits);
     return check::summary();
 }

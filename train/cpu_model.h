@@ -64,7 +64,7 @@ class CpuModel {
     std::vector<int64_t> take_expert_counts() {
         return std::exchange(counts_, std::vector<int64_t>(counts_.size(), 0));
     }
-    bool any_rank_stopping(bool here) const { return here; }
+    std::pair<int, int> min_max_over_ranks(int here) const { return {here, here}; }  // one rank
 
     TrainingState state(int steps_done) const {
         return {steps_done, model_.params, m_, v_, model_.routing_bias};

@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "cpu/reference.h"
@@ -291,11 +292,12 @@ class GpuModel {
         return loss;
     }
 
-    // A signal may reach only some ranks: each stops when any of them was asked to.
-    bool any_rank_stopping(bool here) const {
-        int stop = here;
-        if (!comm.single()) MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &stop, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
-        return stop != 0;
+    // The least and the greatest `here` over all ranks, in one all-reduce: whether the ranks agree
+    // (the step each resumed), and on what (the signal that stops them).
+    std::pair<int, int> min_max_over_ranks(int here) const {
+        int v[2] = {-here, here};
+        if (!comm.single()) MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, v, 2, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
+        return {-v[0], v[1]};
     }
 
     // Model FLOPs utilisation per GPU against the H100's dense bf16 peak, for `tokens_per_second`

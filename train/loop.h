@@ -1,8 +1,9 @@
 // The training loop of both trainers, written once for the GPU model (train/gpu_model.cuh) and the
 // CPU reference (train/cpu_model.h), so the two paths cannot drift apart: the CPU run's loss curve is
-// what the GPU's should look like. Resume, steps with gradient accumulation, progress lines,
-// evaluation, checkpoints, Ctrl-C and the final summary; under mpirun every rank runs it, rank 0
-// alone prints and writes the log. Host-only: the model does all the arithmetic.
+// what the GPU's should look like. The output paths checked, resume, steps with gradient accumulation,
+// progress lines, evaluation, checkpoints (an emergency one when a step fails), signals and the final
+// summary; under mpirun every rank runs it, rank 0 alone prints and writes the log. Host-only: the
+// model does all the arithmetic.
 //
 // A Model, built as Model(config, extra constructor arguments...), provides:
 //
@@ -18,7 +19,7 @@
 //   void sync_gradients();                         // data parallel: the gradients of the global batch
 //   float or double optimizer_step(double lr, int step);  // clip, AdamW, bias update; the norm before clipping
 //   std::vector<int64_t> take_expert_counts();     // (L, heads here, E) routed slots of the step; resets them
-//   bool any_rank_stopping(bool here);             // true on every rank if `here` is true on any
+//   std::pair<int, int> min_max_over_ranks(int here);  // the least and the greatest `here` of all ranks
 //   TrainingState state(int steps_done) const;     // host copies for a checkpoint
 //   void load_state(const TrainingState&);
 //   GPU: double mfu_percent(double tokens_per_second) const;
@@ -30,14 +31,15 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <filesystem>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "io/dataloader.h"
 #include "model/config.h"
 #include "train/checkpoint.h"
+#include "train/output_paths.h"
 #include "train/schedule.h"
 #include "train/signals.h"
 #include "train/step_log.h"
@@ -58,13 +60,51 @@ double validation_loss(Model& model, DataLoader& val, int batches, int N) {
     return sum / batches;
 }
 
+// A non-finite loss or gradient norm: the weights are garbage, so no emergency checkpoint is saved.
+struct Diverged : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// Where a failed run saves its last completed step: beside the checkpoint, never over it.
+inline std::string emergency_path(const std::string& checkpoint) { return checkpoint + ".emergency"; }
+
+// Checks what the run will write (train/output_paths.h) against what it reads and creates the missing
+// folders, before the model takes any memory. Every rank checks every rank's file names, so on one
+// file system all ranks reach the same verdict and none is left waiting for the others.
+inline void check_run_paths(const Config& c, int world, const DataLoader& train, const DataLoader& val) {
+    std::vector<NamedPath> inputs, outputs;
+    for (const std::string& f : train.files()) inputs.push_back({"the train shard", f});
+    for (const std::string& f : val.files()) {
+        for (const std::string& t : train.files())
+            if (same_file(f, t))
+                throw ConfigError("the val shard " + f + " is also the train shard " + t +
+                                  ": a validation loss on training data says nothing; give --val-data held-out data");
+        inputs.push_back({"the val shard", f});
+    }
+    for (int r = 0; r < world; r++) {
+        outputs.push_back({"the checkpoint", rank_path(c.checkpoint, r, world)});
+        outputs.push_back({"the emergency checkpoint", rank_path(emergency_path(c.checkpoint), r, world)});
+    }
+    if (!c.log_file.empty()) {
+        outputs.push_back({"the log file", c.log_file});
+        // saving may replace the checkpoint resumed from, but the log must not
+        for (int r = 0; r < world && !c.resume.empty(); r++)
+            if (same_file(c.log_file, rank_path(c.resume, r, world)))
+                throw ConfigError("the log file " + c.log_file + " is the checkpoint to resume from");
+    }
+    check_outputs(outputs, inputs);
+    for (const NamedPath& out : outputs) make_parent_folder(out);
+}
+
 // Trains `c.steps` optimizer steps (from a checkpoint's step with --resume) as rank `rank` of
-// `world`. Returns 0 when done, 130 when a signal stopped it (after saving a checkpoint).
+// `world`. Returns 0 when done, 128 + the signal's number when a signal stopped it (after saving a
+// checkpoint). When a step fails it saves the last completed one to emergency_path and rethrows.
 template <class Model, class... ModelArgs>
 int training_loop(const Config& c, int rank, int world, const ModelArgs&... model_args) {
     const bool lead = rank == 0;
     // the data first: a bad file is reported before the model takes any memory
     DataLoader train(c.train_data, c.B, c.T, rank, world, c.V), val(c.val_data, c.B, c.T, rank, world, c.V);
+    check_run_paths(c, world, train, val);
     const double baseline = unigram_entropy_nats(read_shard(train.files()[0], c.V), c.V);
     const int eval_batches = (int)std::min<int64_t>(c.eval_batches, val.batches_in_current_shard());
     Model model(c, model_args...);
@@ -74,6 +114,11 @@ int training_loop(const Config& c, int rank, int world, const ModelArgs&... mode
     if (!c.resume.empty()) {  // continue exactly: weights, moments, biases, and the data position
         TrainingState s = load_checkpoint(rank_path(c.resume, rank, world), c, model.num_params(),
                                           model.num_routing_biases());
+        const auto [least, greatest] = model.min_max_over_ranks(s.step);
+        if (least != greatest)
+            throw std::runtime_error(c.resume + ".rank*: the ranks' checkpoints hold different steps (" +
+                                     std::to_string(least) + " to " + std::to_string(greatest) +
+                                     "), so they are not of one run; none trains");
         model.load_state(s);
         first_step = s.step;
         for (int64_t i = 0; i < (int64_t)first_step * c.grad_accum; i++) train.next_batch(x.data(), y.data());
@@ -84,10 +129,8 @@ int training_loop(const Config& c, int rank, int world, const ModelArgs&... mode
         model.print_banner(train, tokens_per_step);
         std::printf("unigram baseline (entropy of the train shard's token frequencies): %.4f nats\n", baseline);
     }
-    StepLog log(lead ? c.log_file : "", first_step > 0);
+    StepLog log(lead ? c.log_file : "", first_step);
     auto save = [&](int steps_done) {
-        std::filesystem::path dir = std::filesystem::path(c.checkpoint).parent_path();
-        if (!dir.empty()) std::filesystem::create_directories(dir);
         save_checkpoint(rank_path(c.checkpoint, rank, world), c, model.state(steps_done));
         if (lead)
             std::printf("saved checkpoint %s%s (step %d)\n", c.checkpoint.c_str(), world == 1 ? "" : ".rank*",
@@ -97,62 +140,86 @@ int training_loop(const Config& c, int rank, int world, const ModelArgs&... mode
     install_stop_handler();
     double last_val = NAN, first_loss = NAN, last_loss = NAN;
     std::vector<double> step_ms;
-    int step = first_step;
-    for (; step < c.steps; step++) {
-        if (model.any_rank_stopping(stop_requested != 0)) break;
-        Timer timer;
-        model.zero_grad();
-        typename Model::LossSum loss = 0;
-        for (int micro = 0; micro < c.grad_accum; micro++) {
-            train.next_batch(x.data(), y.data());
-            loss += model.train_micro_batch(x.data(), y.data()) / c.grad_accum;
-        }
-        model.sync_gradients();
-        const double lr = lr_at(step, c.steps, c.lr, c.warmup, c.lr_floor);
-        const auto norm = model.optimizer_step(lr, step);
-        const double ms = timer.ms();
-        if (!std::isfinite(loss) || !std::isfinite(norm))  // diverged: stop rather than train on garbage
-            throw std::runtime_error("step " + std::to_string(step + 1) + ": loss " + std::to_string(loss) +
-                                     ", gradient norm " + std::to_string(norm) +
-                                     " is not finite (learning rate too high?); the checkpoint was not overwritten");
-        if (step == first_step) first_loss = loss;
-        last_loss = loss;
-        if (step > first_step) step_ms.push_back(ms);  // the first step pays for warm-up
-        const bool last = step == c.steps - 1;
-        // taken every step, printed or not: each covers the step just done
-        const std::vector<int64_t> counts = model.take_expert_counts();
-        [[maybe_unused]] int64_t bytes = 0;
-        [[maybe_unused]] StepTimes times;
-        if constexpr (Model::kOnGpu) {
-            bytes = model.take_bytes_sent();
-            times = model.take_step_times();
-        }
-        if (lead && (step % c.log_every == 0 || last)) {
-            const double tok_s = tokens_per_step / (ms / 1000);
-            std::printf("step %5d/%d | loss %.6f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s", step + 1, c.steps,
-                        loss, lr, norm, ms, tok_s);
-            if constexpr (Model::kOnGpu) {
-                std::printf(" | MFU %.1f%%", model.mfu_percent(tok_s));
-                if (world > 1)
-                    std::printf(" | sent %.1f MiB (SPEC §3: %.1f)", bytes / 1048576.0,
-                                model.predicted_bytes_per_step() / 1048576.0);
+    int step = first_step, stop = 0;
+    int done = first_step;  // the steps the model's weights hold: what an emergency checkpoint saves
+    try {
+        for (; step < c.steps; step++) {
+            // a signal may reach only some ranks: all stop, with the same status
+            if ((stop = model.min_max_over_ranks(stop_signal).second) != 0) break;
+            Timer timer;
+            model.zero_grad();
+            typename Model::LossSum loss = 0;
+            for (int micro = 0; micro < c.grad_accum; micro++) {
+                train.next_batch(x.data(), y.data());
+                loss += model.train_micro_batch(x.data(), y.data()) / c.grad_accum;
             }
-            std::printf("\n");
-            if constexpr (Model::kOnGpu) print_time_breakdown(times, ms);
-            print_loads(counts, c.L, c.E);
+            model.sync_gradients();
+            const double lr = lr_at(step, c.steps, c.lr, c.warmup, c.lr_floor);
+            const auto norm = model.optimizer_step(lr, step);
+            const double ms = timer.ms();
+            if (!std::isfinite(loss) || !std::isfinite(norm))  // diverged: stop rather than train on garbage
+                throw Diverged("step " + std::to_string(step + 1) + ": loss " + std::to_string(loss) +
+                               ", gradient norm " + std::to_string(norm) +
+                               " is not finite (learning rate too high?); the checkpoint was not overwritten");
+            done = step + 1;
+            if (step == first_step) first_loss = loss;
+            last_loss = loss;
+            if (step > first_step) step_ms.push_back(ms);  // the first step pays for warm-up
+            const bool last = step == c.steps - 1;
+            // taken every step, printed or not: each covers the step just done
+            const std::vector<int64_t> counts = model.take_expert_counts();
+            [[maybe_unused]] int64_t bytes = 0;
+            [[maybe_unused]] StepTimes times;
+            if constexpr (Model::kOnGpu) {
+                bytes = model.take_bytes_sent();
+                times = model.take_step_times();
+            }
+            if (lead && (step % c.log_every == 0 || last)) {
+                const double tok_s = tokens_per_step / (ms / 1000);
+                std::printf("step %5d/%d | loss %.6f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s", step + 1,
+                            c.steps, loss, lr, norm, ms, tok_s);
+                if constexpr (Model::kOnGpu) {
+                    std::printf(" | MFU %.1f%%", model.mfu_percent(tok_s));
+                    if (world > 1)
+                        std::printf(" | sent %.1f MiB (SPEC §3: %.1f)", bytes / 1048576.0,
+                                    model.predicted_bytes_per_step() / 1048576.0);
+                }
+                std::printf("\n");
+                if constexpr (Model::kOnGpu) print_time_breakdown(times, ms);
+                print_loads(counts, c.L, c.E);
+            }
+            if ((c.eval_every > 0 && (step + 1) % c.eval_every == 0) || last) {
+                last_val = validation_loss(model, val, eval_batches, N);
+                if (lead)
+                    std::printf("step %5d | val loss %.4f (unigram baseline %.4f)\n", step + 1, last_val, baseline);
+            }
+            log.row(step + 1, loss, norm, last ? last_val : NAN, ms);
+            if (c.checkpoint_every > 0 && (step + 1) % c.checkpoint_every == 0 && !last) save(step + 1);
+            std::fflush(stdout);  // may fail on a closed pipe: the run goes on (SIGPIPE is ignored)
         }
-        if ((c.eval_every > 0 && (step + 1) % c.eval_every == 0) || last) {
-            last_val = validation_loss(model, val, eval_batches, N);
-            if (lead) std::printf("step %5d | val loss %.4f (unigram baseline %.4f)\n", step + 1, last_val, baseline);
+        log.close();
+        save(step);
+    } catch (const Diverged&) {
+        throw;
+    } catch (const std::exception& failure) {
+        // the step failed, not the weights: keep the last completed step, beside the last good checkpoint
+        if (done == first_step) throw;  // nothing done since the start or the checkpoint resumed from
+        const std::string path = rank_path(emergency_path(c.checkpoint), rank, world);
+        try {
+            save_checkpoint(path, c, model.state(done));
+        } catch (const std::exception& also) {
+            throw std::runtime_error(std::string(failure.what()) +
+                                     "; and saving the emergency checkpoint failed too: " + also.what());
         }
-        log.row(step + 1, loss, norm, last ? last_val : NAN, ms);
-        if (c.checkpoint_every > 0 && (step + 1) % c.checkpoint_every == 0 && !last) save(step + 1);
-        std::fflush(stdout);
+        std::fprintf(stderr, "saved an emergency checkpoint of step %d to %s: resume with --resume %s\n", done,
+                     path.c_str(), emergency_path(c.checkpoint).c_str());
+        throw;
     }
-    save(step);
-    if (step < c.steps) {
-        if (lead) std::printf("interrupted after step %d: resume with --resume %s\n", step, c.checkpoint.c_str());
-        return 130;
+    if (stop) {
+        if (lead)
+            std::printf("interrupted after step %d by %s: resume with --resume %s\n", step, signal_name(stop),
+                        c.checkpoint.c_str());
+        return 128 + stop;
     }
     std::sort(step_ms.begin(), step_ms.end());
     const double median_ms = step_ms.empty() ? NAN : step_ms[step_ms.size() / 2];

@@ -8,14 +8,18 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <new>
+#include <stdexcept>
 #include <string>
 
 #include "model/config.h"
 #include "parallel/comm.cuh"
 #include "train/cpu_model.h"
+#include "train/gpu_memory.cuh"
 #include "train/gpu_model.cuh"
 #include "train/layer_bench.cuh"
 #include "train/loop.h"
+#include "train/memory_estimate.h"
 
 namespace lmoe {
 
@@ -51,17 +55,32 @@ int run_trainer(int argc, char** argv, const Comm& comm) {
     const bool on_gpu = c.device != "cpu" && gpus > 0;
     if (!comm.single() && !on_gpu) throw ConfigError("several ranks need the GPU path (one GPU per rank)");
     if (lead) print_config(c);
+    const char* smaller = "use a smaller --batch, --seq-len, --layers or --preset";
     if (on_gpu) {
         Ffn::check_supported(c);
         if (c.bench_layer) {
             if (!comm.single()) throw ConfigError("--bench-layer runs on one GPU; start it without mpirun");
             return bench_ffn_layer<Ffn>(c);
         }
+        // before the model takes anything: the device memory against what the GPU has free (the CUDA
+        // context already made), and the host memory the checkpoints and data need
+        size_t free_bytes = 0, total_bytes = 0;
+        CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+        check_memory(gpu_memory_estimate(c, comm.world), (int64_t)free_bytes,
+                     comm.single() ? "GPU" : "GPU of each rank", "free on the device (cudaMemGetInfo)",
+                     comm.single() ? smaller : "use more GPUs or a smaller configuration", lead);
+        const HostMemory host = available_host_memory();
+        check_memory(gpu_host_memory_estimate(c, comm.world), host.bytes, "host", host.limit, smaller, lead);
         return training_loop<GpuModel<Ffn>>(c, comm.rank, comm.world, comm);
     }
     if (c.bench_layer) throw ConfigError("--bench-layer needs a GPU");
+    check_cpu_trainable(c, c.device != "cpu");
     std::printf("%s: training the CPU reference model (slow; tiny models only)\n",
                 gpus == 0 ? "no GPU found" : "--device cpu");
+    const HostMemory host = available_host_memory();
+    check_memory(cpu_memory_estimate(c), host.bytes, "host", host.limit,
+                 "--device cpu trains tiny models: use --preset tiny or small, or a smaller --batch or --seq-len",
+                 true);
     return training_loop<CpuModel>(c, 0, 1);
 }
 
@@ -77,6 +96,14 @@ int trainer_main(int argc, char** argv) {
     } catch (const ConfigError& e) {
         if (comm.rank == 0) std::fprintf(stderr, "%s: error: %s\n", argv[0], e.what());
         status = 2;
+    } catch (const std::bad_alloc&) {  // the estimate checked at start-up fell short: say so plainly
+        std::fprintf(stderr, "%s: error: out of host memory (std::bad_alloc) although the start-up estimate fitted; "
+                     "use a smaller --batch, --seq-len or --layers\n", argv[0]);
+        status = 1;
+    } catch (const std::length_error& e) {
+        std::fprintf(stderr, "%s: error: a buffer too large for this machine (%s); use a smaller configuration\n",
+                     argv[0], e.what());
+        status = 1;
     } catch (const std::exception& e) {
         std::fprintf(stderr, "%s: error%s: %s\n", argv[0],
                      comm.single() ? "" : (" on rank " + std::to_string(comm.rank)).c_str(), e.what());

@@ -2,12 +2,18 @@
 // line (SPEC §2.3 asks that imbalance be visible), the GPU's time breakdown (SPEC §3), and the
 // --log-file CSV that scripts and tests read back. Host-only, so the CPU reference path shares it.
 #pragma once
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
-#include <filesystem>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace lmoe {
@@ -47,24 +53,82 @@ inline void print_time_breakdown(const StepTimes& t, double ms) {
 }
 
 // The --log-file CSV, one row per step: step,loss,norm,val_loss,ms (val_loss on the last step only,
-// NaN elsewhere). Appends when a run resumes. A closed log (no file asked for) ignores rows.
+// NaN elsewhere). Every row is flushed as it is written, so a killed run keeps each step it finished,
+// and a failed write (a full disk) throws rather than ending with an empty log. A run resumed at step S
+// first cuts the log back to its rows of steps <= S (the later ones are of steps the checkpoint does
+// not hold, the last may be half written), then appends. A closed log (no file asked for) ignores rows.
 class StepLog {
   public:
-    StepLog(const std::string& path, bool resumed) {
+    StepLog(const std::string& path, int resumed_step) : path_(path) {
         if (path.empty()) return;
-        const std::filesystem::path dir = std::filesystem::path(path).parent_path();
-        if (!dir.empty()) std::filesystem::create_directories(dir);
-        file_ = std::fopen(path.c_str(), resumed ? "a" : "w");
-        if (!file_) throw std::runtime_error(path + ": cannot write the log file");
+        if (resumed_step > 0) cut_back(resumed_step);
+        file_ = std::fopen(path.c_str(), resumed_step > 0 ? "a" : "w");
+        if (!file_) fail("cannot open the log file");
     }
     ~StepLog() { if (file_) std::fclose(file_); }
     StepLog(const StepLog&) = delete;
     StepLog& operator=(const StepLog&) = delete;
+
     void row(int step, double loss, double norm, double val_loss, double ms) {
-        if (file_) std::fprintf(file_, "%d,%.9g,%.9g,%.9g,%.3f\n", step, loss, norm, val_loss, ms);
+        if (file_ && (std::fprintf(file_, "%d,%.9g,%.9g,%.9g,%.3f\n", step, loss, norm, val_loss, ms) < 0 ||
+                      std::fflush(file_) != 0))
+            fail("writing the log failed");
+    }
+    // At the end of the run: a write error may surface only when the file is closed (NFS).
+    void close() {
+        if (file_ && std::fclose(std::exchange(file_, nullptr)) != 0) fail("writing the log failed");
     }
 
   private:
+    [[noreturn]] void fail(const std::string& what) const {
+        throw std::runtime_error(path_ + ": " + what + ": " + std::strerror(errno));
+    }
+
+    // Keeps the whole lines whose step is <= `step`, through a temporary file renamed over the log, so
+    // a crash meanwhile leaves the old log or the new one, never a mix. No log yet: nothing to cut.
+    void cut_back(int step) {
+        std::FILE* in = std::fopen(path_.c_str(), "rb");
+        if (!in) {
+            if (errno == ENOENT) return;
+            fail("cannot read the log file to cut it back to step " + std::to_string(step));
+        }
+        std::string kept, line;
+        for (int ch; (ch = std::fgetc(in)) != EOF;) {
+            line += (char)ch;
+            if (ch != '\n') continue;
+            char* end = nullptr;
+            const long row_step = std::strtol(line.c_str(), &end, 10);
+            if (end != line.c_str() && *end == ',' && row_step <= step) kept += line;
+            line.clear();
+        }
+        const bool read_failed = std::ferror(in) != 0;
+        std::fclose(in);
+        if (read_failed) fail("reading the log file failed");
+        std::string tmp = path_ + ".XXXXXX";
+        const int fd = mkstemp(tmp.data());
+        if (fd < 0) fail("cannot create a temporary file next to the log");
+        struct stat st;
+        if (stat(path_.c_str(), &st) == 0) fchmod(fd, st.st_mode & 07777);  // mkstemp's file is 0600
+        std::FILE* out = fdopen(fd, "wb");
+        bool ok = out && std::fwrite(kept.data(), 1, kept.size(), out) == kept.size() && std::fflush(out) == 0 &&
+                  fsync(fd) == 0;
+        int error = errno;
+        if (out ? std::fclose(out) != 0 : ::close(fd) != 0) {
+            if (ok) error = errno;
+            ok = false;
+        }
+        if (ok && std::rename(tmp.c_str(), path_.c_str()) != 0) {
+            error = errno;
+            ok = false;
+        }
+        if (!ok) {
+            std::remove(tmp.c_str());
+            errno = error;
+            fail("cutting the log back to step " + std::to_string(step) + " failed");
+        }
+    }
+
+    std::string path_;
     std::FILE* file_ = nullptr;
 };
 
