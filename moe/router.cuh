@@ -72,6 +72,7 @@ __global__ void router_forward_kernel(int* sel, float* gate, const floatX* x, in
             int e = lane + 32 * q;
             if (e >= E || (taken >> q & 1u)) continue;
             float score = s[q] + bh[e];
+            if (score != score) score = -INFINITY;  // NaN (diverged weights) ranks last: every lane still picks a real expert
             if (best_e == INT_MAX || score > best) {
                 best = score;
                 best_e = e;
