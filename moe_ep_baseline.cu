@@ -48,6 +48,7 @@ class MoeFfn {
         return 4.0 * N * c.k * c.d * (world - 1) / world * sizeof(floatX);
     }
 
+    // Every device buffer allocated here has its term in train/gpu_memory.cuh (the start-up estimate).
     MoeFfn(const Config& c, int N, int world)
         : c_(c), N_(N), copies_((int64_t)N * c.k), plans_(RoutingPlans::routed(c.L, N, 1, c.E, c.k)) {
         if (world > 1) exchange_ = std::make_unique<ExpertExchange>(c.L, N, c.E, c.k, c.d, world);

@@ -50,6 +50,7 @@ class LatentMoeFfn {
         return 4.0 * N * c.H * c.dh * (world - 1) / world * sizeof(floatX);
     }
 
+    // Every device buffer allocated here has its term in train/gpu_memory.cuh (the start-up estimate).
     LatentMoeFfn(const Config& c, int N, int world)
         : c_(c), N_(N), HD_(c.H * c.dh), world_(world), Hl_(c.H / world), M_(world * N), ldU_(c.H / world * c.dh),
           copies_((int64_t)c.H * N * c.k), plans_(RoutingPlans::routed(c.L, world * N, c.H / world, c.E, c.k)) {

@@ -7,9 +7,7 @@
 //
 // How close: the buffers are counted exactly; what is not counted is cudaMalloc's rounding (up to
 // 2 MiB per buffer, ~60 buffers), cuBLAS's workspace and NCCL's buffers, for which a fixed 256 MiB is
-// added. Measured on an H200 (cudaMemGetInfo before the model and after its first step, one GPU,
-// bf16, 2026-12-01): estimate / used, GiB: HP small 1.85 / 1.68, p1 20.96 / 20.78, p2 22.82 / 22.64;
-// EP small 1.83 / 1.65, p1 21.57 / 21.40, p2 23.35 / 23.18: within 1% for p1 and p2, 11% high for small.
+// added, so the estimate errs high (docs/perf/single_gpu.md compares it with what a run used).
 #pragma once
 #include <cstdint>
 

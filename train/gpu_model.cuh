@@ -81,6 +81,7 @@ class GpuModel {
     // sync_gradients sums the counts where loads are not global, optimizer_step updates the biases.
     LoadBalance balance;  // (L, heads, E)
 
+    // Every device buffer allocated here has its term in train/gpu_memory.cuh (the start-up estimate).
     GpuModel(const Config& c, const Comm& comm_)
         : cfg(c), comm(comm_), N(c.B * c.T), heads(Ffn::local_heads(c, comm_.world)),
           layout(build_param_layout(c, comm_.rank, comm_.world)), balance(c.L, heads, c.E),
