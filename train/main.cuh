@@ -41,6 +41,27 @@ inline bool launched_by_mpi() {
     return false;
 }
 
+// Runs a check whose verdict may differ between ranks (free memory does), then tells every rank
+// whether any failed, so that none is left waiting in a collective for one that stopped. A failing
+// rank other than 0 reports its own reason (trainer_main prints rank 0's).
+template <class Check>
+void check_on_every_rank(const Comm& comm, Check&& check) {
+    std::string why;
+    try {
+        check();
+    } catch (const ConfigError& e) {
+        why = e.what();
+    }
+    int failed = !why.empty();
+    if (comm.single()) {
+        if (failed) throw ConfigError(why);
+        return;
+    }
+    MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
+    if (!why.empty() && comm.rank != 0) std::fprintf(stderr, "rank %d: error: %s\n", comm.rank, why.c_str());
+    if (failed) throw ConfigError(why.empty() ? "another rank's start-up check failed (its message is above)" : why);
+}
+
 template <class Ffn>
 int run_trainer(int argc, char** argv, const Comm& comm) {
     Config c;
@@ -64,13 +85,15 @@ int run_trainer(int argc, char** argv, const Comm& comm) {
         }
         // before the model takes anything: the device memory against what the GPU has free (the CUDA
         // context already made), and the host memory the checkpoints and data need
-        size_t free_bytes = 0, total_bytes = 0;
-        CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
-        check_memory(gpu_memory_estimate(c, comm.world), (int64_t)free_bytes,
-                     comm.single() ? "GPU" : "GPU of each rank", "free on the device (cudaMemGetInfo)",
-                     comm.single() ? smaller : "use more GPUs or a smaller configuration", lead);
-        const HostMemory host = available_host_memory();
-        check_memory(gpu_host_memory_estimate(c, comm.world), host.bytes, "host", host.limit, smaller, lead);
+        check_on_every_rank(comm, [&] {
+            size_t free_bytes = 0, total_bytes = 0;
+            CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+            check_memory(gpu_memory_estimate(c, comm.world), (int64_t)free_bytes,
+                         comm.single() ? "GPU" : "GPU of each rank", "free on the device (cudaMemGetInfo)",
+                         comm.single() ? smaller : "use more GPUs or a smaller configuration", lead);
+            const HostMemory host = available_host_memory();
+            check_memory(gpu_host_memory_estimate(c, comm.world), host.bytes, "host", host.limit, smaller, lead);
+        });
         return training_loop<GpuModel<Ffn>>(c, comm.rank, comm.world, comm);
     }
     if (c.bench_layer) throw ConfigError("--bench-layer needs a GPU");
