@@ -1,9 +1,11 @@
 // AdamW on fp32 master weights (SPEC §2.4), writing the floatX working copy the kernels read as it goes.
+// One launch updates every tensor of the flat parameter buffer (each with its own weight decay).
 // Purely elementwise, so it is deterministic whatever the grid; it is bound by memory traffic
 // (in bf16: 16 bytes read and 14 written per parameter).
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "util/cuda_utils.cuh"
 
@@ -39,9 +41,9 @@ bool aligned_for(const void* p, size_t element_size) {
 //   m = β1 m + (1−β1) g;  v = β2 v + (1−β2) g²;  θ −= lr · ( m̂ / (√v̂ + ε) + wd·θ ),
 //   m̂ = m / (1−β1^t), v̂ = v / (1−β2^t);  param = floatX(θ).   As ref::adamw_update, in fp32.
 struct AdamWStep {
-    float lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2;
+    float lr, beta1, beta2, eps, bias_correction1, bias_correction2;
 
-    __device__ void operator()(float& theta, float& m, float& v, float g) const {
+    __device__ void operator()(float& theta, float& m, float& v, float g, float weight_decay) const {
         m = beta1 * m + (1.f - beta1) * g;
         v = beta2 * v + (1.f - beta2) * g * g;
         const float mhat = m / bias_correction1, vhat = v / bias_correction2;
@@ -49,12 +51,52 @@ struct AdamWStep {
     }
 };
 
+// The weight decay of each element of a flat buffer that holds many tensors: elements
+// [end[j−1], end[j]) take weight_decay[j] (end[−1] = 0). One segment per tensor lets one launch
+// update every tensor of the model, however many there are.
+struct DecaySegments {
+    const int64_t* end;         // (count,) device, increasing; the last is the buffer's length
+    const float* weight_decay;  // (count,) device
+    int count;
+};
+
+// The device copy of a decay table, built once.
+class DecayTable {
+  public:
+    DecayTable(const std::vector<int64_t>& end, const std::vector<float>& weight_decay) {
+        end_.upload(end);
+        weight_decay_.upload(weight_decay);
+    }
+    DecaySegments segments() const { return {end_.get(), weight_decay_.get(), (int)end_.size()}; }
+
+  private:
+    DeviceBuffer<int64_t> end_;
+    DeviceBuffer<float> weight_decay_;
+};
+
+namespace adamw_detail {
+
+// The segment of element e: the first j with end[j] > e (binary search; the table is tiny and stays
+// in cache).
+__device__ inline int segment_of(const DecaySegments& s, int64_t e) {
+    int lo = 0, hi = s.count - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (__ldg(s.end + mid) > e) hi = mid;
+        else lo = mid + 1;
+    }
+    return lo;
+}
+
+}  // namespace adamw_detail
+
 // Grid-stride over n elements, W at a time (W = 4: 16-byte loads of master, m, v, grad); the n % W
-// elements left over go to the first threads of the grid.
+// elements left over go to the first threads of the grid. A group of W may straddle two segments,
+// so each element looks up its own decay, walking on from the first element's segment.
 template <int W>
 __global__ void __launch_bounds__(adamw_detail::kThreads)
     adamw_kernel(float* master, floatX* param, float* m, float* v, const float* grad, int64_t n, AdamWStep step,
-                 const float* grad_scale) {
+                 DecaySegments decay, const float* grad_scale) {
     using adamw_detail::Vec;
     const float scale = *grad_scale;
     const int64_t n_vec = n / W, stride = (int64_t)gridDim.x * blockDim.x;
@@ -64,8 +106,10 @@ __global__ void __launch_bounds__(adamw_detail::kThreads)
                       vv = reinterpret_cast<Vec<float, W>*>(v)[i],
                       g = reinterpret_cast<const Vec<float, W>*>(grad)[i];
         Vec<floatX, W> p;
+        int j = adamw_detail::segment_of(decay, i * W);
         for (int k = 0; k < W; k++) {
-            step(th.v[k], mm.v[k], vv.v[k], g.v[k] * scale);
+            while (i * W + k >= __ldg(decay.end + j)) j++;
+            step(th.v[k], mm.v[k], vv.v[k], g.v[k] * scale, __ldg(decay.weight_decay + j));
             p.v[k] = from_float<floatX>(th.v[k]);
         }
         reinterpret_cast<Vec<float, W>*>(master)[i] = th;
@@ -75,28 +119,28 @@ __global__ void __launch_bounds__(adamw_detail::kThreads)
     }
     const int64_t i = n_vec * W + tid;
     if (i < n) {
-        step(master[i], m[i], v[i], grad[i] * scale);
+        step(master[i], m[i], v[i], grad[i] * scale, __ldg(decay.weight_decay + adamw_detail::segment_of(decay, i)));
         param[i] = from_float<floatX>(master[i]);
     }
 }
 
 // master, m, v, grad: (n,) fp32; param: (n,) floatX, written from the new master.
-// bias_correction1/2 = 1 − β1^t, 1 − β2^t for the 1-based step t; grad_scale: device pointer to the
-// factor every gradient is multiplied by (the clip scale). Any alignment works; 16-byte aligned
-// buffers get vectorised accesses.
+// bias_correction1/2 = 1 − β1^t, 1 − β2^t for the 1-based step t; decay: the weight decay of every
+// element (its last end is n); grad_scale: device pointer to the factor every gradient is multiplied
+// by (the clip scale). Any alignment works; 16-byte aligned buffers get vectorised accesses.
 inline void adamw_update(float* master, floatX* param, float* m, float* v, const float* grad, int64_t n, float lr,
-                         float beta1, float beta2, float eps, float weight_decay, float bias_correction1,
+                         float beta1, float beta2, float eps, DecaySegments decay, float bias_correction1,
                          float bias_correction2, const float* grad_scale, cudaStream_t stream) {
     using namespace adamw_detail;
     if (n == 0) return;
-    const AdamWStep step{lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2};
+    const AdamWStep step{lr, beta1, beta2, eps, bias_correction1, bias_correction2};
     const bool vectorised = aligned_for<4>(master, 4) && aligned_for<4>(m, 4) && aligned_for<4>(v, 4) &&
                             aligned_for<4>(grad, 4) && aligned_for<4>(param, sizeof(floatX));
     if (vectorised)
         adamw_kernel<4><<<grid_stride_blocks(n / 4), kThreads, 0, stream>>>(master, param, m, v, grad, n, step,
-                                                                            grad_scale);
+                                                                            decay, grad_scale);
     else
-        adamw_kernel<1><<<grid_stride_blocks(n), kThreads, 0, stream>>>(master, param, m, v, grad, n, step,
+        adamw_kernel<1><<<grid_stride_blocks(n), kThreads, 0, stream>>>(master, param, m, v, grad, n, step, decay,
                                                                         grad_scale);
     CUDA_CHECK_LAUNCH();
 }

@@ -1,291 +1,531 @@
-// Causal multi-head attention (SPEC §2), forward and backward, with the softmax materialised:
-//   S = Q K^T          (per batch row b and head h, a (T, T) matrix)     cuBLAS strided-batched GEMM
-//   P = causal_softmax(S / √da)   (s > t masked to 0; fp32 max and sum)  causal_softmax_forward_kernel
-//   O = P V                                                              cuBLAS strided-batched GEMM
-// Backward:
-//   dV = P^T dO,  dP = dO V^T                                            cuBLAS
-//   dS = P ⊙ (dP − rowsum(P ⊙ dP)) / √da   (causal)                      causal_softmax_backward_kernel
-//   dQ = dS K,    dK = dS^T Q                                            cuBLAS
-// This is llm.c's (non-cuDNN) attention: simple and exact, but it writes the (T, T) scores and
-// probabilities to global memory and the GEMMs compute the masked upper triangle too, so it costs
-// O(B·nh·T²) memory traffic where a fused flash-attention kernel would cost O(B·nh·T·da).
+// Causal multi-head attention (SPEC §2), forward and backward, as flash attention: no (T, T) matrix
+// is ever stored. Per batch row b and head h, with scale c = 1/√da and queries t, keys s ≤ t:
+//   S[t, s] = c · q_t · k_s,   P[t, s] = exp(S[t, s] − lse_t),   lse_t = log Σ_{s≤t} exp S[t, s]
+//   o_t     = Σ_{s≤t} P[t, s] v_s
+// The forward walks the key blocks of a block of queries with an online softmax (a running maximum
+// m and sum ℓ per row; each new maximum rescales what is accumulated), and keeps only lse per row.
+// The backward recomputes P from q, k and lse:
+//   δ_t = do_t · o_t                                 (attention_delta_kernel)
+//   dP[t, s] = do_t · v_s,   dS[t, s] = P[t, s] (dP[t, s] − δ_t)
+//   dv_s = Σ_{t≥s} P[t, s] do_t,   dk_s = c Σ_{t≥s} dS[t, s] q_t     one block per key block
+//   dq_t = c Σ_{s≤t} dS[t, s] k_s                                    one block per query block
+// Each output row is owned by one block that sums over its partner rows in a fixed order: no
+// atomics, bitwise reproducible. The price is that S and dP are computed twice in the backward
+// (seven (T × T × da) products instead of five), which costs less than the (T, T) traffic it saves.
 //
-// Precision: the scores S and dP are GEMM outputs in fp32 (bf16 scores would put an error of up to
-// |S|/256 into each exponent); the probabilities P and dS are floatX, because they are inputs of the
-// next GEMMs (bf16 probabilities are also what llm.c keeps); all sums are fp32.
+// Inside the kernels the softmax works in base 2 (exp2 is one instruction): S and lse are kept
+// multiplied by log2(e), so lse[b, h, t] as stored is log2 Σ exp2(log2(e) · S).
 //
-// Layouts. Input qkv: (B, T, 3·C) floatX with C = nh·da, each row [q | k | v], head h at column h·da
-// of each part, already rotated by the rotary embedding. The batched GEMMs want each head's rows
-// contiguous, so the forward permutes qkv into qkvr: (3, B, nh, T, da) = q, k, v one after another
-// (kept for the backward, as is probs). Requires da % 8 == 0 (the permutes move 16 bytes at a time).
-//
-// Both passes take one scratch buffer of attention_scratch_bytes(): it holds nothing between calls,
-// so one buffer can serve every layer. All GEMMs go through the caller's cuBLAS handle (see
-// dense/matmul.cuh for its determinism notes); the two kernels here reduce in a fixed order (warp
-// butterflies), so the whole attention is bitwise reproducible run to run.
+// Two implementations of the same arithmetic:
+//   bf16 (the default build): tensor cores (mma.sync m16n8k16, tc/warp_tile.cuh) on 64-row tiles in
+//     shared memory, filled by cp.async one key (or query) block ahead. P and dS are rounded to bf16
+//     as the A operands of the next product, straight from the accumulators (they never leave
+//     registers); every sum is fp32.
+//   fp32 (the LMOE_FP32 check build): one thread per query (or key) row, plain fp32 loops, so that
+//     the whole model can be checked tightly against the CPU reference.
+// Both read q, k, v in place from the (B, T, 3·C) qkv rows and write (B, T, C) and (B, T, 3·C) rows:
+// no permutes. Head sizes 16, 32, 64 and 128 (attention_head_size_supported).
 #pragma once
 #include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <type_traits>
 
+#include "tc/warp_tile.cuh"
 #include "util/cuda_utils.cuh"
 
 namespace lmoe {
 
+inline bool attention_head_size_supported(int da) { return da == 16 || da == 32 || da == 64 || da == 128; }
+
 namespace attention_detail {
 
-constexpr int kRowsPerBlock = 8;             // softmax kernels: one warp per (b, h, t) row
+constexpr float kLog2e = 1.4426950408889634f;
 
-__device__ inline float warp_max(float v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset));
-    return v;
-}
-__device__ inline float warp_sum(float v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
-    return v;
-}
-
-inline size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
-
-// The scratch regions of one pass, carved from the caller's buffer at 256-byte boundaries.
-struct Scratch {
-    float* scores;   // (B, nh, T, T) fp32: S in the forward, dP in the backward
-    floatX* dS;      // (B, nh, T, T) floatX: backward only
-    floatX* heads;   // (B, nh, T, da) floatX: O in the forward, dO in the backward
-    floatX* dqkvr;   // (3, B, nh, T, da) floatX: dQ, dK, dV, backward only
-    size_t bytes;    // total size
-};
-
-inline Scratch carve_scratch(void* base, int B, int T, int nh, int da) {
-    const size_t square = (size_t)B * nh * T * T, heads = (size_t)B * nh * T * da;
-    char* p = static_cast<char*>(base);
-    Scratch s;
-    size_t offset = 0;
-    s.scores = reinterpret_cast<float*>(p + offset);
-    offset += align256(square * sizeof(float));
-    s.dS = reinterpret_cast<floatX*>(p + offset);
-    offset += align256(square * sizeof(floatX));
-    s.heads = reinterpret_cast<floatX*>(p + offset);
-    offset += align256(heads * sizeof(floatX));
-    s.dqkvr = reinterpret_cast<floatX*>(p + offset);
-    offset += align256(3 * heads * sizeof(floatX));
-    s.bytes = offset;
-    return s;
-}
-
-inline void check_head_size(int da) {
-    if (da % 8 != 0) {  // covers kPack (8 in bf16, 4 in fp32)
-        std::fprintf(stderr, "attention: head size d_attn = %d is not a multiple of 8\n", da);
-        std::exit(1);
+// Calls body(std::integral_constant<int, D>) for the supported head size D == da.
+template <class Body>
+void with_head_size(int da, Body body) {
+    switch (da) {
+        case 16: body(std::integral_constant<int, 16>()); break;
+        case 32: body(std::integral_constant<int, 32>()); break;
+        case 64: body(std::integral_constant<int, 64>()); break;
+        case 128: body(std::integral_constant<int, 128>()); break;
+        default:
+            std::fprintf(stderr, "attention: head size %d is not supported (16, 32, 64 or 128)\n", da);
+            std::exit(1);
     }
 }
 
+// δ[b, h, t] = Σ_i dout[b, t, h·da + i] · out[b, t, h·da + i], one thread per (b, t, h), fp32.
+__global__ void attention_delta_kernel(float* delta, const floatX* dout, const floatX* out, int B, int T, int nh,
+                                       int da) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;  // walks (b, t, h)
+    if (idx >= (int64_t)B * T * nh) return;
+    const int h = idx % nh;
+    const int64_t bt = idx / nh;
+    const int b = bt / T, t = bt % T;
+    const Pack* dp = reinterpret_cast<const Pack*>(dout + idx * da);
+    const Pack* op = reinterpret_cast<const Pack*>(out + idx * da);
+    float sum = 0.f;
+    for (int c = 0; c < da / kPack; c++) {
+        const Pack x = dp[c], y = op[c];
+        for (int j = 0; j < kPack; j++) sum += to_float(x.v[j]) * to_float(y.v[j]);
+    }
+    delta[((int64_t)b * nh + h) * T + t] = sum;
+}
+
 }  // namespace attention_detail
 
-// Bytes of scratch attention_forward and attention_backward need (the backward's share is larger).
-inline size_t attention_scratch_bytes(int B, int T, int nh, int da) {
-    return attention_detail::carve_scratch(nullptr, B, T, nh, da).bytes;
-}
+// Scratch of attention_backward: δ, (B, nh, T) fp32.
+inline size_t attention_scratch_bytes(int B, int T, int nh) { return (size_t)B * nh * T * sizeof(float); }
 
+#ifndef LMOE_FP32
 // ---------------------------------------------------------------------------------------------
-// Permutes between token-major (B, T, parts·nh·da) rows and head-major (parts, B, nh, T, da) blocks.
-// One thread moves 16 bytes; threads follow the destination's order, so writes are coalesced and
-// reads come in runs of da elements.
-
-// heads[p, b, h, t, :] = tokens[b, t, p·nh·da + h·da : +da]
-__global__ void permute_to_heads_kernel(floatX* heads, const floatX* tokens, int parts, int B, int T, int nh,
-                                        int da) {
-    const int chunks_per_head = da / kPack;
-    const int64_t total = (int64_t)parts * B * nh * T * chunks_per_head;
-    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= total) return;
-    int64_t r = idx;
-    const int c = r % chunks_per_head; r /= chunks_per_head;
-    const int t = r % T; r /= T;
-    const int h = r % nh; r /= nh;
-    const int b = r % B;
-    const int p = r / B;
-    const int64_t src = ((int64_t)b * T + t) * parts * nh * da + (int64_t)(p * nh + h) * da + c * kPack;
-    reinterpret_cast<int4*>(heads)[idx] = *reinterpret_cast<const int4*>(tokens + src);
-}
-
-// tokens[b, t, p·nh·da + h·da : +da] = heads[p, b, h, t, :]   (the inverse of the above)
-__global__ void permute_from_heads_kernel(floatX* tokens, const floatX* heads, int parts, int B, int T, int nh,
-                                          int da) {
-    const int chunks_per_head = da / kPack;
-    const int64_t total = (int64_t)parts * B * nh * T * chunks_per_head;
-    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= total) return;
-    int64_t r = idx;  // idx walks tokens: (b, t, p, h, c)
-    const int c = r % chunks_per_head; r /= chunks_per_head;
-    const int h = r % nh; r /= nh;
-    const int p = r % parts; r /= parts;
-    const int t = r % T;
-    const int b = r / T;
-    const int64_t src = (((int64_t)p * B + b) * nh + h) * T * da + (int64_t)t * da + c * kPack;
-    reinterpret_cast<int4*>(tokens)[idx] = *reinterpret_cast<const int4*>(heads + src);
-}
-
-inline void permute_to_heads(floatX* heads, const floatX* tokens, int parts, int B, int T, int nh, int da,
-                             cudaStream_t stream) {
-    const int64_t threads = (int64_t)parts * B * nh * T * (da / kPack);
-    permute_to_heads_kernel<<<ceil_div(threads, 256), 256, 0, stream>>>(heads, tokens, parts, B, T, nh, da);
-    CUDA_CHECK_LAUNCH();
-}
-
-inline void permute_from_heads(floatX* tokens, const floatX* heads, int parts, int B, int T, int nh, int da,
-                               cudaStream_t stream) {
-    const int64_t threads = (int64_t)parts * B * nh * T * (da / kPack);
-    permute_from_heads_kernel<<<ceil_div(threads, 256), 256, 0, stream>>>(tokens, heads, parts, B, T, nh, da);
-    CUDA_CHECK_LAUNCH();
-}
-
-// ---------------------------------------------------------------------------------------------
-// Causal softmax, one warp per row (b, h, t) of the (T, T) matrices:
-//   P[t, s] = exp(scale·(S[t, s] − m)) / Σ_{s'≤t} exp(scale·(S[t, s'] − m))  for s ≤ t,  m = max_{s≤t} S[t, s]
-//   P[t, s] = 0                                                               for s > t
-// (scale > 0, so subtracting the raw maximum is the same as subtracting the scaled one.) The row is
-// read three times (max, sum, write) and exp is evaluated twice; the second and third reads hit L1/L2.
-__global__ void causal_softmax_forward_kernel(floatX* probs, const float* scores, int rows, int T, float scale) {
-    const int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    const int lane = threadIdx.x % 32;
-    if (row >= rows) return;
-    const int t = row % T;  // query position: keys s ≤ t are visible
-    const float* s_row = scores + row * T;
-    floatX* p_row = probs + row * T;
-
-    float row_max = -INFINITY;
-    for (int s = lane; s <= t; s += 32) row_max = fmaxf(row_max, s_row[s]);
-    row_max = attention_detail::warp_max(row_max);
-    float sum = 0.f;
-    for (int s = lane; s <= t; s += 32) sum += expf(scale * (s_row[s] - row_max));
-    const float inv_sum = 1.f / attention_detail::warp_sum(sum);
-    for (int s = lane; s < T; s += 32)
-        p_row[s] = from_float<floatX>(s <= t ? expf(scale * (s_row[s] - row_max)) * inv_sum : 0.f);
-}
-
-// Backward of P = causal_softmax(scale·S), one warp per row, with the scale folded in:
-//   dS[t, s] = scale · P[t, s] · (dP[t, s] − Σ_{s'≤t} P[t, s'] dP[t, s'])   for s ≤ t,  0 for s > t
-__global__ void causal_softmax_backward_kernel(floatX* dS, const float* dP, const floatX* probs, int rows, int T,
-                                               float scale) {
-    const int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    const int lane = threadIdx.x % 32;
-    if (row >= rows) return;
-    const int t = row % T;
-    const float* dp_row = dP + row * T;
-    const floatX* p_row = probs + row * T;
-    floatX* ds_row = dS + row * T;
-
-    float p_dot_dp = 0.f;
-    for (int s = lane; s <= t; s += 32) p_dot_dp += to_float(p_row[s]) * dp_row[s];
-    p_dot_dp = attention_detail::warp_sum(p_dot_dp);
-    for (int s = lane; s < T; s += 32)
-        ds_row[s] = from_float<floatX>(s <= t ? scale * to_float(p_row[s]) * (dp_row[s] - p_dot_dp) : 0.f);
-}
-
-inline void causal_softmax_forward(floatX* probs, const float* scores, int rows, int T, float scale,
-                                   cudaStream_t stream) {
-    using attention_detail::kRowsPerBlock;
-    causal_softmax_forward_kernel<<<ceil_div(rows, kRowsPerBlock), 32 * kRowsPerBlock, 0, stream>>>(
-        probs, scores, rows, T, scale);
-    CUDA_CHECK_LAUNCH();
-}
-
-inline void causal_softmax_backward(floatX* dS, const float* dP, const floatX* probs, int rows, int T, float scale,
-                                    cudaStream_t stream) {
-    using attention_detail::kRowsPerBlock;
-    causal_softmax_backward_kernel<<<ceil_div(rows, kRowsPerBlock), 32 * kRowsPerBlock, 0, stream>>>(
-        dS, dP, probs, rows, T, scale);
-    CUDA_CHECK_LAUNCH();
-}
-
-// ---------------------------------------------------------------------------------------------
-// The batched GEMMs, one batch entry per (b, h), in the three shapes attention needs. Row-major
-// (T, da) head blocks and (T, T) square blocks are read by column-major cuBLAS as their transposes
-// (see dense/matmul.cuh); each helper states its row-major product and its column-major form.
-// fp32 accumulation throughout; C is fp32 or floatX as the caller needs.
+// Tensor-core kernels. A block has 4 warps; each warp owns 16 rows of the block's 64 (queries in
+// the forward and in dq, keys in dk/dv) and holds their accumulators, fragment layout as in
+// tc/mma.cuh: lane (g = lane/4, q = lane%4) holds rows g and g+8, columns 2q and 2q+1 of each 8-wide
+// n-tile. Tiles are [row][da] bf16 in shared memory with rows padded by 8 (tc/warp_tile.cuh).
 namespace attention_detail {
 
-// C (T, T) = A (T, da) · B (T, da)^T, i.e. C[t, s] = Σ_i A[t, i] B[s, i]; C fp32.
-// Column-major: C^T (T×T) = op_T(B^T) (T×da) · A^T (da×T).
-inline void gemm_rows_by_rows(cublasHandle_t handle, float* C, const floatX* A, const floatX* Bm, int batch, int T,
-                              int da) {
-    const float one = 1.f, zero = 0.f;
-    const long long head = (long long)T * da, square = (long long)T * T;
-    CUBLAS_CHECK(cublasGemmStridedBatchedEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, T, T, da, &one, Bm, kCudaFloatX, da,
-                                            head, A, kCudaFloatX, da, head, &zero, C, CUDA_R_32F, T, square, batch,
-                                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+constexpr int kThreads = 128, kRows = 64;  // rows per block, 16 per warp
+// Partner rows per step of the dk/dv kernel: 32 at da = 128 keeps its four accumulators in registers.
+template <int D>
+constexpr int kDkdvStep = D == 128 ? 32 : 64;
+
+// Rows t0.. of part `part` (0 q, 1 k, 2 v) of head h, batch row b, in qkv (B, T, 3C): row r at
+// qkv_rows(...) + r · 3C.
+__device__ inline const bf16* qkv_rows(const bf16* qkv, int part, int b, int h, int t0, int T, int nh, int D) {
+    return qkv + ((int64_t)b * T + t0) * 3 * nh * D + (int64_t)part * nh * D + h * D;
 }
 
-// C (T, da) = Sq (T, T) · Hd (T, da), i.e. C[t, i] = Σ_s Sq[t, s] Hd[s, i]; C floatX.
-// Column-major: C^T (da×T) = Hd^T (da×T) · Sq^T (T×T).
-inline void gemm_square_by_rows(cublasHandle_t handle, floatX* C, const floatX* Sq, const floatX* Hd, int batch,
-                                int T, int da) {
-    const float one = 1.f, zero = 0.f;
-    const long long head = (long long)T * da, square = (long long)T * T;
-    CUBLAS_CHECK(cublasGemmStridedBatchedEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, da, T, T, &one, Hd, kCudaFloatX, da,
-                                            head, Sq, kCudaFloatX, T, square, &zero, C, kCudaFloatX, da, head, batch,
-                                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+// Issues the copies of n (≤ ROWS) rows with stride `stride` into a padded tile, zeros past n.
+template <int D, int ROWS>
+__device__ inline void load_strided_rows(bf16* tile, const bf16* src, int n, int64_t stride) {
+    load_rows_async<D, ROWS, kThreads>(tile, src, n, [stride](int r) { return r * stride; });
 }
 
-// C (T, da) = Sq (T, T)^T · Hd (T, da), i.e. C[s, i] = Σ_t Sq[t, s] Hd[t, i]; C floatX.
-// Column-major: C^T (da×T) = Hd^T (da×T) · op_T(Sq^T) (T×T).
-inline void gemm_square_transposed_by_rows(cublasHandle_t handle, floatX* C, const floatX* Sq, const floatX* Hd,
-                                           int batch, int T, int da) {
-    const float one = 1.f, zero = 0.f;
-    const long long head = (long long)T * da, square = (long long)T * T;
-    CUBLAS_CHECK(cublasGemmStridedBatchedEx(handle, CUBLAS_OP_N, CUBLAS_OP_T, da, T, T, &one, Hd, kCudaFloatX, da,
-                                            head, Sq, kCudaFloatX, T, square, &zero, C, kCudaFloatX, da, head, batch,
-                                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+// Writes this warp's 16 accumulator rows × D, times `scale`, to rows row0 + r of dst (row stride
+// `stride`), rows below `rows` only.
+template <int D>
+__device__ inline void store_warp_rows(bf16* dst, int64_t stride, const float (&acc)[1][D / 8][4], int row0,
+                                       int rows, float scale) {
+    const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int row = row0 + g + 8 * half;
+        if (row >= rows) continue;
+#pragma unroll
+        for (int nt = 0; nt < D / 8; nt++)
+            *reinterpret_cast<uint32_t*>(dst + row * stride + nt * 8 + 2 * q) =
+                pack_bf16x2(scale * acc[0][nt][2 * half], scale * acc[0][nt][2 * half + 1]);
+    }
+}
+
+template <int W>
+__device__ inline void zero(float (&acc)[1][W / 8][4]) {
+#pragma unroll
+    for (int nt = 0; nt < W / 8; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[0][nt][i] = 0.f;
+}
+
+// Forward, one block per (64 queries, b·h). Key block j is copied while block j−1 is multiplied.
+// Per key block: S = Q K^T (fp32, scaled to base 2), the diagonal block masked (s > t), then per
+// row m' = max(m, max_s S), ℓ = ℓ·2^(m−m') + Σ_s 2^(S−m'), O = O·2^(m−m') + 2^(S−m') V.
+template <int D>
+__global__ void __launch_bounds__(kThreads) flash_forward_kernel(bf16* out, float* lse, const bf16* qkv, int T,
+                                                                 int nh) {
+    constexpr int ld = D + 8, tile = kRows * ld;
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16* Qs = reinterpret_cast<bf16*>(smem);  // [64][ld]
+    bf16* Ks = Qs + tile;                      // [2][64][ld]
+    bf16* Vs = Ks + 2 * tile;                  // [2][64][ld]
+    const int qb = gridDim.x - 1 - blockIdx.x;  // the longest rows first: the tail is short blocks
+    const int b = blockIdx.y / nh, h = blockIdx.y % nh, q0 = qb * kRows;
+    const int64_t stride = 3 * nh * D;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4, r0 = warp * 16;
+    const float scale = kLog2e / sqrtf((float)D);
+
+    load_strided_rows<D, kRows>(Qs, qkv_rows(qkv, 0, b, h, q0, T, nh, D), T - q0, stride);
+    load_strided_rows<D, kRows>(Ks, qkv_rows(qkv, 1, b, h, 0, T, nh, D), T, stride);
+    load_strided_rows<D, kRows>(Vs, qkv_rows(qkv, 2, b, h, 0, T, nh, D), T, stride);
+    cp_async_commit();
+
+    float o[1][D / 8][4], s[1][kRows / 8][4];
+    zero<D>(o);
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows g, g+8; ℓ summed over this lane's columns
+    for (int kb = 0; kb <= qb; kb++) {
+        const int stage = kb % 2;
+        if (kb < qb) {
+            const int k1 = (kb + 1) * kRows;
+            load_strided_rows<D, kRows>(Ks + (1 - stage) * tile, qkv_rows(qkv, 1, b, h, k1, T, nh, D), T - k1, stride);
+            load_strided_rows<D, kRows>(Vs + (1 - stage) * tile, qkv_rows(qkv, 2, b, h, k1, T, nh, D), T - k1, stride);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const bf16 *Kt = Ks + stage * tile, *Vt = Vs + stage * tile;
+
+        warp_mma_nt<D, 1, kRows>(s, Qs, ld, r0, Kt, ld, 0);
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int t = q0 + r0 + g + 8 * half;
+            float row_max = m[half];
+#pragma unroll
+            for (int nt = 0; nt < kRows / 8; nt++)
+#pragma unroll
+                for (int j = 0; j < 2; j++) {
+                    float& x = s[0][nt][2 * half + j];
+                    x *= scale;
+                    if (kb == qb && kb * kRows + nt * 8 + 2 * q + j > t) x = -INFINITY;
+                    row_max = fmaxf(row_max, x);
+                }
+            row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 1));
+            row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 2));
+            const float rescale = exp2f(m[half] - row_max);  // key s = t is never masked: row_max is finite
+            m[half] = row_max;
+            l[half] *= rescale;
+#pragma unroll
+            for (int nt = 0; nt < D / 8; nt++) {
+                o[0][nt][2 * half] *= rescale;
+                o[0][nt][2 * half + 1] *= rescale;
+            }
+#pragma unroll
+            for (int nt = 0; nt < kRows / 8; nt++)
+#pragma unroll
+                for (int j = 0; j < 2; j++) {
+                    float& x = s[0][nt][2 * half + j];
+                    x = exp2f(x - row_max);
+                    l[half] += x;
+                }
+        }
+        warp_mma_hidden<D, 1, kRows>(o, s, Vt, ld);  // O += P V, P packed to bf16 from registers
+        __syncthreads();  // the next iteration's copies overwrite this stage
+    }
+
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        l[half] += __shfl_xor_sync(0xffffffff, l[half], 1);
+        l[half] += __shfl_xor_sync(0xffffffff, l[half], 2);
+        const int t = q0 + r0 + g + 8 * half;
+        if (q == 0 && t < T) lse[(int64_t)blockIdx.y * T + t] = m[half] + log2f(l[half]);
+    }
+    const float inv[2] = {1.f / l[0], 1.f / l[1]};
+#pragma unroll
+    for (int nt = 0; nt < D / 8; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) o[0][nt][i] *= inv[i / 2];
+    store_warp_rows<D>(out + ((int64_t)b * T + q0) * nh * D + h * D, (int64_t)nh * D, o, r0, T - q0, 1.f);
+}
+
+// dk, dv of one block of 64 keys (b·h), over the query blocks that see them (t ≥ s), STEP queries at
+// a time, copied one step ahead with their lse and δ. Per step, in this warp's 16 keys:
+//   P^T = 2^(c·K Q^T − lse)  (masked t < s),   dV += P^T dO,   dP^T = V dO^T,
+//   dS^T = P^T ⊙ (dP^T − δ),   dK += dS^T Q   (times c at the end)
+template <int D>
+__global__ void __launch_bounds__(kThreads) flash_backward_dkdv_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv,
+                                                                       const float* lse, const float* delta, int T,
+                                                                       int nh) {
+    constexpr int STEP = kDkdvStep<D>, ld = D + 8, key_tile = kRows * ld, step_tile = STEP * ld;
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16* Ks = reinterpret_cast<bf16*>(smem);   // [64][ld]
+    bf16* Vs = Ks + key_tile;                   // [64][ld]
+    bf16* Qs = Vs + key_tile;                   // [2][STEP][ld]
+    bf16* dOs = Qs + 2 * step_tile;             // [2][STEP][ld]
+    float* lse_s = reinterpret_cast<float*>(dOs + 2 * step_tile);  // [2][STEP]
+    float* delta_s = lse_s + 2 * STEP;                              // [2][STEP]
+    const int kb = blockIdx.x;  // key block 0 sees every query: the longest first
+    const int b = blockIdx.y / nh, h = blockIdx.y % nh, k0 = kb * kRows;
+    const int64_t stride = 3 * nh * D, out_stride = (int64_t)nh * D;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4, r0 = warp * 16;
+    const float scale = kLog2e / sqrtf((float)D);
+    const float* lse_bh = lse + (int64_t)blockIdx.y * T;
+    const float* delta_bh = delta + (int64_t)blockIdx.y * T;
+    const bf16* dout_b = dout + (int64_t)b * T * out_stride + h * D;
+
+    // Queries of step i: t0 = i·STEP ..; rows past T read as lse = +∞ (P = 0) and δ = 0.
+    auto load_step = [&](int i, int stage) {
+        const int t0 = i * STEP;
+        load_strided_rows<D, STEP>(Qs + stage * step_tile, qkv_rows(qkv, 0, b, h, t0, T, nh, D), T - t0, stride);
+        load_strided_rows<D, STEP>(dOs + stage * step_tile, dout_b + (int64_t)t0 * out_stride, T - t0, out_stride);
+        if (threadIdx.x < STEP) {
+            const int t = t0 + threadIdx.x;
+            lse_s[stage * STEP + threadIdx.x] = t < T ? lse_bh[t] : INFINITY;
+            delta_s[stage * STEP + threadIdx.x] = t < T ? delta_bh[t] : 0.f;
+        }
+    };
+    const int first = k0 / STEP, steps = (int)ceil_div(T, STEP);
+    load_strided_rows<D, kRows>(Ks, qkv_rows(qkv, 1, b, h, k0, T, nh, D), T - k0, stride);
+    load_strided_rows<D, kRows>(Vs, qkv_rows(qkv, 2, b, h, k0, T, nh, D), T - k0, stride);
+    load_step(first, 0);
+    cp_async_commit();
+
+    float dv[1][D / 8][4], dk[1][D / 8][4], p[1][STEP / 8][4], dp[1][STEP / 8][4];
+    zero<D>(dv);
+    zero<D>(dk);
+    for (int i = first; i < steps; i++) {
+        const int stage = (i - first) % 2;
+        if (i + 1 < steps) load_step(i + 1, 1 - stage);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const bf16 *Qt = Qs + stage * step_tile, *dOt = dOs + stage * step_tile;
+        const float *lse_t = lse_s + stage * STEP, *delta_t = delta_s + stage * STEP;
+
+        warp_mma_nt<D, 1, STEP>(p, Ks, ld, r0, Qt, ld, 0);   // S^T (keys × queries)
+        warp_mma_nt<D, 1, STEP>(dp, Vs, ld, r0, dOt, ld, 0);  // dP^T
+        const bool diagonal = i * STEP < k0 + kRows;
+#pragma unroll
+        for (int nt = 0; nt < STEP / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int col = nt * 8 + 2 * q + e % 2, s_key = k0 + r0 + g + 8 * (e / 2);
+                float x = exp2f(p[0][nt][e] * scale - lse_t[col]);
+                if (diagonal && i * STEP + col < s_key) x = 0.f;
+                p[0][nt][e] = x;
+                dp[0][nt][e] = x * (dp[0][nt][e] - delta_t[col]);  // dS^T
+            }
+        warp_mma_hidden<D, 1, STEP>(dv, p, dOt, ld);  // dV += P^T dO
+        warp_mma_hidden<D, 1, STEP>(dk, dp, Qt, ld);  // dK += dS^T Q
+        __syncthreads();
+    }
+    const float c = 1.f / sqrtf((float)D);
+    store_warp_rows<D>(dqkv + ((int64_t)b * T + k0) * stride + nh * D + h * D, stride, dk, r0, T - k0, c);
+    store_warp_rows<D>(dqkv + ((int64_t)b * T + k0) * stride + 2 * nh * D + h * D, stride, dv, r0, T - k0, 1.f);
+}
+
+// dq of one block of 64 queries (b·h), over the key blocks it sees (s ≤ t), copied one block ahead.
+// Per key block, in this warp's 16 queries:
+//   P = 2^(c·Q K^T − lse) (masked s > t),   dP = dO V^T,   dS = P ⊙ (dP − δ),   dQ += dS K  (times c)
+template <int D>
+__global__ void __launch_bounds__(kThreads) flash_backward_dq_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv,
+                                                                     const float* lse, const float* delta, int T,
+                                                                     int nh) {
+    constexpr int ld = D + 8, tile = kRows * ld;
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16* Qs = reinterpret_cast<bf16*>(smem);  // [64][ld]
+    bf16* dOs = Qs + tile;                     // [64][ld]
+    bf16* Ks = dOs + tile;                     // [2][64][ld]
+    bf16* Vs = Ks + 2 * tile;                  // [2][64][ld]
+    const int qb = gridDim.x - 1 - blockIdx.x;
+    const int b = blockIdx.y / nh, h = blockIdx.y % nh, q0 = qb * kRows;
+    const int64_t stride = 3 * nh * D, out_stride = (int64_t)nh * D;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4, r0 = warp * 16;
+    const float scale = kLog2e / sqrtf((float)D);
+
+    load_strided_rows<D, kRows>(Qs, qkv_rows(qkv, 0, b, h, q0, T, nh, D), T - q0, stride);
+    load_strided_rows<D, kRows>(dOs, dout + ((int64_t)b * T + q0) * out_stride + h * D, T - q0, out_stride);
+    load_strided_rows<D, kRows>(Ks, qkv_rows(qkv, 1, b, h, 0, T, nh, D), T, stride);
+    load_strided_rows<D, kRows>(Vs, qkv_rows(qkv, 2, b, h, 0, T, nh, D), T, stride);
+    cp_async_commit();
+    float row_lse[2], row_delta[2];  // rows past T are computed on zeros and never stored
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int t = q0 + r0 + g + 8 * half;
+        row_lse[half] = t < T ? lse[(int64_t)blockIdx.y * T + t] : 0.f;
+        row_delta[half] = t < T ? delta[(int64_t)blockIdx.y * T + t] : 0.f;
+    }
+
+    float dq[1][D / 8][4], p[1][kRows / 8][4], dp[1][kRows / 8][4];
+    zero<D>(dq);
+    for (int kb = 0; kb <= qb; kb++) {
+        const int stage = kb % 2;
+        if (kb < qb) {
+            const int k1 = (kb + 1) * kRows;
+            load_strided_rows<D, kRows>(Ks + (1 - stage) * tile, qkv_rows(qkv, 1, b, h, k1, T, nh, D), T - k1, stride);
+            load_strided_rows<D, kRows>(Vs + (1 - stage) * tile, qkv_rows(qkv, 2, b, h, k1, T, nh, D), T - k1, stride);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const bf16 *Kt = Ks + stage * tile, *Vt = Vs + stage * tile;
+
+        warp_mma_nt<D, 1, kRows>(p, Qs, ld, r0, Kt, ld, 0);    // S
+        warp_mma_nt<D, 1, kRows>(dp, dOs, ld, r0, Vt, ld, 0);  // dP
+#pragma unroll
+        for (int nt = 0; nt < kRows / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int half = e / 2, s_key = kb * kRows + nt * 8 + 2 * q + e % 2;
+                float x = exp2f(p[0][nt][e] * scale - row_lse[half]);
+                if (kb == qb && s_key > q0 + r0 + g + 8 * half) x = 0.f;
+                dp[0][nt][e] = x * (dp[0][nt][e] - row_delta[half]);  // dS
+            }
+        warp_mma_hidden<D, 1, kRows>(dq, dp, Kt, ld);  // dQ += dS K
+        __syncthreads();
+    }
+    store_warp_rows<D>(dqkv + ((int64_t)b * T + q0) * stride + h * D, stride, dq, r0, T - q0, 1.f / sqrtf((float)D));
+}
+
+// Dynamic shared memory of each kernel, and the opt-in above 48 KiB (once per kernel and device).
+template <int D>
+constexpr int forward_smem() { return 5 * kRows * (D + 8) * 2; }
+template <int D>
+constexpr int dkdv_smem() { return (2 * kRows + 4 * kDkdvStep<D>) * (D + 8) * 2 + 4 * kDkdvStep<D> * 4; }
+template <int D>
+constexpr int dq_smem() { return 6 * kRows * (D + 8) * 2; }
+
+template <class Kernel>
+void allow_smem(Kernel kernel, int bytes) {
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
 }  // namespace attention_detail
 
-// ---------------------------------------------------------------------------------------------
 // Forward.
-//   out:     (B, T, nh·da) floatX, written
-//   probs:   (B, nh, T, T) floatX, written; zero above the diagonal; keep for the backward
-//   qkvr:    (3, B, nh, T, da) floatX, written: q, k, v per head; keep for the backward
-//   scratch: attention_scratch_bytes(B, T, nh, da) bytes, 256-byte aligned (cudaMalloc is)
-//   qkv:     (B, T, 3·nh·da) floatX, rows [q | k | v]
-inline void attention_forward(cublasHandle_t handle, floatX* out, floatX* probs, floatX* qkvr, void* scratch,
-                              const floatX* qkv, int B, int T, int nh, int da, cudaStream_t stream) {
-    attention_detail::check_head_size(da);
-    const attention_detail::Scratch s = attention_detail::carve_scratch(scratch, B, T, nh, da);
-    const int batch = B * nh;
-    const size_t head_block = (size_t)batch * T * da;
-    const floatX *q = qkvr, *k = qkvr + head_block, *v = qkvr + 2 * head_block;
-    CUBLAS_CHECK(cublasSetStream(handle, stream));
-
-    permute_to_heads(qkvr, qkv, 3, B, T, nh, da, stream);
-    attention_detail::gemm_rows_by_rows(handle, s.scores, q, k, batch, T, da);        // S = Q K^T
-    causal_softmax_forward(probs, s.scores, batch * T, T, 1.f / std::sqrt((float)da), stream);
-    attention_detail::gemm_square_by_rows(handle, s.heads, probs, v, batch, T, da);   // O = P V
-    permute_from_heads(out, s.heads, 1, B, T, nh, da, stream);
+//   out: (B, T, nh·da) floatX, written;  lse: (B, nh, T) fp32, written (base 2, see above), keep it
+//   qkv: (B, T, 3·nh·da) floatX, rows [q | k | v], rotated by the rotary embedding; keep it
+inline void attention_forward(floatX* out, float* lse, const floatX* qkv, int B, int T, int nh, int da,
+                              cudaStream_t stream) {
+    using namespace attention_detail;
+    with_head_size(da, [&](auto head) {
+        constexpr int D = decltype(head)::value;
+        const dim3 grid((unsigned)ceil_div(T, kRows), B * nh);
+        allow_smem(flash_forward_kernel<D>, forward_smem<D>());
+        flash_forward_kernel<D><<<grid, kThreads, forward_smem<D>(), stream>>>(out, lse, qkv, T, nh);
+        CUDA_CHECK_LAUNCH();
+    });
 }
 
 // Backward.
-//   dqkv:    (B, T, 3·nh·da) floatX, written (not accumulated): [dq | dk | dv]
-//   dout:    (B, T, nh·da) floatX
-//   qkvr, probs: as left by attention_forward
-//   scratch: attention_scratch_bytes(B, T, nh, da) bytes, 256-byte aligned
-inline void attention_backward(cublasHandle_t handle, floatX* dqkv, const floatX* dout, const floatX* qkvr,
-                               const floatX* probs, void* scratch, int B, int T, int nh, int da, cudaStream_t stream) {
-    attention_detail::check_head_size(da);
-    const attention_detail::Scratch s = attention_detail::carve_scratch(scratch, B, T, nh, da);
-    const int batch = B * nh;
-    const size_t head_block = (size_t)batch * T * da;
-    const floatX *q = qkvr, *k = qkvr + head_block, *v = qkvr + 2 * head_block;
-    floatX *dq = s.dqkvr, *dk = s.dqkvr + head_block, *dv = s.dqkvr + 2 * head_block;
-    floatX* dO = s.heads;
-    float* dP = s.scores;
-    CUBLAS_CHECK(cublasSetStream(handle, stream));
-
-    permute_to_heads(dO, dout, 1, B, T, nh, da, stream);
-    attention_detail::gemm_square_transposed_by_rows(handle, dv, probs, dO, batch, T, da);  // dV = P^T dO
-    attention_detail::gemm_rows_by_rows(handle, dP, dO, v, batch, T, da);                   // dP = dO V^T
-    causal_softmax_backward(s.dS, dP, probs, batch * T, T, 1.f / std::sqrt((float)da), stream);
-    attention_detail::gemm_square_by_rows(handle, dq, s.dS, k, batch, T, da);               // dQ = dS K
-    attention_detail::gemm_square_transposed_by_rows(handle, dk, s.dS, q, batch, T, da);    // dK = dS^T Q
-    permute_from_heads(dqkv, s.dqkvr, 3, B, T, nh, da, stream);
+//   dqkv: (B, T, 3·nh·da) floatX, written (not accumulated): [dq | dk | dv]
+//   dout: (B, T, nh·da);  out, lse, qkv: as attention_forward left and read them
+//   scratch: attention_scratch_bytes(B, T, nh) bytes (δ)
+inline void attention_backward(floatX* dqkv, void* scratch, const floatX* dout, const floatX* out, const float* lse,
+                               const floatX* qkv, int B, int T, int nh, int da, cudaStream_t stream) {
+    using namespace attention_detail;
+    float* delta = static_cast<float*>(scratch);
+    const int64_t rows = (int64_t)B * T * nh;
+    attention_delta_kernel<<<ceil_div(rows, 256), 256, 0, stream>>>(delta, dout, out, B, T, nh, da);
+    CUDA_CHECK_LAUNCH();
+    with_head_size(da, [&](auto head) {
+        constexpr int D = decltype(head)::value;
+        const dim3 grid((unsigned)ceil_div(T, kRows), B * nh);
+        allow_smem(flash_backward_dkdv_kernel<D>, dkdv_smem<D>());
+        flash_backward_dkdv_kernel<D><<<grid, kThreads, dkdv_smem<D>(), stream>>>(dqkv, dout, qkv, lse, delta, T, nh);
+        CUDA_CHECK_LAUNCH();
+        allow_smem(flash_backward_dq_kernel<D>, dq_smem<D>());
+        flash_backward_dq_kernel<D><<<grid, kThreads, dq_smem<D>(), stream>>>(dqkv, dout, qkv, lse, delta, T, nh);
+        CUDA_CHECK_LAUNCH();
+    });
 }
+
+#else  // LMOE_FP32
+// ---------------------------------------------------------------------------------------------
+// fp32 kernels: one thread per row, the same sums in plain loops (keys, or queries, in order).
+namespace attention_detail {
+
+__device__ inline float dot(const float* a, const float* b, int n) {
+    float sum = 0.f;
+    for (int i = 0; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+// Row t of part `part` of head h in qkv (B, T, 3C).
+__device__ inline const float* qkv_row(const float* qkv, int part, int b, int h, int t, int T, int nh, int D) {
+    return qkv + ((int64_t)b * T + t) * 3 * nh * D + (int64_t)part * nh * D + h * D;
+}
+
+// Forward, thread (b·h, t): the online softmax over s = 0..t.
+template <int D>
+__global__ void simt_forward_kernel(float* out, float* lse, const float* qkv, int B, int T, int nh) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;  // walks (b·h, t)
+    if (idx >= (int64_t)B * nh * T) return;
+    const int bh = idx / T, t = idx % T, b = bh / nh, h = bh % nh;
+    const float scale = kLog2e / sqrtf((float)D);
+    const float* qt = qkv_row(qkv, 0, b, h, t, T, nh, D);
+    float o[D] = {}, m = -INFINITY, l = 0.f;
+    for (int s = 0; s <= t; s++) {
+        const float x = scale * dot(qt, qkv_row(qkv, 1, b, h, s, T, nh, D), D);
+        const float m_new = fmaxf(m, x), rescale = exp2f(m - m_new), p = exp2f(x - m_new);
+        const float* vs = qkv_row(qkv, 2, b, h, s, T, nh, D);
+        for (int i = 0; i < D; i++) o[i] = o[i] * rescale + p * vs[i];
+        l = l * rescale + p;
+        m = m_new;
+    }
+    float* ot = out + ((int64_t)b * T + t) * nh * D + h * D;
+    for (int i = 0; i < D; i++) ot[i] = o[i] / l;
+    lse[idx] = m + log2f(l);
+}
+
+// dk, dv, thread (b·h, s): over the queries t = s..T−1.
+template <int D>
+__global__ void simt_backward_dkdv_kernel(float* dqkv, const float* dout, const float* qkv, const float* lse,
+                                          const float* delta, int B, int T, int nh) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (int64_t)B * nh * T) return;
+    const int bh = idx / T, s = idx % T, b = bh / nh, h = bh % nh;
+    const float scale = kLog2e / sqrtf((float)D);
+    const float *ks = qkv_row(qkv, 1, b, h, s, T, nh, D), *vs = qkv_row(qkv, 2, b, h, s, T, nh, D);
+    float dk[D] = {}, dv[D] = {};
+    for (int t = s; t < T; t++) {
+        const float* qt = qkv_row(qkv, 0, b, h, t, T, nh, D);
+        const float* do_t = dout + ((int64_t)b * T + t) * nh * D + h * D;
+        const float p = exp2f(scale * dot(qt, ks, D) - lse[(int64_t)bh * T + t]);
+        const float ds = p * (dot(do_t, vs, D) - delta[(int64_t)bh * T + t]);
+        for (int i = 0; i < D; i++) {
+            dv[i] += p * do_t[i];
+            dk[i] += ds * qt[i];
+        }
+    }
+    const float c = 1.f / sqrtf((float)D);
+    float* row = dqkv + ((int64_t)b * T + s) * 3 * nh * D + h * D;
+    for (int i = 0; i < D; i++) {
+        row[nh * D + i] = c * dk[i];
+        row[2 * nh * D + i] = dv[i];
+    }
+}
+
+// dq, thread (b·h, t): over the keys s = 0..t.
+template <int D>
+__global__ void simt_backward_dq_kernel(float* dqkv, const float* dout, const float* qkv, const float* lse,
+                                        const float* delta, int B, int T, int nh) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (int64_t)B * nh * T) return;
+    const int bh = idx / T, t = idx % T, b = bh / nh, h = bh % nh;
+    const float scale = kLog2e / sqrtf((float)D);
+    const float* qt = qkv_row(qkv, 0, b, h, t, T, nh, D);
+    const float* do_t = dout + ((int64_t)b * T + t) * nh * D + h * D;
+    float dq[D] = {};
+    for (int s = 0; s <= t; s++) {
+        const float *ks = qkv_row(qkv, 1, b, h, s, T, nh, D), *vs = qkv_row(qkv, 2, b, h, s, T, nh, D);
+        const float p = exp2f(scale * dot(qt, ks, D) - lse[idx]);
+        const float ds = p * (dot(do_t, vs, D) - delta[idx]);
+        for (int i = 0; i < D; i++) dq[i] += ds * ks[i];
+    }
+    const float c = 1.f / sqrtf((float)D);
+    float* row = dqkv + ((int64_t)b * T + t) * 3 * nh * D + h * D;
+    for (int i = 0; i < D; i++) row[i] = c * dq[i];
+}
+
+}  // namespace attention_detail
+
+inline void attention_forward(floatX* out, float* lse, const floatX* qkv, int B, int T, int nh, int da,
+                              cudaStream_t stream) {
+    using namespace attention_detail;
+    const int64_t rows = (int64_t)B * nh * T;
+    with_head_size(da, [&](auto head) {
+        simt_forward_kernel<decltype(head)::value><<<ceil_div(rows, 128), 128, 0, stream>>>(out, lse, qkv, B, T, nh);
+        CUDA_CHECK_LAUNCH();
+    });
+}
+
+inline void attention_backward(floatX* dqkv, void* scratch, const floatX* dout, const floatX* out, const float* lse,
+                               const floatX* qkv, int B, int T, int nh, int da, cudaStream_t stream) {
+    using namespace attention_detail;
+    float* delta = static_cast<float*>(scratch);
+    const int64_t rows = (int64_t)B * nh * T;
+    attention_delta_kernel<<<ceil_div(rows, 256), 256, 0, stream>>>(delta, dout, out, B, T, nh, da);
+    CUDA_CHECK_LAUNCH();
+    with_head_size(da, [&](auto head) {
+        constexpr int D = decltype(head)::value;
+        simt_backward_dkdv_kernel<D><<<ceil_div(rows, 128), 128, 0, stream>>>(dqkv, dout, qkv, lse, delta, B, T, nh);
+        CUDA_CHECK_LAUNCH();
+        simt_backward_dq_kernel<D><<<ceil_div(rows, 128), 128, 0, stream>>>(dqkv, dout, qkv, lse, delta, B, T, nh);
+        CUDA_CHECK_LAUNCH();
+    });
+}
+#endif  // LMOE_FP32
 
 }  // namespace lmoe

@@ -23,7 +23,7 @@ void check_model(const char* name, Config c, lmoe::Rng& rng, const std::string& 
     std::printf("%s (%s): T %d d %d L %d n_head %d | H %d dh %d E %d fe %d k %d | B %d\n", name, ffn_name(c.ffn), c.T,
                 c.d, c.L, c.n_head, c.H, c.dh, c.E, c.fe, c.k, c.B);
     validate(c, 1);
-    Ffn::check_supported(c);
+    lmoe::check_gpu_supported<Ffn>(c);
     const int N = c.B * c.T;
     std::vector<int32_t> tokens(N), targets(N);
     for (int i = 0; i < N; i++) { tokens[i] = rng.below(c.V); targets[i] = rng.below(c.V); }
@@ -89,7 +89,7 @@ int main(int argc, char** argv) {
     moe_tiny.B = 4;
     check_model<MoeFfn>("tiny", moe_tiny, rng, dump_dir);
     Config moe_wider = moe_tiny;
-    moe_wider.d = 144; moe_wider.dh = 144; moe_wider.T = 64; moe_wider.B = 2; moe_wider.n_head = 6; moe_wider.E = 12;
+    moe_wider.d = 144; moe_wider.dh = 144; moe_wider.T = 64; moe_wider.B = 2; moe_wider.n_head = 9; moe_wider.E = 12;
     moe_wider.fe = 88; moe_wider.k = 3; moe_wider.V = 300;  // sizes off the 32/128 grid, a padded vocabulary
     check_model<MoeFfn>("wider", moe_wider, rng, dump_dir);
     return check::summary();

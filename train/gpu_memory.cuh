@@ -58,25 +58,25 @@ inline int64_t ffn_device_bytes(const Config& c, int64_t N, int world) {
 
 // GpuModel's own buffers on one rank of `world` (its constructor), then the FFN's.
 inline MemoryEstimate gpu_memory_estimate(const Config& c, int world) {
-    const int64_t P = checked_param_layout(c, world).total, X = sizeof(floatX), f = 4;
+    const ParamLayout layout = checked_param_layout(c, world);
+    const int64_t P = layout.total, tensors = (int64_t)layout.tensors.size(), X = sizeof(floatX), f = 4;
     const int64_t B = c.B, T = c.T, N = B * T, d = c.d, L = c.L, C = (int64_t)c.n_head * c.d_attn(), Vp = c.Vp();
     const int64_t heads = c.ffn == FfnKind::LatentMoE ? c.H / world : 1;
     const int64_t activations =
         2 * N * 4                                             // tokens_, targets_
         + (L + 1) * N * d * X + 3 * L * N * d * X            // resid_, resid_mid_, xn1_, xn2_
         + 2 * L * N * f                                       // rstd1_, rstd2_
-        + N * 3 * C * X + L * N * 3 * C * X                   // qkv_, qkvr_
-        + L * B * c.n_head * T * T * X                        // probs_
+        + L * N * 3 * C * X + L * B * c.n_head * T * f        // qkv_, lse_
         + L * N * C * X                                       // atty_
         + N * d * X + N * f                                   // xf_, rstdf_
         + N * Vp * X + N * f + f                              // logits_, losses_, mean_loss_
         + 3 * N * d * X + 3 * N * C * X + N * C * X          // branch_, dresid_, dxn_, dqkv_, datty_
-        + (int64_t)attention_scratch_bytes(c.B, c.T, c.n_head, c.d_attn())
+        + (int64_t)attention_scratch_bytes(c.B, c.T, c.n_head)
         + (int64_t)std::max(rmsnorm_backward_scratch_floats((int)N, c.d), global_norm_scratch_size()) * f
         + (int64_t)embedding_backward_scratch_bytes((int)N, c.Vp()) + 4 * f;  // ... embedding_scratch_, clip_
     MemoryEstimate e;
     e.parts = {
-        {"weights, gradients and AdamW moments", 4 * P * f + P * X},  // master, grads, m, v; params
+        {"weights, gradients and AdamW moments", 4 * P * f + P * X + tensors * 12},  // master grads m v, params, decay
         {"routing balance", L * heads * c.E * (4 + 4)},                // balance: bias, counts
         {"activations", activations},
         {"FFN buffers", ffn_device_bytes(c, N, world)},

@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <stdexcept>
 #include <utility>
 #include <vector>
 
@@ -60,6 +61,27 @@ struct Ctx {
 };
 
 using Layer = ModelTensors<floatX>::Layer;
+
+// Throws ConfigError for shapes the GPU kernels lack: the dense ones here, the FFN's in Ffn.
+template <class Ffn>
+void check_gpu_supported(const Config& c) {
+    if (!attention_head_size_supported(c.d_attn()))
+        throw ConfigError("the GPU attention kernels need an attention head size d/n_head of 16, 32, 64 or 128 (got " +
+                          std::to_string(c.d_attn()) + ")");
+    Ffn::check_supported(c);
+}
+
+// AdamW's weight decay per tensor of the flat buffer (SPEC §2.4: matrices only).
+inline DecayTable decay_table(const ParamLayout& layout, float weight_decay) {
+    std::vector<int64_t> end;
+    std::vector<float> decay;
+    for (const TensorSpec& t : layout.tensors) {
+        if (t.offset != (end.empty() ? 0 : end.back())) throw std::logic_error("the parameter layout has a gap");
+        end.push_back(t.offset + t.numel);
+        decay.push_back(t.decay ? weight_decay : 0.f);
+    }
+    return DecayTable(end, decay);
+}
 using GradLayer = ModelTensors<float>::Layer;
 
 // The model on one GPU: fp32 master weights, their floatX working copy, fp32 gradients and AdamW
@@ -80,11 +102,13 @@ class GpuModel {
     // Aux-loss-free balancing (SPEC §2.3): forward reads the biases, backward counts the copies,
     // sync_gradients sums the counts where loads are not global, optimizer_step updates the biases.
     LoadBalance balance;  // (L, heads, E)
+    const DecayTable decay;  // AdamW's weight decay of each tensor
 
     // Every device buffer allocated here has its term in train/gpu_memory.cuh (the start-up estimate).
     GpuModel(const Config& c, const Comm& comm_)
         : cfg(c), comm(comm_), N(c.B * c.T), heads(Ffn::local_heads(c, comm_.world)),
           layout(build_param_layout(c, comm_.rank, comm_.world)), balance(c.L, heads, c.E),
+          decay(decay_table(layout, c.weight_decay)),
           ffn_(c, c.B * c.T, comm_.world) {
         CUDA_CHECK(cudaStreamCreate(&ctx.stream));
         ctx.cublas = make_cublas_handle();
@@ -107,14 +131,13 @@ class GpuModel {
         resid_mid_.resize((size_t)c.L * N * d);
         xn1_.resize((size_t)c.L * N * d); xn2_.resize((size_t)c.L * N * d);
         rstd1_.resize((size_t)c.L * N); rstd2_.resize((size_t)c.L * N);
-        qkv_.resize((size_t)N * 3 * C); qkvr_.resize((size_t)c.L * N * 3 * C);
-        probs_.resize((size_t)c.L * c.B * c.n_head * c.T * c.T);
+        qkv_.resize((size_t)c.L * N * 3 * C); lse_.resize((size_t)c.L * c.B * c.n_head * c.T);
         atty_.resize((size_t)c.L * N * C);
         xf_.resize((size_t)N * d); rstdf_.resize(N);
         logits_.resize((size_t)N * c.Vp()); losses_.resize(N); mean_loss_.resize(1);
         branch_.resize((size_t)N * d); dresid_.resize((size_t)N * d); dxn_.resize((size_t)N * d);
         dqkv_.resize((size_t)N * 3 * C); datty_.resize((size_t)N * C);
-        attention_scratch_.resize(attention_scratch_bytes(c.B, c.T, c.n_head, c.d_attn()));
+        attention_scratch_.resize(attention_scratch_bytes(c.B, c.T, c.n_head));
         norm_scratch_.resize(std::max(rmsnorm_backward_scratch_floats(N, c.d), global_norm_scratch_size()));
         embedding_scratch_.resize(embedding_backward_scratch_bytes(N, c.Vp()));
         clip_.resize(4);  // norm² of the replicated and of the sharded gradients, norm, scale
@@ -143,10 +166,9 @@ class GpuModel {
             const Layer& wl = w.layers[l];
             {
                 ProfileScope timed(ctx.profile, Section::Attention);
-                matmul_forward(ctx.cublas, qkv_.get(), xn1(l), wl.qkv, N, d, 3 * C, st);    // (N, 3C)
-                rope_forward(qkv_.get(), c.B, c.T, c.n_head, c.d_attn(), st);
-                attention_forward(ctx.cublas, atty(l), probs(l), qkvr(l), attention_scratch_.get(), qkv_.get(), c.B,
-                                  c.T, c.n_head, c.d_attn(), st);  // (N, C); keeps q, k, v per head in qkvr
+                matmul_forward(ctx.cublas, qkv(l), xn1(l), wl.qkv, N, d, 3 * C, st);    // (N, 3C)
+                rope_forward(qkv(l), c.B, c.T, c.n_head, c.d_attn(), st);
+                attention_forward(atty(l), lse(l), qkv(l), c.B, c.T, c.n_head, c.d_attn(), st);  // (N, C)
                 matmul_forward(ctx.cublas, branch_.get(), atty(l), wl.attn_out, N, C, d, st);  // (N, d)
             }
             residual_rmsnorm_forward(resid_mid(l), xn2(l), rstd2(l), resid(l), branch_.get(), wl.ln2, N, d, st);
@@ -187,8 +209,8 @@ class GpuModel {
                 ProfileScope timed(ctx.profile, Section::Attention);
                 matmul_backward(ctx.cublas, datty_.get(), gl.attn_out, dresid_.get(), atty(l), wl.attn_out, N, C, d,
                                 false, st);
-                attention_backward(ctx.cublas, dqkv_.get(), datty_.get(), qkvr(l), probs(l), attention_scratch_.get(),
-                                   c.B, c.T, c.n_head, c.d_attn(), st);
+                attention_backward(dqkv_.get(), attention_scratch_.get(), datty_.get(), atty(l), lse(l), qkv(l), c.B,
+                                   c.T, c.n_head, c.d_attn(), st);
                 rope_backward(dqkv_.get(), c.B, c.T, c.n_head, c.d_attn(), st);
                 matmul_backward(ctx.cublas, dxn_.get(), gl.qkv, dqkv_.get(), xn1(l), wl.qkv, N, d, 3 * C, false, st);
             }
@@ -229,10 +251,9 @@ class GpuModel {
             clip_scale(clip_.get() + 3, clip_.get() + 2, clip_.get(), c.grad_clip, st, 2);
             const ref::AdamW hp;
             const float bc1 = float(1 - std::pow(hp.beta1, step + 1)), bc2 = float(1 - std::pow(hp.beta2, step + 1));
-            for (const TensorSpec& t : layout.tensors)
-                adamw_update(master.get() + t.offset, params.get() + t.offset, m.get() + t.offset, v.get() + t.offset,
-                             grads.get() + t.offset, t.numel, (float)lr, (float)hp.beta1, (float)hp.beta2,
-                             (float)hp.eps, t.decay ? c.weight_decay : 0.f, bc1, bc2, clip_.get() + 3, st);
+            adamw_update(master.get(), params.get(), m.get(), v.get(), grads.get(), layout.total, (float)lr,
+                         (float)hp.beta1, (float)hp.beta2, (float)hp.eps, decay.segments(), bc1, bc2, clip_.get() + 3,
+                         st);
             balance.update(c.bias_rate, st);
         }
         float norm;
@@ -322,9 +343,9 @@ class GpuModel {
     Ffn ffn_;
     DeviceBuffer<int> tokens_, targets_;
     int* host_tokens_ = nullptr;  // pinned: inputs then targets
-    DeviceBuffer<floatX> resid_, resid_mid_, xn1_, xn2_, qkvr_, probs_, atty_, xf_, logits_;  // per layer where needed
-    DeviceBuffer<float> rstd1_, rstd2_, rstdf_, losses_, mean_loss_;
-    DeviceBuffer<floatX> qkv_, branch_, dresid_, dxn_, dqkv_, datty_;  // one micro-batch's worth, reused per layer
+    DeviceBuffer<floatX> resid_, resid_mid_, xn1_, xn2_, qkv_, atty_, xf_, logits_;  // per layer where needed
+    DeviceBuffer<float> rstd1_, rstd2_, lse_, rstdf_, losses_, mean_loss_;
+    DeviceBuffer<floatX> branch_, dresid_, dxn_, dqkv_, datty_;  // one micro-batch's worth, reused per layer
     DeviceBuffer<unsigned char> attention_scratch_, embedding_scratch_;
     DeviceBuffer<float> norm_scratch_, clip_;
 
@@ -334,8 +355,8 @@ class GpuModel {
     floatX* xn2(int l) { return xn2_.get() + (size_t)l * N * cfg.d; }
     float* rstd1(int l) { return rstd1_.get() + (size_t)l * N; }
     float* rstd2(int l) { return rstd2_.get() + (size_t)l * N; }
-    floatX* qkvr(int l) { return qkvr_.get() + (size_t)l * N * 3 * cfg.n_head * cfg.d_attn(); }
-    floatX* probs(int l) { return probs_.get() + (size_t)l * cfg.B * cfg.n_head * cfg.T * cfg.T; }
+    floatX* qkv(int l) { return qkv_.get() + (size_t)l * N * 3 * cfg.n_head * cfg.d_attn(); }
+    float* lse(int l) { return lse_.get() + (size_t)l * cfg.B * cfg.n_head * cfg.T; }
     floatX* atty(int l) { return atty_.get() + (size_t)l * N * cfg.n_head * cfg.d_attn(); }
 };
 

@@ -78,7 +78,7 @@ int run_trainer(int argc, char** argv, const Comm& comm) {
     if (lead) print_config(c);
     const char* smaller = "use a smaller --batch, --seq-len, --layers or --preset";
     if (on_gpu) {
-        Ffn::check_supported(c);
+        check_gpu_supported<Ffn>(c);
         if (c.bench_layer) {
             if (!comm.single()) throw ConfigError("--bench-layer runs on one GPU; start it without mpirun");
             return bench_ffn_layer<Ffn>(c);

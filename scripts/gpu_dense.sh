@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One device run for the dense part of the step: flash attention and the optimizer. Builds both
+# precisions, runs the GPU tests of attention, loss/optimizer and the whole model (bf16 and fp32),
+# the determinism test, then times attention against PyTorch's fused attention (the anchor
+# attention_block.py, carried in .anchors/) at B·T = 8192 tokens for T = 1024, 4096, 8192, and trains
+# p1 for a few steps at those lengths for the step breakdown (KJV shards carried in data/).
+#   bash scripts/gpu_dense.sh          logs in $OUT/logs.tgz (default out/), a short table last
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/device_logs.sh
+export NCCL_NVLS_ENABLE=0
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$logs/gpu.txt"
+cmake_build build "" test_gpu_attention test_gpu_loss_optim test_gpu_model train_latentmoe moe_ep_baseline data_prep
+cmake_build build32 -DLMOE_FP32=ON test_gpu_attention test_gpu_model
+echo "build: ${SECONDS} s"
+for test in test_gpu_attention test_gpu_loss_optim test_gpu_model; do ./build/$test >"$logs/$test.log" 2>&1; done
+for test in test_gpu_attention test_gpu_model; do ./build32/$test >"$logs/${test}_fp32.log" 2>&1; done
+bash tests/test_gpu_determinism.sh build >"$logs/determinism.log" 2>&1
+pack_logs
+lengths=(1024 4096 8192)
+if [ -f .anchors/attention_block.py ]; then
+    for T in "${lengths[@]}"; do python3 .anchors/attention_block.py $((8192 / T)) "$T" 8 1024; done >"$logs/anchor.log" 2>&1
+fi
+if [ -f data/kjv_train.bin ]; then
+    for T in "${lengths[@]}"; do
+        trainers=(train_latentmoe)
+        [ "$T" = 1024 ] && trainers+=(moe_ep_baseline)
+        for trainer in "${trainers[@]}"; do
+            ./build/$trainer --preset p1 --seq-len "$T" --batch $((8192 / T)) --steps 12 --eval-every 0 --log-every 12 \
+                --train-data data/kjv_train.bin --val-data data/kjv_val.bin --checkpoint "$logs/p1.ckpt" \
+                >"$logs/p1_${trainer}_T$T.log" 2>&1
+            rm -f "$logs/p1.ckpt"
+        done
+    done
+fi
+pack_logs
+echo "tests, benchmarks and training: ${SECONDS} s"
+for log in test_gpu_attention test_gpu_loss_optim test_gpu_model test_gpu_attention_fp32 test_gpu_model_fp32; do
+    echo "== $log: $(tail -n 1 "$logs/$log.log")"
+    grep -E "FAIL|NO$" "$logs/$log.log" | head -5
+done
+echo "== determinism: $(tail -n 1 "$logs/determinism.log")"
+echo "== attention (ours), forward+backward"; grep "timing attention" "$logs/test_gpu_attention.log"
+echo "== optimizer"; grep -E "adamw_update n=|global_norm_squared n=" "$logs/test_gpu_loss_optim.log"
+echo "== PyTorch SDPA and attention block"; [ -f "$logs/anchor.log" ] && grep RESULT "$logs/anchor.log"
+echo "== p1 training, 12 steps"
+for log in "$logs"/p1_*.log; do
+    echo "$(basename "$log" .log): $(grep '^done' "$log")"
+    grep "time (ms)" "$log" | tail -n 1
+done
