@@ -33,6 +33,7 @@ class MoeFfn {
                               std::to_string(c.d) + ", expert-dim " + std::to_string(c.fe) + ")");
         if (c.k > kMaxTopK || c.E > kMaxRouterExperts)
             throw ConfigError("the GPU router supports k <= 32 and E <= 256");
+        if (c.locmoe()) throw ConfigError("--router locmoe runs on the CPU only so far (--device cpu)");
     }
     // router + k experts (two d×f matmuls each), per token
     static double forward_macs_per_token(const Config& c) {

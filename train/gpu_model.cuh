@@ -261,6 +261,8 @@ class GpuModel {
         copy_master_to_param(params.get(), master.get(), layout.total, ctx.stream);
     }
     std::vector<int64_t> take_expert_counts() { return balance.take_counts(ctx.stream); }
+    // LocMoE's losses and drops since the last call, over the ranks; zero for the other routers.
+    RouterStats take_router_stats() { return {0, 0, std::vector<int64_t>(cfg.L, 0)}; }
 
     const Ffn& ffn() const { return ffn_; }
 
