@@ -5,6 +5,9 @@
 //
 //   route -> group -> dispatch -> compute -> combine -> weight + merge
 //
+// With --router locmoe (SPEC §2.6) route is LocMoE's: the GrAP gate, its two auxiliary losses and the
+// capacity drop (moe/locmoe_router.cuh); the stages after it see only the copies the capacity kept.
+//
 // Each token x (d) picks its top-k experts; its k copies are grouped by expert; dispatch sends each
 // copy to its expert's owner; each expert runs its rows through W1, GELU and W2 as grouped GEMMs;
 // combine brings the outputs back, where they are weighted by the gates and summed per token. On one
@@ -14,7 +17,9 @@
 // The includes, in the order the stages use them:
 #include <memory>
 
+#include "model/locmoe.h"                 // route (LocMoE): the capacity and the locality target
 #include "moe/router.cuh"                 // route: router_forward, router_weight_backward (IO-aware top-k)
+#include "moe/locmoe_router.cuh"          // route (LocMoE): GrAP gate, losses, capacity drop, backward
 #include "moe/routing_plan.cuh"           // group: RoutingPlan, RoutingPlans, group_copies
 #include "parallel/expert_dispatch.cuh"   // dispatch, combine: ExpertExchange (counts, then rows)
 #include "moe/grouped/grouped_gemm.cuh"   // compute: expert_up_forward, expert_down_forward and backwards
@@ -49,14 +54,16 @@ class MoeFfn {
     }
 
     // Every device buffer allocated here has its term in train/gpu_memory.cuh (the start-up estimate).
-    MoeFfn(const Config& c, int N, int world)
+    MoeFfn(const Config& c, int N, const Comm& comm)
         : c_(c), N_(N), copies_((int64_t)N * c.k), plans_(RoutingPlans::routed(c.L, N, 1, c.E, c.k)) {
+        const int world = comm.world;
         if (world > 1) exchange_ = std::make_unique<ExpertExchange>(c.L, N, c.E, c.k, c.d, world);
+        if (c.locmoe()) init_locmoe(comm);
         const size_t L = c.L, n = rows();
         o_.resize(L * copies_ * c.d); pre_.resize(L * n * c.fe); h_.resize(L * n * c.fe);
         d_o_.resize(copies_ * c.d); dx_copy_.resize(copies_ * c.d); ds_copy_.resize(copies_);
         dpre_.resize(n * c.fe);
-        router_grad_scratch_.resize(router_grad_scratch_size(c.E, c.d));
+        if (!c.locmoe()) router_grad_scratch_.resize(router_grad_scratch_size(c.E, c.d));
         if (exchange_) {  // the rows the experts received, per layer, and their outputs
             x_received_.resize(L * n * c.d);
             expert_rows_.resize(n * c.d);
@@ -69,10 +76,14 @@ class MoeFfn {
         const RoutingPlan p = plans_[l];
         floatX *o = o_.get() + (size_t)l * copies_ * c.d, *pre = pre_.get() + l * rows() * c.fe;
         floatX* h = h_.get() + l * rows() * c.fe;
-        // route:    sel, gate (N, k) = top-k of x R + b                          int32, fp32
-        router_forward(p, x, c.d, w.router, bias, c.d, ctx.stream);
-        // group:    copies sorted by expert, tiles of one expert
-        group_copies(p, ctx.stream);
+        if (c.locmoe()) {
+            route_locmoe(l, p, x, w, ctx.stream);
+        } else {
+            // route:    sel, gate (N, k) = top-k of x R + b                          int32, fp32
+            router_forward(p, x, c.d, w.router, bias, c.d, ctx.stream);
+            // group:    copies sorted by expert, tiles of one expert
+            group_copies(p, ctx.stream);
+        }
         // dispatch: each copy's row to its expert's owner (one GPU: the experts read x through p)
         const ExpertRows in = dispatch(l, x, p, ctx);
         // compute:  pre, h (rows, f) = X_e W1_e^T, GELU(pre)                     floatX, owner order
@@ -95,7 +106,8 @@ class MoeFfn {
         const floatX* h = h_.get() + l * rows() * c.fe;
         const ExpertRows in = received(l, x, p);
         // weight + merge: d_o (N·k, d) = gate · dout;  ds (N·k) = gate-softmax backward of dout · o
-        combine_backward(d_o_.get(), ds_copy_.get(), dout, c.d, o, p, c.d, ctx.stream);
+        //                (LocMoE: dw = dout · o itself, for the backward of the full softmax)
+        combine_backward(d_o_.get(), ds_copy_.get(), dout, c.d, o, p, c.d, ctx.stream, !c.locmoe());
         // combine (backward): d_o to the experts' owners
         const floatX* d_o_experts = to_owners(l, d_o_.get(), ctx);
         // compute:  dpre (rows, f) = (d_o W2_e) ⊙ GELU'(pre);  dW2_e += d_o^T h
@@ -106,10 +118,36 @@ class MoeFfn {
         expert_up_backward(dx_experts, g.expert_in, dpre_.get(), in.x, c.d, w.expert_in, in.plan, c.d, c.fe, ctx.stream);
         // dispatch (backward): each copy's dx back to its token's rank            (N·k, d) group order
         to_sources(l, dx_copy_.get(), dx_experts, ctx);
+        if (c.locmoe()) {
+            // group:    dx[t] = Σ_{kept j} dx_copy                                floatX (N, d)
+            gather_input_grad(dx, c.d, dx_copy_.get(), ds_copy_.get(), nullptr, p, c.d, ctx.stream);
+            // route:    dx += GrAP backward of dp = scale · dL/dp + Σ dw;  dε += dz
+            locmoe_router_backward(dx, g.router_eps, grap_parts_.get(), x, w.router_eps, layer_stats(l).coef,
+                                   ctx.loss_scale, p, ds_copy_.get(), c.d, ctx.stream);
+            add_router_stats(step_loss_.get(), step_dropped_.get() + l, layer_stats(l), ctx.loss_scale, ctx.stream);
+            return;
+        }
         // route:    dR[:, e] += Σ_{copies of e} x · ds   (k chosen columns only)
         router_weight_backward(g.router, router_grad_scratch_.get(), x, c.d, ds_copy_.get(), p, c.d, ctx.stream);
         // group:    dx[t] = Σ_j dx_copy + Σ_j R[:, e_j] ds_j                     floatX (N, d)
         gather_input_grad(dx, c.d, dx_copy_.get(), ds_copy_.get(), w.router, p, c.d, ctx.stream);
+    }
+
+    // LocMoE's L_aux and L_loc (summed over the layers) and drops per layer since the last call,
+    // averaged (losses) or summed (drops) over the ranks; zero for the top-k router.
+    RouterStats take_router_stats(const Comm& comm, cudaStream_t stream) {
+        RouterStats s{0, 0, std::vector<int64_t>(c_.L, 0)};
+        if (!c_.locmoe()) return s;
+        all_reduce_average(step_loss_.get(), 2, comm, stream);
+        all_reduce_sum_int(step_dropped_.get(), c_.L, comm, stream);
+        const std::vector<float> loss = step_loss_.download();
+        const std::vector<int> dropped = step_dropped_.download();
+        s.aux_loss = loss[0];
+        s.loc_loss = loss[1];
+        std::copy(dropped.begin(), dropped.end(), s.dropped.begin());
+        CUDA_CHECK(cudaMemsetAsync(step_loss_.get(), 0, 2 * sizeof(float), stream));
+        CUDA_CHECK(cudaMemsetAsync(step_dropped_.get(), 0, c_.L * sizeof(int), stream));
+        return s;
     }
 
     // Layer l's routing plan of its last forward (the routed copies the load balance counts).
@@ -119,10 +157,45 @@ class MoeFfn {
     // per layer when balanced) plus the count metadata.
     int64_t take_bytes_sent() { return exchange_ ? exchange_->take_bytes_sent() : 0; }
 
-    // Layer l's choices in its last forward, (N, k): tests hold the reference to them.
-    std::vector<int> selection(int l) const { return plans_.selection(l); }
+    // Layer l's choices in its last forward, (N, k): tests hold the reference to them. LocMoE's are
+    // the router's, before the capacity drop (which follows from them).
+    std::vector<int> selection(int l) const {
+        std::vector<int> sel = plans_.selection(l);
+        for (int& e : sel) e = e < 0 ? ~e : e;
+        return sel;
+    }
 
   private:
+    // LocMoE's capacity, this rank's locality target and the buffers of its losses (SPEC §2.6).
+    void init_locmoe(const Comm& comm) {
+        const Config& c = c_;
+        const int node_size = c.node_size ? c.node_size : comm.local_size;
+        if (comm.world % node_size != 0)
+            throw ConfigError("the " + std::to_string(comm.local_size) + " ranks on this host do not divide R = " +
+                              std::to_string(comm.world) + ": give --node-size");
+        const LocMoeSetup s = locmoe_setup(c, N_, comm.rank, comm.world, node_size);
+        capacity_ = s.capacity;
+        target_.resize(c.E);
+        target_.upload(std::vector<float>(s.D.begin(), s.D.end()));
+        coef_.resize((size_t)c.L * c.E); layer_loss_.resize(2 * c.L); layer_dropped_.resize(c.L);
+        step_loss_.resize(2); step_dropped_.resize(c.L);
+        CUDA_CHECK(cudaMemset(step_loss_.get(), 0, 2 * sizeof(float)));
+        CUDA_CHECK(cudaMemset(step_dropped_.get(), 0, c.L * sizeof(int)));
+        grap_parts_.resize(grap_parts_size(N_, c.E));
+    }
+    LocMoeLayerStats layer_stats(int l) const {
+        return {coef_.get() + (size_t)l * c_.E, layer_loss_.get() + 2 * l, layer_dropped_.get() + l};
+    }
+    // route (LocMoE): sel, gate (N, k) = top-k of the GrAP gate p and p there; group; the layer's
+    // losses (from the routed copies); then the copies over capacity dropped and the kept ones grouped.
+    void route_locmoe(int l, const RoutingPlan& p, const floatX* x, const Layer& w, cudaStream_t stream) {
+        locmoe_router_forward(p, grap_parts_.get(), x, w.router_eps, c_.d, stream);
+        group_copies(p, stream);
+        locmoe_losses(layer_stats(l), grap_parts_.get(), p, target_.get(), c_.aux_loss_weight, c_.loc_loss_weight,
+                      capacity_, stream);
+        if (capacity_ > 0) capacity_drop(p, capacity_, stream);
+    }
+
     // The rows the experts of this rank work on and their plan: the received rows (R > 1), or the
     // token rows read through the routing plan (one GPU).
     struct ExpertRows {
@@ -170,6 +243,12 @@ class MoeFfn {
     // scratch shared by all layers
     DeviceBuffer<floatX> d_o_, dpre_, dx_copy_, expert_rows_;
     DeviceBuffer<float> ds_copy_, router_grad_scratch_;
+    // LocMoE only
+    int capacity_ = 0;                                   // C; 0: unlimited
+    DeviceBuffer<float> target_, coef_, layer_loss_;     // D_l (E); per layer: dL/dp (E), L_aux and L_loc
+    DeviceBuffer<int> layer_dropped_;                    // per layer: copies over capacity
+    DeviceBuffer<float> step_loss_, grap_parts_;         // L_aux, L_loc since the last take; per-block parts
+    DeviceBuffer<int> step_dropped_;                     // per layer, since the last take
 };
 
 }  // namespace lmoe

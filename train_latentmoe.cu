@@ -51,9 +51,10 @@ class LatentMoeFfn {
     }
 
     // Every device buffer allocated here has its term in train/gpu_memory.cuh (the start-up estimate).
-    LatentMoeFfn(const Config& c, int N, int world)
-        : c_(c), N_(N), HD_(c.H * c.dh), world_(world), Hl_(c.H / world), M_(world * N), ldU_(c.H / world * c.dh),
-          copies_((int64_t)c.H * N * c.k), plans_(RoutingPlans::routed(c.L, world * N, c.H / world, c.E, c.k)) {
+    LatentMoeFfn(const Config& c, int N, const Comm& comm)
+        : c_(c), N_(N), HD_(c.H * c.dh), world_(comm.world), Hl_(c.H / world_), M_(world_ * N),
+          ldU_(c.H / world_ * c.dh), copies_((int64_t)c.H * N * c.k),
+          plans_(RoutingPlans::routed(c.L, world_ * N, c.H / world_, c.E, c.k)) {
         const size_t L = c.L;
         U_.resize(L * N * HD_); y_.resize(L * N * HD_); o_.resize(L * copies_ * c.dh);
         for (auto* b : {&rows_, &heads_, &heads2_, &exchange_}) b->resize((size_t)N * HD_);
@@ -121,6 +122,9 @@ class LatentMoeFfn {
 
     // Layer l's choices in its last forward, (H/R, R·N, k): tests hold the reference to them.
     std::vector<int> selection(int l) const { return plans_.selection(l); }
+
+    // No auxiliary losses and no capacity here (RouterStats of LocMoE, moe_ep_baseline.cu).
+    RouterStats take_router_stats(const Comm&, cudaStream_t) const { return {0, 0, std::vector<int64_t>(c_.L, 0)}; }
 
     // Bytes this rank sent to other ranks since the last call (SPEC §3 predicts 4·N·H·dh·(R−1)/R·2
     // per layer and step).

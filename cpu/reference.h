@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/locmoe.h"
 #include "model/config.h"
 #include "model/params.h"
 
@@ -296,7 +297,7 @@ void expert_backward(T* dx, T* dw_in, T* dw_out, const T* dout, const T* x, cons
 
 template <class T>
 struct ExpertBank {   // the E experts of one head (or of the MoE layer) and their router
-    const T* router;  // (D, E)
+    const T* router;  // (D, E): R; LocMoE's (E): ε
     const T* w_in;    // (E, F, D)
     const T* w_out;   // E matrices of ExpertLayout
     const float* bias;  // (E): selection-only bias
@@ -328,6 +329,32 @@ void routed_forward(T* y, int64_t ld_y, const T* x, int64_t ld_x, int M, const E
     }
 }
 
+// The backward of one copy of row x, gate w, on expert e, for dy: do = w dy through the expert
+// (accumulating its weight gradients), the copy's dx formed on its own and then added to dx (as a
+// distributed layer adds copies coming back from their experts' owners); returns dw = dy·o.
+template <class T>
+struct CopyBackward {
+    std::vector<T> o, dout, dx_copy;  // scratch, reused from copy to copy
+    explicit CopyBackward(int D) : o(D), dout(D), dx_copy(D) {}
+    T operator()(T* dx, const ExpertBankGrad<T>& grad, const T* dy, const T* x, const ExpertBank<T>& bank, int e,
+                 T w) {
+        const ExpertLayout& L = bank.layout;
+        const T* w_in = bank.w_in + e * L.size();
+        const T* w_out = bank.w_out + e * L.size();
+        expert_forward(o.data(), x, w_in, w_out, L);
+        T dgate = 0;
+        for (int i = 0; i < L.D; i++) {
+            dgate += dy[i] * o[i];
+            dout[i] = w * dy[i];
+        }
+        std::fill(dx_copy.begin(), dx_copy.end(), T(0));
+        expert_backward(dx_copy.data(), grad.w_in + e * L.size(), grad.w_out + e * L.size(), dout.data(), x, w_in,
+                        w_out, L);
+        for (int i = 0; i < L.D; i++) dx[i] += dx_copy[i];
+        return dgate;
+    }
+};
+
 // Backward of routed_forward: dw_j = dy·o_j, do_j = w_j dy (expert backward), then the gate softmax
 // and the router, touching only the k chosen columns: dR[:, e] += x ds_e, dx += R[:, e] ds_e.
 // Each copy's dx is formed on its own and then added in slot order, as a distributed layer does when
@@ -337,31 +364,97 @@ void routed_backward(T* dx, int64_t ld_dx, const ExpertBankGrad<T>& grad, const 
                      int64_t ld_x, int M, const ExpertBank<T>& bank, const int* sel, const T* gate) {
     const ExpertLayout& L = bank.layout;
     const int k = bank.k, E = bank.E;
-    std::vector<T> o(L.D), dout(L.D), dx_copy(L.D), dgate(k), ds(k);
+    CopyBackward<T> copy(L.D);
+    std::vector<T> dgate(k), ds(k);
     for (int t = 0; t < M; t++) {
         const T *xt = x + t * ld_x, *dyt = dy + t * ld_dy, *wt = gate + (int64_t)t * k;
         const int* st = sel + (int64_t)t * k;
         T* dxt = dx + t * ld_dx;
-        for (int j = 0; j < k; j++) {
-            const T* w_in = bank.w_in + st[j] * L.size();
-            const T* w_out = bank.w_out + st[j] * L.size();
-            expert_forward(o.data(), xt, w_in, w_out, L);
-            dgate[j] = 0;
-            for (int i = 0; i < L.D; i++) {
-                dgate[j] += dyt[i] * o[i];
-                dout[i] = wt[j] * dyt[i];
-            }
-            std::fill(dx_copy.begin(), dx_copy.end(), T(0));
-            expert_backward(dx_copy.data(), grad.w_in + st[j] * L.size(), grad.w_out + st[j] * L.size(), dout.data(),
-                            xt, w_in, w_out, L);
-            for (int i = 0; i < L.D; i++) dxt[i] += dx_copy[i];
-        }
+        for (int j = 0; j < k; j++) dgate[j] = copy(dxt, grad, dyt, xt, bank, st[j], wt[j]);
         softmax_gates_backward(ds.data(), wt, dgate.data(), k);
         for (int j = 0; j < k; j++)
             for (int i = 0; i < L.D; i++) {
                 grad.router[(int64_t)i * E + st[j]] += xt[i] * ds[j];
                 dxt[i] += bank.router[(int64_t)i * E + st[j]] * ds[j];
             }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LocMoE's routed layer (SPEC §2.6) over one rank's micro-batch of M rows: p = the GrAP gate of each
+// row (cpu/locmoe.h), S = top-k of p (ties to the lower index), the copies over capacity dropped, and
+//   y[t] = Σ_{kept j} p[t, e_j] · expert_{e_j}(x[t])        (bank.router is ε; the bank's bias unused)
+// With freeze_selection the choices in `sel` are kept (the drop follows from them), for finite
+// differences. Returns the micro-batch's L_aux, L_loc and dropped copies.
+
+template <class T>
+struct LocMoeResult {
+    T aux = 0, loc = 0;
+    int64_t dropped = 0;
+};
+
+// The GrAP probabilities p and pre-ReLU z, (M, E) each, of M rows.
+template <class T>
+void grap_rows(std::vector<T>& p, std::vector<T>& z, const T* x, int64_t ld_x, int M, const T* eps, int D, int E) {
+    p.resize((size_t)M * E);
+    z.resize((size_t)M * E);
+    for (int t = 0; t < M; t++) grap_probs(p.data() + (int64_t)t * E, z.data() + (int64_t)t * E, x + t * ld_x, eps, D, E);
+}
+
+template <class T>
+LocMoeResult<T> locmoe_forward(T* y, int64_t ld_y, const T* x, int64_t ld_x, int M, const ExpertBank<T>& bank,
+                               const lmoe::LocMoeSetup& s, int* sel, T* gate, char* kept, bool freeze_selection) {
+    const ExpertLayout& L = bank.layout;
+    const int E = bank.E, k = bank.k;
+    std::vector<T> p, z, o(L.D);
+    grap_rows(p, z, x, ld_x, M, bank.router, L.D, E);
+    const std::vector<float> no_bias(E, 0.f);
+    for (int t = 0; t < M; t++) {
+        int* st = sel + (int64_t)t * k;
+        if (!freeze_selection) select_topk(st, p.data() + (int64_t)t * E, no_bias.data(), E, k);
+        for (int j = 0; j < k; j++) gate[(int64_t)t * k + j] = p[(int64_t)t * E + st[j]];
+    }
+    LocMoeResult<T> r;
+    r.dropped = capacity_keep(kept, sel, M, E, k, s.capacity);
+    const RouterLosses<T> losses = locmoe_losses(p.data(), sel, M, E, k, s);
+    r.aux = losses.aux;
+    r.loc = losses.loc;
+    for (int t = 0; t < M; t++) {
+        T* yt = y + t * ld_y;
+        for (int i = 0; i < L.D; i++) yt[i] = 0;
+        for (int j = 0; j < k; j++) {
+            const int64_t c = (int64_t)t * k + j;
+            if (!kept[c]) continue;
+            expert_forward(o.data(), x + t * ld_x, bank.w_in + sel[c] * L.size(), bank.w_out + sel[c] * L.size(), L);
+            for (int i = 0; i < L.D; i++) yt[i] += gate[c] * o[i];
+        }
+    }
+    return r;
+}
+
+// Backward of locmoe_forward; the auxiliary losses' gradient is scaled by loss_scale (dy already is).
+// Per kept copy the expert backward and dw_j = dy·o_j (CopyBackward), then per row
+//   dp[t, i] = loss_scale · dL/dp[t, i] + Σ_{kept j: e_j = i} dw_j
+// through the GrAP gate into dε (grad.router) and dx.
+template <class T>
+void locmoe_backward(T* dx, int64_t ld_dx, const ExpertBankGrad<T>& grad, const T* dy, int64_t ld_dy, const T* x,
+                     int64_t ld_x, int M, const ExpertBank<T>& bank, const lmoe::LocMoeSetup& s, const int* sel,
+                     const T* gate, const char* kept, T loss_scale) {
+    const ExpertLayout& L = bank.layout;
+    const int E = bank.E, k = bank.k;
+    std::vector<T> p, z, dp(E);
+    grap_rows(p, z, x, ld_x, M, bank.router, L.D, E);
+    const RouterLosses<T> losses = locmoe_losses(p.data(), sel, M, E, k, s);
+    CopyBackward<T> copy(L.D);
+    for (int t = 0; t < M; t++) {
+        const T* xt = x + t * ld_x;
+        T* dxt = dx + t * ld_dx;
+        for (int i = 0; i < E; i++) dp[i] = loss_scale * losses.dp[i];
+        for (int j = 0; j < k; j++) {
+            const int64_t c = (int64_t)t * k + j;
+            if (kept[c]) dp[sel[c]] += copy(dxt, grad, dy + t * ld_dy, xt, bank, sel[c], gate[c]);
+        }
+        grap_backward(dxt, grad.router, dp.data(), p.data() + (int64_t)t * E, z.data() + (int64_t)t * E, L.D, E);
     }
 }
 
@@ -374,6 +467,10 @@ struct FfnCache {          // what the FFN's backward needs from its forward
     std::vector<T> u, y;   // LatentMoE: (N, H·dh) sub-tokens and head outputs
     std::vector<int> sel;  // (H, N, k) chosen experts
     std::vector<T> gate;   // (H, N, k) their gates
+    // LocMoE only: which copies the capacity kept (N, k), and the forward's losses and drops
+    std::vector<char> kept;
+    T aux_loss = 0, loc_loss = 0;
+    int64_t dropped = 0;
 };
 
 template <class T>
@@ -381,14 +478,15 @@ ExpertBank<T> head_bank(const Config& c, const typename lmoe::ModelTensors<T>::L
     const bool hp = c.ffn == FfnKind::LatentMoE;
     ExpertLayout L{c.dh, c.fe, hp};
     int64_t per_head = (int64_t)c.E * L.size();
-    return {w.router + (int64_t)h * c.dh * c.E, w.expert_in + h * per_head, w.expert_out + h * per_head,
-            bias + (int64_t)h * c.E, c.E, c.k, L};
+    const T* router = c.locmoe() ? w.router_eps : w.router + (int64_t)h * c.dh * c.E;
+    return {router, w.expert_in + h * per_head, w.expert_out + h * per_head, bias + (int64_t)h * c.E, c.E, c.k, L};
 }
 
 template <class T>
 ExpertBankGrad<T> head_bank_grad(const Config& c, const typename lmoe::ModelTensors<T>::Layer& g, int h) {
     int64_t per_head = (int64_t)c.E * c.dh * c.fe;
-    return {g.router + (int64_t)h * c.dh * c.E, g.expert_in + h * per_head, g.expert_out + h * per_head};
+    T* router = c.locmoe() ? g.router_eps : g.router + (int64_t)h * c.dh * c.E;
+    return {router, g.expert_in + h * per_head, g.expert_out + h * per_head};
 }
 
 // out (N, d) = FFN(x (N, d)); bias (H, E).
@@ -398,6 +496,16 @@ void ffn_forward(T* out, const T* x, int N, const Config& c, const typename lmoe
     const int64_t HD = (int64_t)c.H * c.dh;
     cache.sel.resize((size_t)c.H * N * c.k);
     cache.gate.resize((size_t)c.H * N * c.k);
+    if (c.locmoe()) {  // one rank: its locality target is uniform
+        cache.kept.resize((size_t)N * c.k);
+        const LocMoeResult<T> r =
+            locmoe_forward(out, c.d, x, c.d, N, head_bank<T>(c, w, bias, 0), lmoe::locmoe_setup(c, N, 0, 1, 1),
+                           cache.sel.data(), cache.gate.data(), cache.kept.data(), freeze_selection);
+        cache.aux_loss = r.aux;
+        cache.loc_loss = r.loc;
+        cache.dropped = r.dropped;
+        return;
+    }
     if (c.ffn == FfnKind::MoE) {
         routed_forward(out, c.d, x, c.d, N, head_bank<T>(c, w, bias, 0), cache.sel.data(), cache.gate.data(),
                        freeze_selection);
@@ -413,11 +521,18 @@ void ffn_forward(T* out, const T* x, int N, const Config& c, const typename lmoe
     matmul_forward(out, cache.y.data(), w.ffn_out, N, (int)HD, c.d);  // merge
 }
 
+// loss_scale: d(objective)/d(loss) for the gradient of LocMoE's auxiliary losses (dout already has it).
 template <class T>
 void ffn_backward(T* dx, const typename lmoe::ModelTensors<T>::Layer& g, const T* dout, const T* x, int N,
                   const Config& c, const typename lmoe::ModelTensors<T>::Layer& w, const float* bias,
-                  const FfnCache<T>& cache) {
+                  const FfnCache<T>& cache, T loss_scale = T(1)) {
     const int64_t HD = (int64_t)c.H * c.dh;
+    if (c.locmoe()) {
+        locmoe_backward(dx, c.d, head_bank_grad<T>(c, g, 0), dout, c.d, x, c.d, N, head_bank<T>(c, w, bias, 0),
+                        lmoe::locmoe_setup(c, N, 0, 1, 1), cache.sel.data(), cache.gate.data(), cache.kept.data(),
+                        loss_scale);
+        return;
+    }
     if (c.ffn == FfnKind::MoE) {
         routed_backward(dx, c.d, head_bank_grad<T>(c, g, 0), dout, c.d, x, c.d, N, head_bank<T>(c, w, bias, 0),
                         cache.sel.data(), cache.gate.data());
@@ -487,7 +602,12 @@ struct Model {
     const float* bias(int l) const { return routing_bias.data() + (size_t)l * cfg.H * cfg.E; }
     void zero_grad() { std::fill(grads.begin(), grads.end(), T(0)); }
 
-    // Mean cross-entropy over the B·T tokens. With freeze_selection, every FFN reuses the experts it
+    // The last forward's mean cross-entropy over the B·T tokens and, for LocMoE, its auxiliary losses
+    // summed over the layers (zero for the other routers).
+    T cross_entropy = 0, aux_loss = 0, loc_loss = 0;
+
+    // The objective backward() differentiates: the mean cross-entropy over the B·T tokens plus, for
+    // LocMoE, L_aux + L_loc of every layer. With freeze_selection, every FFN reuses the experts it
     // chose in the previous forward (finite differences need the routing held fixed).
     T forward(const int* tok, const int* tgt, int batch, bool freeze_selection = false) {
         const Config& c = cfg;
@@ -528,7 +648,14 @@ struct Model {
         lm_probs.resize((size_t)N * c.Vp());
         rmsnorm_forward(xf.data(), rstdf.data(), x.data(), w.lnf, N, d);
         matmul_forward(logits.data(), xf.data(), w.lm_head, N, d, c.Vp());
-        return cross_entropy_forward(lm_probs.data(), logits.data(), targets.data(), N, c.V, c.Vp());
+        cross_entropy = cross_entropy_forward(lm_probs.data(), logits.data(), targets.data(), N, c.V, c.Vp());
+        if (!c.locmoe()) return cross_entropy;
+        aux_loss = loc_loss = 0;
+        for (const FfnCache<T>& f : ffn) {
+            aux_loss += f.aux_loss;
+            loc_loss += f.loc_loss;
+        }
+        return cross_entropy + aux_loss + loc_loss;
     }
 
     // Accumulates d(loss · loss_scale)/dθ into grads (loss_scale = 1/grad_accum for accumulation).
@@ -542,7 +669,7 @@ struct Model {
         for (int l = c.L - 1; l >= 0; l--) {  // dx holds d loss / d (residual stream after layer l)
             const auto &wl = w.layers[l], &gl = g.layers[l];
             std::vector<T> dxn((size_t)N * d, T(0)), dattn((size_t)N * C, T(0)), dqkv((size_t)N * 3 * C, T(0));
-            ffn_backward(dxn.data(), gl, dx.data(), xn2[l].data(), N, c, wl, bias(l), ffn[l]);
+            ffn_backward(dxn.data(), gl, dx.data(), xn2[l].data(), N, c, wl, bias(l), ffn[l], loss_scale);
             rmsnorm_backward(dx.data(), gl.ln2, dxn.data(), x_mid[l].data(), wl.ln2, rstd2[l].data(), N, d);
             std::fill(dxn.begin(), dxn.end(), T(0));
             matmul_backward(dattn.data(), gl.attn_out, dx.data(), attn[l].data(), wl.attn_out, N, C, d);
@@ -555,13 +682,15 @@ struct Model {
         embedding_backward(g.wte, dx.data(), tokens.data(), N, d);
     }
 
-    // Routed slots per (layer, head, expert) in the last forward: the load the bias update uses.
+    // Routed slots per (layer, head, expert) in the last forward: the load the bias update uses
+    // (LocMoE: the slots its capacity kept, the rows each expert computed).
     void add_expert_counts(std::vector<int64_t>& counts) const {
         counts.resize((size_t)cfg.L * cfg.H * cfg.E, 0);
         for (int l = 0; l < cfg.L; l++)
             for (int h = 0; h < cfg.H; h++)
                 for (int64_t i = 0; i < (int64_t)N * cfg.k; i++)
-                    counts[((size_t)l * cfg.H + h) * cfg.E + ffn[l].sel[(size_t)h * N * cfg.k + i]]++;
+                    if (ffn[l].kept.empty() || ffn[l].kept[i])
+                        counts[((size_t)l * cfg.H + h) * cfg.E + ffn[l].sel[(size_t)h * N * cfg.k + i]]++;
     }
 };
 

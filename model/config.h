@@ -38,6 +38,13 @@ struct Config {
     int E = 8;         // experts (per latent head for LatentMoE)
     int fe = 32;       // expert hidden size (f for the MoE)
     int k = 2;         // active experts per (sub-)token
+    // LocMoE routing of the MoE baseline (SPEC §2.6); the other router is §2.2's top-k
+    std::string router = "topk";  // topk | locmoe
+    int node_size = 0;            // ranks per node for L_loc and the byte split; 0: the ranks on one host
+    float capacity_factor = 0;    // c_f; 0: no capacity (dropless)
+    float capacity_delta = 0.03f; // δ, the smallest cosine between a token and its expert's gating weight
+    float aux_loss_weight = 0.01f;  // α of L_aux
+    float loc_loss_weight = 0.01f;  // μ of L_loc
     // training (SPEC §2.3, §2.4)
     int B = 16;               // micro-batch sequences per rank
     int grad_accum = 1;       // micro-steps per optimizer step
@@ -62,6 +69,7 @@ struct Config {
     bool bench_layer = false;     // time one FFN layer instead of training
 
     int d_attn() const { return d / n_head; }
+    bool locmoe() const { return ffn == FfnKind::MoE && router == "locmoe"; }
     int Vp() const { return (V + 127) / 128 * 128; }
 };
 
@@ -207,7 +215,10 @@ inline void validate(const Config& c, int world) {
                                      " must be even (rotary embedding rotates pairs)");
     require(c.V >= 2 && c.V <= 65536, "vocabulary size V = " + std::to_string(c.V) +
                                           " must be in [2, 65536] (shards store uint16 tokens)");
-    require(c.k >= 2, "k = " + std::to_string(c.k) + ": at least 2 active experts are needed (k >= 2)");
+    if (c.locmoe())  // the gate is the full softmax's p, so the paper's top-1 is meaningful
+        require(c.k >= 1, "k = " + std::to_string(c.k) + ": at least 1 active expert is needed (k >= 1)");
+    else
+        require(c.k >= 2, "k = " + std::to_string(c.k) + ": at least 2 active experts are needed (k >= 2)");
     require(c.k <= c.E, "k = " + std::to_string(c.k) + " exceeds the number of experts E = " + std::to_string(c.E));
     if (c.ffn == FfnKind::MoE)
         require(c.H == 1 && c.dh == c.d, "the MoE baseline has no latent heads (H = 1, dh = d)");
@@ -233,6 +244,20 @@ inline void validate(const Config& c, int world) {
             "eval_every and checkpoint_every must be >= 0, eval_batches and log_every >= 1");
     require(c.device == "auto" || c.device == "cpu" || c.device == "gpu",
             "device must be auto, cpu or gpu, not '" + c.device + "'");
+    require(c.router == "topk" || c.router == "locmoe", "router must be topk or locmoe, not '" + c.router + "'");
+    if (!c.locmoe()) return;
+    require(c.d % c.E == 0, "LocMoE's grouped average pooling needs d % E == 0: d = " + std::to_string(c.d) +
+                                " cannot be cut into E = " + std::to_string(c.E) + " equal groups");
+    require(c.node_size >= 0, "node size must be >= 0 (0: the ranks on one host), not " + std::to_string(c.node_size));
+    require(c.node_size == 0 || world % c.node_size == 0,
+            "node size " + std::to_string(c.node_size) + " does not divide the R = " + std::to_string(world) + " ranks");
+    require(c.capacity_factor >= 0, "capacity factor must be >= 0 (0: no capacity), not " +
+                                        std::to_string(c.capacity_factor));
+    require(c.capacity_delta > 0 && c.capacity_delta < 1,
+            "capacity delta must be in (0, 1), not " + std::to_string(c.capacity_delta));
+    require(c.aux_loss_weight >= 0 && c.loc_loss_weight >= 0, "aux-loss-weight and loc-loss-weight must be >= 0");
+    require(c.bias_rate == 0, "LocMoE has no aux-free bias (SPEC §2.6): balance comes from L_aux, so --bias-rate "
+                              "must be 0 (it is by default with --router locmoe)");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -243,46 +268,63 @@ struct Flag {
     const char* help;
     enum Type { Int, Float, U64, Str, Bool } type;
     void* field;
-    bool hp_only;  // latent-head flags mean nothing to the MoE baseline
+    // latent-head flags mean nothing to the MoE baseline, its router's nothing to LatentMoE, and
+    // LocMoE's nothing to the other router
+    enum Scope { Both, HpOnly, EpOnly, LocMoeOnly } scope;
     bool empty_ok = false;  // Str: '' is a meaningful value (--log-file '': no log); else '' is refused
+    bool applies_to(FfnKind ffn) const {
+        return scope == Both || (scope == HpOnly) == (ffn == FfnKind::LatentMoE);  // EpOnly, LocMoeOnly: the MoE
+    }
 };
 
 inline std::vector<Flag> flag_table(Config& c) {
+    const Flag::Scope both = Flag::Both, HP = Flag::HpOnly, EP = Flag::EpOnly, LOC = Flag::LocMoeOnly;
     return {
-        {"preset", "model preset: tiny, small, p1, p2 (applied before the other flags)", Flag::Str, &c.preset, false},
-        {"seq-len", "sequence length T", Flag::Int, &c.T, false},
-        {"d-model", "model width d", Flag::Int, &c.d, false},
-        {"layers", "number of layers L", Flag::Int, &c.L, false},
-        {"attn-heads", "attention heads (head size d / attn-heads)", Flag::Int, &c.n_head, false},
-        {"vocab", "vocabulary size V (256 for data_prep's byte-level shards)", Flag::Int, &c.V, false},
-        {"latent-heads", "latent heads H", Flag::Int, &c.H, true},
-        {"head-dim", "latent head size dh", Flag::Int, &c.dh, true},
-        {"experts", "experts E (per latent head for LatentMoE)", Flag::Int, &c.E, false},
-        {"expert-dim", "expert hidden size (fe for LatentMoE, f for MoE)", Flag::Int, &c.fe, false},
-        {"topk", "active experts k per (sub-)token, 2 <= k <= E", Flag::Int, &c.k, false},
-        {"batch", "micro-batch size B (sequences per rank)", Flag::Int, &c.B, false},
-        {"grad-accum", "micro-steps per optimizer step", Flag::Int, &c.grad_accum, false},
-        {"steps", "optimizer steps", Flag::Int, &c.steps, false},
-        {"lr", "peak learning rate", Flag::Float, &c.lr, false},
-        {"warmup", "linear warm-up steps", Flag::Int, &c.warmup, false},
-        {"lr-floor", "cosine decay ends at lr * lr-floor", Flag::Float, &c.lr_floor, false},
-        {"weight-decay", "AdamW weight decay (matrices only)", Flag::Float, &c.weight_decay, false},
-        {"grad-clip", "global gradient-norm clip (0 disables)", Flag::Float, &c.grad_clip, false},
-        {"bias-rate", "aux-loss-free bias update rate gamma (0 disables)", Flag::Float, &c.bias_rate, false},
-        {"seed", "seed for the initial weights", Flag::U64, &c.seed, false},
-        {"eval-every", "validation loss every N steps (0: only at the end)", Flag::Int, &c.eval_every, false},
-        {"eval-batches", "micro-batches per validation", Flag::Int, &c.eval_batches, false},
-        {"log-every", "progress line every N steps", Flag::Int, &c.log_every, false},
-        {"train-data", "training shard(s), a path or glob pattern", Flag::Str, &c.train_data, false},
-        {"val-data", "validation shard(s), a path or glob pattern", Flag::Str, &c.val_data, false},
-        {"device", "auto | cpu | gpu (auto: the GPU if one is present)", Flag::Str, &c.device, false},
-        {"checkpoint", "checkpoint file, saved at the end and on Ctrl-C", Flag::Str, &c.checkpoint, false},
-        {"checkpoint-every", "also save every N steps (0: never in between)", Flag::Int, &c.checkpoint_every, false},
-        {"resume", "resume training from this checkpoint (leave out to start fresh)", Flag::Str, &c.resume, false},
-        {"log-file", "also write step,loss,norm,val_loss,ms per step to this CSV file (empty: no log)", Flag::Str,
-         &c.log_file, false, true},
+        {"preset", "model preset: tiny, small, p1, p2 (applied before the other flags)", Flag::Str, &c.preset, both},
+        {"seq-len", "sequence length T", Flag::Int, &c.T, both},
+        {"d-model", "model width d", Flag::Int, &c.d, both},
+        {"layers", "number of layers L", Flag::Int, &c.L, both},
+        {"attn-heads", "attention heads (head size d / attn-heads)", Flag::Int, &c.n_head, both},
+        {"vocab", "vocabulary size V (256 for data_prep's byte-level shards)", Flag::Int, &c.V, both},
+        {"latent-heads", "latent heads H", Flag::Int, &c.H, HP},
+        {"head-dim", "latent head size dh", Flag::Int, &c.dh, HP},
+        {"experts", "experts E (per latent head for LatentMoE)", Flag::Int, &c.E, both},
+        {"expert-dim", "expert hidden size (fe for LatentMoE, f for MoE)", Flag::Int, &c.fe, both},
+        {"topk", "active experts k per (sub-)token, 2 <= k <= E (1 <= k with --router locmoe)", Flag::Int, &c.k, both},
+        {"batch", "micro-batch size B (sequences per rank)", Flag::Int, &c.B, both},
+        {"grad-accum", "micro-steps per optimizer step", Flag::Int, &c.grad_accum, both},
+        {"steps", "optimizer steps", Flag::Int, &c.steps, both},
+        {"lr", "peak learning rate", Flag::Float, &c.lr, both},
+        {"warmup", "linear warm-up steps", Flag::Int, &c.warmup, both},
+        {"lr-floor", "cosine decay ends at lr * lr-floor", Flag::Float, &c.lr_floor, both},
+        {"weight-decay", "AdamW weight decay (matrices only)", Flag::Float, &c.weight_decay, both},
+        {"grad-clip", "global gradient-norm clip (0 disables)", Flag::Float, &c.grad_clip, both},
+        {"bias-rate", "aux-loss-free bias update rate gamma (0 disables)", Flag::Float, &c.bias_rate, both},
+        {"seed", "seed for the initial weights", Flag::U64, &c.seed, both},
+        {"eval-every", "validation loss every N steps (0: only at the end)", Flag::Int, &c.eval_every, both},
+        {"eval-batches", "micro-batches per validation", Flag::Int, &c.eval_batches, both},
+        {"log-every", "progress line every N steps", Flag::Int, &c.log_every, both},
+        {"train-data", "training shard(s), a path or glob pattern", Flag::Str, &c.train_data, both},
+        {"val-data", "validation shard(s), a path or glob pattern", Flag::Str, &c.val_data, both},
+        {"device", "auto | cpu | gpu (auto: the GPU if one is present)", Flag::Str, &c.device, both},
+        {"checkpoint", "checkpoint file, saved at the end and on Ctrl-C", Flag::Str, &c.checkpoint, both},
+        {"checkpoint-every", "also save every N steps (0: never in between)", Flag::Int, &c.checkpoint_every, both},
+        {"resume", "resume training from this checkpoint (leave out to start fresh)", Flag::Str, &c.resume, both},
+        {"log-file", "also write step,loss,norm,val_loss,ms per step to this CSV file (empty: no log); "
+         "locmoe adds aux_loss,loc_loss,dropped", Flag::Str,
+         &c.log_file, both, true},
         {"bench-layer", "1: time forward+backward of one FFN layer of this config (B·T tokens) and exit",
-         Flag::Bool, &c.bench_layer, false},
+         Flag::Bool, &c.bench_layer, both},
+        {"router", "topk (top-k of x R + b, SPEC 2.2) or locmoe (GrAP gate, capacity, locality, SPEC 2.6)",
+         Flag::Str, &c.router, EP},
+        {"node-size", "locmoe: consecutive ranks per node (0: the ranks on one host)", Flag::Int, &c.node_size, LOC},
+        {"capacity-factor", "locmoe: expert capacity factor c_f (0: no capacity, dropless)", Flag::Float,
+         &c.capacity_factor, LOC},
+        {"capacity-delta", "locmoe: smallest token-gate cosine delta of the capacity bound ec_min", Flag::Float,
+         &c.capacity_delta, LOC},
+        {"aux-loss-weight", "locmoe: weight alpha of the load-balancing loss L_aux", Flag::Float,
+         &c.aux_loss_weight, LOC},
+        {"loc-loss-weight", "locmoe: weight mu of the locality loss L_loc", Flag::Float, &c.loc_loss_weight, LOC},
     };
 }
 
@@ -308,10 +350,10 @@ inline void print_help(const char* program, FfnKind ffn, const char* summary) {
     c.checkpoint = default_checkpoint(ffn);
     std::printf("usage: %s [--flag value ...]\n\n%s\n\nflags (defaults are the tiny preset's):\n", program, summary);
     for (const Flag& f : flag_table(c)) {
-        if (f.hp_only && ffn != FfnKind::LatentMoE) continue;
-        std::printf("  --%-14s %s [%s]\n", f.name, f.help, flag_value_string(f).c_str());
+        if (!f.applies_to(ffn)) continue;
+        std::printf("  --%-16s %s [%s]\n", f.name, f.help, flag_value_string(f).c_str());
     }
-    std::printf("  --%-14s %s\n", "help", "print this text");
+    std::printf("  --%-16s %s\n", "help", "print this text");
 }
 
 // Sets one field from its text, rejecting anything that is not entirely a number of the right kind.
@@ -387,10 +429,12 @@ inline bool parse_flags(Config& c, FfnKind ffn, int argc, char** argv) {
     }
     apply_preset(c, preset);
     std::vector<Flag> table = flag_table(c);
+    bool bias_rate_given = false;
     for (const auto& [name, value] : given) {
+        bias_rate_given |= name == "bias-rate";
         const Flag* found = nullptr;
         for (const Flag& f : table)
-            if (name == f.name && (!f.hp_only || ffn == FfnKind::LatentMoE)) found = &f;
+            if (name == f.name && f.applies_to(ffn)) found = &f;
         if (!found) throw ConfigError("unknown flag --" + name + " (see --help)");
         set_flag(*found, value);
     }
@@ -398,6 +442,11 @@ inline bool parse_flags(Config& c, FfnKind ffn, int argc, char** argv) {
         c.H = 1;
         c.dh = c.d;
     }
+    if (c.locmoe() && !bias_rate_given) c.bias_rate = 0;  // LocMoE balances through L_aux (validate refuses γ > 0)
+    for (const auto& given_flag : given)
+        for (const Flag& f : table)
+            if (f.scope == Flag::LocMoeOnly && given_flag.first == f.name && !c.locmoe())
+                throw ConfigError("--" + given_flag.first + " applies to --router locmoe only");
     if (c.checkpoint.empty()) c.checkpoint = default_checkpoint(ffn);
     return true;
 }
@@ -407,6 +456,9 @@ inline void print_config(const Config& c) {
                 c.d, c.L, c.n_head, c.V, c.Vp(), ffn_name(c.ffn));
     if (c.ffn == FfnKind::LatentMoE) std::printf("H %d dh %d E %d fe %d k %d", c.H, c.dh, c.E, c.fe, c.k);
     else std::printf("E %d f %d k %d", c.E, c.fe, c.k);
+    if (c.locmoe())
+        std::printf(" | router locmoe: capacity-factor %g capacity-delta %g aux-loss-weight %g loc-loss-weight %g",
+                    c.capacity_factor, c.capacity_delta, c.aux_loss_weight, c.loc_loss_weight);
     std::printf(" | B %d grad-accum %d steps %d lr %g warmup %d\n", c.B, c.grad_accum, c.steps, c.lr, c.warmup);
 }
 

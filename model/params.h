@@ -32,6 +32,11 @@ struct ParamLayout {
     int64_t total = 0;           // elements on this rank
     int64_t replicated = 0;      // of which replicated (their gradients are all-reduced)
 
+    bool has(const std::string& name) const {
+        for (const TensorSpec& t : tensors)
+            if (t.name == name) return true;
+        return false;
+    }
     const TensorSpec& find(const std::string& name) const {
         for (const TensorSpec& t : tensors)
             if (t.name == name) return t;
@@ -74,6 +79,9 @@ inline ParamLayout build_param_layout(const Config& c, int rank = 0, int world =
         if (hp) {
             add(pre + "ffn_in", {latent, d}, std_base, false);    // W_mh
             add(pre + "ffn_out", {d, latent}, std_resid, false);  // W_mg
+        } else if (c.locmoe()) {
+            add(pre + "router_eps", {c.E}, std_base, false);      // LocMoE's ε (SPEC §2.6)
+            p.tensors.back().live = 0;                            // starts at zero: nothing drawn
         } else {
             add(pre + "router", {d, c.E}, std_base, false);       // R
         }
@@ -123,6 +131,7 @@ struct ModelTensors {
         T *ln1, *qkv, *attn_out, *ln2;
         T *ffn_in, *ffn_out;           // W_mh, W_mg (LatentMoE only; null for the MoE)
         T *router, *expert_in, *expert_out;
+        T* router_eps;                 // LocMoE's ε (E); null for the other routers, whose R is `router`
     };
     T *wte, *lnf, *lm_head;
     std::vector<Layer> layers;
@@ -144,7 +153,9 @@ ModelTensors<T> bind_tensors(const ParamLayout& p, T* base, int L, FfnKind ffn) 
         y.ln2 = at(pre + "ln2");
         y.ffn_in = ffn == FfnKind::LatentMoE ? at(pre + "ffn_in") : nullptr;
         y.ffn_out = ffn == FfnKind::LatentMoE ? at(pre + "ffn_out") : nullptr;
-        y.router = at(pre + "router");
+        const bool grap = p.has(pre + "router_eps");
+        y.router = grap ? nullptr : at(pre + "router");
+        y.router_eps = grap ? at(pre + "router_eps") : nullptr;
         y.expert_in = at(pre + "expert_in");
         y.expert_out = at(pre + "expert_out");
         m.layers.push_back(y);

@@ -9,7 +9,8 @@
 namespace lmoe {
 
 // Weight and merge: y[t, h] = Σ_j w[h, t, j] · o[pos(h, t, j)], slots summed in order (fp32).
-// o is (H·M·k, D) in group order; y is (M, ld) with head h at columns h·D.
+// o is (H·M·k, D) in group order; y is (M, ld) with head h at columns h·D. Here and below, a copy with
+// pos −1 (dropped by LocMoE's capacity) is skipped.
 __global__ void combine_forward_kernel(floatX* y, int64_t ld, const floatX* o, const RoutingPlan plan, int M, int H,
                                        int D, int k) {
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -18,7 +19,10 @@ __global__ void combine_forward_kernel(floatX* y, int64_t ld, const floatX* o, c
     const int64_t t = idx / ((int64_t)D * H);
     const int64_t slot0 = ((int64_t)h * M + t) * k;
     float acc = 0.f;
-    for (int j = 0; j < k; j++) acc += plan.gate[slot0 + j] * to_float(o[(int64_t)plan.copy_pos[slot0 + j] * D + i]);
+    for (int j = 0; j < k; j++) {
+        const int64_t pos = plan.copy_pos[slot0 + j];
+        if (pos >= 0) acc += plan.gate[slot0 + j] * to_float(o[pos * D + i]);  // a dropped copy adds nothing
+    }
     y[t * ld + (int64_t)h * D + i] = from_float<floatX>(acc);
 }
 
@@ -32,8 +36,9 @@ inline void combine_forward(floatX* y, int64_t ld, const floatX* o, const Routin
 // Backward of the weighting, one warp per (head, row):
 //   dw_j = dy · o_j;   do_j = w_j dy   (to the copy's slot, for the expert backward);
 //   ds_j = w_j (dw_j − Σ_i w_i dw_i)   (the gate softmax; stored per copy for the router backward).
+// With gate_softmax false (LocMoE, whose gates are the full softmax's p) dw_j itself is stored.
 __global__ void combine_backward_kernel(floatX* d_o, float* ds_copy, const floatX* dy, int64_t ld, const floatX* o,
-                                        const RoutingPlan plan, int M, int H, int D, int k) {
+                                        const RoutingPlan plan, int M, int H, int D, int k, bool gate_softmax) {
     const int lane = threadIdx.x % 32;
     const int64_t warp = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (warp >= (int64_t)H * M) return;
@@ -43,6 +48,7 @@ __global__ void combine_backward_kernel(floatX* d_o, float* ds_copy, const float
     float my_dgate = 0.f, my_gate = 0.f;  // lane j < k holds slot j's
     for (int j = 0; j < k; j++) {
         const int64_t pos = plan.copy_pos[slot0 + j];
+        if (pos < 0) continue;  // warp-uniform
         const float w = plan.gate[slot0 + j];
         float dot = 0.f;
         for (int i = lane; i < D; i += 32) {
@@ -58,20 +64,22 @@ __global__ void combine_backward_kernel(floatX* d_o, float* ds_copy, const float
     }
     float wdw = my_gate * my_dgate;
     for (int offset = 16; offset > 0; offset >>= 1) wdw += __shfl_xor_sync(0xffffffff, wdw, offset);
-    if (lane < k) ds_copy[plan.copy_pos[slot0 + lane]] = my_gate * (my_dgate - wdw);
+    if (lane < k && plan.copy_pos[slot0 + lane] >= 0)
+        ds_copy[plan.copy_pos[slot0 + lane]] = gate_softmax ? my_gate * (my_dgate - wdw) : my_dgate;
 }
 
 // d_o (copies, D) and ds_copy (copies) from dy (M, ld).
 inline void combine_backward(floatX* d_o, float* ds_copy, const floatX* dy, int64_t ld, const floatX* o,
-                             const RoutingPlan& plan, int D, cudaStream_t stream) {
+                             const RoutingPlan& plan, int D, cudaStream_t stream, bool gate_softmax = true) {
     const int warps = 8;
     combine_backward_kernel<<<(unsigned)ceil_div((int64_t)plan.H * plan.M, warps), warps * 32, 0, stream>>>(
-        d_o, ds_copy, dy, ld, o, plan, plan.M, plan.H, D, plan.k);
+        d_o, ds_copy, dy, ld, o, plan, plan.M, plan.H, D, plan.k, gate_softmax);
     CUDA_CHECK_LAUNCH();
 }
 
 // The gradient of each row from its copies and the router, in the reference's order:
 //   dx[t, h] = Σ_j dx_copy[pos(h, t, j)]  +  Σ_j R_h[:, e_j] ds_j      (written, not accumulated)
+// R null: the copies' part only (LocMoE's router adds its own, moe/locmoe_router.cuh).
 __global__ void gather_input_grad_kernel(floatX* dx, int64_t ld, const floatX* dx_copy, const float* ds_copy,
                                          const floatX* R, const RoutingPlan plan, int M, int H, int D, int E, int k) {
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -80,9 +88,14 @@ __global__ void gather_input_grad_kernel(floatX* dx, int64_t ld, const floatX* d
     const int64_t t = idx / ((int64_t)D * H);
     const int64_t slot0 = ((int64_t)h * M + t) * k;
     float acc = 0.f;
-    for (int j = 0; j < k; j++) acc += to_float(dx_copy[(int64_t)plan.copy_pos[slot0 + j] * D + i]);
-    const floatX* Ri = R + ((int64_t)h * D + i) * E;
-    for (int j = 0; j < k; j++) acc += to_float(Ri[plan.sel[slot0 + j]]) * ds_copy[plan.copy_pos[slot0 + j]];
+    for (int j = 0; j < k; j++) {
+        const int64_t pos = plan.copy_pos[slot0 + j];
+        if (pos >= 0) acc += to_float(dx_copy[pos * D + i]);
+    }
+    if (R) {
+        const floatX* Ri = R + ((int64_t)h * D + i) * E;
+        for (int j = 0; j < k; j++) acc += to_float(Ri[plan.sel[slot0 + j]]) * ds_copy[plan.copy_pos[slot0 + j]];
+    }
     dx[t * ld + (int64_t)h * D + i] = from_float<floatX>(acc);
 }
 

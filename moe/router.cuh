@@ -15,7 +15,7 @@ constexpr int kMaxTopK = 32;            // one lane per chosen expert
 constexpr int kMaxRouterExperts = 256;  // 8 logits per lane
 
 // Warp argmax of (score, expert): the larger score wins, equal scores go to the lower expert index
-// (SPEC's tie rule). Carries the winner's unbiased logit along.
+// (SPEC's tie rule). Carries the winner's value (the top-k router's unbiased logit) along.
 __device__ inline void warp_argmax(float& score, int& expert, float& logit) {
     for (int offset = 16; offset > 0; offset >>= 1) {
         float s2 = __shfl_xor_sync(0xffffffff, score, offset);
@@ -25,6 +25,41 @@ __device__ inline void warp_argmax(float& score, int& expert, float& logit) {
             score = s2;
             expert = e2;
             logit = l2;
+        }
+    }
+}
+
+// k rounds of a warp argmax over the scores lane l holds for experts l + 32q (q < PER_LANE, experts
+// past E ignored), each round skipping the experts already chosen: lane j < k ends with the j-th choice
+// and its `value`, in descending order of score; lanes >= k with -inf. A NaN score (diverged weights)
+// ranks last, so every lane still picks a real expert.
+template <int PER_LANE>
+__device__ inline void warp_topk(const float (&score)[PER_LANE], const float (&value)[PER_LANE], int E, int k,
+                                 int& my_expert, float& my_value) {
+    const int lane = threadIdx.x % 32;
+    unsigned taken = 0;  // bit q: expert lane + 32q already chosen
+    my_expert = 0;
+    my_value = -INFINITY;
+    for (int j = 0; j < k; j++) {
+        float best = -INFINITY, best_value = 0.f;
+        int best_e = INT_MAX;
+#pragma unroll
+        for (int q = 0; q < PER_LANE; q++) {  // this lane's best; e grows with q, so ties keep the lower
+            int e = lane + 32 * q;
+            if (e >= E || (taken >> q & 1u)) continue;
+            float sc = score[q];
+            if (sc != sc) sc = -INFINITY;
+            if (best_e == INT_MAX || sc > best) {
+                best = sc;
+                best_e = e;
+                best_value = value[q];
+            }
+        }
+        warp_argmax(best, best_e, best_value);
+        if (best_e % 32 == lane) taken |= 1u << (best_e / 32);
+        if (lane == j) {
+            my_expert = best_e;
+            my_value = best_value;
         }
     }
 }
@@ -61,31 +96,12 @@ __global__ void router_forward_kernel(int* sel, float* gate, const floatX* x, in
         }
     }
 
-    unsigned taken = 0;  // bit q: expert lane + 32q already chosen
-    int my_expert = 0;
-    float my_logit = -INFINITY;
-    for (int j = 0; j < k; j++) {
-        float best = -INFINITY, best_logit = 0.f;
-        int best_e = INT_MAX;
+    float score[PER_LANE];
 #pragma unroll
-        for (int q = 0; q < PER_LANE; q++) {  // this lane's best; e grows with q, so ties keep the lower
-            int e = lane + 32 * q;
-            if (e >= E || (taken >> q & 1u)) continue;
-            float score = s[q] + bh[e];
-            if (score != score) score = -INFINITY;  // NaN (diverged weights) ranks last: every lane still picks a real expert
-            if (best_e == INT_MAX || score > best) {
-                best = score;
-                best_e = e;
-                best_logit = s[q];
-            }
-        }
-        warp_argmax(best, best_e, best_logit);
-        if (best_e % 32 == lane) taken |= 1u << (best_e / 32);
-        if (lane == j) {
-            my_expert = best_e;
-            my_logit = best_logit;
-        }
-    }
+    for (int q = 0; q < PER_LANE; q++) score[q] = lane + 32 * q < E ? s[q] + bh[lane + 32 * q] : 0.f;
+    int my_expert;
+    float my_logit;
+    warp_topk(score, s, E, k, my_expert, my_logit);
     float mx = my_logit;  // lanes ≥ k hold -inf
     for (int offset = 16; offset > 0; offset >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, offset));
     float ex = lane < k ? expf(my_logit - mx) : 0.f, sum = ex;

@@ -105,7 +105,10 @@ __global__ void count_copies_kernel(int* chunk_counts, const int* sel, int M, in
     __syncthreads();
     const int t = chunk * kGroupChunkRows + threadIdx.x;
     if (t < M)
-        for (int j = 0; j < k; j++) atomicAdd(&hist[sel[((int64_t)h * M + t) * k + j]], 1);
+        for (int j = 0; j < k; j++) {
+            const int e = sel[((int64_t)h * M + t) * k + j];
+            if (e >= 0) atomicAdd(&hist[e], 1);  // e < 0: a copy LocMoE's capacity dropped
+        }
     __syncthreads();
     for (int e = threadIdx.x; e < E; e += blockDim.x) chunk_counts[((int64_t)h * chunks + chunk) * E + e] = hist[e];
 }
@@ -165,11 +168,16 @@ __global__ void place_copies_kernel(RoutingPlan plan, int M, int E, int k) {
     const int local = threadIdx.x, t = chunk * kGroupChunkRows + local;
     const int* my_sel = plan.sel + ((int64_t)h * M + t) * k;
     if (t < M)
-        for (int j = 0; j < k; j++) atomicOr(&chose[my_sel[j] * words + local / 32], 1u << (local % 32));
+        for (int j = 0; j < k; j++)
+            if (my_sel[j] >= 0) atomicOr(&chose[my_sel[j] * words + local / 32], 1u << (local % 32));
     __syncthreads();
     if (t >= M) return;
     for (int j = 0; j < k; j++) {
         const int e = my_sel[j];
+        if (e < 0) {  // dropped: in no group
+            plan.copy_pos[((int64_t)h * M + t) * k + j] = -1;
+            continue;
+        }
         const unsigned* bits = chose + e * words;
         int rank = __popc(bits[local / 32] & ((1u << (local % 32)) - 1));
         for (int w = 0; w < local / 32; w++) rank += __popc(bits[w]);
@@ -179,7 +187,8 @@ __global__ void place_copies_kernel(RoutingPlan plan, int M, int E, int k) {
     }
 }
 
-// Builds the plan from plan.sel (filled by router_forward). H·E must be at most 4096.
+// Builds the plan from plan.sel (filled by router_forward). H·E must be at most 4096. A negative sel
+// (a copy LocMoE's capacity dropped, moe/locmoe_router.cuh) joins no group and gets copy_pos −1.
 inline void group_copies(const RoutingPlan& plan, cudaStream_t stream) {
     const int M = plan.M, H = plan.H, E = plan.E, k = plan.k;
     const int chunks = (int)routing_chunks(M);

@@ -14,6 +14,7 @@ namespace lmoe {
 
 struct Comm {
     int rank = 0, world = 1, local_rank = 0;
+    int local_size = 1;  // ranks on this rank's host
     ncclComm_t nccl = nullptr;  // null when world == 1
     bool single() const { return world == 1; }
 };
@@ -30,6 +31,7 @@ inline Comm comm_init(int* argc, char*** argv) {
     MPI_CHECK(MPI_Comm_rank(node, &c.local_rank));
     int ranks_here = 0;
     MPI_CHECK(MPI_Comm_size(node, &ranks_here));
+    c.local_size = ranks_here;
     MPI_CHECK(MPI_Comm_free(&node));
     int gpus = 0;
     if (cudaGetDeviceCount(&gpus) != cudaSuccess) {

@@ -190,6 +190,21 @@ expect_error "moe_ep_baseline --latent-heads is an unknown flag" 2 "unknown flag
 expect_error "moe_ep_baseline --head-dim is an unknown flag" 2 "unknown flag --head-dim" \
     "$BUILD/moe_ep_baseline" --head-dim 16 "${DATA[@]}"
 
+# LocMoE's constraints (SPEC §2.6): exit 2, each named.
+LOC=("$BUILD/moe_ep_baseline" --router locmoe "${DATA[@]}")
+expect_error "locmoe --experts 6 (d % E != 0)" 2 "d % E == 0" "${LOC[@]}" --experts 6
+expect_error "locmoe --capacity-factor -1" 2 "capacity factor must be >= 0" "${LOC[@]}" --capacity-factor -1
+expect_error "locmoe --capacity-delta 0" 2 "capacity delta must be in (0, 1)" "${LOC[@]}" --capacity-delta 0
+expect_error "locmoe --capacity-delta 1" 2 "capacity delta must be in (0, 1)" "${LOC[@]}" --capacity-delta 1
+expect_error "locmoe --node-size 2 on one rank" 2 "node size 2 does not divide the R = 1 ranks" "${LOC[@]}" --node-size 2
+expect_error "locmoe --topk 9 (k > E)" 2 "exceeds the number of experts E = 8" "${LOC[@]}" --topk 9
+expect_error "locmoe --bias-rate 0.01" 2 "LocMoE has no aux-free bias" "${LOC[@]}" --bias-rate 0.01
+expect_error "--router hash" 2 "router must be topk or locmoe" "$BUILD/moe_ep_baseline" --router hash "${DATA[@]}"
+expect_error "--capacity-factor without --router locmoe" 2 "applies to --router locmoe only" \
+    "$BUILD/moe_ep_baseline" --capacity-factor 1 "${DATA[@]}"
+expect_error "train_latentmoe --router is an unknown flag" 2 "unknown flag --router" \
+    "$BUILD/train_latentmoe" --router locmoe "${DATA[@]}"
+
 # ---------------------------------------------------------------------------------------------
 # Data errors of the trainers: exit 1, naming the file and what is wrong with it.
 
@@ -261,6 +276,26 @@ for program in "${TRAINERS[@]}"; do
         WHY="${WHY:+$WHY; }the --log-file CSV is not 3 rows of step,loss,norm,val_loss,ms: $(tr '\n' ' ' <steps.csv 2>/dev/null)"
     if [ -z "$WHY" ]; then ok "$name"; else not_ok "$name" "$WHY"; fi
 done
+
+# LocMoE on the CPU reference, top-1 with a capacity: the start-up prints C, ec_min and p_delta, every
+# progress line the cross-entropy, L_aux, L_loc and the rows dropped, the CSV their three columns too,
+# and the loss falls.
+name="moe_ep_baseline --router locmoe trains on the CPU: capacity printed, losses apart, loss falls"
+rm -f steps.csv
+run 0 "$BUILD/moe_ep_baseline" --router locmoe --topk 1 --capacity-factor 1 --device cpu --steps 40 --batch 4 \
+    --log-every 1 --eval-every 0 --eval-batches 1 "${DATA[@]}" --log-file steps.csv
+grep -qE '^LocMoE capacity: p_delta 0\.81[0-9]* \(delta 0\.03, d 64\), ec_min 1, C 16 rows' "$OUT" ||
+    WHY="${WHY:+$WHY; }no 'LocMoE capacity: p_delta 0.81.., ec_min 1, C 16' line"
+steps=$(grep -cE '^step +[0-9]+/40 \| loss [0-9.]+ \| L_aux [0-9.]+ \| L_loc [0-9.]+ \| dropped [0-9]+ \|' "$OUT")
+[ "$steps" -eq 40 ] || WHY="${WHY:+$WHY; }$steps of 40 'loss | L_aux | L_loc | dropped' lines"
+grep -qE '^    rows dropped over capacity: L0 [0-9]+ L1 [0-9]+$' "$OUT" || WHY="${WHY:+$WHY; }no per-layer dropped line"
+rows=$(grep -cE '^[0-9]+,[0-9.e+-]+,[0-9.e+-]+,(nan|[0-9.]+),[0-9.]+,[0-9.e-]+,[0-9.e-]+,[0-9]+$' steps.csv 2>/dev/null)
+[ "$rows" -eq 40 ] || WHY="${WHY:+$WHY; }the CSV has $rows of 40 rows step,loss,norm,val_loss,ms,aux_loss,loc_loss,dropped"
+read -r first last < <(sed -n 's/^done: train loss \([0-9.]*\) -> \([0-9.]*\),.*/\1 \2/p' "$OUT")
+if [ -z "$first" ] || ! awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < a - 1) }'; then
+    WHY="${WHY:+$WHY; }the train loss did not fall by more than 1 nat ($first -> $last)"
+fi
+if [ -z "$WHY" ]; then ok "$name ($first -> $last)"; else not_ok "$name" "$WHY"; fi
 
 # ---------------------------------------------------------------------------------------------
 # Nothing lost on interruption: Ctrl-C saves a checkpoint and exits 130; resuming from it continues

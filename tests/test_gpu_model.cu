@@ -40,10 +40,11 @@ void check_model(const char* name, Config c, lmoe::Rng& rng, const std::string& 
     for (size_t i = 0; i < master.size(); i++) cpu.params[i] = to_float(from_float<floatX>(master[i]));
     cpu.forward(tokens.data(), targets.data(), c.B);  // allocates the routing caches
     for (int l = 0; l < c.L; l++) cpu.ffn[l].sel = gpu.ffn().selection(l);
-    const double cpu_loss = cpu.forward(tokens.data(), targets.data(), c.B, true);
+    cpu.forward(tokens.data(), targets.data(), c.B, true);
+    const double cpu_loss = cpu.cross_entropy;  // the GPU's mean loss is the cross-entropy alone
     cpu.backward();
 
-    if (!dump_dir.empty()) {
+    if (!dump_dir.empty() && !c.locmoe()) {  // the PyTorch oracle knows the top-k routers only
         ModelDump dump;
         dump.cfg = c;
         dump.tensors = gpu.layout.tensors;
@@ -92,5 +93,13 @@ int main(int argc, char** argv) {
     moe_wider.d = 144; moe_wider.dh = 144; moe_wider.T = 64; moe_wider.B = 2; moe_wider.n_head = 9; moe_wider.E = 12;
     moe_wider.fe = 88; moe_wider.k = 3; moe_wider.V = 300;  // sizes off the 32/128 grid, a padded vocabulary
     check_model<MoeFfn>("wider", moe_wider, rng, dump_dir);
+    Config locmoe = moe_tiny;  // SPEC §2.6: top-1, a capacity that drops copies, losses weighted up
+    locmoe.router = "locmoe";
+    locmoe.bias_rate = 0;
+    locmoe.k = 1;
+    locmoe.capacity_factor = 1;
+    locmoe.aux_loss_weight = 0.3f;
+    locmoe.loc_loss_weight = 0.5f;
+    check_model<MoeFfn>("locmoe", locmoe, rng, dump_dir);
     return check::summary();
 }

@@ -147,9 +147,63 @@ void check_ffn(lmoe::Rng& rng, lmoe::FfnKind kind) {
     fd_check(kname + " ffn", kname + " dx", f, x.data(), dx.data(), all_indices(x.size()));
 }
 
+// LocMoE's FFN layer (SPEC §2.6) with copies over capacity, routing frozen: f = r·out + s·(L_aux + L_loc)
+// with the losses' gradient scaled by s (as a micro-step of gradient accumulation scales it); then
+// through the two losses alone (r = 0), where only ε and x have a gradient. Larger α and μ than the
+// defaults, so the losses' share of each gradient is far above the check's tolerance.
+void check_locmoe_ffn(lmoe::Rng& rng) {
+    lmoe::Config c;
+    c.ffn = lmoe::FfnKind::MoE;
+    c.router = "locmoe";
+    c.d = 12; c.E = 6; c.fe = 10; c.k = 3; c.L = 1; c.H = 1; c.dh = c.d;
+    c.capacity_factor = 0.5f;  // C = ⌈0.5 · 7·3 / 6⌉ = 2 rows per expert
+    c.aux_loss_weight = 0.3f;
+    c.loc_loss_weight = 0.5f;
+    const int N = 7;
+    const double scale = 0.5;
+    lmoe::ParamLayout layout = lmoe::build_param_layout(c);
+    std::vector<double> params(layout.total), grads(layout.total, 0);
+    for (double& p : params) p = 0.5 * rng.normal();
+    auto w = lmoe::bind_tensors(layout, params.data(), 1, c.ffn);
+    auto g = lmoe::bind_tensors(layout, grads.data(), 1, c.ffn);
+    const std::vector<float> no_bias(c.E, 0.f);
+    auto x = random_vector(rng, N * c.d), r = random_vector(rng, N * c.d);
+    std::vector<double> out(N * c.d), dx(N * c.d, 0);
+    ref::FfnCache<double> cache;
+    ref::ffn_forward(out.data(), x.data(), N, c, w.layers[0], no_bias.data(), cache, false);
+    CHECK_MSG(cache.dropped > 0, "the capacity must drop copies for the check to cover the drop");
+    for (int t = 0; t < N; t++) {  // a token with every copy dropped: FFN output zero
+        bool any_kept = false;
+        for (int j = 0; j < c.k; j++) any_kept |= cache.kept[t * c.k + j] != 0;
+        if (!any_kept)
+            for (int i = 0; i < c.d; i++) CHECK_MSG(out[t * c.d + i] == 0, "a token with every copy dropped");
+    }
+    std::printf("locmoe FFN layer (%lld of %d copies dropped)\n", (long long)cache.dropped, N * c.k);
+    for (double r_scale : {1.0, 0.0}) {
+        std::vector<double> dout(r.size());
+        for (size_t i = 0; i < r.size(); i++) dout[i] = r_scale * r[i];
+        Fn f = [&] {
+            ref::ffn_forward(out.data(), x.data(), N, c, w.layers[0], no_bias.data(), cache, true);
+            return dot(out, dout) + scale * (cache.aux_loss + cache.loc_loss);
+        };
+        f();
+        std::fill(grads.begin(), grads.end(), 0.0);
+        std::fill(dx.begin(), dx.end(), 0.0);
+        ref::ffn_backward(dx.data(), g.layers[0], dout.data(), x.data(), N, c, w.layers[0], no_bias.data(), cache, scale);
+        const std::string what = r_scale ? "locmoe" : "locmoe losses only,";
+        for (const lmoe::TensorSpec& t : layout.tensors) {
+            const bool through_losses = t.name.find("router_eps") != std::string::npos;
+            if (!through_losses && (r_scale == 0 || t.name.find("expert") == std::string::npos)) continue;
+            fd_check("locmoe ffn", what + " " + t.name, f, params.data() + t.offset, grads.data() + t.offset,
+                     all_indices(t.numel));
+        }
+        fd_check("locmoe ffn", what + " dx", f, x.data(), dx.data(), all_indices(x.size()));
+    }
+}
+
 // Which group a model tensor's error is reported under.
 std::string group_of(const std::string& name) {
-    for (const char* key : {"router", "expert_in", "expert_out", "ffn_in", "ffn_out", "qkv", "attn_out", "wte",
+    for (const char* key : {"router_eps", "router", "expert_in", "expert_out", "ffn_in", "ffn_out", "qkv", "attn_out", "wte",
                             "lm_head"})
         if (name.find(key) != std::string::npos) return key;
     return "norm gains";
@@ -157,10 +211,12 @@ std::string group_of(const std::string& name) {
 
 // Whole model, tiny preset: up to `per_tensor` random elements of every tensor, plus the element with
 // the largest analytic gradient (so each check sees a gradient that matters).
-void check_model(lmoe::Rng& rng, lmoe::FfnKind kind, int per_tensor) {
+void check_model(lmoe::Rng& rng, lmoe::FfnKind kind, int per_tensor, const std::string& router = "topk") {
     lmoe::Config c;
     c.ffn = kind;
     lmoe::apply_preset(c, "tiny");
+    c.router = router;
+    if (c.locmoe()) c.capacity_factor = 1;  // with these weights some copies are over capacity
     const int B = 2, N = B * c.T;
     ref::Model<double> model(c);
     // Weights far larger than the N(0, 0.02²) initialisation: with tiny weights some gradients (the
@@ -174,7 +230,7 @@ void check_model(lmoe::Rng& rng, lmoe::FfnKind kind, int per_tensor) {
     model.forward(tok.data(), tgt.data(), B);
     model.backward();
     Fn f = [&] { return model.forward(tok.data(), tgt.data(), B, true); };
-    std::string kname = kind == lmoe::FfnKind::LatentMoE ? "model(latentmoe)" : "model(moe)";
+    std::string kname = kind == lmoe::FfnKind::LatentMoE ? "model(latentmoe)" : c.locmoe() ? "model(locmoe)" : "model(moe)";
     std::printf("%s, tiny preset, B=%d: %lld parameters\n", kname.c_str(), B, (long long)model.layout.total);
     for (const lmoe::TensorSpec& t : model.layout.tensors) {
         std::vector<int64_t> idx;
@@ -195,6 +251,8 @@ int main() {
     check_ffn(rng, lmoe::FfnKind::MoE);
     check_model(rng, lmoe::FfnKind::LatentMoE, 24);
     check_model(rng, lmoe::FfnKind::MoE, 24);
+    check_locmoe_ffn(rng);
+    check_model(rng, lmoe::FfnKind::MoE, 24, "locmoe");
     std::printf("\nworst relative error per tensor group (tolerance %.0e):\n", kTolerance);
     for (const auto& [group, err] : worst_by_group) std::printf("  %-36s %.2e\n", group.c_str(), err);
     return check::summary();

@@ -19,6 +19,7 @@
 #include "model/config.h"
 #include "model/params.h"
 #include "cpu/reference.h"
+#include "model/locmoe.h"
 #include "util/rng.h"
 #include "train/schedule.h"
 #include "train/memory_estimate.h"
@@ -174,6 +175,115 @@ static void test_softmax_gates_backward() {
             double fd = (f(sp) - f(sm)) / (2 * h);
             CHECK_MSG(near(ds[j], fd, 1e-8), "ds[" + std::to_string(j) + "] vs central difference");
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LocMoE (SPEC §2.6): the incomplete beta behind p_δ, the capacity, the locality target, the GrAP gate,
+// the capacity drop and the auxiliary losses. Expected values by hand or with python3's math module.
+
+// p_δ = P(|cos| >= δ) for a random direction in d dimensions, by Simpson's rule over the density of
+// the cosine, ∝ (1 − t²)^((d−3)/2): an independent way to the same number.
+static double p_delta_by_quadrature(int d, double delta) {
+    auto integral = [&](double a, double b) {
+        const int n = 200000;  // even
+        const double h = (b - a) / n;
+        double sum = 0;
+        for (int i = 0; i <= n; i++) {
+            const double t = a + i * h, w = (i == 0 || i == n) ? 1 : (i % 2 ? 4 : 2);
+            sum += w * std::pow(1 - t * t, 0.5 * (d - 3));
+        }
+        return sum * h / 3;
+    };
+    return integral(delta, 1) / integral(0, 1);
+}
+
+static void test_incomplete_beta() {
+    using lmoe::regularized_incomplete_beta;
+    CHECK(near(regularized_incomplete_beta(2.5, 1, 0.3), std::pow(0.3, 2.5), 1e-14));       // x^a
+    CHECK(near(regularized_incomplete_beta(1, 3.5, 0.7), 1 - std::pow(0.3, 3.5), 1e-14));   // 1 − (1−x)^b
+    CHECK(near(regularized_incomplete_beta(2, 2, 0.4), 3 * 0.16 - 2 * 0.064, 1e-14));       // 3x² − 2x³
+    for (double x : {0.001, 0.1, 0.9})  // (2/π) asin(√x)
+        CHECK(near(regularized_incomplete_beta(0.5, 0.5, x), 2 / M_PI * std::asin(std::sqrt(x)), 1e-13));
+    CHECK(near(regularized_incomplete_beta(7.3, 7.3, 0.5), 0.5, 1e-13));
+    CHECK(near(regularized_incomplete_beta(2.2, 0.7, 0.35) + regularized_incomplete_beta(0.7, 2.2, 0.65), 1, 1e-14));
+    CHECK(regularized_incomplete_beta(3, 4, 0) == 0 && regularized_incomplete_beta(3, 4, 1) == 1);
+    // p_δ in closed form: d = 2 (a uniform angle) and d = 3 (a uniform cosine)
+    CHECK(near(lmoe::capacity_p_delta(2, 0.03), 1 - 2 / M_PI * std::asin(0.03), 1e-13));
+    CHECK(near(lmoe::capacity_p_delta(3, 0.03), 0.97, 1e-13));
+    for (int d : {16, 64, 1024}) {
+        const double p = lmoe::capacity_p_delta(d, 0.03), q = p_delta_by_quadrature(d, 0.03);
+        CHECK_MSG(near(p, q, 1e-9), "p_delta(d = " + std::to_string(d) + ") " + std::to_string(p) + " vs quadrature " +
+                                        std::to_string(q));
+    }
+    // the large-d approximation of SPEC §2.6, erfc(sqrt(δ²d / (2 − δ²))): python3 gives 0.81029 (d = 64) and
+    // 0.33695 (d = 1024); it is asymptotic, so it is near, not equal
+    CHECK_MSG(near(lmoe::capacity_p_delta(64, 0.03), 0.8102883801475209, 5e-3), std::to_string(lmoe::capacity_p_delta(64, 0.03)));
+    CHECK_MSG(near(lmoe::capacity_p_delta(1024, 0.03), 0.3369464791535802, 5e-3), std::to_string(lmoe::capacity_p_delta(1024, 0.03)));
+}
+
+static void test_locmoe() {
+    {  // capacity, tiny preset (d 64, E 8, k 2) with N = 64 tokens: c_f·N·k/E = 16·c_f; ec_min = ⌈1/(8·0.81)⌉ = 1
+        Config c;
+        c.ffn = FfnKind::MoE;
+        lmoe::apply_preset(c, "tiny");
+        c.router = "locmoe";
+        c.capacity_factor = 1;
+        lmoe::ExpertCapacity cap = lmoe::expert_capacity(c, 64);
+        CHECK(cap.ec_min == 1 && cap.C == 16 && cap.p_delta == lmoe::capacity_p_delta(64, 0.03f));
+        c.capacity_factor = 1.25f;
+        CHECK(lmoe::expert_capacity(c, 64).C == 20);
+        c.capacity_factor = 0;
+        CHECK(lmoe::expert_capacity(c, 64).C == 0);  // unlimited
+        c.capacity_factor = 100;
+        CHECK(lmoe::expert_capacity(c, 64).C == 64);  // an expert never gets more than N rows
+        c.capacity_factor = 0.01f;
+        CHECK(lmoe::expert_capacity(c, 64).C == 1);  // ec_min
+        c.capacity_delta = 0.99f;                     // p_δ ~ 1e-100: ec_min beyond N
+        cap = lmoe::expert_capacity(c, 64);
+        CHECK(cap.ec_min > 64 && cap.C == 64);
+    }
+    {  // locality target: (1 − 0.1) over the node's experts + 0.1 over all
+        const std::vector<double> D = lmoe::locality_target(8, 3, 8, 2);  // rank 3 of 8, nodes of 2: experts 2, 3
+        for (int e = 0; e < 8; e++) CHECK(near(D[e], e == 2 || e == 3 ? 0.0125 + 0.45 : 0.0125, 1e-15));
+        for (double v : lmoe::locality_target(8, 0, 1, 1)) CHECK(near(v, 0.125, 1e-15));  // one rank: uniform
+        for (double v : lmoe::locality_target(8, 3, 4, 4)) CHECK(near(v, 0.125, 1e-15));  // one node: uniform
+    }
+    {  // GrAP gate, D 4, E 2: a = {2, −1}, z = a + ε = {2.5, −3}, g = {2.5, 0}, p = softmax(g)
+        const double x[4] = {1, 3, -2, 0}, eps[2] = {0.5, -2};
+        double p[2], z[2];
+        ref::grap_probs(p, z, x, eps, 4, 2);
+        CHECK(near(z[0], 2.5, 1e-15) && near(z[1], -3, 1e-15));
+        CHECK(near(p[0], 0.9241418199787564, 1e-15) && near(p[1], 1 - 0.9241418199787564, 1e-15));
+        // dp = {1, 0}: dz = p ⊙ (dp − p·dp) = {p0 p1, −p1 p0}, the second masked by the ReLU
+        const double dp[2] = {1, 0};
+        double dx[4] = {0, 0, 0, 0}, deps[2] = {0, 0};
+        ref::grap_backward(dx, deps, dp, p, z, 4, 2);
+        const double dz0 = 0.07010371654510816;
+        CHECK(near(deps[0], dz0, 1e-15) && deps[1] == 0);
+        CHECK(near(dx[0], dz0 / 2, 1e-15) && near(dx[1], dz0 / 2, 1e-15) && dx[2] == 0 && dx[3] == 0);
+    }
+    {  // capacity drop, C 2: expert 0 is chosen by tokens 0..4 (0, 1 kept), expert 1 by 0, 2, 3 (3 dropped)
+        const int sel[10] = {0, 1, 0, 2, 0, 1, 1, 0, 2, 0};
+        char kept[10];
+        CHECK(ref::capacity_keep(kept, sel, 5, 3, 2, 2) == 4);
+        const char want[10] = {1, 1, 1, 1, 0, 1, 0, 0, 1, 0};
+        CHECK(std::equal(kept, kept + 10, want));
+        CHECK(ref::capacity_keep(kept, sel, 5, 3, 2, 0) == 0);  // unlimited
+    }
+    {  // losses, E 2, k 1: p rows {0.8, 0.2}, {0.6, 0.4}, both choose 0; D {0.9, 0.1}; α 0.01, μ 0.02
+        // f = {1, 0}, P = {0.7, 0.3}: L_aux = 0.01·2·0.7; L_loc = 0.02 (0.7 ln(7/9) + 0.3 ln 3) (python3)
+        const double p[4] = {0.8, 0.2, 0.6, 0.4};
+        const int sel[2] = {0, 0};
+        const lmoe::LocMoeSetup s{0.01, 0.02, 0, {0.9, 0.1}};
+        const ref::RouterLosses<double> L = ref::locmoe_losses(p, sel, 2, 2, 1, s);
+        CHECK(near(L.aux, 0.014, 1e-15) && near(L.loc, 0.0030732717360759704, 1e-15));
+        CHECK(near(L.dp[0], 0.017486855717190938, 1e-15) && near(L.dp[1], 0.0209861228866811, 1e-15));
+        // balanced and on target: L_aux = α, L_loc = 0
+        const double q[4] = {0.5, 0.5, 0.5, 0.5};
+        const int split[2] = {0, 1};
+        const ref::RouterLosses<double> B = ref::locmoe_losses(q, split, 2, 2, 1, {0.01, 0.02, 0, {0.5, 0.5}});
+        CHECK(near(B.aux, 0.01, 1e-15) && B.loc == 0);
     }
 }
 
@@ -604,6 +714,42 @@ static void test_config() {
     CHECK_THROWS(parse_and_validate(EP, {"--latent-heads", "4"}), "unknown flag --latent-heads");
     CHECK_THROWS(parse_and_validate(EP, {"--head-dim", "16"}), "unknown flag --head-dim");
 
+    // LocMoE (SPEC §2.6): its flags belong to the MoE baseline, top-1 is allowed, γ is 0 unless given
+    {
+        Config c = parse_and_validate(EP, {"--router", "locmoe", "--topk", "1", "--node-size", "2",
+                                           "--capacity-factor", "1.25", "--capacity-delta", "0.05",
+                                           "--aux-loss-weight", "0.02", "--loc-loss-weight", "0.001"}, 4);
+        CHECK(c.locmoe() && c.k == 1 && c.node_size == 2 && c.capacity_factor == 1.25f && c.capacity_delta == 0.05f &&
+              c.aux_loss_weight == 0.02f && c.loc_loss_weight == 0.001f && c.bias_rate == 0);
+        c = parse_and_validate(EP, {});
+        CHECK(!c.locmoe() && c.router == "topk" && c.bias_rate == 1e-2f && c.aux_loss_weight == 0.01f &&
+              c.loc_loss_weight == 0.01f && c.capacity_factor == 0 && c.capacity_delta == 0.03f && c.node_size == 0);
+        CHECK(parse_and_validate(EP, {"--router", "locmoe", "--bias-rate", "0"}).bias_rate == 0);
+    }
+    const std::vector<std::string> loc = {"--router", "locmoe"};
+    auto with_loc = [&](std::vector<std::string> more) {
+        more.insert(more.begin(), loc.begin(), loc.end());
+        return more;
+    };
+    CHECK_THROWS(parse_and_validate(EP, with_loc({"--experts", "6", "--topk", "2"})), "needs d % E == 0: d = 64");
+    CHECK_THROWS(parse_and_validate(EP, with_loc({"--capacity-factor", "-1"})), "capacity factor must be >= 0");
+    for (const char* delta : {"0", "1", "-0.1", "1.5"})
+        CHECK_THROWS(parse_and_validate(EP, with_loc({"--capacity-delta", delta})), "capacity delta must be in (0, 1)");
+    CHECK_THROWS(parse_and_validate(EP, with_loc({"--node-size", "3"}), 8), "node size 3 does not divide the R = 8");
+    CHECK_THROWS(parse_and_validate(EP, with_loc({"--node-size", "-1"})), "node size must be >= 0");
+    CHECK_THROWS(parse_and_validate(EP, with_loc({"--topk", "9"})), "exceeds the number of experts E = 8");
+    CHECK_THROWS(parse_and_validate(EP, with_loc({"--topk", "0"})), "at least 1 active expert");
+    CHECK_THROWS(parse_and_validate(EP, with_loc({"--bias-rate", "0.01"})), "LocMoE has no aux-free bias");
+    CHECK_THROWS(parse_and_validate(EP, with_loc({"--aux-loss-weight", "-1"})), "must be >= 0");
+    CHECK_THROWS(parse_and_validate(EP, {"--router", "hash"}), "router must be topk or locmoe, not 'hash'");
+    CHECK_MSG(config_error(EP, {"--experts", "6", "--topk", "2"}) == "", "d % E only matters to LocMoE");
+    // a LocMoE flag without --router locmoe would change nothing: refused rather than ignored
+    CHECK_THROWS(parse_and_validate(EP, {"--capacity-factor", "1"}), "--capacity-factor applies to --router locmoe only");
+    CHECK_THROWS(parse_and_validate(EP, {"--node-size", "2", "--router", "topk"}), "--node-size applies to --router locmoe");
+    for (const char* flag : {"--router", "--node-size", "--capacity-factor", "--capacity-delta", "--aux-loss-weight",
+                             "--loc-loss-weight"})
+        CHECK_THROWS(parse_and_validate(HP, {flag, "1"}), std::string("unknown flag ") + flag);
+
     // presets: SPEC §6, both kinds
     struct Row { const char* name; int T, d, L, n_head, H, dh, hpE, fe, hpk, epE, f, epk; };
     const Row rows[] = {
@@ -786,6 +932,8 @@ int main() {
     run("clip_grad_norm", test_clip_grad_norm);
     run("update_routing_bias", test_update_routing_bias);
     run("lr_schedule", test_lr_schedule);
+    run("incomplete_beta", test_incomplete_beta);
+    run("locmoe", test_locmoe);
     run("params", test_params);
     run("config", test_config);
     run("limits", test_limits);

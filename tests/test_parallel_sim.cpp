@@ -3,7 +3,9 @@
 // rank/world); the only way data moves between ranks is all_to_all below, which also counts the bytes
 // on the wire. The distributed layer must reproduce the one-rank layer: outputs, input gradients and
 // expert gradients bit for bit (each row sees the same arithmetic in the same order), replicated
-// gradients up to the order of the cross-rank sum.
+// gradients up to the order of the cross-rank sum. Expert Parallel runs with either router: the
+// top-k router of SPEC §2.2 or LocMoE's (§2.6), and every exchange is hierarchical over nodes of 1, 2
+// or 4 ranks, so each rank's bytes within and across nodes are counted apart.
 #include <cstdio>
 #include <string>
 
@@ -18,7 +20,7 @@ using Layer = lmoe::ModelTensors<double>::Layer;
 constexpr int kBf16Bytes = 2, kCountBytes = 4;
 
 // The simulated network: rank r's block for q becomes rank q's block from r. Counts the bytes each
-// rank sends to other ranks (elements go as bf16 on the real wire).
+// rank sends to other ranks (elements go as bf16 on the real wire). The count exchange uses it as is.
 Blocks all_to_all(const Blocks& send, std::vector<int64_t>& bytes_sent, int bytes_per_element) {
     const int R = (int)send.size();
     Blocks recv(R, std::vector<Vec>(R));
@@ -27,6 +29,40 @@ Blocks all_to_all(const Blocks& send, std::vector<int64_t>& bytes_sent, int byte
             recv[q][r] = send[r][q];
             if (q != r) bytes_sent[r] += (int64_t)send[r][q].size() * bytes_per_element;
         }
+    return recv;
+}
+
+// The bytes each rank sent within its node and to other nodes.
+struct Wire {
+    int node_size;  // consecutive ranks per node
+    std::vector<int64_t> within, across;
+    Wire(int R, int node_size) : node_size(node_size), within(R, 0), across(R, 0) {}
+    int64_t total(int r) const { return within[r] + across[r]; }
+};
+
+// The rank that carries a block from r to q across nodes (SPEC §2.6's hierarchical exchange): the rank
+// of r's node with q's local index. Within one node, q itself.
+int relay_rank(int r, int q, int node_size) {
+    return r / node_size == q / node_size ? q : r / node_size * node_size + q % node_size;
+}
+
+// The same delivery as all_to_all, in two stages: each block for another node first moves within the
+// source's node to relay_rank, then each relay sends one transfer per peer node (the blocks of its
+// node's ranks for the one rank of that node with its local index).
+Blocks exchange(const Blocks& send, Wire& wire, int bytes_per_element) {
+    const int R = (int)send.size();
+    Blocks recv(R, std::vector<Vec>(R));
+    std::vector<std::vector<int64_t>> transfer(R, std::vector<int64_t>(R, 0));  // [relay][destination] elements
+    for (int r = 0; r < R; r++)
+        for (int q = 0; q < R; q++) {
+            const int relay = relay_rank(r, q, wire.node_size);
+            const int64_t bytes = (int64_t)send[r][q].size() * bytes_per_element;
+            if (relay != r) wire.within[r] += bytes;  // stage 1, within the node
+            if (relay != q) transfer[relay][q] += bytes;
+            recv[q][r] = send[r][q];
+        }
+    for (int relay = 0; relay < R; relay++)  // stage 2: one transfer per peer node
+        for (int q = 0; q < R; q++) wire.across[relay] += transfer[relay][q];
     return recv;
 }
 
@@ -41,13 +77,18 @@ struct RankState {
         for (double& p : params) p *= scale;  // larger weights than 0.02 give routing with clear margins
         w = lmoe::bind_tensors(layout, params.data(), 1, c.ffn).layers[0];
         g = lmoe::bind_tensors(layout, grads.data(), 1, c.ffn).layers[0];
+        if (c.locmoe())  // ε starts at zero in training; here it is random (the same on every rank)
+            for (int e = 0; e < c.E; e++) w.router_eps[e] = 0.3 * lmoe::normal_at(c.seed, 999, e);
     }
 };
 
 struct LayerRun {
     Vec out, dx;           // (N, d) for all tokens, in global order
     Vec grads;             // the one-rank layout: expert shards placed, replicated gradients summed
-    std::vector<int64_t> bytes, meta_bytes;  // sent to other ranks, per rank
+    std::vector<int64_t> within, across, meta_bytes;  // sent to other ranks, per rank
+    Vec aux, loc;          // LocMoE: each rank's L_aux and L_loc
+    std::vector<std::vector<int>> sel;    // Expert Parallel: each rank's choices (Nr, k)
+    std::vector<std::vector<char>> kept;  // and which of them its capacity kept
 };
 
 // Gathers per-rank gradients into the one-rank layout.
@@ -109,19 +150,19 @@ Vec join_head_blocks(const std::vector<Vec>& from_owner, int Nr, int HD, int R) 
 }
 
 LayerRun run_head_parallel(const lmoe::Config& c, const Vec& x, const Vec& dout, const std::vector<float>& bias,
-                           int N, int R, double scale) {
+                           int N, int R, int node_size, double scale) {
     const int Nr = N / R, HD = c.H * c.dh, Hr = c.H / R, width = Hr * c.dh, d = c.d;
     std::vector<RankState> ranks;
     for (int r = 0; r < R; r++) ranks.emplace_back(c, r, R, scale);
     LayerRun run;
-    std::vector<int64_t> wire(R, 0);
+    Wire wire(R, node_size);
 
     // project: u_r = x_r W_mh^T                                     (Nr, H·dh) per rank
     std::vector<Vec> u(R, Vec((size_t)Nr * HD));
     for (int r = 0; r < R; r++)
         ref::matmul_forward(u[r].data(), rows(x, r * Nr, Nr, d).data(), ranks[r].w.ffn_in, Nr, d, HD);
     // exchange: owner q gets its heads' columns of all R·Nr tokens  (R·Nr, H/R·dh) per owner
-    Blocks got = all_to_all(split_by_head_owner(u, Nr, HD, R), wire, kBf16Bytes);
+    Blocks got = exchange(split_by_head_owner(u, Nr, HD, R), wire, kBf16Bytes);
     std::vector<Vec> U(R), Y(R);
     std::vector<std::vector<int>> sel(R);
     std::vector<Vec> gate(R);
@@ -140,7 +181,7 @@ LayerRun run_head_parallel(const lmoe::Config& c, const Vec& x, const Vec& dout,
     Blocks y_send(R, std::vector<Vec>(R));
     for (int q = 0; q < R; q++)
         for (int r = 0; r < R; r++) y_send[q][r] = rows(Y[q], r * Nr, Nr, width);
-    Blocks y_got = all_to_all(y_send, wire, kBf16Bytes);
+    Blocks y_got = exchange(y_send, wire, kBf16Bytes);
     std::vector<Vec> y(R);
     run.out.resize((size_t)N * d);
     for (int r = 0; r < R; r++) {
@@ -154,7 +195,7 @@ LayerRun run_head_parallel(const lmoe::Config& c, const Vec& x, const Vec& dout,
     for (int r = 0; r < R; r++)
         ref::matmul_backward(dy[r].data(), ranks[r].g.ffn_out, rows(dout, r * Nr, Nr, d).data(), y[r].data(),
                              ranks[r].w.ffn_out, Nr, HD, d);
-    Blocks dy_got = all_to_all(split_by_head_owner(dy, Nr, HD, R), wire, kBf16Bytes);
+    Blocks dy_got = exchange(split_by_head_owner(dy, Nr, HD, R), wire, kBf16Bytes);
     Blocks du_send(R, std::vector<Vec>(R));
     for (int q = 0; q < R; q++) {
         Vec dY, dU(U[q].size(), 0.0);
@@ -166,7 +207,7 @@ LayerRun run_head_parallel(const lmoe::Config& c, const Vec& x, const Vec& dout,
                                  sel[q].data() + (size_t)hl * N * c.k, gate[q].data() + (size_t)hl * N * c.k);
         for (int r = 0; r < R; r++) du_send[q][r] = rows(dU, r * Nr, Nr, width);
     }
-    Blocks du_got = all_to_all(du_send, wire, kBf16Bytes);
+    Blocks du_got = exchange(du_send, wire, kBf16Bytes);
     run.dx.assign((size_t)N * d, 0.0);
     for (int r = 0; r < R; r++) {
         Vec du = join_head_blocks(du_got[r], Nr, HD, R);
@@ -174,7 +215,8 @@ LayerRun run_head_parallel(const lmoe::Config& c, const Vec& x, const Vec& dout,
                              rows(x, r * Nr, Nr, d).data(), ranks[r].w.ffn_in, Nr, d, HD);
     }
     run.grads = assemble_grads(c, ranks);
-    run.bytes = wire;
+    run.within = wire.within;
+    run.across = wire.across;
     return run;
 }
 
@@ -185,8 +227,81 @@ LayerRun run_head_parallel(const lmoe::Config& c, const Vec& x, const Vec& dout,
 
 struct Copy { int token, slot, expert; };
 
-LayerRun run_expert_parallel(const lmoe::Config& c, const Vec& x, const Vec& dout, const std::vector<float>& bias,
-                             int N, int R, double scale, const Vec* router_override = nullptr) {
+// How a rank routes its own Nr tokens x (Nr, d) and takes its router's gradient. route: sel, gate and
+// kept (Nr, k). backward: from each kept copy's dw = dy·o (Nr, k), adds the router's part to dx (Nr, d,
+// which already holds the copies' dx) and to the router's weight gradient.
+struct SimRouter {
+    virtual ~SimRouter() = default;
+    virtual void route(int r, RankState& rs, const double* x, int Nr, int* sel, double* gate, char* kept) = 0;
+    virtual void backward(int r, RankState& rs, double* dx, const double* x, int Nr, const int* sel,
+                          const double* gate, const char* kept, const double* dgate) = 0;
+};
+
+// SPEC §2.2: top-k of x R + b, gates the softmax over the chosen; nothing is dropped.
+struct TopKRouter : SimRouter {
+    const lmoe::Config& c;
+    const std::vector<float>& bias;
+    TopKRouter(const lmoe::Config& c, const std::vector<float>& bias) : c(c), bias(bias) {}
+    void route(int, RankState& rs, const double* x, int Nr, int* sel, double* gate, char* kept) override {
+        Vec s(c.E);
+        for (int t = 0; t < Nr; t++) {
+            ref::router_logits(s.data(), x + (int64_t)t * c.d, rs.w.router, c.d, c.E);
+            ref::select_topk(sel + t * c.k, s.data(), bias.data(), c.E, c.k);
+            ref::softmax_gates(gate + t * c.k, s.data(), sel + t * c.k, c.k);
+        }
+        std::fill(kept, kept + Nr * c.k, 1);
+    }
+    void backward(int, RankState& rs, double* dx, const double* x, int Nr, const int* sel, const double* gate,
+                  const char*, const double* dgate) override {
+        Vec ds(c.k);
+        for (int t = 0; t < Nr; t++) {  // the gate softmax and the router's k columns
+            ref::softmax_gates_backward(ds.data(), gate + t * c.k, dgate + t * c.k, c.k);
+            for (int j = 0; j < c.k; j++)
+                for (int i = 0; i < c.d; i++) {
+                    const int e = sel[t * c.k + j];
+                    rs.g.router[(int64_t)i * c.E + e] += x[(int64_t)t * c.d + i] * ds[j];
+                    dx[(int64_t)t * c.d + i] += rs.w.router[(int64_t)i * c.E + e] * ds[j];
+                }
+        }
+    }
+};
+
+// SPEC §2.6: the GrAP gate, the capacity and the two losses of each rank's micro-batch, towards its
+// node's target; the losses' gradient scaled by loss_scale. Keeps each rank's losses.
+struct LocMoeRouter : SimRouter {
+    const lmoe::Config& c;
+    const int R, node_size;
+    const double loss_scale;
+    std::vector<Vec> p, z;
+    std::vector<ref::RouterLosses<double>> losses;
+    LocMoeRouter(const lmoe::Config& c, int R, int node_size, double loss_scale)
+        : c(c), R(R), node_size(node_size), loss_scale(loss_scale), p(R), z(R), losses(R) {}
+    void route(int r, RankState& rs, const double* x, int Nr, int* sel, double* gate, char* kept) override {
+        const lmoe::LocMoeSetup setup = lmoe::locmoe_setup(c, Nr, r, R, node_size);
+        ref::grap_rows(p[r], z[r], x, c.d, Nr, rs.w.router_eps, c.d, c.E);
+        const std::vector<float> no_bias(c.E, 0.f);
+        for (int t = 0; t < Nr; t++) {
+            ref::select_topk(sel + t * c.k, p[r].data() + (int64_t)t * c.E, no_bias.data(), c.E, c.k);
+            for (int j = 0; j < c.k; j++) gate[t * c.k + j] = p[r][(int64_t)t * c.E + sel[t * c.k + j]];
+        }
+        ref::capacity_keep(kept, sel, Nr, c.E, c.k, setup.capacity);
+        losses[r] = ref::locmoe_losses(p[r].data(), sel, Nr, c.E, c.k, setup);
+    }
+    void backward(int r, RankState& rs, double* dx, const double*, int Nr, const int* sel, const double*,
+                  const char* kept, const double* dgate) override {
+        Vec dp(c.E);
+        for (int t = 0; t < Nr; t++) {
+            for (int i = 0; i < c.E; i++) dp[i] = loss_scale * losses[r].dp[i];
+            for (int j = 0; j < c.k; j++)
+                if (kept[t * c.k + j]) dp[sel[t * c.k + j]] += dgate[t * c.k + j];
+            ref::grap_backward(dx + (int64_t)t * c.d, rs.g.router_eps, dp.data(), p[r].data() + (int64_t)t * c.E,
+                               z[r].data() + (int64_t)t * c.E, c.d, c.E);
+        }
+    }
+};
+
+LayerRun run_expert_parallel(const lmoe::Config& c, const Vec& x, const Vec& dout, SimRouter& router, int N, int R,
+                             int node_size, double scale, const Vec* router_override = nullptr) {
     const int Nr = N / R, Er = c.E / R, d = c.d, k = c.k;
     const ref::ExpertLayout L{d, c.fe, false};
     std::vector<RankState> ranks;
@@ -195,26 +310,22 @@ LayerRun run_expert_parallel(const lmoe::Config& c, const Vec& x, const Vec& dou
         if (router_override) std::copy(router_override->begin(), router_override->end(), ranks[r].w.router);
     }
     LayerRun run;
-    std::vector<int64_t> wire(R, 0), meta(R, 0);
+    Wire wire(R, node_size);
+    std::vector<int64_t> meta(R, 0);
 
-    // route locally: selection and gates per (token, slot)          (Nr, k) per rank
+    // route locally: selection, gates and the capacity's verdict per (token, slot)   (Nr, k) per rank
     std::vector<std::vector<int>> sel(R, std::vector<int>((size_t)Nr * k));
     std::vector<Vec> gate(R, Vec((size_t)Nr * k));
-    std::vector<std::vector<Copy>> order(R);  // each rank's copies grouped by expert, stable in (token, slot)
+    std::vector<std::vector<char>> kept(R, std::vector<char>((size_t)Nr * k));
+    std::vector<std::vector<Copy>> order(R);  // each rank's kept copies grouped by expert, stable in (token, slot)
     Blocks counts_send(R, std::vector<Vec>(R, Vec(Er, 0.0)));  // counts travel as int32 on the real wire
     for (int r = 0; r < R; r++) {
-        Vec s(c.E);
-        for (int t = 0; t < Nr; t++) {
-            const double* xt = x.data() + (int64_t)(r * Nr + t) * d;
-            ref::router_logits(s.data(), xt, ranks[r].w.router, d, c.E);
-            ref::select_topk(sel[r].data() + t * k, s.data(), bias.data(), c.E, k);
-            ref::softmax_gates(gate[r].data() + t * k, s.data(), sel[r].data() + t * k, k);
-        }
+        router.route(r, ranks[r], x.data() + (int64_t)r * Nr * d, Nr, sel[r].data(), gate[r].data(), kept[r].data());
         // group: copies sorted by expert, then token, then slot
         for (int e = 0; e < c.E; e++)
             for (int t = 0; t < Nr; t++)
                 for (int j = 0; j < k; j++)
-                    if (sel[r][t * k + j] == e) order[r].push_back({t, j, e});
+                    if (sel[r][t * k + j] == e && kept[r][t * k + j]) order[r].push_back({t, j, e});
         for (const Copy& cp : order[r]) counts_send[r][cp.expert / Er][cp.expert % Er] += 1;
     }
     // exchange counts: each owner learns how many rows of each of its experts come from each rank
@@ -228,7 +339,7 @@ LayerRun run_expert_parallel(const lmoe::Config& c, const Vec& x, const Vec& dou
                 Vec& b = send[r][order[r][i].expert / Er];
                 b.insert(b.end(), per_copy[r].begin() + (int64_t)i * d, per_copy[r].begin() + (int64_t)(i + 1) * d);
             }
-        return all_to_all(send, wire, kBf16Bytes);
+        return exchange(send, wire, kBf16Bytes);
     };
     // For owner q, visits its rows expert by expert, and within an expert source rank by source rank:
     // so each expert's rows come in global token order, as in the one-rank layer.
@@ -255,7 +366,7 @@ LayerRun run_expert_parallel(const lmoe::Config& c, const Vec& x, const Vec& dou
                                 ranks[q].w.expert_in + el * L.size(), ranks[q].w.expert_out + el * L.size(), L);
         });
     }
-    Blocks o_got = all_to_all(o_send, wire, kBf16Bytes);
+    Blocks o_got = exchange(o_send, wire, kBf16Bytes);
     // restore (token, slot) order, weight and sum in slot order       y[t] = Σ_j w_j o_j
     std::vector<Vec> o_slot(R, Vec((size_t)Nr * k * d));  // (Nr, k, d)
     for (int r = 0; r < R; r++) {
@@ -271,8 +382,10 @@ LayerRun run_expert_parallel(const lmoe::Config& c, const Vec& x, const Vec& dou
     for (int r = 0; r < R; r++)
         for (int t = 0; t < Nr; t++)
             for (int j = 0; j < k; j++)
-                for (int i = 0; i < d; i++)
-                    run.out[(int64_t)(r * Nr + t) * d + i] += gate[r][t * k + j] * o_slot[r][((int64_t)t * k + j) * d + i];
+                if (kept[r][t * k + j])
+                    for (int i = 0; i < d; i++)
+                        run.out[(int64_t)(r * Nr + t) * d + i] +=
+                            gate[r][t * k + j] * o_slot[r][((int64_t)t * k + j) * d + i];
 
     // backward: dw_j = dy·o_j and do_j = w_j dy at the source; expert backward at the owner
     std::vector<Vec> do_copy(R), dgate(R, Vec((size_t)Nr * k, 0.0));
@@ -296,7 +409,7 @@ LayerRun run_expert_parallel(const lmoe::Config& c, const Vec& x, const Vec& dou
                                  ranks[q].w.expert_out + el * L.size(), L);
         });
     }
-    Blocks dxc_got = all_to_all(dxc_send, wire, kBf16Bytes);
+    Blocks dxc_got = exchange(dxc_send, wire, kBf16Bytes);
     run.dx.assign((size_t)N * d, 0.0);
     for (int r = 0; r < R; r++) {
         std::vector<Vec> dx_slot((size_t)Nr * k);
@@ -307,25 +420,49 @@ LayerRun run_expert_parallel(const lmoe::Config& c, const Vec& x, const Vec& dou
                                                            dxc_got[r][q].begin() + (taken[q] + 1) * d);
             taken[q]++;
         }
-        // each token: copies' dx in slot order, then the gate softmax and the router's k columns
-        Vec ds(k);
-        for (int t = 0; t < Nr; t++) {
-            double* dxt = run.dx.data() + (int64_t)(r * Nr + t) * d;
-            const double* xt = x.data() + (int64_t)(r * Nr + t) * d;
+        // each token: its kept copies' dx in slot order, then the router's part
+        for (int t = 0; t < Nr; t++)
             for (int j = 0; j < k; j++)
-                for (int i = 0; i < d; i++) dxt[i] += dx_slot[(size_t)t * k + j][i];
-            ref::softmax_gates_backward(ds.data(), gate[r].data() + t * k, dgate[r].data() + t * k, k);
-            for (int j = 0; j < k; j++)
-                for (int i = 0; i < d; i++) {
-                    int e = sel[r][t * k + j];
-                    ranks[r].g.router[(int64_t)i * c.E + e] += xt[i] * ds[j];
-                    dxt[i] += ranks[r].w.router[(int64_t)i * c.E + e] * ds[j];
-                }
-        }
+                if (kept[r][t * k + j])
+                    for (int i = 0; i < d; i++) run.dx[(int64_t)(r * Nr + t) * d + i] += dx_slot[(size_t)t * k + j][i];
+        router.backward(r, ranks[r], run.dx.data() + (int64_t)r * Nr * d, x.data() + (int64_t)r * Nr * d, Nr,
+                        sel[r].data(), gate[r].data(), kept[r].data(), dgate[r].data());
     }
     run.grads = assemble_grads(c, ranks);
-    run.bytes = wire;
+    run.within = wire.within;
+    run.across = wire.across;
     run.meta_bytes = meta;
+    run.sel = sel;
+    run.kept = kept;
+    return run;
+}
+
+// LocMoE's layer as one rank holding every expert computes it (cpu/reference.h), on each rank's
+// micro-batch in turn with that rank's target and capacity: the losses are per rank (SPEC §2.6), so
+// this is the result the ranks must reproduce.
+LayerRun run_single_locmoe(const lmoe::Config& c, const Vec& x, const Vec& dout, int N, int R, int node_size,
+                           double scale, double loss_scale) {
+    const int Nr = N / R, d = c.d, k = c.k;
+    RankState rs(c, 0, 1, scale);
+    const std::vector<float> no_bias(c.E, 0.f);
+    const ref::ExpertBank<double> bank = ref::head_bank<double>(c, rs.w, no_bias.data(), 0);
+    LayerRun run;
+    run.out.assign((size_t)N * d, 0.0);
+    run.dx.assign((size_t)N * d, 0.0);
+    for (int r = 0; r < R; r++) {
+        const lmoe::LocMoeSetup setup = lmoe::locmoe_setup(c, Nr, r, R, node_size);
+        const int64_t first = (int64_t)r * Nr * d;
+        std::vector<int> sel((size_t)Nr * k);
+        Vec gate((size_t)Nr * k);
+        std::vector<char> kept((size_t)Nr * k);
+        const ref::LocMoeResult<double> losses = ref::locmoe_forward(run.out.data() + first, d, x.data() + first, d, Nr,
+                                                                     bank, setup, sel.data(), gate.data(), kept.data(), false);
+        ref::locmoe_backward(run.dx.data() + first, d, ref::head_bank_grad<double>(c, rs.g, 0), dout.data() + first, d,
+                             x.data() + first, d, Nr, bank, setup, sel.data(), gate.data(), kept.data(), loss_scale);
+        run.aux.push_back(losses.aux);
+        run.loc.push_back(losses.loc);
+    }
+    run.grads = rs.grads;
     return run;
 }
 
@@ -374,6 +511,41 @@ lmoe::Config layer_config(lmoe::FfnKind kind) {
     return c;
 }
 
+// Each rank's bytes within and across nodes as its routing implies, counted copy by copy: a kept copy
+// whose expert lives on another rank crosses four times (x and d_o to the owner, o and dx back), each
+// time to a rank of the same node, or to the relay of exchange's first stage and then across.
+void expect_ep_bytes(const std::string& what, const lmoe::Config& c, const LayerRun& run, int R, int node_size) {
+    Wire want(R, node_size);
+    const int64_t row = (int64_t)c.d * kBf16Bytes;
+    auto hop = [&](int from, int to) {
+        if (from == to) return;
+        const int relay = relay_rank(from, to, node_size);
+        if (relay != from) want.within[from] += row;
+        if (relay != to) want.across[relay] += row;
+    };
+    for (int r = 0; r < R; r++)
+        for (size_t i = 0; i < run.sel[r].size(); i++) {
+            if (!run.kept[r][i]) continue;
+            const int owner = run.sel[r][i] / (c.E / R);
+            for (int twice = 0; twice < 2; twice++) {
+                hop(r, owner);
+                hop(owner, r);
+            }
+        }
+    for (int r = 0; r < R; r++)
+        CHECK_MSG(run.within[r] == want.within[r] && run.across[r] == want.across[r],
+                  what + " rank " + std::to_string(r) + " sent " + std::to_string(run.within[r]) + " + " +
+                      std::to_string(run.across[r]) + " bytes within + across nodes, its routing implies " +
+                      std::to_string(want.within[r]) + " + " + std::to_string(want.across[r]));
+}
+
+void print_bytes(const std::string& what, const LayerRun& run) {
+    std::printf("%s: layer matches one rank; bytes sent per rank within + across nodes:", what.c_str());
+    for (size_t r = 0; r < run.within.size(); r++)
+        std::printf(" %lld+%lld", (long long)run.within[r], (long long)run.across[r]);
+    std::printf("\n");
+}
+
 int main() {
     lmoe::Rng rng(7);
     const int N = 64;           // global tokens; each of R ranks holds N/R of them
@@ -387,30 +559,72 @@ int main() {
         std::vector<float> bias((size_t)c.H * c.E);
         for (float& b : bias) b = float(0.3 * rng.normal());
         LayerRun one = run_single(c, x, dout, bias, N, scale);
-        for (int R : {1, 2, 4, 8}) {
-            const int Nr = N / R;
-            std::string what = std::string(hp ? "HP" : "EP") + " R=" + std::to_string(R);
-            LayerRun many = hp ? run_head_parallel(c, x, dout, bias, N, R, scale)
-                               : run_expert_parallel(c, x, dout, bias, N, R, scale);
-            compare_runs(what, c, one, many);
-            if (hp) {
-                // SPEC §3: 4 exchanges of Nr·H·dh·(R−1)/R bf16 elements, the same for every rank
-                int64_t expected = 4LL * Nr * c.H * c.dh * (R - 1) / R * kBf16Bytes;
-                for (int r = 0; r < R; r++)
-                    CHECK_MSG(many.bytes[r] == expected, what + " rank " + std::to_string(r) + " sent " +
-                                                             std::to_string((int64_t)many.bytes[r]) + " bytes, SPEC says " +
-                                                             std::to_string(expected));
-                std::printf("%s: layer matches one rank; %lld bytes sent per rank per step (SPEC formula %lld)\n",
-                            what.c_str(), (long long)many.bytes[0], (long long)expected);
-            } else {
-                std::printf("%s: layer matches one rank; bytes sent per rank:", what.c_str());
-                for (int r = 0; r < R; r++) std::printf(" %lld", (long long)many.bytes[r]);
-                std::printf(" (+ %lld bytes of counts)\n", (long long)many.meta_bytes[0]);
-                for (int r = 0; r < R; r++)
-                    CHECK_MSG(many.meta_bytes[r] == (int64_t)(R - 1) * (c.E / R) * kCountBytes,
-                              what + ": the counts exchange is E/R integers to each other rank");
+        TopKRouter topk(c, bias);
+        for (int R : {1, 2, 4, 8})
+            for (int node_size : {1, 2, 4}) {
+                if (node_size > R) continue;
+                const int Nr = N / R;
+                std::string what = std::string(hp ? "HP" : "EP") + " R=" + std::to_string(R) + " node size " +
+                                   std::to_string(node_size);
+                LayerRun many = hp ? run_head_parallel(c, x, dout, bias, N, R, node_size, scale)
+                                   : run_expert_parallel(c, x, dout, topk, N, R, node_size, scale);
+                compare_runs(what, c, one, many);
+                print_bytes(what, many);
+                if (hp) {
+                    // 4 exchanges of a block of Nr·(H/R)·dh bf16 elements to every other rank: (ns − 1)·R/ns
+                    // blocks within the node (direct, or to the relay), R − ns blocks across (from the
+                    // relays); with one rank per node that is SPEC §3's 4·Nr·H·dh·(R−1)/R·2, all across
+                    const int64_t block = 4LL * Nr * (c.H / R) * c.dh * kBf16Bytes;
+                    const int64_t within = (int64_t)(node_size - 1) * (R / node_size) * block;
+                    const int64_t across = (int64_t)(R - node_size) * block;
+                    if (node_size == 1) CHECK(across == 4LL * Nr * c.H * c.dh * (R - 1) / R * kBf16Bytes);
+                    for (int r = 0; r < R; r++)
+                        CHECK_MSG(many.within[r] == within && many.across[r] == across,
+                                  what + " rank " + std::to_string(r) + " sent " + std::to_string(many.within[r]) +
+                                      " + " + std::to_string(many.across[r]) + " bytes, expected " +
+                                      std::to_string(within) + " + " + std::to_string(across));
+                } else {
+                    expect_ep_bytes(what, c, many, R, node_size);
+                    for (int r = 0; r < R; r++)
+                        CHECK_MSG(many.meta_bytes[r] == (int64_t)(R - 1) * (c.E / R) * kCountBytes,
+                                  what + ": the counts exchange is E/R integers to each other rank");
+                }
             }
-        }
+    }
+
+    // LocMoE (SPEC §2.6): GrAP groups of 2 features, top-3, capacity factor 1 (C = 2 rows per expert
+    // on 8 ranks: copies are dropped), the losses' gradient scaled by 0.5. The target of each rank
+    // depends on R and the node size, so the one-rank result is computed for each.
+    {
+        lmoe::Config c = layer_config(lmoe::FfnKind::MoE);
+        c.router = "locmoe";
+        c.d = 32;
+        c.dh = c.d;
+        c.capacity_factor = 1;
+        c.aux_loss_weight = 0.3f;
+        c.loc_loss_weight = 0.5f;
+        const double loss_scale = 0.5;
+        Vec x((size_t)N * c.d), dout((size_t)N * c.d);
+        for (double& v : x) v = rng.normal();
+        for (double& v : dout) v = rng.normal();
+        for (int R : {1, 2, 4, 8})
+            for (int node_size : {1, 2, 4}) {
+                if (node_size > R) continue;
+                const std::string what = "LocMoE R=" + std::to_string(R) + " node size " + std::to_string(node_size);
+                const LayerRun one = run_single_locmoe(c, x, dout, N, R, node_size, scale, loss_scale);
+                LocMoeRouter locmoe(c, R, node_size, loss_scale);
+                const LayerRun many = run_expert_parallel(c, x, dout, locmoe, N, R, node_size, scale);
+                compare_runs(what, c, one, many);
+                int64_t dropped = 0;
+                for (int r = 0; r < R; r++) {
+                    CHECK_MSG(locmoe.losses[r].aux == one.aux[r] && locmoe.losses[r].loc == one.loc[r],
+                              what + ": rank " + std::to_string(r) + "'s L_aux or L_loc differs");
+                    for (char k : many.kept[r]) dropped += !k;
+                }
+                if (R == 8) CHECK_MSG(dropped > 0, what + ": the capacity should drop copies here");
+                expect_ep_bytes(what, c, many, R, node_size);
+                print_bytes(what + " (" + std::to_string(dropped) + " copies dropped)", many);
+            }
     }
 
     // EP's traffic under balanced routing equals SPEC §3's 4·N·k·d·(R−1)/R·2. Balanced by construction:
@@ -425,15 +639,16 @@ int main() {
             for (int j = 0; j < c.k; j++) x[(size_t)t * c.d + (t * c.k + j) % c.E] = 3.0 - 0.5 * j;
         for (double& v : dout) v = rng.normal();
         std::vector<float> bias(c.E, 0.f);
+        TopKRouter topk(c, bias);
         for (int R : {2, 4, 8}) {
-            LayerRun many = run_expert_parallel(c, x, dout, bias, N, R, 25.0, &router);
+            LayerRun many = run_expert_parallel(c, x, dout, topk, N, R, 1, 25.0, &router);
             int64_t expected = 4LL * (N / R) * c.k * c.d * (R - 1) / R * kBf16Bytes;
             for (int r = 0; r < R; r++)
-                CHECK_MSG(many.bytes[r] == expected, "EP balanced R=" + std::to_string(R) + " rank " +
-                                                         std::to_string(r) + " sent " + std::to_string(many.bytes[r]) +
-                                                         " bytes, SPEC says " + std::to_string(expected));
+                CHECK_MSG(many.within[r] == 0 && many.across[r] == expected,
+                          "EP balanced R=" + std::to_string(R) + " rank " + std::to_string(r) + " sent " +
+                              std::to_string(many.across[r]) + " bytes, SPEC says " + std::to_string(expected));
             std::printf("EP R=%d balanced routing: %lld bytes per rank (SPEC formula %lld)\n", R,
-                        (long long)many.bytes[0], (long long)expected);
+                        (long long)many.across[0], (long long)expected);
         }
     }
     return check::summary();

@@ -14,6 +14,7 @@
 #include "model/config.h"
 #include "model/params.h"
 #include "train/checkpoint.h"
+#include "train/step_log.h"
 
 namespace lmoe {
 
@@ -37,13 +38,18 @@ class CpuModel {
 
     void zero_grad() { model_.zero_grad(); }
     float train_micro_batch(const int32_t* tokens, const int32_t* targets) {
-        const float loss = model_.forward(tokens, targets, model_.cfg.B);
-        model_.backward(1.0f / model_.cfg.grad_accum);
+        const Config& c = model_.cfg;
+        model_.forward(tokens, targets, c.B);
+        model_.backward(1.0f / c.grad_accum);
         model_.add_expert_counts(counts_);
-        return loss;
+        router_.aux_loss += model_.aux_loss / c.grad_accum;
+        router_.loc_loss += model_.loc_loss / c.grad_accum;
+        for (int l = 0; l < c.L; l++) router_.dropped[l] += model_.ffn[l].dropped;
+        return model_.cross_entropy;
     }
     float eval_micro_batch(const int32_t* tokens, const int32_t* targets) {
-        return model_.forward(tokens, targets, model_.cfg.B);
+        model_.forward(tokens, targets, model_.cfg.B);
+        return model_.cross_entropy;
     }
     void sync_gradients() {}  // one rank: its gradients are the global batch's
 
@@ -64,6 +70,7 @@ class CpuModel {
     std::vector<int64_t> take_expert_counts() {
         return std::exchange(counts_, std::vector<int64_t>(counts_.size(), 0));
     }
+    RouterStats take_router_stats() { return std::exchange(router_, fresh_router_stats()); }
     std::pair<int, int> min_max_over_ranks(int here) const { return {here, here}; }  // one rank
 
     TrainingState state(int steps_done) const {
@@ -81,6 +88,9 @@ class CpuModel {
     ref::Model<float> model_;
     std::vector<float> m_, v_;     // AdamW moments, laid out like the parameters
     std::vector<int64_t> counts_;  // (L, H, E) routed slots since the last optimizer step
+    RouterStats router_ = fresh_router_stats();  // since the last optimizer step
+
+    RouterStats fresh_router_stats() const { return {0, 0, std::vector<int64_t>(model_.cfg.L, 0)}; }
 };
 
 }  // namespace lmoe

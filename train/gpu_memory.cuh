@@ -18,6 +18,7 @@
 #include "model/config.h"
 #include "moe/routing_plan.cuh"
 #include "moe/router.cuh"
+#include "moe/locmoe_router.cuh"
 #include "train/memory_estimate.h"
 #include "util/cuda_utils.cuh"
 
@@ -51,7 +52,9 @@ inline int64_t ffn_device_bytes(const Config& c, int64_t N, int world) {
         b += routing_plans_bytes(L, rows, 1, c.E / world, 1, false) + 2 * (int64_t)c.E * 4 + rows * d * X;
     b += L * copies * d * X + 2 * L * rows * c.fe * X;               // o_, pre_, h_
     b += 2 * copies * d * X + copies * 4 + rows * c.fe * X;          // d_o_, dx_copy_, ds_copy_, dpre_
-    b += (int64_t)router_grad_scratch_size(c.E, c.d) * 4;            // router_grad_scratch_
+    if (!c.locmoe()) b += (int64_t)router_grad_scratch_size(c.E, c.d) * 4;  // router_grad_scratch_
+    else  // target_, coef_, layer_loss_, layer_dropped_, step_loss_, step_dropped_, grap_parts_
+        b += (c.E + L * c.E + 2 * L + L + 2 + L + (int64_t)grap_parts_size((int)N, c.E)) * 4;
     if (world > 1) b += L * rows * d * X + rows * d * X;             // x_received_, expert_rows_
     return b;
 }

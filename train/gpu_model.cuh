@@ -12,12 +12,13 @@
 //       static int local_heads(const Config&, int world);     // routing groups (heads) on this rank
 //       static constexpr bool kLoadsAreGlobal;         // false: sum the expert loads over the ranks
 //       static double predicted_bytes_per_layer(const Config&, int N, int world);  // SPEC §3, per step
-//       Ffn(const Config&, int N, int world);          // N tokens per micro-batch; allocates activations
+//       Ffn(const Config&, int N, const Comm&);        // N tokens per micro-batch; allocates activations
 //       void forward(int l, floatX* out, const floatX* x, const Layer& w, const float* bias, Ctx&);
 //       void backward(int l, floatX* dx, const floatX* dout, const floatX* x, const Layer& w, const GradLayer& g,
 //                     Ctx&);                         // dx written; weight gradients accumulated
 //       RoutingPlan plan(int l) const;                 // layer l's routing plan of its last forward
 //       int64_t take_bytes_sent();                     // bytes sent to other ranks since the last call
+//       RouterStats take_router_stats(const Comm&, cudaStream_t);  // LocMoE's (zero for top-k routers)
 //   };
 #pragma once
 #include <cuda_runtime.h>
@@ -58,6 +59,7 @@ struct Ctx {
     cudaStream_t stream;
     const Comm* comm;
     StepProfile* profile = nullptr;  // null: no timing
+    float loss_scale = 1;            // d(objective)/d(loss) of this micro-batch: 1/grad_accum in training
 };
 
 using Layer = ModelTensors<floatX>::Layer;
@@ -109,7 +111,7 @@ class GpuModel {
         : cfg(c), comm(comm_), N(c.B * c.T), heads(Ffn::local_heads(c, comm_.world)),
           layout(build_param_layout(c, comm_.rank, comm_.world)), balance(c.L, heads, c.E),
           decay(decay_table(layout, c.weight_decay)),
-          ffn_(c, c.B * c.T, comm_.world) {
+          ffn_(c, c.B * c.T, comm_) {
         CUDA_CHECK(cudaStreamCreate(&ctx.stream));
         ctx.cublas = make_cublas_handle();
         ctx.comm = &comm;
@@ -155,6 +157,7 @@ class GpuModel {
         const Config& c = cfg;
         const int d = c.d, C = c.n_head * c.d_attn();
         cudaStream_t st = ctx.stream;
+        ctx.loss_scale = dloss;
         std::copy(tokens, tokens + N, host_tokens_);
         std::copy(targets, targets + N, host_tokens_ + N);
         CUDA_CHECK(cudaMemcpyAsync(tokens_.get(), host_tokens_, N * sizeof(int), cudaMemcpyHostToDevice, st));
@@ -282,6 +285,8 @@ class GpuModel {
         copy_master_to_param(params.get(), master.get(), layout.total, ctx.stream);
     }
     std::vector<int64_t> take_expert_counts() { return balance.take_counts(ctx.stream); }
+    // LocMoE's losses and drops since the last call, over the ranks; zero for the other routers.
+    RouterStats take_router_stats() { return ffn_.take_router_stats(comm, ctx.stream); }
 
     const Ffn& ffn() const { return ffn_; }
 

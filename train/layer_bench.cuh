@@ -49,7 +49,7 @@ int bench_ffn_layer(const Config& config) {
     CUDA_CHECK(cudaMemset(grads.get(), 0, grads.size() * sizeof(float)));
     const Layer w = bind_tensors(layout, params.get(), 1, c.ffn).layers[0];
     const GradLayer g = bind_tensors(layout, grads.get(), 1, c.ffn).layers[0];
-    Ffn ffn(c, N, 1);
+    Ffn ffn(c, N, Comm{});
     CUDA_CHECK(cudaDeviceSynchronize());
     CUDA_CHECK(cudaMemGetInfo(&free_after, &total));
     cudaEvent_t start, mid, stop;

@@ -14,11 +14,13 @@
 //   int64_t num_routing_biases() const;
 //   void zero_grad();
 //   float train_micro_batch(const int32_t* tokens, const int32_t* targets);  // forward + backward (the loss
-//                                                  // scaled by 1/grad_accum); its mean loss over all ranks
+//                                                  // scaled by 1/grad_accum); its mean cross-entropy over
+//                                                  // all ranks (LocMoE's auxiliary losses: take_router_stats)
 //   float eval_micro_batch(const int32_t* tokens, const int32_t* targets);   // forward only; the same loss
 //   void sync_gradients();                         // data parallel: the gradients of the global batch
 //   float or double optimizer_step(double lr, int step);  // clip, AdamW, bias update; the norm before clipping
 //   std::vector<int64_t> take_expert_counts();     // (L, heads here, E) routed slots of the step; resets them
+//   RouterStats take_router_stats();               // LocMoE's losses and drops of the step; resets them
 //   std::pair<int, int> min_max_over_ranks(int here);  // the least and the greatest `here` of all ranks
 //   TrainingState state(int steps_done) const;     // host copies for a checkpoint
 //   void load_state(const TrainingState&);
@@ -168,6 +170,7 @@ int training_loop(const Config& c, int rank, int world, const ModelArgs&... mode
             const bool last = step == c.steps - 1;
             // taken every step, printed or not: each covers the step just done
             const std::vector<int64_t> counts = model.take_expert_counts();
+            const RouterStats router = model.take_router_stats();
             [[maybe_unused]] int64_t bytes = 0;
             [[maybe_unused]] StepTimes times;
             if constexpr (Model::kOnGpu) {
@@ -176,8 +179,11 @@ int training_loop(const Config& c, int rank, int world, const ModelArgs&... mode
             }
             if (lead && (step % c.log_every == 0 || last)) {
                 const double tok_s = tokens_per_step / (ms / 1000);
-                std::printf("step %5d/%d | loss %.6f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s", step + 1,
-                            c.steps, loss, lr, norm, ms, tok_s);
+                std::printf("step %5d/%d | loss %.6f", step + 1, c.steps, loss);
+                if (c.locmoe())
+                    std::printf(" | L_aux %.6f | L_loc %.6f | dropped %lld", router.aux_loss, router.loc_loss,
+                                (long long)router.total_dropped());
+                std::printf(" | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s", lr, norm, ms, tok_s);
                 if constexpr (Model::kOnGpu) {
                     std::printf(" | MFU %.1f%%", model.mfu_percent(tok_s));
                     if (world > 1)
@@ -187,13 +193,14 @@ int training_loop(const Config& c, int rank, int world, const ModelArgs&... mode
                 std::printf("\n");
                 if constexpr (Model::kOnGpu) print_time_breakdown(times, ms);
                 print_loads(counts, c.L, c.E);
+                if (c.locmoe()) print_dropped(router);
             }
             if ((c.eval_every > 0 && (step + 1) % c.eval_every == 0) || last) {
                 last_val = validation_loss(model, val, eval_batches, N);
                 if (lead)
                     std::printf("step %5d | val loss %.4f (unigram baseline %.4f)\n", step + 1, last_val, baseline);
             }
-            log.row(step + 1, loss, norm, last ? last_val : NAN, ms);
+            log.row(step + 1, loss, norm, last ? last_val : NAN, ms, c.locmoe() ? &router : nullptr);
             if (c.checkpoint_every > 0 && (step + 1) % c.checkpoint_every == 0 && !last) save(step + 1);
             std::fflush(stdout);  // may fail on a closed pipe: the run goes on (SIGPIPE is ignored)
         }

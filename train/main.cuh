@@ -13,6 +13,7 @@
 #include <string>
 
 #include "model/config.h"
+#include "model/locmoe.h"
 #include "parallel/comm.cuh"
 #include "train/cpu_model.h"
 #include "train/gpu_memory.cuh"
@@ -76,6 +77,7 @@ int run_trainer(int argc, char** argv, const Comm& comm) {
     const bool on_gpu = c.device != "cpu" && gpus > 0;
     if (!comm.single() && !on_gpu) throw ConfigError("several ranks need the GPU path (one GPU per rank)");
     if (lead) print_config(c);
+    if (lead && c.locmoe()) print_capacity(c, c.B * c.T);
     const char* smaller = "use a smaller --batch, --seq-len, --layers or --preset";
     if (on_gpu) {
         check_gpu_supported<Ffn>(c);

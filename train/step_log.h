@@ -38,6 +38,25 @@ inline void print_loads(const std::vector<int64_t>& counts, int L, int E) {
     std::printf("\n");
 }
 
+// LocMoE's auxiliary losses and capacity drops over one optimizer step (SPEC §2.6): L_aux and L_loc
+// summed over the layers and averaged over the micro-steps and ranks, like the loss; the dropped copies
+// per layer summed over them. All zero for the other routers.
+struct RouterStats {
+    double aux_loss = 0, loc_loss = 0;
+    std::vector<int64_t> dropped;  // (L)
+    int64_t total_dropped() const {
+        int64_t n = 0;
+        for (int64_t v : dropped) n += v;
+        return n;
+    }
+};
+
+inline void print_dropped(const RouterStats& s) {
+    std::printf("    rows dropped over capacity:");
+    for (size_t l = 0; l < s.dropped.size(); l++) std::printf(" L%zu %lld", l, (long long)s.dropped[l]);
+    std::printf("\n");
+}
+
 // Where a GPU step's milliseconds went, from CUDA events on the training stream. The FFN's time
 // includes the all-to-alls inside it; the line shows the two apart.
 struct StepTimes {
@@ -53,7 +72,7 @@ inline void print_time_breakdown(const StepTimes& t, double ms) {
 }
 
 // The --log-file CSV, one row per step: step,loss,norm,val_loss,ms (val_loss on the last step only,
-// NaN elsewhere). Every row is flushed as it is written, so a killed run keeps each step it finished,
+// NaN elsewhere), and for LocMoE then aux_loss,loc_loss,dropped (the step's RouterStats). Every row is flushed as it is written, so a killed run keeps each step it finished,
 // and a failed write (a full disk) throws rather than ending with an empty log. A run resumed at step S
 // first cuts the log back to its rows of steps <= S (the later ones are of steps the checkpoint does
 // not hold, the last may be half written), then appends. A closed log (no file asked for) ignores rows.
@@ -69,10 +88,13 @@ class StepLog {
     StepLog(const StepLog&) = delete;
     StepLog& operator=(const StepLog&) = delete;
 
-    void row(int step, double loss, double norm, double val_loss, double ms) {
-        if (file_ && (std::fprintf(file_, "%d,%.9g,%.9g,%.9g,%.3f\n", step, loss, norm, val_loss, ms) < 0 ||
-                      std::fflush(file_) != 0))
-            fail("writing the log failed");
+    void row(int step, double loss, double norm, double val_loss, double ms, const RouterStats* router = nullptr) {
+        if (!file_) return;
+        bool ok = std::fprintf(file_, "%d,%.9g,%.9g,%.9g,%.3f", step, loss, norm, val_loss, ms) >= 0;
+        if (router)
+            ok &= std::fprintf(file_, ",%.9g,%.9g,%lld", router->aux_loss, router->loc_loss,
+                               (long long)router->total_dropped()) >= 0;
+        if (!ok || std::fputc('\n', file_) == EOF || std::fflush(file_) != 0) fail("writing the log failed");
     }
     // At the end of the run: a write error may surface only when the file is closed (NFS).
     void close() {
