@@ -58,7 +58,7 @@ struct Config {
     std::string checkpoint;       // where to save; empty: out/<model>.ckpt
     int checkpoint_every = 0;     // 0: only at the end and when interrupted
     std::string resume;           // checkpoint to resume from; empty: start fresh
-    std::string log_file;         // CSV of step, loss, grad norm, val loss, ms; empty: none
+    std::string log_file;         // a CSV row per step (train/step_log.h); empty: none
     bool bench_layer = false;     // time one FFN layer instead of training
     // text generation (SPEC §2.7)
     int sample = 0;               // tokens to generate at the end of the run (0: none)
@@ -328,7 +328,7 @@ inline std::vector<Flag> flag_table(Config& c) {
         {"checkpoint", "checkpoint file, saved at the end and on Ctrl-C", Flag::Str, &c.checkpoint, false},
         {"checkpoint-every", "also save every N steps (0: never in between)", Flag::Int, &c.checkpoint_every, false},
         {"resume", "resume training from this checkpoint (leave out to start fresh)", Flag::Str, &c.resume, false},
-        {"log-file", "also write step,loss,norm,val_loss,ms per step to this CSV file (empty: no log)", Flag::Str,
+        {"log-file", "also write a CSV row per step: step,loss,norm,val_loss,ms,... (train/step_log.h; empty: no log)", Flag::Str,
          &c.log_file, false, true},
         {"bench-layer", "1: time forward+backward of one FFN layer of this config (B·T tokens) and exit",
          Flag::Bool, &c.bench_layer, false},

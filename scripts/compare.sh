@@ -46,7 +46,8 @@ fi
 # name and command of every system; LocMoE only where the binary accepts --router
 systems=(train_latentmoe moe_ep_baseline)
 declare -A command=([train_latentmoe]="$build/train_latentmoe" [moe_ep_baseline]="$build/moe_ep_baseline")
-if "$build/moe_ep_baseline" --help | grep -q -- '--router '; then
+help=$("$build/moe_ep_baseline" --help)  # not piped into grep -q, which may close the pipe early
+if grep -q -- '--router ' <<<"$help"; then
     systems+=(moe_ep_locmoe)
     command[moe_ep_locmoe]="$build/moe_ep_baseline --router locmoe"
 else
@@ -73,18 +74,20 @@ if [[ $gpu == 1 && -n $sweep ]]; then
     for name in "${systems[@]}"; do
         read -r -a cmd <<<"${command[$name]}"
         # "config: ... | <FFN>: [H h dh d ]E e fe|f f k k | ..."
-        read -r E0 f0 k0 < <(sed -n 's/^config: .* E \([0-9]*\) fe\{0,1\} \([0-9]*\) k \([0-9]*\) |.*/\1 \2 \3/p' "$report/$name.log")
+        read -r E0 f0 k0 < <(sed -n 's/^config: .* E \([0-9]*\) fe\{0,1\} \([0-9]*\) k \([0-9]*\) |.*/\1 \2 \3/p' "$report/$name.log") ||
+            { echo "compare: no E, expert size and k in $report/$name.log's config line: no layer benchmark"; continue; }
         for k in $sweep; do
             if (((E0 * k) % k0 || (f0 * k0) % k)); then
                 printf '%s\t%s\t\t\t\t\t\t\t%s\n' "$name" "$k" "E/k and k·fe of the preset are not whole" >>"$bench"
                 continue
             fi
             E=$((E0 * k / k0)) fe=$((f0 * k0 / k))
-            if out=$("${cmd[@]}" --preset "$preset" "$@" --topk "$k" --experts "$E" --expert-dim "$fe" --bench-layer 1 2>&1); then
+            if out=$("${cmd[@]}" --preset "$preset" "$@" --topk "$k" --experts "$E" --expert-dim "$fe" --bench-layer 1 \
+                2>"$checkpoints/bench.err"); then
                 # layer bench | GPU | FFN | N n tokens | forward a ms | forward+backward b ms | c TFLOP/s | d GiB on the device
                 sed -n "s/^layer bench .*forward \([0-9.]*\) ms | forward+backward \([0-9.]*\) ms | \([0-9.]*\) TFLOP\/s | \([0-9.]*\) GiB.*/$name\t$k\t$E\t$fe\t\1\t\2\t\3\t\4\t/p" <<<"$out" >>"$bench"
             else
-                printf '%s\t%s\t%s\t%s\t\t\t\t\t%s\n' "$name" "$k" "$E" "$fe" "$(tail -n 1 <<<"$out")" >>"$bench"
+                printf '%s\t%s\t%s\t%s\t\t\t\t\t%s\n' "$name" "$k" "$E" "$fe" "$(tail -n 1 "$checkpoints/bench.err")" >>"$bench"
             fi
         done
         echo "layer bench: $name over k = $sweep"
