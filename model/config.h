@@ -65,8 +65,15 @@ struct Config {
     std::string checkpoint;       // where to save; empty: out/<model>.ckpt
     int checkpoint_every = 0;     // 0: only at the end and when interrupted
     std::string resume;           // checkpoint to resume from; empty: start fresh
-    std::string log_file;         // CSV of step, loss, grad norm, val loss, ms; empty: none
+    std::string log_file;         // a CSV row per step (train/step_log.h); empty: none
     bool bench_layer = false;     // time one FFN layer instead of training
+    // text generation (SPEC §2.7)
+    int sample = 0;               // tokens to generate at the end of the run (0: none)
+    int sample_every = 0;         // also every this many steps (0: only at the end)
+    std::string prompt = "The";   // bytes for the byte-level vocabulary (V = 256), else token ids
+    float temperature = 1.0f;     // 0: greedy (the most likely token)
+    int top_k = 0;                // sample among the k most likely tokens (0: all of them)
+    uint64_t sample_seed = 1337;
 
     int d_attn() const { return d / n_head; }
     bool locmoe() const { return ffn == FfnKind::MoE && router == "locmoe"; }
@@ -158,6 +165,8 @@ inline std::vector<FlagBound> size_bounds(const Config& c) {
         {"--steps", c.steps, 1000000000, "a billion optimizer steps"},
         {"--warmup", c.warmup, 1000000000, "a billion steps, as --steps"},
         {"--eval-batches", c.eval_batches, 1 << 20, "validation micro-batches per evaluation"},
+        // each generated token is a whole forward pass
+        {"--sample", c.sample, 1000000, "a million generated tokens, each a forward pass"},
     };
 }
 
@@ -197,6 +206,35 @@ inline std::vector<SizeProduct> size_products(const Config& c, int world) {
     return p;
 }
 
+// A byte-level vocabulary (data_prep's shards): token i is byte i, so text is printed as text.
+inline bool byte_level(const Config& c) { return c.V == 256; }
+
+// The --prompt as tokens: its bytes for the byte-level vocabulary, else token ids separated by
+// spaces (there is no tokenizer here for other vocabularies). At most T tokens: the model's context.
+inline std::vector<int32_t> prompt_tokens(const Config& c) {
+    std::vector<int32_t> tokens;
+    if (byte_level(c)) {
+        for (unsigned char ch : c.prompt) tokens.push_back(ch);
+    } else {
+        const char* p = c.prompt.c_str();
+        for (char* end = nullptr;; p = end) {
+            while (*p == ' ') p++;
+            if (!*p) break;
+            errno = 0;
+            const long id = std::strtol(p, &end, 10);
+            if (end == p || (*end && *end != ' ') || errno || id < 0 || id >= c.V)
+                throw ConfigError("--prompt '" + c.prompt + "': with --vocab " + std::to_string(c.V) +
+                                  " (not byte-level) the prompt is token ids in [0, V) separated by spaces");
+            tokens.push_back((int32_t)id);
+        }
+    }
+    if (tokens.empty()) throw ConfigError("--prompt is empty: generation needs at least one token to start from");
+    if ((int)tokens.size() > c.T)
+        throw ConfigError("--prompt has " + std::to_string(tokens.size()) + " tokens, more than the context --seq-len " +
+                          std::to_string(c.T));
+    return tokens;
+}
+
 // Every constraint of SPEC §2–§3, each with a message that names it. `world` is the number of ranks.
 inline void validate(const Config& c, int world) {
     auto require = [](bool ok, const std::string& what) {
@@ -205,7 +243,9 @@ inline void validate(const Config& c, int world) {
     require(c.T >= 1 && c.d >= 1 && c.L >= 1 && c.n_head >= 1 && c.B >= 1,
             "T, d, L, n_head and B must all be at least 1");
     require(c.H >= 1 && c.dh >= 1 && c.E >= 1 && c.fe >= 1, "H, dh, E and the expert size must be at least 1");
-    require(c.grad_accum >= 1 && c.steps >= 1, "steps and grad_accum must be at least 1");
+    require(c.grad_accum >= 1 && c.steps >= 0, "steps must be at least 0 and grad_accum at least 1");
+    require(c.steps > 0 || c.sample > 0, "--steps 0 trains nothing and only generates text: give --sample N "
+                                         "(and --resume CHECKPOINT for a trained model)");
     for (const FlagBound& b : size_bounds(c))
         require(b.value <= b.max, b.flag + std::string(" ") + std::to_string(b.value) + " is above its bound " +
                                       std::to_string(b.max) + " (" + b.why + ")");
@@ -245,6 +285,15 @@ inline void validate(const Config& c, int world) {
     require(c.device == "auto" || c.device == "cpu" || c.device == "gpu",
             "device must be auto, cpu or gpu, not '" + c.device + "'");
     require(c.router == "topk" || c.router == "locmoe", "router must be topk or locmoe, not '" + c.router + "'");
+    require(c.sample >= 0 && c.sample_every >= 0, "--sample and --sample-every must be >= 0");
+    require(c.sample_every == 0 || c.sample > 0, "--sample-every needs --sample N (the tokens to generate)");
+    if (c.sample > 0) {
+        require(std::isfinite(c.temperature) && c.temperature >= 0,
+                "--temperature must be a finite number >= 0 (0: greedy)");
+        require(c.top_k >= 0 && c.top_k <= c.V, "--top-k " + std::to_string(c.top_k) + " must be in [0, V = " +
+                                                     std::to_string(c.V) + "] (0: the whole vocabulary)");
+        prompt_tokens(c);  // throws on an empty, too long or out-of-vocabulary prompt
+    }
     if (!c.locmoe()) return;
     require(c.d % c.E == 0, "LocMoE's grouped average pooling needs d % E == 0: d = " + std::to_string(c.d) +
                                 " cannot be cut into E = " + std::to_string(c.E) + " equal groups");
@@ -293,7 +342,7 @@ inline std::vector<Flag> flag_table(Config& c) {
         {"topk", "active experts k per (sub-)token, 2 <= k <= E (1 <= k with --router locmoe)", Flag::Int, &c.k, both},
         {"batch", "micro-batch size B (sequences per rank)", Flag::Int, &c.B, both},
         {"grad-accum", "micro-steps per optimizer step", Flag::Int, &c.grad_accum, both},
-        {"steps", "optimizer steps", Flag::Int, &c.steps, both},
+        {"steps", "optimizer steps (0: generate only, see --sample)", Flag::Int, &c.steps, both},
         {"lr", "peak learning rate", Flag::Float, &c.lr, both},
         {"warmup", "linear warm-up steps", Flag::Int, &c.warmup, both},
         {"lr-floor", "cosine decay ends at lr * lr-floor", Flag::Float, &c.lr_floor, both},
@@ -310,9 +359,8 @@ inline std::vector<Flag> flag_table(Config& c) {
         {"checkpoint", "checkpoint file, saved at the end and on Ctrl-C", Flag::Str, &c.checkpoint, both},
         {"checkpoint-every", "also save every N steps (0: never in between)", Flag::Int, &c.checkpoint_every, both},
         {"resume", "resume training from this checkpoint (leave out to start fresh)", Flag::Str, &c.resume, both},
-        {"log-file", "also write step,loss,norm,val_loss,ms per step to this CSV file (empty: no log); "
-         "locmoe adds aux_loss,loc_loss,dropped", Flag::Str,
-         &c.log_file, both, true},
+        {"log-file", "also write a CSV row per step: step,loss,norm,val_loss,ms,... (train/step_log.h; empty: no log)",
+         Flag::Str, &c.log_file, both, true},
         {"bench-layer", "1: time forward+backward of one FFN layer of this config (B·T tokens) and exit",
          Flag::Bool, &c.bench_layer, both},
         {"router", "topk (top-k of x R + b, SPEC 2.2) or locmoe (GrAP gate, capacity, locality, SPEC 2.6)",
@@ -325,6 +373,14 @@ inline std::vector<Flag> flag_table(Config& c) {
         {"aux-loss-weight", "locmoe: weight alpha of the load-balancing loss L_aux", Flag::Float,
          &c.aux_loss_weight, LOC},
         {"loc-loss-weight", "locmoe: weight mu of the locality loss L_loc", Flag::Float, &c.loc_loss_weight, LOC},
+        {"sample", "generate N tokens at the end (with --steps 0 --resume CKPT: from a checkpoint, no training)",
+         Flag::Int, &c.sample, both},
+        {"sample-every", "also generate every N steps (0: only at the end)", Flag::Int, &c.sample_every, both},
+        {"prompt", "text to continue (byte-level vocabulary), else token ids separated by spaces", Flag::Str,
+         &c.prompt, both},
+        {"temperature", "sampling temperature (0: greedy, the most likely token)", Flag::Float, &c.temperature, both},
+        {"top-k", "sample among the k most likely tokens (0: all)", Flag::Int, &c.top_k, both},
+        {"sample-seed", "seed for sampling (each sample starts from it)", Flag::U64, &c.sample_seed, both},
     };
 }
 

@@ -1,38 +1,97 @@
 #!/usr/bin/env bash
-# EP against HP side by side: trains train_latentmoe and moe_ep_baseline with the same preset, data,
-# seed and flags, then (on a GPU) times one FFN layer of each, and prints one table: model quality
-# (final train and validation loss), throughput (median ms per step, tokens/s) and, for the layer,
-# forward+backward ms and device memory. Logs and per-step CSVs go to out/compare/.
-#   bash scripts/compare.sh [PRESET] [extra trainer flags...]     e.g. bash scripts/compare.sh small --steps 500
-# Default preset: small with a GPU, tiny without (the CPU reference). One GPU; for several, run the
-# trainers under mpirun as the README shows.
+# The comparison a researcher runs: trains train_latentmoe, moe_ep_baseline and, when this build's
+# moe_ep_baseline has a --router flag, its LocMoE router, all with the same preset, data, seed, flags
+# and so the same token budget; on a GPU it then times one FFN layer of each over a sweep of k at fixed
+# expert FLOPs (--bench-layer). It writes a report folder: each run's log and per-step CSV, the layer
+# benchmark's table, and what scripts/report.py makes of them (report.json with every figure, PNG plots).
+#
+#   bash scripts/compare.sh [PRESET] [trainer flags...]     e.g. bash scripts/compare.sh small --steps 500
+#
+# PRESET defaults to small with a GPU and tiny without one (the CPU reference). The environment chooses:
+#   REPORT=DIR         the report folder (default out/report-DATE-TIME); an existing one is refused
+#   LAUNCH="mpirun --allow-run-as-root -np 4 -x NCCL_NVLS_ENABLE"   start every training run under it
+#   DATA=PREFIX        the shards PREFIX_train.bin and PREFIX_val.bin (default data/kjv, made when missing)
+#   BUILD_DIR=DIR      the build (default build); SETUP=0 uses it as it is instead of running scripts/setup.sh
+#   SAMPLE=N           tokens each run generates at its end, kept in the report (default 200; 0: none)
+#   K_SWEEP="2 4 8 16 32"   k of the layer benchmark, each with E and the expert size scaled to keep E/k
+#                      and k·fe of the preset (on a GPU; a shape the kernels lack is noted and skipped;
+#                      K_SWEEP="" runs no benchmark)
+#   CHECKPOINTS=DIR    keep the checkpoints there (default: a temporary folder, removed at the end)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if nvidia-smi -L >/dev/null 2>&1; then gpu=1; preset=small; else gpu=0; preset=tiny; fi
 if [[ $# -gt 0 && $1 != --* ]]; then preset=$1; shift; fi
-bash scripts/setup.sh
+report=${REPORT:-out/report-$(date +%Y%m%d-%H%M%S)}
+if [[ -e $report ]]; then
+    echo "compare: error: the report folder $report exists; choose another REPORT (nothing was run)" >&2
+    exit 2
+fi
+source scripts/python_with.sh
+py=$(python_with matplotlib) || {
+    echo "compare: error: no Python with matplotlib (scripts/setup.sh installs python3-matplotlib)" >&2
+    exit 2
+}
+[[ ${SETUP:-1} == 0 ]] || bash scripts/setup.sh
 build=${BUILD_DIR:-build}
-bash data_prep/prepare_kjv.sh "$build/data_prep" data/kjv
-out=out/compare
-mkdir -p "$out"
-rows=()
-for trainer in train_latentmoe moe_ep_baseline; do
-    echo "=== $trainer --preset $preset $* (log: $out/$trainer.log)"
-    "$build/$trainer" --preset "$preset" --train-data data/kjv_train.bin --val-data data/kjv_val.bin \
-        --checkpoint "$out/$trainer.ckpt" --log-file "$out/$trainer.csv" "$@" | tee "$out/$trainer.log" | grep -E "^(step .*val|done)"
-    # done: train loss A -> B, val loss C (...); median step D ms, E tok/s[, MFU F%]
-    summary=$(sed -n 's/^done: train loss [0-9.]* -> \([0-9.]*\), val loss \([0-9.]*\) .*median step \([0-9.]*\) ms, \([0-9]*\) tok\/s.*/\1 \2 \3 \4/p' "$out/$trainer.log")
-    layer="- -"
-    if [[ $gpu == 1 && ( $preset == p1 || $preset == p2 ) ]]; then
-        # layer bench | GPU | FFN | N n tokens | forward a ms | forward+backward b ms | c TFLOP/s | d GiB on the device
-        layer=$("$build/$trainer" --preset "$preset" --bench-layer 1 "$@" |
-            sed -n 's/^layer bench .*forward+backward \([0-9.]*\) ms .* \([0-9.]*\) GiB on the device/\1 \2/p')
-    fi
-    rows+=("$trainer $summary $layer")
+data=${DATA:-data/kjv}
+[[ -n ${DATA:-} ]] || bash data_prep/prepare_kjv.sh "$build/data_prep" "$data"
+read -r -a launch <<<"${LAUNCH:-}"
+mkdir -p "$report"
+checkpoints=${CHECKPOINTS:-}
+if [[ -z $checkpoints ]]; then
+    checkpoints=$(mktemp -d "${TMPDIR:-/tmp}/compare_ckpt.XXXXXX")
+    trap 'rm -rf "$checkpoints"' EXIT
+fi
+
+# name and command of every system; LocMoE only where the binary accepts --router
+systems=(train_latentmoe moe_ep_baseline)
+declare -A command=([train_latentmoe]="$build/train_latentmoe" [moe_ep_baseline]="$build/moe_ep_baseline")
+help=$("$build/moe_ep_baseline" --help)  # not piped into grep -q, which may close the pipe early
+if grep -q -- '--router ' <<<"$help"; then
+    systems+=(moe_ep_locmoe)
+    command[moe_ep_locmoe]="$build/moe_ep_baseline --router locmoe"
+else
+    echo "compare: this moe_ep_baseline has no --router flag: LocMoE is left out"
+fi
+
+for name in "${systems[@]}"; do
+    read -r -a cmd <<<"${command[$name]}"
+    echo "=== $name --preset $preset $* (log: $report/$name.log)"
+    "${launch[@]}" "${cmd[@]}" --preset "$preset" --train-data "${data}_train.bin" --val-data "${data}_val.bin" \
+        --checkpoint "$checkpoints/$name.ckpt" --log-file "$report/$name.csv" --sample "${SAMPLE:-200}" "$@" \
+        2>&1 | tee "$report/$name.log" | grep -E '^(step .*val|done)' || {
+        echo "compare: error: $name failed; its log is $report/$name.log" >&2
+        exit 1
+    }
 done
-echo
-printf '%-16s %11s %9s %11s %10s %16s %12s\n' trainer "train loss" "val loss" "ms/step" "tokens/s" "layer fwd+bwd ms" "layer GiB"
-for row in "${rows[@]}"; do
-    # shellcheck disable=SC2086  # the row is whitespace-separated fields
-    printf '%-16s %11s %9s %11s %10s %16s %12s\n' $row
-done
+
+# The layer benchmark on one GPU (never under the launcher): forward + backward of one FFN layer of
+# the preset's B·T tokens, for each k of the sweep.
+bench=$report/layer_bench.tsv
+sweep=${K_SWEEP-2 4 8 16 32}
+if [[ $gpu == 1 && -n $sweep ]]; then
+    printf 'system\tk\tE\texpert_dim\tforward_ms\tforward_backward_ms\ttflops\tgib\tnote\n' >"$bench"
+    for name in "${systems[@]}"; do
+        read -r -a cmd <<<"${command[$name]}"
+        # "config: ... | <FFN>: [H h dh d ]E e fe|f f k k | ..."
+        read -r E0 f0 k0 < <(sed -n 's/^config: .* E \([0-9]*\) fe\{0,1\} \([0-9]*\) k \([0-9]*\) |.*/\1 \2 \3/p' "$report/$name.log") ||
+            { echo "compare: no E, expert size and k in $report/$name.log's config line: no layer benchmark"; continue; }
+        for k in $sweep; do
+            if (((E0 * k) % k0 || (f0 * k0) % k)); then
+                printf '%s\t%s\t\t\t\t\t\t\t%s\n' "$name" "$k" "E/k and k·fe of the preset are not whole" >>"$bench"
+                continue
+            fi
+            E=$((E0 * k / k0)) fe=$((f0 * k0 / k))
+            if out=$("${cmd[@]}" --preset "$preset" "$@" --topk "$k" --experts "$E" --expert-dim "$fe" --bench-layer 1 \
+                2>"$checkpoints/bench.err"); then
+                # layer bench | GPU | FFN | N n tokens | forward a ms | forward+backward b ms | c TFLOP/s | d GiB on the device
+                sed -n "s/^layer bench .*forward \([0-9.]*\) ms | forward+backward \([0-9.]*\) ms | \([0-9.]*\) TFLOP\/s | \([0-9.]*\) GiB.*/$name\t$k\t$E\t$fe\t\1\t\2\t\3\t\4\t/p" <<<"$out" >>"$bench"
+            else
+                printf '%s\t%s\t%s\t%s\t\t\t\t\t%s\n' "$name" "$k" "$E" "$fe" "$(tail -n 1 "$checkpoints/bench.err")" >>"$bench"
+            fi
+        done
+        echo "layer bench: $name over k = $sweep"
+    done
+fi
+
+"$py" scripts/report.py "$report" --preset "$preset" --launch "${LAUNCH:-}" --flags "$*" --systems "${systems[@]}"

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-packages=(cmake ninja-build g++ libopenmpi-dev openmpi-bin bible-kjv python3 python3-torch)
+packages=(cmake ninja-build g++ libopenmpi-dev openmpi-bin bible-kjv python3 python3-torch python3-matplotlib)
 missing=()
 if command -v dpkg-query >/dev/null 2>&1; then
     for p in "${packages[@]}"; do

@@ -2,7 +2,7 @@
 # The main job: set up, prepare the default corpus (the King James Bible, offline), and train both
 # models on it, Multi-Head LatentMoE first and the MoE baseline second. Extra arguments go to both
 # trainers (e.g. --steps 100). With a GPU both train the small preset on it; without one both train
-# the tiny preset on the CPU reference, and say so.
+# the tiny preset on the CPU reference, and say so. Each ends with a 200-token sample of its model.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
@@ -17,5 +17,5 @@ else
 fi
 for trainer in train_latentmoe moe_ep_baseline; do
     echo; echo "=== $trainer ==="
-    "$build/$trainer" "${preset[@]}" "${data[@]}" "$@"
+    "$build/$trainer" "${preset[@]}" "${data[@]}" --sample 200 "$@"
 done

@@ -174,7 +174,16 @@ for program in "${TRAINERS[@]}"; do
     expect_error "$program --steps abc (non-numeric)" 2 "--steps expects an integer, got 'abc'" "$P" --steps abc "${DATA[@]}"
     expect_error "$program --lr 1e-3x (non-numeric)" 2 "--lr expects a number, got '1e-3x'" "$P" --lr 1e-3x "${DATA[@]}"
     expect_error "$program --steps with no value" 2 "--steps needs a value" "$P" "${DATA[@]}" --steps
-    expect_error "$program --steps 0" 2 "steps and grad_accum must be at least 1" "$P" --steps 0 "${DATA[@]}"
+    expect_error "$program --steps 0 without --sample" 2 "--steps 0 trains nothing" "$P" --steps 0 "${DATA[@]}"
+    expect_error "$program --temperature -1" 2 "--temperature must be a finite number >= 0" \
+        "$P" --sample 5 --temperature -1 "${DATA[@]}"
+    expect_error "$program --top-k 257 (> V)" 2 "--top-k 257 must be in [0, V = 256]" "$P" --sample 5 --top-k 257 "${DATA[@]}"
+    expect_error "$program --top-k -1" 2 "--top-k -1 must be in [0, V = 256]" "$P" --sample 5 --top-k -1 "${DATA[@]}"
+    expect_error "$program --prompt ''" 2 "--prompt needs a non-empty value" "$P" --sample 5 --prompt '' "${DATA[@]}"
+    expect_error "$program --prompt longer than --seq-len" 2 "--prompt has 40 tokens, more than the context --seq-len 32" \
+        "$P" --sample 5 --prompt "$(printf '%040d' 0)" "${DATA[@]}"
+    expect_error "$program --sample-every without --sample" 2 "--sample-every needs --sample N" \
+        "$P" --sample-every 5 "${DATA[@]}"
     expect_error "$program --preset huge (unknown preset)" 2 "unknown preset 'huge'" "$P" --preset huge "${DATA[@]}"
     expect_error "$program stray positional argument" 2 "unexpected argument 'train.bin'" "$P" train.bin
     # without a GPU (CI), --device gpu must refuse rather than fall back silently
@@ -270,10 +279,41 @@ for program in "${TRAINERS[@]}"; do
     [ "$steps" -eq 3 ] || WHY="${WHY:+$WHY; }$steps of 3 'step N/3 | loss X' lines"
     grep -qE '^step .*val loss [0-9]+\.[0-9]+' "$OUT" || WHY="${WHY:+$WHY; }no validation loss line"
     grep '^step' "$OUT" | grep -qiwE 'nan|inf' && WHY="${WHY:+$WHY; }a non-finite number in a step line"
-    # step,loss,norm,val_loss,ms: three rows, the validation loss on the last only
-    rows=$(grep -cE '^[123],[0-9.]+,[0-9.]+,nan,[0-9.]+$' steps.csv 2>/dev/null)
-    [ "$rows" -eq 2 ] && grep -qE '^3,[0-9.]+,[0-9.]+,[0-9.]+,[0-9.]+$' steps.csv ||
-        WHY="${WHY:+$WHY; }the --log-file CSV is not 3 rows of step,loss,norm,val_loss,ms: $(tr '\n' ' ' <steps.csv 2>/dev/null)"
+    # step,loss,norm,val_loss,ms,lr,tokens,... (train/step_log.h): three rows of 15 + 3·L = 21 fields,
+    # the validation loss on the last only (the tiny preset evaluates every 50 steps), 64 tokens a step
+    rows=$(grep -cE '^[12],[0-9.]+,[0-9.]+,nan,[0-9.]+,' steps.csv 2>/dev/null)
+    [ "$rows" -eq 2 ] && grep -qE '^3,[0-9.]+,[0-9.]+,[0-9.]+,[0-9.]+,[0-9.e+-]+,192,' steps.csv &&
+        [ "$(wc -l <steps.csv)" -eq 3 ] && ! awk -F, 'NF != 21 { bad = 1 } END { exit !bad }' steps.csv ||
+        WHY="${WHY:+$WHY; }the --log-file CSV is not 3 rows of step,loss,norm,val_loss,ms,...: $(tr '\n' ' ' <steps.csv 2>/dev/null)"
+    grep -qE '^step +3/3 .*\| eta 0s$' "$OUT" || WHY="${WHY:+$WHY; }the last progress line does not end in 'eta 0s'"
+    if [ -z "$WHY" ]; then ok "$name"; else not_ok "$name" "$WHY"; fi
+done
+
+# ---------------------------------------------------------------------------------------------
+# Text generation (SPEC §2.7): a sample every --sample-every steps and at the end; the same sample from
+# the checkpoint the run wrote, with --steps 0 (which reads no data and writes no file).
+
+# sample_of FILE STEP: the sample printed after step STEP, between its marker lines
+sample_of() { sed -n "/^--- sample at step $2 /,/^---\$/p" "$1"; }
+for program in "${TRAINERS[@]}"; do
+    name="$program samples during and after training, and again from its checkpoint"
+    SAMPLE=(--sample 40 --prompt "verse 1" --temperature 0.8 --top-k 20 --sample-seed 5)
+    run 0 "$BUILD/$program" "${RUN[@]}" "${DATA[@]}" "${SAMPLE[@]}" --sample-every 2 --checkpoint s.ckpt
+    cp "$OUT" trained.txt
+    for step in 2 3; do
+        [ "$(sample_of trained.txt $step | wc -l)" -ge 3 ] || WHY="${WHY:+$WHY; }no sample after step $step"
+    done
+    sample_of trained.txt 3 | sed -n 2p | grep -q '^verse 1' || WHY="${WHY:+$WHY; }the sample does not start with the prompt"
+    cp s.ckpt s.before
+    trained_why=$WHY
+    run 0 "$BUILD/$program" --steps 0 --resume s.ckpt --batch 2 "${SAMPLE[@]}" --train-data "$TMP/none.bin" \
+        --checkpoint s.ckpt
+    WHY="${trained_why:+$trained_why${WHY:+; }}$WHY"
+    cmp -s <(sample_of trained.txt 3) <(sample_of "$OUT" 3) ||
+        WHY="${WHY:+$WHY; }the sample from the checkpoint differs: $(sample_of "$OUT" 3 | tr '\n' ' ')"
+    grep -q '^step' "$OUT" && WHY="${WHY:+$WHY; }--steps 0 trained"
+    cmp -s s.ckpt s.before || WHY="${WHY:+$WHY; }--steps 0 changed the checkpoint"
+    rm -f s.ckpt s.before trained.txt
     if [ -z "$WHY" ]; then ok "$name"; else not_ok "$name" "$WHY"; fi
 done
 
@@ -289,8 +329,10 @@ grep -qE '^LocMoE capacity: p_delta 0\.81[0-9]* \(delta 0\.03, d 64\), ec_min 1,
 steps=$(grep -cE '^step +[0-9]+/40 \| loss [0-9.]+ \| L_aux [0-9.]+ \| L_loc [0-9.]+ \| dropped [0-9]+ \|' "$OUT")
 [ "$steps" -eq 40 ] || WHY="${WHY:+$WHY; }$steps of 40 'loss | L_aux | L_loc | dropped' lines"
 grep -qE '^    rows dropped over capacity: L0 [0-9]+ L1 [0-9]+$' "$OUT" || WHY="${WHY:+$WHY; }no per-layer dropped line"
-rows=$(grep -cE '^[0-9]+,[0-9.e+-]+,[0-9.e+-]+,(nan|[0-9.]+),[0-9.]+,[0-9.e-]+,[0-9.e-]+,[0-9]+$' steps.csv 2>/dev/null)
-[ "$rows" -eq 40 ] || WHY="${WHY:+$WHY; }the CSV has $rows of 40 rows step,loss,norm,val_loss,ms,aux_loss,loc_loss,dropped"
+# columns 16-18 of train/step_log.h's rows: aux_loss, loc_loss, dropped; 3 loads per layer after them (L = 2)
+rows=$(awk -F, 'NF == 24 && $16 ~ /^[0-9.e-]+$/ && $16 > 0 && $17 ~ /^[0-9.e-]+$/ && $18 ~ /^[0-9]+$/' steps.csv 2>/dev/null |
+    wc -l)
+[ "$rows" -eq 40 ] || WHY="${WHY:+$WHY; }the CSV has $rows of 40 rows with aux_loss, loc_loss, dropped in columns 16-18"
 read -r first last < <(sed -n 's/^done: train loss \([0-9.]*\) -> \([0-9.]*\),.*/\1 \2/p' "$OUT")
 if [ -z "$first" ] || ! awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < a - 1) }'; then
     WHY="${WHY:+$WHY; }the train loss did not fall by more than 1 nat ($first -> $last)"

@@ -266,7 +266,7 @@ traced() {
 }
 
 # --- checks (print why and return 1 on failure) ---
-# csv_rows FILE N: exactly rows 1..N of step,loss,norm,val_loss,ms, each once, in order (a header line
+# csv_rows FILE N: exactly rows 1..N of the --log-file CSV (train/step_log.h), each once, in order (a header line
 # starting with "step" is allowed)
 csv_rows() {
     python3 - "$1" "$2" <<'EOF'
@@ -284,7 +284,8 @@ if lines and lines[0].startswith("step"):
 steps = []
 for line in lines:
     f = line.split(",")
-    if len(f) != 5:
+    # train/step_log.h: 15 columns, then 3 per layer
+    if len(f) < 15 or (len(f) - 15) % 3 or len(f) != len(lines[0].split(",")):
         print(f"{path}: malformed row {line!r}"); sys.exit(1)
     try:
         steps.append(int(f[0])); [float(x) for x in f[1:]]

@@ -693,7 +693,29 @@ static void test_config() {
         CHECK_THROWS(parse_and_validate(ffn, {"--lr", "0.1", "--batch"}), "--batch needs a value");
         CHECK_THROWS(parse_and_validate(ffn, {"--preset", "huge"}), "unknown preset 'huge'");
         CHECK_THROWS(parse_and_validate(ffn, {"steps", "3"}), "unexpected argument 'steps'");
-        CHECK_THROWS(parse_and_validate(ffn, {"--steps", "0"}), "steps and grad_accum must be at least 1");
+        CHECK_THROWS(parse_and_validate(ffn, {"--steps", "0"}), "--steps 0 trains nothing");
+        CHECK_THROWS(parse_and_validate(ffn, {"--steps", "-1"}), "steps must be at least 0");
+        CHECK_MSG(config_error(ffn, {"--steps", "0", "--sample", "5"}) == "",
+                  config_error(ffn, {"--steps", "0", "--sample", "5"}));
+        // text generation (SPEC §2.7): temperature 0 is greedy, top-k 0 the whole vocabulary
+        CHECK_MSG(config_error(ffn, {"--sample", "5", "--temperature", "0", "--top-k", "256"}) == "",
+                  config_error(ffn, {"--sample", "5", "--temperature", "0", "--top-k", "256"}));
+        CHECK_THROWS(parse_and_validate(ffn, {"--sample", "-1"}), "--sample and --sample-every must be >= 0");
+        CHECK_THROWS(parse_and_validate(ffn, {"--sample", "2000000"}), "--sample 2000000 is above its bound");
+        CHECK_THROWS(parse_and_validate(ffn, {"--sample-every", "10"}), "--sample-every needs --sample N");
+        CHECK_THROWS(parse_and_validate(ffn, {"--sample", "5", "--temperature", "-0.5"}), "--temperature must be");
+        CHECK_THROWS(parse_and_validate(ffn, {"--sample", "5", "--top-k", "-1"}), "--top-k -1 must be in [0, V = 256]");
+        CHECK_THROWS(parse_and_validate(ffn, {"--sample", "5", "--top-k", "257"}), "--top-k 257 must be in [0, V = 256]");
+        CHECK_THROWS(parse_and_validate(ffn, {"--sample", "5", "--prompt", ""}), "--prompt needs a non-empty value");
+        CHECK_THROWS(parse_and_validate(ffn, {"--sample", "5", "--prompt", std::string(33, 'a')}),
+                     "--prompt has 33 tokens, more than the context --seq-len 32");
+        CHECK_THROWS(parse_and_validate(ffn, {"--sample", "5", "--vocab", "512", "--prompt", "The"}),
+                     "the prompt is token ids in [0, V)");
+        CHECK_THROWS(parse_and_validate(ffn, {"--sample", "5", "--vocab", "512", "--prompt", "3 512"}),
+                     "the prompt is token ids in [0, V)");
+        CHECK_THROWS(parse_and_validate(ffn, {"--sample", "5", "--vocab", "512", "--prompt", "  "}), "--prompt is empty");
+        // the prompt matters only when sampling
+        CHECK_MSG(config_error(ffn, {"--vocab", "512"}) == "", config_error(ffn, {"--vocab", "512"}));
         CHECK_THROWS(parse_and_validate(ffn, {"--vocab", "70000"}), "must be in [2, 65536]");
         CHECK_THROWS(parse_and_validate(ffn, {"--lr-floor", "1.5"}), "lr_floor must be in [0, 1]");
         CHECK_THROWS(parse_and_validate(ffn, {"--grad-clip", "-1"}), "grad_clip and bias_rate must be >= 0");

@@ -7,9 +7,8 @@
 #
 #   bash tests/test_torch_oracle.sh BUILD_DIR
 #
-# Python: the first of $PYTHON (if set), Debian's /usr/bin/python3 (CI installs python3-torch; a pyenv or
-# venv python3 without torch may come first on PATH) and python3 from PATH (e.g. a pip-installed PyTorch)
-# that can import torch. If none can, the test is skipped (exit 77).
+# Python: the first that can import torch (scripts/python_with.sh: $PYTHON, /usr/bin/python3, python3).
+# If none can, the test is skipped (exit 77).
 # Prints "ok - ..." / "not ok - ..." per case, then "N passed, M failed"; exits 1 if any failed.
 set -u
 
@@ -20,14 +19,8 @@ fi
 BUILD=$(cd "$1" 2>/dev/null && pwd) || { echo "test_torch_oracle: no build directory '$1'" >&2; exit 2; }
 ORACLE="$(cd "$(dirname "$0")" && pwd)/torch_oracle.py"
 
-PY=""
-for candidate in ${PYTHON:-} /usr/bin/python3 python3; do
-    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c "import torch" >/dev/null 2>&1; then
-        PY=$candidate
-        break
-    fi
-done
-if [ -z "$PY" ]; then
+source "$(dirname "$0")/../scripts/python_with.sh"
+if ! PY=$(python_with torch); then
     echo "skipped: PyTorch is not installed (tried ${PYTHON:+$PYTHON, }/usr/bin/python3, python3)"
     exit 77
 fi

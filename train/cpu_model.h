@@ -1,8 +1,8 @@
 // The CPU reference model (cpu/reference.h, float) with the AdamW moments and routed-slot counts a
-// training run needs, behind the interface the training loop (train/loop.h) drives: the path a
-// machine without a GPU takes, like llm.c's train_gpt2.c, on the tiny preset by default. Same data,
-// optimizer, schedule and bias update as the GPU model, so its loss curve is what the GPU's should
-// look like. One rank; host-only.
+// training run needs, behind the interface the training loop (train/loop.h) and text generation
+// (train/sample.h) drive: the path a machine without a GPU takes, like llm.c's train_gpt2.c, on the
+// tiny preset by default. Same data, optimizer, schedule and bias update as the GPU model, so its
+// loss curve is what the GPU's should look like. One rank; host-only.
 #pragma once
 #include <cstdint>
 #include <cstdio>
@@ -72,6 +72,15 @@ class CpuModel {
     }
     RouterStats take_router_stats() { return std::exchange(router_, fresh_router_stats()); }
     std::pair<int, int> min_max_over_ranks(int here) const { return {here, here}; }  // one rank
+
+    // For text generation (train/sample.h): one sequence of T tokens, batch 1.
+    std::vector<float> logits_at(const std::vector<int32_t>& row, int pos) {
+        const std::vector<int32_t> targets(row.size(), 0);  // the loss is not used
+        model_.forward(row.data(), targets.data(), 1);
+        const float* at = model_.logits.data() + (size_t)pos * model_.cfg.Vp();
+        return std::vector<float>(at, at + model_.cfg.V);
+    }
+    int from_lead(int value) const { return value; }  // one rank
 
     TrainingState state(int steps_done) const {
         return {steps_done, model_.params, m_, v_, model_.routing_bias};

@@ -1,7 +1,7 @@
 // The dense model on one GPU, shared by both trainers: embedding, attention blocks, norms, LM head
 // and loss, the data-parallel gradient sync and the optimizer, with the trainer's FFN layer plugged
-// in. The training loop (train/loop.h) drives it through the interface it shares with the CPU
-// reference (train/cpu_model.h); the GPU tests drive forward() and backward() directly. Each trainer
+// in. The training loop (train/loop.h) and text generation (train/sample.h) drive it through the
+// interface it shares with the CPU reference (train/cpu_model.h); the GPU tests drive forward() and backward() directly. Each trainer
 // supplies only its FFN layer, a class with this shape (see train_latentmoe.cu, moe_ep_baseline.cu):
 //
 //   struct Ffn {
@@ -317,6 +317,28 @@ class GpuModel {
         const float loss = mean_loss_global();
         profile_->take();
         return loss;
+    }
+
+    // For text generation (train/sample.h): a forward of the whole micro-batch with `row` as its
+    // first sequence and token 0 elsewhere (the kernels are built for B·T tokens; a sequence's logits
+    // do not depend on the others'), then the V logits of that sequence at `pos`. Its timed sections
+    // are dropped, as evaluation's are.
+    std::vector<float> logits_at(const std::vector<int32_t>& row, int pos) {
+        std::vector<int32_t> tokens(N, 0), targets(N, 0);  // the loss is not used
+        std::copy(row.begin(), row.end(), tokens.begin());
+        forward(tokens.data(), targets.data(), 0.f);
+        std::vector<floatX> at(cfg.V);
+        CUDA_CHECK(cudaMemcpyAsync(at.data(), logits_.get() + (size_t)pos * cfg.Vp(), cfg.V * sizeof(floatX),
+                                   cudaMemcpyDeviceToHost, ctx.stream));
+        CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
+        profile_->take();
+        std::vector<float> logits(cfg.V);
+        std::transform(at.begin(), at.end(), logits.begin(), [](floatX x) { return to_float(x); });
+        return logits;
+    }
+    int from_lead(int value) const {
+        if (!comm.single()) MPI_CHECK(MPI_Bcast(&value, 1, MPI_INT, 0, MPI_COMM_WORLD));
+        return value;
     }
 
     // The least and the greatest `here` over all ranks, in one all-reduce: whether the ranks agree

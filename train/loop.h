@@ -1,9 +1,9 @@
 // The training loop of both trainers, written once for the GPU model (train/gpu_model.cuh) and the
 // CPU reference (train/cpu_model.h), so the two paths cannot drift apart: the CPU run's loss curve is
 // what the GPU's should look like. The output paths checked, resume, steps with gradient accumulation,
-// progress lines, evaluation, checkpoints (an emergency one when a step fails), signals and the final
-// summary; under mpirun every rank runs it, rank 0 alone prints and writes the log. Host-only: the
-// model does all the arithmetic.
+// progress lines, evaluation, text samples (train/sample.h), checkpoints (an emergency one when a step
+// fails), signals and the final summary; under mpirun every rank runs it, rank 0 alone prints and
+// writes the log. Host-only: the model does all the arithmetic.
 //
 // A Model, built as Model(config, extra constructor arguments...), provides:
 //
@@ -24,6 +24,7 @@
 //   std::pair<int, int> min_max_over_ranks(int here);  // the least and the greatest `here` of all ranks
 //   TrainingState state(int steps_done) const;     // host copies for a checkpoint
 //   void load_state(const TrainingState&);
+//   and what text generation needs (train/sample.h): logits_at, from_lead
 //   GPU: double mfu_percent(double tokens_per_second) const;
 //        double predicted_bytes_per_step() const;  // SPEC §3, for this rank
 //        int64_t take_bytes_sent();                // since the last call
@@ -42,6 +43,7 @@
 #include "model/config.h"
 #include "train/checkpoint.h"
 #include "train/output_paths.h"
+#include "train/sample.h"
 #include "train/schedule.h"
 #include "train/signals.h"
 #include "train/step_log.h"
@@ -98,12 +100,42 @@ inline void check_run_paths(const Config& c, int world, const DataLoader& train,
     for (const NamedPath& out : outputs) make_parent_folder(out);
 }
 
+// Loads --resume's checkpoint into `model` (under mpirun each rank its own file, all of one step);
+// returns its step.
+template <class Model>
+int load_resumed(Model& model, const Config& c, int rank, int world) {
+    TrainingState s = load_checkpoint(rank_path(c.resume, rank, world), c, model.num_params(),
+                                      model.num_routing_biases());
+    const auto [least, greatest] = model.min_max_over_ranks(s.step);
+    if (least != greatest)
+        throw std::runtime_error(c.resume + ".rank*: the ranks' checkpoints hold different steps (" +
+                                 std::to_string(least) + " to " + std::to_string(greatest) +
+                                 "), so they are not of one run; none trains");
+    model.load_state(s);
+    if (rank == 0) std::printf("resumed from %s at step %d\n", c.resume.c_str(), s.step);
+    return s.step;
+}
+
+// The median of the last (at most) `n` entries: the recent step time, for the progress line's ETA.
+inline double recent_median(const std::vector<double>& v, size_t n) {
+    std::vector<double> recent(v.end() - std::min(n, v.size()), v.end());
+    std::nth_element(recent.begin(), recent.begin() + recent.size() / 2, recent.end());
+    return recent[recent.size() / 2];
+}
+
 // Trains `c.steps` optimizer steps (from a checkpoint's step with --resume) as rank `rank` of
 // `world`. Returns 0 when done, 128 + the signal's number when a signal stopped it (after saving a
 // checkpoint). When a step fails it saves the last completed one to emergency_path and rethrows.
+// With --steps 0 it trains nothing, reads no data and writes no file: it prints the --sample of the
+// --resume checkpoint (or of the initial weights).
 template <class Model, class... ModelArgs>
 int training_loop(const Config& c, int rank, int world, const ModelArgs&... model_args) {
     const bool lead = rank == 0;
+    if (c.steps == 0) {
+        Model model(c, model_args...);
+        print_sample(model, c, c.resume.empty() ? 0 : load_resumed(model, c, rank, world), lead);
+        return 0;
+    }
     // the data first: a bad file is reported before the model takes any memory
     DataLoader train(c.train_data, c.B, c.T, rank, world, c.V), val(c.val_data, c.B, c.T, rank, world, c.V);
     check_run_paths(c, world, train, val);
@@ -114,17 +146,8 @@ int training_loop(const Config& c, int rank, int world, const ModelArgs&... mode
     std::vector<int32_t> x(N), y(N);
     int first_step = 0;
     if (!c.resume.empty()) {  // continue exactly: weights, moments, biases, and the data position
-        TrainingState s = load_checkpoint(rank_path(c.resume, rank, world), c, model.num_params(),
-                                          model.num_routing_biases());
-        const auto [least, greatest] = model.min_max_over_ranks(s.step);
-        if (least != greatest)
-            throw std::runtime_error(c.resume + ".rank*: the ranks' checkpoints hold different steps (" +
-                                     std::to_string(least) + " to " + std::to_string(greatest) +
-                                     "), so they are not of one run; none trains");
-        model.load_state(s);
-        first_step = s.step;
+        first_step = load_resumed(model, c, rank, world);
         for (int64_t i = 0; i < (int64_t)first_step * c.grad_accum; i++) train.next_batch(x.data(), y.data());
-        if (lead) std::printf("resumed from %s at step %d\n", c.resume.c_str(), first_step);
     }
     const double tokens_per_step = (double)N * c.grad_accum * world;
     if (lead) {
@@ -144,6 +167,7 @@ int training_loop(const Config& c, int rank, int world, const ModelArgs&... mode
     std::vector<double> step_ms;
     int step = first_step, stop = 0;
     int done = first_step;  // the steps the model's weights hold: what an emergency checkpoint saves
+    const Timer run_timer;
     try {
         for (; step < c.steps; step++) {
             // a signal may reach only some ranks: all stop, with the same status
@@ -171,8 +195,9 @@ int training_loop(const Config& c, int rank, int world, const ModelArgs&... mode
             // taken every step, printed or not: each covers the step just done
             const std::vector<int64_t> counts = model.take_expert_counts();
             const RouterStats router = model.take_router_stats();
-            [[maybe_unused]] int64_t bytes = 0;
-            [[maybe_unused]] StepTimes times;
+            const std::vector<LayerLoad> loads = layer_loads(counts, c.L, c.E);
+            int64_t bytes = 0;
+            StepTimes times;
             if constexpr (Model::kOnGpu) {
                 bytes = model.take_bytes_sent();
                 times = model.take_step_times();
@@ -184,23 +209,29 @@ int training_loop(const Config& c, int rank, int world, const ModelArgs&... mode
                     std::printf(" | L_aux %.6f | L_loc %.6f | dropped %lld", router.aux_loss, router.loc_loss,
                                 (long long)router.total_dropped());
                 std::printf(" | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s", lr, norm, ms, tok_s);
-                if constexpr (Model::kOnGpu) {
-                    std::printf(" | MFU %.1f%%", model.mfu_percent(tok_s));
+                if constexpr (Model::kOnGpu) std::printf(" | MFU %.1f%%", model.mfu_percent(tok_s));
+                // the remaining steps at the recent step time; evaluations and samples not counted
+                const double recent_ms = step_ms.empty() ? ms : recent_median(step_ms, 20);
+                std::printf(" | eta %s", format_duration((c.steps - step - 1) * recent_ms / 1000).c_str());
+                if constexpr (Model::kOnGpu)
                     if (world > 1)
                         std::printf(" | sent %.1f MiB (SPEC §3: %.1f)", bytes / 1048576.0,
                                     model.predicted_bytes_per_step() / 1048576.0);
-                }
                 std::printf("\n");
                 if constexpr (Model::kOnGpu) print_time_breakdown(times, ms);
-                print_loads(counts, c.L, c.E);
+                print_loads(loads, c.E);
                 if (c.locmoe()) print_dropped(router);
             }
+            double val_loss = NAN;
             if ((c.eval_every > 0 && (step + 1) % c.eval_every == 0) || last) {
-                last_val = validation_loss(model, val, eval_batches, N);
+                last_val = val_loss = validation_loss(model, val, eval_batches, N);
                 if (lead)
                     std::printf("step %5d | val loss %.4f (unigram baseline %.4f)\n", step + 1, last_val, baseline);
             }
-            log.row(step + 1, loss, norm, last ? last_val : NAN, ms, c.locmoe() ? &router : nullptr);
+            if (c.sample > 0 && ((c.sample_every > 0 && (step + 1) % c.sample_every == 0) || last))
+                print_sample(model, c, step + 1, lead);
+            log.row({step + 1, loss, norm, val_loss, ms, lr, (int64_t)((step + 1) * tokens_per_step),
+                     run_timer.ms() / 1000, bytes, times, router, loads});
             if (c.checkpoint_every > 0 && (step + 1) % c.checkpoint_every == 0 && !last) save(step + 1);
             std::fflush(stdout);  // may fail on a closed pipe: the run goes on (SIGPIPE is ignored)
         }

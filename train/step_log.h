@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -18,12 +19,16 @@
 
 namespace lmoe {
 
-// Expert loads per layer as "min/median/max": each expert's share of its head's routed slots (1/E
-// when balanced), pooled over the layer's heads so one line shows the worst imbalance of each layer.
+// The expert load of one layer: each expert's share of its head's routed slots (1/E when
+// balanced), pooled over the layer's heads, so the extremes show the worst imbalance of the layer.
+struct LayerLoad {
+    double min, median, max;
+};
+
 // `counts` is (L, heads, E); the heads are those of this rank.
-inline void print_loads(const std::vector<int64_t>& counts, int L, int E) {
+inline std::vector<LayerLoad> layer_loads(const std::vector<int64_t>& counts, int L, int E) {
     const int H = (int)(counts.size() / ((size_t)L * E));
-    std::printf("    expert load min/median/max (balanced %.3f):", 1.0 / E);
+    std::vector<LayerLoad> loads;
     for (int l = 0; l < L; l++) {
         std::vector<double> shares;
         for (int h = 0; h < H; h++) {
@@ -33,8 +38,16 @@ inline void print_loads(const std::vector<int64_t>& counts, int L, int E) {
             for (int e = 0; e < E; e++) shares.push_back(total ? double(c[e]) / total : 0.0);
         }
         std::sort(shares.begin(), shares.end());
-        std::printf(" L%d %.3f/%.3f/%.3f", l, shares.front(), shares[shares.size() / 2], shares.back());
+        loads.push_back({shares.front(), shares[shares.size() / 2], shares.back()});
     }
+    return loads;
+}
+
+// The expert-load line: "min/median/max" of every layer.
+inline void print_loads(const std::vector<LayerLoad>& loads, int E) {
+    std::printf("    expert load min/median/max (balanced %.3f):", 1.0 / E);
+    for (size_t l = 0; l < loads.size(); l++)
+        std::printf(" L%zu %.3f/%.3f/%.3f", l, loads[l].min, loads[l].median, loads[l].max);
     std::printf("\n");
 }
 
@@ -57,25 +70,58 @@ inline void print_dropped(const RouterStats& s) {
     std::printf("\n");
 }
 
-// Where a GPU step's milliseconds went, from CUDA events on the training stream. The FFN's time
-// includes the all-to-alls inside it; the line shows the two apart.
-struct StepTimes {
-    double attention = 0, ffn = 0, all_to_all = 0, all_reduce = 0, optimizer = 0;
-};
-
-// `ms` is the whole step's wall time; "rest" is what no section claims (embedding, norms, LM head,
-// loss, launch gaps).
-inline void print_time_breakdown(const StepTimes& t, double ms) {
-    std::printf("    time (ms): attention %.2f | FFN compute %.2f | all-to-all %.2f | all-reduce %.2f | "
-                "optimizer %.2f | rest %.2f\n", t.attention, t.ffn - t.all_to_all, t.all_to_all, t.all_reduce,
-                t.optimizer, ms - t.attention - t.ffn - t.all_reduce - t.optimizer);
+// "42s", "3m12s", "2h05m": how long the rest of a run will take, for the progress line.
+inline std::string format_duration(double seconds) {
+    const long s = std::lround(std::max(0.0, seconds));
+    char text[32];
+    if (s < 60) std::snprintf(text, sizeof text, "%lds", s);
+    else if (s < 3600) std::snprintf(text, sizeof text, "%ldm%02lds", s / 60, s % 60);
+    else std::snprintf(text, sizeof text, "%ldh%02ldm", s / 3600, s % 3600 / 60);
+    return text;
 }
 
-// The --log-file CSV, one row per step: step,loss,norm,val_loss,ms (val_loss on the last step only,
-// NaN elsewhere), and for LocMoE then aux_loss,loc_loss,dropped (the step's RouterStats). Every row is flushed as it is written, so a killed run keeps each step it finished,
-// and a failed write (a full disk) throws rather than ending with an empty log. A run resumed at step S
-// first cuts the log back to its rows of steps <= S (the later ones are of steps the checkpoint does
-// not hold, the last may be half written), then appends. A closed log (no file asked for) ignores rows.
+// Where a GPU step's milliseconds went, from CUDA events on the training stream. The FFN's time
+// includes the all-to-alls inside it; the line and the log show the two apart. The CPU path measures
+// none of it: NaN.
+struct StepTimes {
+    double attention = NAN, ffn = NAN, all_to_all = NAN, all_reduce = NAN, optimizer = NAN;
+
+    double ffn_compute() const { return ffn - all_to_all; }
+    // what no section claims (embedding, norms, LM head, loss, launch gaps) of a step of `ms`
+    double rest(double ms) const { return ms - attention - ffn - all_reduce - optimizer; }
+};
+
+inline void print_time_breakdown(const StepTimes& t, double ms) {
+    std::printf("    time (ms): attention %.2f | FFN compute %.2f | all-to-all %.2f | all-reduce %.2f | "
+                "optimizer %.2f | rest %.2f\n", t.attention, t.ffn_compute(), t.all_to_all, t.all_reduce,
+                t.optimizer, t.rest(ms));
+}
+
+// One row of the log: what the progress line shows, for every step.
+struct StepRow {
+    int step;
+    double loss, norm;
+    double val_loss;     // NaN unless the validation loss was computed after this step
+    double ms;           // the step's wall time
+    double lr;
+    int64_t tokens;      // trained through this step, over all ranks
+    double elapsed_s;    // since the run started (or resumed), evaluations and samples included
+    int64_t sent_bytes;  // by this rank to others in this step
+    StepTimes times;
+    RouterStats router;  // LocMoE's losses and drops; zero for the other routers
+    std::vector<LayerLoad> loads;
+};
+
+// The --log-file CSV, one row per step and no header (tests and scripts count rows as steps):
+//   step,loss,norm,val_loss,ms,lr,tokens,elapsed_s,sent_bytes,
+//   attention_ms,ffn_compute_ms,all_to_all_ms,all_reduce_ms,optimizer_ms,rest_ms,
+//   aux_loss,loc_loss,dropped (LocMoE's, SPEC §2.6; 0 for the other routers),
+//   then min,median,max expert load of layer 0, of layer 1, ... (3·L columns)
+// val_loss is NaN where none was computed; the time breakdown is NaN on the CPU path. Every row is
+// flushed as it is written, so a killed run keeps each step it finished, and a failed write (a full
+// disk) throws rather than ending with an empty log. A run resumed at step S first cuts the log back
+// to its rows of steps <= S (the later ones are of steps the checkpoint does not hold, the last may be
+// half written), then appends. A closed log (no file asked for) ignores rows.
 class StepLog {
   public:
     StepLog(const std::string& path, int resumed_step) : path_(path) {
@@ -88,12 +134,17 @@ class StepLog {
     StepLog(const StepLog&) = delete;
     StepLog& operator=(const StepLog&) = delete;
 
-    void row(int step, double loss, double norm, double val_loss, double ms, const RouterStats* router = nullptr) {
+    void row(const StepRow& r) {
         if (!file_) return;
-        bool ok = std::fprintf(file_, "%d,%.9g,%.9g,%.9g,%.3f", step, loss, norm, val_loss, ms) >= 0;
-        if (router)
-            ok &= std::fprintf(file_, ",%.9g,%.9g,%lld", router->aux_loss, router->loc_loss,
-                               (long long)router->total_dropped()) >= 0;
+        const StepTimes& t = r.times;
+        bool ok = std::fprintf(file_, "%d,%.9g,%.9g,%.9g,%.3f,%.6g,%lld,%.3f,%lld,%.4f,%.4f,%.4f,%.4f,%.4f,%.4f",
+                               r.step, r.loss, r.norm, r.val_loss, r.ms, r.lr, (long long)r.tokens, r.elapsed_s,
+                               (long long)r.sent_bytes, t.attention, t.ffn_compute(), t.all_to_all, t.all_reduce,
+                               t.optimizer, t.rest(r.ms)) >= 0;
+        ok = ok && std::fprintf(file_, ",%.9g,%.9g,%lld", r.router.aux_loss, r.router.loc_loss,
+                                (long long)r.router.total_dropped()) >= 0;
+        for (const LayerLoad& l : r.loads)
+            ok = ok && std::fprintf(file_, ",%.5f,%.5f,%.5f", l.min, l.median, l.max) >= 0;
         if (!ok || std::fputc('\n', file_) == EOF || std::fflush(file_) != 0) fail("writing the log failed");
     }
     // At the end of the run: a write error may surface only when the file is closed (NFS).
