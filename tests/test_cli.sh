@@ -279,11 +279,11 @@ for program in "${TRAINERS[@]}"; do
     [ "$steps" -eq 3 ] || WHY="${WHY:+$WHY; }$steps of 3 'step N/3 | loss X' lines"
     grep -qE '^step .*val loss [0-9]+\.[0-9]+' "$OUT" || WHY="${WHY:+$WHY; }no validation loss line"
     grep '^step' "$OUT" | grep -qiwE 'nan|inf' && WHY="${WHY:+$WHY; }a non-finite number in a step line"
-    # step,loss,norm,val_loss,ms,lr,tokens,... (train/step_log.h): three rows of 15 + 3·L = 21 fields,
+    # step,loss,norm,val_loss,ms,lr,tokens,... (train/step_log.h): three rows of 18 + 3·L = 24 fields,
     # the validation loss on the last only (the tiny preset evaluates every 50 steps), 64 tokens a step
     rows=$(grep -cE '^[12],[0-9.]+,[0-9.]+,nan,[0-9.]+,' steps.csv 2>/dev/null)
     [ "$rows" -eq 2 ] && grep -qE '^3,[0-9.]+,[0-9.]+,[0-9.]+,[0-9.]+,[0-9.e+-]+,192,' steps.csv &&
-        [ "$(wc -l <steps.csv)" -eq 3 ] && ! awk -F, 'NF != 21 { bad = 1 } END { exit !bad }' steps.csv ||
+        [ "$(wc -l <steps.csv)" -eq 3 ] && ! awk -F, 'NF != 24 { bad = 1 } END { exit !bad }' steps.csv ||
         WHY="${WHY:+$WHY; }the --log-file CSV is not 3 rows of step,loss,norm,val_loss,ms,...: $(tr '\n' ' ' <steps.csv 2>/dev/null)"
     grep -qE '^step +3/3 .*\| eta 0s$' "$OUT" || WHY="${WHY:+$WHY; }the last progress line does not end in 'eta 0s'"
     if [ -z "$WHY" ]; then ok "$name"; else not_ok "$name" "$WHY"; fi
