@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "model/locmoe.h"
@@ -81,7 +82,8 @@ RouterLosses<T> locmoe_losses(const T* p, const int* sel, int M, int E, int k, c
     for (int i = 0; i < E; i++) {
         f[i] /= T((int64_t)M * k);
         P[i] /= T(M);
-        const T log_ratio = std::log(P[i] / T(s.D[i]));
+        // P_i = 0 (every p[t, i] underflowed) would make P log P a NaN: the smallest normal stands in
+        const T log_ratio = std::log(std::max(P[i], std::numeric_limits<T>::min()) / T(s.D[i]));
         out.aux += T(s.alpha) * T(E) * f[i] * P[i];
         out.loc += T(s.mu) * P[i] * log_ratio;
         out.dp[i] = (T(s.alpha) * T(E) * f[i] + T(s.mu) * (log_ratio + T(1))) / T(M);

@@ -130,6 +130,26 @@ __device__ inline void zero(float (&acc)[1][W / 8][4]) {
         for (int i = 0; i < 4; i++) acc[0][nt][i] = 0.f;
 }
 
+// The key-block pipeline of the forward and of dq, at key block kb of 0..last: issues the copies of
+// block kb+1's K and V into the stage block kb does not use (blocks 0 and 1 alternate), then waits
+// until block kb's copies (issued one iteration earlier) have landed. Returns kb's stage.
+template <int D>
+__device__ inline int next_key_block(bf16* Ks, bf16* Vs, const bf16* qkv, int kb, int last, int b, int h, int T,
+                                     int nh) {
+    constexpr int tile = kRows * (D + 8);
+    const int stage = kb % 2;
+    if (kb < last) {
+        const int k1 = (kb + 1) * kRows;
+        const int64_t stride = 3 * nh * D;
+        load_strided_rows<D, kRows>(Ks + (1 - stage) * tile, qkv_rows(qkv, 1, b, h, k1, T, nh, D), T - k1, stride);
+        load_strided_rows<D, kRows>(Vs + (1 - stage) * tile, qkv_rows(qkv, 2, b, h, k1, T, nh, D), T - k1, stride);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    return stage;
+}
+
 // Forward, one block per (64 queries, b·h). Key block j is copied while block j−1 is multiplied.
 // Per key block: S = Q K^T (fp32, scaled to base 2), the diagonal block masked (s > t), then per
 // row m' = max(m, max_s S), ℓ = ℓ·2^(m−m') + Σ_s 2^(S−m'), O = O·2^(m−m') + 2^(S−m') V.
@@ -156,15 +176,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(bf16* out, floa
     zero<D>(o);
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows g, g+8; ℓ summed over this lane's columns
     for (int kb = 0; kb <= qb; kb++) {
-        const int stage = kb % 2;
-        if (kb < qb) {
-            const int k1 = (kb + 1) * kRows;
-            load_strided_rows<D, kRows>(Ks + (1 - stage) * tile, qkv_rows(qkv, 1, b, h, k1, T, nh, D), T - k1, stride);
-            load_strided_rows<D, kRows>(Vs + (1 - stage) * tile, qkv_rows(qkv, 2, b, h, k1, T, nh, D), T - k1, stride);
-        }
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
+        const int stage = next_key_block<D>(Ks, Vs, qkv, kb, qb, b, h, T, nh);
         const bf16 *Kt = Ks + stage * tile, *Vt = Vs + stage * tile;
 
         warp_mma_nt<D, 1, kRows>(s, Qs, ld, r0, Kt, ld, 0);
@@ -330,15 +342,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_dq_kernel(bf16* dqkv,
     float dq[1][D / 8][4], p[1][kRows / 8][4], dp[1][kRows / 8][4];
     zero<D>(dq);
     for (int kb = 0; kb <= qb; kb++) {
-        const int stage = kb % 2;
-        if (kb < qb) {
-            const int k1 = (kb + 1) * kRows;
-            load_strided_rows<D, kRows>(Ks + (1 - stage) * tile, qkv_rows(qkv, 1, b, h, k1, T, nh, D), T - k1, stride);
-            load_strided_rows<D, kRows>(Vs + (1 - stage) * tile, qkv_rows(qkv, 2, b, h, k1, T, nh, D), T - k1, stride);
-        }
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
+        const int stage = next_key_block<D>(Ks, Vs, qkv, kb, qb, b, h, T, nh);
         const bf16 *Kt = Ks + stage * tile, *Vt = Vs + stage * tile;
 
         warp_mma_nt<D, 1, kRows>(p, Qs, ld, r0, Kt, ld, 0);    // S
@@ -358,7 +362,8 @@ __global__ void __launch_bounds__(kThreads) flash_backward_dq_kernel(bf16* dqkv,
     store_warp_rows<D>(dqkv + ((int64_t)b * T + q0) * stride + h * D, stride, dq, r0, T - q0, 1.f / sqrtf((float)D));
 }
 
-// Dynamic shared memory of each kernel, and the opt-in above 48 KiB (once per kernel and device).
+// Dynamic shared memory of each kernel, and the opt-in above 48 KiB (set before every launch: it is
+// cheap, and right for whichever device is current).
 template <int D>
 constexpr int forward_smem() { return 5 * kRows * (D + 8) * 2; }
 template <int D>
@@ -371,45 +376,28 @@ void allow_smem(Kernel kernel, int bytes) {
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
-}  // namespace attention_detail
-
-// Forward.
-//   out: (B, T, nh·da) floatX, written;  lse: (B, nh, T) fp32, written (base 2, see above), keep it
-//   qkv: (B, T, 3·nh·da) floatX, rows [q | k | v], rotated by the rotary embedding; keep it
-inline void attention_forward(floatX* out, float* lse, const floatX* qkv, int B, int T, int nh, int da,
-                              cudaStream_t stream) {
-    using namespace attention_detail;
-    with_head_size(da, [&](auto head) {
-        constexpr int D = decltype(head)::value;
-        const dim3 grid((unsigned)ceil_div(T, kRows), B * nh);
-        allow_smem(flash_forward_kernel<D>, forward_smem<D>());
-        flash_forward_kernel<D><<<grid, kThreads, forward_smem<D>(), stream>>>(out, lse, qkv, T, nh);
-        CUDA_CHECK_LAUNCH();
-    });
-}
-
-// Backward.
-//   dqkv: (B, T, 3·nh·da) floatX, written (not accumulated): [dq | dk | dv]
-//   dout: (B, T, nh·da);  out, lse, qkv: as attention_forward left and read them
-//   scratch: attention_scratch_bytes(B, T, nh) bytes (δ)
-inline void attention_backward(floatX* dqkv, void* scratch, const floatX* dout, const floatX* out, const float* lse,
-                               const floatX* qkv, int B, int T, int nh, int da, cudaStream_t stream) {
-    using namespace attention_detail;
-    float* delta = static_cast<float*>(scratch);
-    const int64_t rows = (int64_t)B * T * nh;
-    attention_delta_kernel<<<ceil_div(rows, 256), 256, 0, stream>>>(delta, dout, out, B, T, nh, da);
+// The launches for head size D (attention_forward and attention_backward below choose D).
+template <int D>
+void launch_forward(floatX* out, float* lse, const floatX* qkv, int B, int T, int nh, cudaStream_t stream) {
+    const dim3 grid((unsigned)ceil_div(T, kRows), B * nh);
+    allow_smem(flash_forward_kernel<D>, forward_smem<D>());
+    flash_forward_kernel<D><<<grid, kThreads, forward_smem<D>(), stream>>>(out, lse, qkv, T, nh);
     CUDA_CHECK_LAUNCH();
-    with_head_size(da, [&](auto head) {
-        constexpr int D = decltype(head)::value;
-        const dim3 grid((unsigned)ceil_div(T, kRows), B * nh);
-        allow_smem(flash_backward_dkdv_kernel<D>, dkdv_smem<D>());
-        flash_backward_dkdv_kernel<D><<<grid, kThreads, dkdv_smem<D>(), stream>>>(dqkv, dout, qkv, lse, delta, T, nh);
-        CUDA_CHECK_LAUNCH();
-        allow_smem(flash_backward_dq_kernel<D>, dq_smem<D>());
-        flash_backward_dq_kernel<D><<<grid, kThreads, dq_smem<D>(), stream>>>(dqkv, dout, qkv, lse, delta, T, nh);
-        CUDA_CHECK_LAUNCH();
-    });
 }
+
+template <int D>
+void launch_backward(floatX* dqkv, const floatX* dout, const floatX* qkv, const float* lse, const float* delta, int B,
+                     int T, int nh, cudaStream_t stream) {
+    const dim3 grid((unsigned)ceil_div(T, kRows), B * nh);
+    allow_smem(flash_backward_dkdv_kernel<D>, dkdv_smem<D>());
+    flash_backward_dkdv_kernel<D><<<grid, kThreads, dkdv_smem<D>(), stream>>>(dqkv, dout, qkv, lse, delta, T, nh);
+    CUDA_CHECK_LAUNCH();
+    allow_smem(flash_backward_dq_kernel<D>, dq_smem<D>());
+    flash_backward_dq_kernel<D><<<grid, kThreads, dq_smem<D>(), stream>>>(dqkv, dout, qkv, lse, delta, T, nh);
+    CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace attention_detail
 
 #else  // LMOE_FP32
 // ---------------------------------------------------------------------------------------------
@@ -499,33 +487,48 @@ __global__ void simt_backward_dq_kernel(float* dqkv, const float* dout, const fl
     for (int i = 0; i < D; i++) row[i] = c * dq[i];
 }
 
-}  // namespace attention_detail
+template <int D>
+void launch_forward(float* out, float* lse, const float* qkv, int B, int T, int nh, cudaStream_t stream) {
+    simt_forward_kernel<D><<<ceil_div((int64_t)B * nh * T, 128), 128, 0, stream>>>(out, lse, qkv, B, T, nh);
+    CUDA_CHECK_LAUNCH();
+}
 
+template <int D>
+void launch_backward(float* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta, int B,
+                     int T, int nh, cudaStream_t stream) {
+    const int64_t blocks = ceil_div((int64_t)B * nh * T, 128);
+    simt_backward_dkdv_kernel<D><<<blocks, 128, 0, stream>>>(dqkv, dout, qkv, lse, delta, B, T, nh);
+    CUDA_CHECK_LAUNCH();
+    simt_backward_dq_kernel<D><<<blocks, 128, 0, stream>>>(dqkv, dout, qkv, lse, delta, B, T, nh);
+    CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace attention_detail
+#endif  // LMOE_FP32
+
+// Forward.
+//   out: (B, T, nh·da) floatX, written;  lse: (B, nh, T) fp32, written (base 2, see above), keep it
+//   qkv: (B, T, 3·nh·da) floatX, rows [q | k | v], rotated by the rotary embedding; keep it
 inline void attention_forward(floatX* out, float* lse, const floatX* qkv, int B, int T, int nh, int da,
                               cudaStream_t stream) {
-    using namespace attention_detail;
-    const int64_t rows = (int64_t)B * nh * T;
-    with_head_size(da, [&](auto head) {
-        simt_forward_kernel<decltype(head)::value><<<ceil_div(rows, 128), 128, 0, stream>>>(out, lse, qkv, B, T, nh);
-        CUDA_CHECK_LAUNCH();
+    attention_detail::with_head_size(da, [&](auto head) {
+        attention_detail::launch_forward<decltype(head)::value>(out, lse, qkv, B, T, nh, stream);
     });
 }
 
+// Backward.
+//   dqkv: (B, T, 3·nh·da) floatX, written (not accumulated): [dq | dk | dv]
+//   dout: (B, T, nh·da);  out, lse, qkv: as attention_forward left and read them
+//   scratch: attention_scratch_bytes(B, T, nh) bytes (δ)
 inline void attention_backward(floatX* dqkv, void* scratch, const floatX* dout, const floatX* out, const float* lse,
                                const floatX* qkv, int B, int T, int nh, int da, cudaStream_t stream) {
-    using namespace attention_detail;
     float* delta = static_cast<float*>(scratch);
-    const int64_t rows = (int64_t)B * nh * T;
-    attention_delta_kernel<<<ceil_div(rows, 256), 256, 0, stream>>>(delta, dout, out, B, T, nh, da);
+    const int64_t rows = (int64_t)B * T * nh;
+    attention_detail::attention_delta_kernel<<<ceil_div(rows, 256), 256, 0, stream>>>(delta, dout, out, B, T, nh, da);
     CUDA_CHECK_LAUNCH();
-    with_head_size(da, [&](auto head) {
-        constexpr int D = decltype(head)::value;
-        simt_backward_dkdv_kernel<D><<<ceil_div(rows, 128), 128, 0, stream>>>(dqkv, dout, qkv, lse, delta, B, T, nh);
-        CUDA_CHECK_LAUNCH();
-        simt_backward_dq_kernel<D><<<ceil_div(rows, 128), 128, 0, stream>>>(dqkv, dout, qkv, lse, delta, B, T, nh);
-        CUDA_CHECK_LAUNCH();
+    attention_detail::with_head_size(da, [&](auto head) {
+        attention_detail::launch_backward<decltype(head)::value>(dqkv, dout, qkv, lse, delta, B, T, nh, stream);
     });
 }
-#endif  // LMOE_FP32
 
 }  // namespace lmoe

@@ -8,6 +8,8 @@
 // capacity dropped keeps its expert e as sel = ~e (negative): the grouping leaves it out, and the
 // router's choice stays readable.
 #pragma once
+#include <cfloat>
+
 #include "moe/router.cuh"
 #include "moe/routing_plan.cuh"
 #include "util/cuda_utils.cuh"
@@ -126,7 +128,7 @@ __global__ void locmoe_losses_kernel(LocMoeLayerStats out, const float* prob_par
         for (int b = 0; b < blocks; b++) P += prob_parts[(int64_t)b * E + e];
         P /= M;
         const int n = group_offset[e + 1] - group_offset[e];
-        const float f = (float)n / ((float)M * k), log_ratio = logf(P / target[e]);
+        const float f = (float)n / ((float)M * k), log_ratio = logf(fmaxf(P, FLT_MIN) / target[e]);  // as the reference: P = 0 is no NaN
         out.coef[e] = (alpha * E * f + mu * (log_ratio + 1.f)) / M;
         aux[e] = alpha * E * f * P;
         loc[e] = mu * P * log_ratio;

@@ -26,7 +26,7 @@ void check_greedy(FfnKind ffn) {
     c.temperature = 0;
     c.prompt = "In the beginning";
     validate(c, 1);
-    Ffn::check_supported(c);
+    lmoe::check_gpu_supported<Ffn>(c);
     std::printf("%s: tiny, B %d, %d greedy tokens from a %zu-token prompt, T %d\n", ffn_name(ffn), c.B, c.sample,
                 c.prompt.size(), c.T);
 

@@ -5,6 +5,7 @@
 // that wrote it is test_cli's.
 #include <cmath>
 #include <cstdio>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -47,6 +48,16 @@ static void test_sample_token() {
     }
     // huge logits do not overflow
     CHECK(sample_token({1e30f, 1e30f, -1e30f}, 1.f, 0, 0.75) == 1);
+    // a diverged model: refused with a message, never an arbitrary token
+    for (float bad : {NAN, INFINITY}) {
+        bool refused = false;
+        try {
+            sample_token({0.f, bad, 1.f}, 1.f, 0, 0.5);
+        } catch (const std::runtime_error&) {
+            refused = true;
+        }
+        CHECK_MSG(refused, "non-finite logits are refused");
+    }
 }
 
 static void test_format_tokens() {

@@ -67,6 +67,9 @@ using Layer = ModelTensors<floatX>::Layer;
 // Throws ConfigError for shapes the GPU kernels lack: the dense ones here, the FFN's in Ffn.
 template <class Ffn>
 void check_gpu_supported(const Config& c) {
+    if ((int64_t)c.B * c.n_head > 65535)
+        throw ConfigError("the GPU attention kernels need batch · attn-heads <= 65535 (one grid row each), not " +
+                          std::to_string((int64_t)c.B * c.n_head));
     if (!attention_head_size_supported(c.d_attn()))
         throw ConfigError("the GPU attention kernels need an attention head size d/n_head of 16, 32, 64 or 128 (got " +
                           std::to_string(c.d_attn()) + ")");

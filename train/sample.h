@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <numeric>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -27,6 +28,8 @@ namespace lmoe {
 // (0: all; ties to the lower id) are kept and token i is drawn with probability ∝ exp(logit_i / t).
 inline int sample_token(const std::vector<float>& logits, float temperature, int top_k, double u) {
     const int V = (int)logits.size();
+    for (float x : logits)
+        if (!std::isfinite(x)) throw std::runtime_error("sampling: the model's logits are not finite (diverged weights)");
     std::vector<int> order(V);
     std::iota(order.begin(), order.end(), 0);
     auto more_likely = [&](int a, int b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
