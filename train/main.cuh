@@ -5,6 +5,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -113,6 +114,10 @@ int run_trainer(int argc, char** argv, const Comm& comm) {
 // same error, and only rank 0 reports it.
 template <class Ffn>
 int trainer_main(int argc, char** argv) {
+    // Output appears as it is made, into a terminal or a file: every line flushed. SIGPIPE is ignored
+    // before the first line, so a closed stdout (`| head`) only makes printf fail, never ends the run.
+    std::signal(SIGPIPE, SIG_IGN);
+    std::setvbuf(stdout, nullptr, _IOLBF, 0);
     Comm comm;
     int status;
     try {

@@ -18,14 +18,13 @@ inline void request_stop(int signal_number) {
 }
 
 // SIGINT (Ctrl-C), SIGTERM (kill, a scheduler's time limit) and SIGHUP (the terminal went away) stop the
-// run cleanly; a SIGHUP ignored already (nohup) stays ignored. SIGPIPE is ignored: a closed stdout
-// (`| head`) must only make printf fail, not end the training.
+// run cleanly; a SIGHUP ignored already (nohup) stays ignored. (SIGPIPE is ignored from the start of
+// trainer_main, train/main.cuh.)
 inline void install_stop_handler() {
     std::signal(SIGINT, request_stop);
     std::signal(SIGTERM, request_stop);
     struct sigaction hup;
     if (sigaction(SIGHUP, nullptr, &hup) != 0 || hup.sa_handler != SIG_IGN) std::signal(SIGHUP, request_stop);
-    std::signal(SIGPIPE, SIG_IGN);
 }
 
 inline const char* signal_name(int signal_number) {
