@@ -38,6 +38,7 @@ struct Config {
     int E = 8;         // experts (per latent head for LatentMoE)
     int fe = 32;       // expert hidden size (f for the MoE)
     int k = 2;         // active experts per (sub-)token
+    int expert_shards = 1;  // LatentMoE on R ranks: Q ranks split each head's experts, P = R / Q head groups
     // LocMoE routing of the MoE baseline (SPEC §2.6); the other router is §2.2's top-k
     std::string router = "topk";  // topk | locmoe
     int node_size = 0;            // ranks per node for L_loc and the byte split; 0: the ranks on one host
@@ -263,10 +264,22 @@ inline void validate(const Config& c, int world) {
     if (c.ffn == FfnKind::MoE)
         require(c.H == 1 && c.dh == c.d, "the MoE baseline has no latent heads (H = 1, dh = d)");
     require(world >= 1, "the number of ranks must be at least 1");
-    if (c.ffn == FfnKind::LatentMoE)
-        require(c.H % world == 0, "Head Parallel needs H % R == 0: H = " + std::to_string(c.H) +
-                                      " heads cannot be split over R = " + std::to_string(world) + " ranks");
-    else
+    if (c.ffn == FfnKind::LatentMoE) {
+        // SPEC §3: R = P·Q ranks, P head groups of Q ranks; Q = 1 is Head Parallel alone
+        const int Q = c.expert_shards;
+        require(Q >= 1, "--expert-shards must be at least 1 (1: Head Parallel alone), not " + std::to_string(Q));
+        require(world % Q == 0, "--expert-shards " + std::to_string(Q) + " does not divide the R = " +
+                                    std::to_string(world) + " ranks (R = P·Q: P head groups of Q ranks)");
+        require(c.E % Q == 0, "Head Parallel × Expert Parallel needs E % Q == 0: E = " + std::to_string(c.E) +
+                                  " experts per head cannot be split over Q = " + std::to_string(Q) + " expert shards");
+        const int P = world / Q;
+        if (Q == 1)
+            require(c.H % world == 0, "Head Parallel needs H % R == 0: H = " + std::to_string(c.H) +
+                                          " heads cannot be split over R = " + std::to_string(world) + " ranks");
+        else
+            require(c.H % P == 0, "Head Parallel × Expert Parallel needs H % P == 0: H = " + std::to_string(c.H) +
+                                      " heads cannot be split over P = R / Q = " + std::to_string(P) + " head groups");
+    } else
         require(c.E % world == 0, "Expert Parallel needs E % R == 0: E = " + std::to_string(c.E) +
                                       " experts cannot be split over R = " + std::to_string(world) + " ranks");
     for (const SizeProduct& p : size_products(c, world))
@@ -309,6 +322,16 @@ inline void validate(const Config& c, int world) {
                               "must be 0 (it is by default with --router locmoe)");
 }
 
+// What the multi-rank GPU path runs: Head Parallel alone. A valid --expert-shards Q > 1 is refused
+// by name rather than run as something else.
+inline void require_built_parallelism(const Config& c, int world) {
+    if (c.ffn != FfnKind::LatentMoE || c.expert_shards == 1 || world == 1) return;
+    throw ConfigError("--expert-shards " + std::to_string(c.expert_shards) + " (Head Parallel × Expert Parallel: P = " +
+                      std::to_string(world / c.expert_shards) + " head groups × Q = " +
+                      std::to_string(c.expert_shards) + " expert shards) is not built yet on the GPU path; run with "
+                      "--expert-shards 1 (Head Parallel, H % R == 0)");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Flags. Each entry binds a name to a field; --help lists them with their current defaults.
 
@@ -340,6 +363,8 @@ inline std::vector<Flag> flag_table(Config& c) {
         {"experts", "experts E (per latent head for LatentMoE)", Flag::Int, &c.E, both},
         {"expert-dim", "expert hidden size (fe for LatentMoE, f for MoE)", Flag::Int, &c.fe, both},
         {"topk", "active experts k per (sub-)token, 2 <= k <= E (1 <= k with --router locmoe)", Flag::Int, &c.k, both},
+        {"expert-shards", "Q: ranks that split each head's experts (P = R / Q head groups; 1: Head Parallel)",
+         Flag::Int, &c.expert_shards, HP},
         {"batch", "micro-batch size B (sequences per rank)", Flag::Int, &c.B, both},
         {"grad-accum", "micro-steps per optimizer step", Flag::Int, &c.grad_accum, both},
         {"steps", "optimizer steps (0: generate only, see --sample)", Flag::Int, &c.steps, both},

@@ -199,6 +199,11 @@ expect_error "moe_ep_baseline --latent-heads is an unknown flag" 2 "unknown flag
 expect_error "moe_ep_baseline --head-dim is an unknown flag" 2 "unknown flag --head-dim" \
     "$BUILD/moe_ep_baseline" --head-dim 16 "${DATA[@]}"
 
+expect_error "train_latentmoe --expert-shards 2 on one rank" 2 "--expert-shards 2 does not divide the R = 1 ranks" \
+    "$BUILD/train_latentmoe" --expert-shards 2 "${DATA[@]}"
+expect_error "moe_ep_baseline --expert-shards is an unknown flag" 2 "unknown flag --expert-shards" \
+    "$BUILD/moe_ep_baseline" --expert-shards 2 "${DATA[@]}"
+
 # LocMoE's constraints (SPEC §2.6): exit 2, each named.
 LOC=("$BUILD/moe_ep_baseline" --router locmoe "${DATA[@]}")
 expect_error "locmoe --experts 6 (d % E != 0)" 2 "d % E == 0" "${LOC[@]}" --experts 6

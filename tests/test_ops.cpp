@@ -732,6 +732,25 @@ static void test_config() {
         c = parse_and_validate(EP, {"--experts", "6"}, 3);
         CHECK(c.E == 6);
     }
+    // Head Parallel × Expert Parallel (SPEC §3): Q | R, Q | E, P = R / Q | H; valid Q > 1 is refused
+    // by the multi-rank GPU path until it exists
+    CHECK_THROWS(parse_and_validate(HP, {"--expert-shards", "3"}, 4), "--expert-shards 3 does not divide the R = 4");
+    CHECK_THROWS(parse_and_validate(HP, {"--expert-shards", "2"}, 1), "--expert-shards 2 does not divide the R = 1");
+    CHECK_THROWS(parse_and_validate(HP, {"--expert-shards", "0"}, 2), "--expert-shards must be at least 1");
+    CHECK_THROWS(parse_and_validate(HP, {"--experts", "6", "--expert-shards", "4"}, 8), "needs E % Q == 0: E = 6");
+    CHECK_THROWS(parse_and_validate(HP, {"--expert-shards", "2"}, 16), "needs H % P == 0: H = 4 heads cannot be "
+                                                                         "split over P = R / Q = 8 head groups");
+    CHECK_THROWS(parse_and_validate(EP, {"--expert-shards", "2"}, 2), "unknown flag --expert-shards");
+    for (int R : {2, 4, 8, 16})
+        for (int Q = 2; Q <= R; Q *= 2) {
+            if (R / Q > 4 || Q > 8) continue;  // tiny: H = 4, E = 8
+            Config c = parse_and_validate(HP, {"--expert-shards", std::to_string(Q)}, R);
+            CHECK(c.expert_shards == Q);
+            CHECK_THROWS(lmoe::require_built_parallelism(c, R), "is not built yet on the GPU path");
+        }
+    CHECK(parse_and_validate(HP, {}, 4).expert_shards == 1);
+    lmoe::require_built_parallelism(parse_and_validate(HP, {"--expert-shards", "1"}, 4), 4);  // Head Parallel runs
+
     // latent-head flags mean nothing to the MoE baseline
     CHECK_THROWS(parse_and_validate(EP, {"--latent-heads", "4"}), "unknown flag --latent-heads");
     CHECK_THROWS(parse_and_validate(EP, {"--head-dim", "16"}), "unknown flag --head-dim");

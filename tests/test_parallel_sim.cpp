@@ -5,11 +5,13 @@
 // expert gradients bit for bit (each row sees the same arithmetic in the same order), replicated
 // gradients up to the order of the cross-rank sum. Expert Parallel runs with either router: the
 // top-k router of SPEC §2.2 or LocMoE's (§2.6), and every exchange is hierarchical over nodes of 1, 2
-// or 4 ranks, so each rank's bytes within and across nodes are counted apart.
+// or 4 ranks, so each rank's bytes within and across nodes are counted apart. Head Parallel × Expert
+// Parallel runs every (P, Q) of R = 2 … 16 ranks that the tiny and small presets' H and E allow.
 #include <cstdio>
 #include <string>
 
 #include "cpu/reference.h"
+#include "parallel/hybrid.h"
 #include "util/rng.h"
 #include "tests/check.h"
 
@@ -481,7 +483,10 @@ double max_rel_diff(const Vec& a, const Vec& b, int64_t first, int64_t count) {
 
 // Compares a distributed run with the one-rank run: outputs, dx and expert gradients bitwise,
 // replicated gradients to 1e-12 (their cross-rank sum adds the same terms in another order).
-void compare_runs(const std::string& what, const lmoe::Config& c, const LayerRun& one, const LayerRun& many) {
+// router_owned: the router gradients are one rank's (sharded with their heads or experts); else the
+// router is replicated over ranks and its gradient is a cross-rank sum as well.
+void compare_runs(const std::string& what, const lmoe::Config& c, const LayerRun& one, const LayerRun& many,
+                  bool router_owned = true) {
     CHECK_MSG(bitwise_equal(one.out, many.out), what + ": outputs differ");
     CHECK_MSG(bitwise_equal(one.dx, many.dx), what + ": input gradients differ");
     lmoe::ParamLayout layout = lmoe::build_param_layout(c);
@@ -493,7 +498,9 @@ void compare_runs(const std::string& what, const lmoe::Config& c, const LayerRun
         if (!ffn) continue;  // the layout holds the whole model; only the FFN's tensors take part here
         bool nonzero = std::any_of(a.begin(), a.end(), [](double v) { return v != 0; });
         CHECK_MSG(nonzero, what + ": " + t.name + " has an all-zero gradient, so comparing it proves nothing");
-        if (t.expert) CHECK_MSG(bitwise_equal(a, b), what + ": expert gradient " + t.name + " differs");
+        const bool router = t.name.find("router") != std::string::npos;
+        if (t.expert && (router_owned || !router))
+            CHECK_MSG(bitwise_equal(a, b), what + ": expert gradient " + t.name + " differs");
         else {
             double rel = max_rel_diff(many.grads, one.grads, t.offset, t.numel);
             CHECK_MSG(rel < 1e-12, what + ": replicated gradient " + t.name + " off by " + std::to_string(rel));
@@ -514,29 +521,36 @@ lmoe::Config layer_config(lmoe::FfnKind kind) {
 // Each rank's bytes within and across nodes as its routing implies, counted copy by copy: a kept copy
 // whose expert lives on another rank crosses four times (x and d_o to the owner, o and dx back), each
 // time to a rank of the same node, or to the relay of exchange's first stage and then across.
+void add_hop(Wire& want, int from, int to, int64_t bytes) {
+    if (from == to) return;
+    const int relay = relay_rank(from, to, want.node_size);
+    if (relay != from) want.within[from] += bytes;
+    if (relay != to) want.across[relay] += bytes;
+}
+
+// A copy's four crossings: x and d_o to the owner, o and dx back.
+void add_round_trips(Wire& want, int from, int owner, int64_t row_bytes) {
+    for (int twice = 0; twice < 2; twice++) {
+        add_hop(want, from, owner, row_bytes);
+        add_hop(want, owner, from, row_bytes);
+    }
+}
+
+void expect_wire(const std::string& what, const std::vector<int64_t>& within, const std::vector<int64_t>& across,
+                 const Wire& want, const char* source) {
+    for (size_t r = 0; r < within.size(); r++)
+        CHECK_MSG(within[r] == want.within[r] && across[r] == want.across[r],
+                  what + " rank " + std::to_string(r) + " sent " + std::to_string(within[r]) + " + " +
+                      std::to_string(across[r]) + " bytes within + across nodes, " + source + " " +
+                      std::to_string(want.within[r]) + " + " + std::to_string(want.across[r]));
+}
+
 void expect_ep_bytes(const std::string& what, const lmoe::Config& c, const LayerRun& run, int R, int node_size) {
     Wire want(R, node_size);
-    const int64_t row = (int64_t)c.d * kBf16Bytes;
-    auto hop = [&](int from, int to) {
-        if (from == to) return;
-        const int relay = relay_rank(from, to, node_size);
-        if (relay != from) want.within[from] += row;
-        if (relay != to) want.across[relay] += row;
-    };
     for (int r = 0; r < R; r++)
-        for (size_t i = 0; i < run.sel[r].size(); i++) {
-            if (!run.kept[r][i]) continue;
-            const int owner = run.sel[r][i] / (c.E / R);
-            for (int twice = 0; twice < 2; twice++) {
-                hop(r, owner);
-                hop(owner, r);
-            }
-        }
-    for (int r = 0; r < R; r++)
-        CHECK_MSG(run.within[r] == want.within[r] && run.across[r] == want.across[r],
-                  what + " rank " + std::to_string(r) + " sent " + std::to_string(run.within[r]) + " + " +
-                      std::to_string(run.across[r]) + " bytes within + across nodes, its routing implies " +
-                      std::to_string(want.within[r]) + " + " + std::to_string(want.across[r]));
+        for (size_t i = 0; i < run.sel[r].size(); i++)
+            if (run.kept[r][i]) add_round_trips(want, r, run.sel[r][i] / (c.E / R), (int64_t)c.d * kBf16Bytes);
+    expect_wire(what, run.within, run.across, want, "its routing implies");
 }
 
 void print_bytes(const std::string& what, const LayerRun& run) {
@@ -544,6 +558,387 @@ void print_bytes(const std::string& what, const LayerRun& run) {
     for (size_t r = 0; r < run.within.size(); r++)
         std::printf(" %lld+%lld", (long long)run.within[r], (long long)run.across[r]);
     std::printf("\n");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Head Parallel × Expert Parallel (SPEC §3): R = P·Q ranks, rank r in head group p = r / Q and expert
+// shard q = r % Q (parallel/hybrid.h). Rank (p, q) owns heads [p·H/P, (p+1)·H/P), their routers R_h
+// whole (replicated over the group's Q ranks) and, in each of them, experts [q·E/Q, (q+1)·E/Q).
+// Forward: project locally; the equal-block head exchange among the P ranks of shard q gives rank
+// (p, q) its heads' sub-tokens of those P ranks' tokens; route them there; the copies move within the
+// group to their experts' owners (counts first, as Expert Parallel does), are computed, come back, and
+// are weighted and summed; y returns in the head exchange's blocks and is merged locally. Backward
+// mirrors it.
+//
+// Each rank trains on its own mean loss, as the trainer does: its output gradient is R times its
+// rows' share of the global objective's; replicated gradients (W_mh, W_mg) are averaged over the R
+// ranks; R_h's are summed over the group and, like the expert gradients, divided by R
+// (train/gpu_model.cuh's sync_gradients). R is a power of two here, so those scalings are exact.
+//
+// Rank (p, q) reads block q·P + p of the global batch: shard q's P ranks then hold one contiguous
+// run of it, so an owner that takes an expert's rows source by source within its group takes them in
+// global order, as the one-rank layer does. Outputs, input gradients and expert gradients are then
+// bitwise; W_mh, W_mg and (for Q > 1) R_h add the same partial sums in another order.
+
+struct HybridRun {
+    LayerRun run;                          // within/across: both exchanges; meta_bytes: the counts
+    Wire hp, ep;                           // the head exchange and the expert exchange apart
+    std::vector<std::vector<int>> owner;   // per rank: the rank owning each routed copy's expert
+};
+
+HybridRun run_hybrid(const lmoe::Config& c, const Vec& x, const Vec& dout, const std::vector<float>& bias, int N,
+                     const lmoe::HybridGrid grid, int node_size, double scale) {
+    const int P = grid.P, Q = grid.Q, R = grid.world(), Nr = N / R, M = P * Nr;  // M: sub-tokens per owned head
+    const int HD = c.H * c.dh, Hp = c.H / P, Eq = c.E / Q, width = Hp * c.dh, d = c.d, k = c.k, dh = c.dh, E = c.E;
+    CHECK_MSG((R & (R - 1)) == 0, "the exact rescaling by R needs R a power of two");
+    const ref::ExpertLayout L{dh, c.fe, true};
+    const int64_t ex = L.size();      // elements per expert matrix
+    const RankState one(c, 0, 1, scale);  // the one-rank weights: each rank copies its slices
+    struct Rank {
+        Vec router, w_in, w_out;          // (Hp, dh, E), (Hp, Eq, fe, dh) ×2
+        Vec g_router, g_in, g_out, g_ffn_in, g_ffn_out;
+    };
+    std::vector<Rank> ranks(R);
+    for (int r = 0; r < R; r++) {
+        Rank& rk = ranks[r];
+        const int p = grid.group(r), q = grid.shard(r);
+        for (int hl = 0; hl < Hp; hl++) {
+            const int h = p * Hp + hl;
+            rk.router.insert(rk.router.end(), one.w.router + (int64_t)h * dh * E, one.w.router + (int64_t)(h + 1) * dh * E);
+            for (int el = 0; el < Eq; el++) {
+                const int64_t at = ((int64_t)h * E + q * Eq + el) * ex;
+                rk.w_in.insert(rk.w_in.end(), one.w.expert_in + at, one.w.expert_in + at + ex);
+                rk.w_out.insert(rk.w_out.end(), one.w.expert_out + at, one.w.expert_out + at + ex);
+            }
+        }
+        rk.g_router.assign(rk.router.size(), 0.0);
+        rk.g_in.assign(rk.w_in.size(), 0.0);
+        rk.g_out.assign(rk.w_out.size(), 0.0);
+        rk.g_ffn_in.assign((size_t)HD * d, 0.0);
+        rk.g_ffn_out.assign((size_t)d * HD, 0.0);
+    }
+    auto block_of = [&](int r) { return grid.shard(r) * P + grid.group(r); };  // the micro-batch rank r reads
+    HybridRun hr{LayerRun{}, Wire(R, node_size), Wire(R, node_size), std::vector<std::vector<int>>(R)};
+    std::vector<int64_t> meta(R, 0);
+
+    // The head exchange: each rank's (Nr, H·dh) rows, cut into its shard's P head-group column blocks
+    // -> at (p, q) the (M, H/P·dh) sub-tokens of group p's heads, rows from group 0, 1, … in turn.
+    auto to_head_owners = [&](const std::vector<Vec>& m) {
+        Blocks send(R, std::vector<Vec>(R));
+        for (int r = 0; r < R; r++)
+            for (int p2 = 0; p2 < P; p2++) {
+                Vec& b = send[r][grid.rank(p2, grid.shard(r))];
+                for (int t = 0; t < Nr; t++)
+                    b.insert(b.end(), m[r].begin() + (int64_t)t * HD + p2 * width,
+                             m[r].begin() + (int64_t)t * HD + (p2 + 1) * width);
+            }
+        Blocks got = exchange(send, hr.hp, kBf16Bytes);
+        std::vector<Vec> owned(R);
+        for (int r = 0; r < R; r++)
+            for (int p2 = 0; p2 < P; p2++) {
+                const Vec& b = got[r][grid.rank(p2, grid.shard(r))];
+                owned[r].insert(owned[r].end(), b.begin(), b.end());
+            }
+        return owned;
+    };
+    // Its reverse: the (M, H/P·dh) rows at each owner back to their token's rank as (Nr, H·dh).
+    auto from_head_owners = [&](const std::vector<Vec>& owned) {
+        Blocks send(R, std::vector<Vec>(R));
+        for (int r = 0; r < R; r++)
+            for (int p2 = 0; p2 < P; p2++)
+                send[r][grid.rank(p2, grid.shard(r))] = rows(owned[r], p2 * Nr, Nr, width);
+        Blocks got = exchange(send, hr.hp, kBf16Bytes);
+        std::vector<Vec> m(R, Vec((size_t)Nr * HD));
+        for (int r = 0; r < R; r++)
+            for (int p2 = 0; p2 < P; p2++) {
+                const Vec& b = got[r][grid.rank(p2, grid.shard(r))];
+                for (int t = 0; t < Nr; t++)
+                    std::copy(b.begin() + (int64_t)t * width, b.begin() + (int64_t)(t + 1) * width,
+                              m[r].begin() + (int64_t)t * HD + p2 * width);
+            }
+        return m;
+    };
+
+    // project: u_r = x_r W_mh^T, then to the head owners
+    std::vector<Vec> u(R, Vec((size_t)Nr * HD));
+    for (int r = 0; r < R; r++)
+        ref::matmul_forward(u[r].data(), rows(x, block_of(r) * Nr, Nr, d).data(), one.w.ffn_in, Nr, d, HD);
+    const std::vector<Vec> U = to_head_owners(u);
+
+    // route each owned head's M sub-tokens; group the copies by (head, expert), stable in (token, slot)
+    struct HCopy { int head, token, slot, expert; };
+    std::vector<std::vector<HCopy>> order(R);
+    std::vector<std::vector<int>> sel(R, std::vector<int>((size_t)Hp * M * k));
+    std::vector<Vec> gate(R, Vec((size_t)Hp * M * k));
+    auto slot_at = [&](int hl, int t, int j) { return ((size_t)hl * M + t) * k + j; };
+    Blocks counts_send(R, std::vector<Vec>(R));
+    for (int r = 0; r < R; r++) {
+        const int p = grid.group(r);
+        Vec s(E);
+        for (int hl = 0; hl < Hp; hl++)
+            for (int t = 0; t < M; t++) {
+                ref::router_logits(s.data(), U[r].data() + (int64_t)t * width + hl * dh,
+                                   ranks[r].router.data() + (int64_t)hl * dh * E, dh, E);
+                int* st = sel[r].data() + slot_at(hl, t, 0);
+                ref::select_topk(st, s.data(), bias.data() + (int64_t)(p * Hp + hl) * E, E, k);
+                ref::softmax_gates(gate[r].data() + slot_at(hl, t, 0), s.data(), st, k);
+            }
+        for (int hl = 0; hl < Hp; hl++)
+            for (int e = 0; e < E; e++)
+                for (int t = 0; t < M; t++)
+                    for (int j = 0; j < k; j++)
+                        if (sel[r][slot_at(hl, t, j)] == e) order[r].push_back({hl, t, j, e});
+        for (int q2 = 0; q2 < Q; q2++) counts_send[r][grid.rank(p, q2)].assign((size_t)Hp * Eq, 0.0);
+        for (const HCopy& cp : order[r]) {
+            hr.owner[r].push_back(grid.rank(p, cp.expert / Eq));
+            counts_send[r][hr.owner[r].back()][(size_t)cp.head * Eq + cp.expert % Eq] += 1;
+        }
+    }
+    // counts within the group: each owner learns how many rows of each (head, expert) come from each peer
+    const Blocks counts = all_to_all(counts_send, meta, kCountBytes);
+
+    auto dispatch = [&](const std::vector<Vec>& per_copy) {  // per_copy[r]: (copies of r in order, dh)
+        Blocks send(R, std::vector<Vec>(R));
+        for (int r = 0; r < R; r++)
+            for (size_t i = 0; i < order[r].size(); i++) {
+                Vec& b = send[r][hr.owner[r][i]];
+                b.insert(b.end(), per_copy[r].begin() + (int64_t)i * dh, per_copy[r].begin() + (int64_t)(i + 1) * dh);
+            }
+        return exchange(send, hr.ep, kBf16Bytes);
+    };
+    auto send_back = [&](const Blocks& at_owner) { return exchange(at_owner, hr.ep, kBf16Bytes); };
+    // Owner o's rows (head, expert) by (head, expert), and within one source by source: global order.
+    auto for_each_owned_row = [&](int o, const auto& body) {
+        const int p = grid.group(o);
+        for (int hl = 0; hl < Hp; hl++)
+            for (int el = 0; el < Eq; el++)
+                for (int q2 = 0; q2 < Q; q2++) {
+                    const Vec& n = counts[o][grid.rank(p, q2)];
+                    int64_t first = 0;
+                    for (int i = 0; i < hl * Eq + el; i++) first += (int64_t)n[i];
+                    for (int64_t i = first; i < first + (int64_t)n[hl * Eq + el]; i++)
+                        body((int64_t)(hl * Eq + el) * ex, grid.rank(p, q2), i);
+                }
+    };
+    // rows coming back from the owners, in each source's copy order -> per (head, token, slot)
+    auto restore = [&](const Blocks& got, int r) {
+        Vec slot((size_t)Hp * M * k * dh);
+        std::vector<int64_t> taken(R, 0);
+        for (size_t i = 0; i < order[r].size(); i++) {
+            const HCopy& cp = order[r][i];
+            const int o = hr.owner[r][i];
+            std::copy(got[r][o].begin() + taken[o] * dh, got[r][o].begin() + (taken[o] + 1) * dh,
+                      slot.begin() + slot_at(cp.head, cp.token, cp.slot) * dh);
+            taken[o]++;
+        }
+        return slot;
+    };
+
+    std::vector<Vec> x_copy(R);
+    for (int r = 0; r < R; r++)
+        for (const HCopy& cp : order[r]) {
+            const auto row = U[r].begin() + (int64_t)cp.token * width + cp.head * dh;
+            x_copy[r].insert(x_copy[r].end(), row, row + dh);
+        }
+    const Blocks x_got = dispatch(x_copy);
+    Blocks o_send(R, std::vector<Vec>(R));
+    for (int o = 0; o < R; o++) {
+        for (int r = 0; r < R; r++) o_send[o][r].assign(x_got[o][r].size(), 0.0);
+        for_each_owned_row(o, [&](int64_t at, int r, int64_t i) {
+            ref::expert_forward(o_send[o][r].data() + i * dh, x_got[o][r].data() + i * dh, ranks[o].w_in.data() + at,
+                                ranks[o].w_out.data() + at, L);
+        });
+    }
+    const Blocks o_got = send_back(o_send);
+    std::vector<Vec> o_slot(R), Y(R, Vec((size_t)M * width, 0.0));
+    for (int r = 0; r < R; r++) {
+        o_slot[r] = restore(o_got, r);
+        for (int hl = 0; hl < Hp; hl++)  // y[t, h] = Σ_j w_j o_j in slot order
+            for (int t = 0; t < M; t++)
+                for (int j = 0; j < k; j++)
+                    for (int i = 0; i < dh; i++)
+                        Y[r][(int64_t)t * width + hl * dh + i] +=
+                            gate[r][slot_at(hl, t, j)] * o_slot[r][slot_at(hl, t, j) * dh + i];
+    }
+    const std::vector<Vec> y = from_head_owners(Y);
+    LayerRun& run = hr.run;
+    run.out.assign((size_t)N * d, 0.0);
+    for (int r = 0; r < R; r++)  // merge: out_r = y_r W_mg^T
+        ref::matmul_forward(run.out.data() + (int64_t)block_of(r) * Nr * d, y[r].data(), one.w.ffn_out, Nr, HD, d);
+
+    // backward: each rank's own mean loss, R times its share of the global one
+    std::vector<Vec> dy(R, Vec((size_t)Nr * HD, 0.0)), dout_r(R);
+    for (int r = 0; r < R; r++) {
+        dout_r[r] = rows(dout, block_of(r) * Nr, Nr, d);
+        for (double& v : dout_r[r]) v *= R;
+        ref::matmul_backward(dy[r].data(), ranks[r].g_ffn_out.data(), dout_r[r].data(), y[r].data(), one.w.ffn_out, Nr,
+                             HD, d);
+    }
+    const std::vector<Vec> dY = to_head_owners(dy);
+    std::vector<Vec> do_copy(R), dgate(R, Vec((size_t)Hp * M * k, 0.0));
+    for (int r = 0; r < R; r++)
+        for (const HCopy& cp : order[r]) {  // dw_j = dy·o_j, d_o_j = w_j dy at the source
+            const size_t s = slot_at(cp.head, cp.token, cp.slot);
+            const double* dyt = dY[r].data() + (int64_t)cp.token * width + cp.head * dh;
+            for (int i = 0; i < dh; i++) {
+                dgate[r][s] += dyt[i] * o_slot[r][s * dh + i];
+                do_copy[r].push_back(gate[r][s] * dyt[i]);
+            }
+        }
+    const Blocks do_got = dispatch(do_copy);
+    Blocks dxc_send(R, std::vector<Vec>(R));
+    for (int o = 0; o < R; o++) {
+        for (int r = 0; r < R; r++) dxc_send[o][r].assign(do_got[o][r].size(), 0.0);
+        for_each_owned_row(o, [&](int64_t at, int r, int64_t i) {
+            ref::expert_backward(dxc_send[o][r].data() + i * dh, ranks[o].g_in.data() + at, ranks[o].g_out.data() + at,
+                                 do_got[o][r].data() + i * dh, x_got[o][r].data() + i * dh, ranks[o].w_in.data() + at,
+                                 ranks[o].w_out.data() + at, L);
+        });
+    }
+    const Blocks dxc_got = send_back(dxc_send);
+    std::vector<Vec> dU(R, Vec((size_t)M * width, 0.0));
+    for (int r = 0; r < R; r++) {
+        const Vec dx_slot = restore(dxc_got, r);
+        Vec ds(k);
+        for (int hl = 0; hl < Hp; hl++)
+            for (int t = 0; t < M; t++) {  // the copies' dx in slot order, then the gate softmax and R_h
+                double* dut = dU[r].data() + (int64_t)t * width + hl * dh;
+                const double* ut = U[r].data() + (int64_t)t * width + hl * dh;
+                const int* st = sel[r].data() + slot_at(hl, t, 0);
+                for (int j = 0; j < k; j++)
+                    for (int i = 0; i < dh; i++) dut[i] += dx_slot[slot_at(hl, t, j) * dh + i];
+                ref::softmax_gates_backward(ds.data(), gate[r].data() + slot_at(hl, t, 0),
+                                            dgate[r].data() + slot_at(hl, t, 0), k);
+                double* g_router = ranks[r].g_router.data() + (int64_t)hl * dh * E;
+                const double* router = ranks[r].router.data() + (int64_t)hl * dh * E;
+                for (int j = 0; j < k; j++)
+                    for (int i = 0; i < dh; i++) {
+                        g_router[(int64_t)i * E + st[j]] += ut[i] * ds[j];
+                        dut[i] += router[(int64_t)i * E + st[j]] * ds[j];
+                    }
+            }
+    }
+    const std::vector<Vec> du = from_head_owners(dU);
+    run.dx.assign((size_t)N * d, 0.0);
+    for (int r = 0; r < R; r++) {
+        Vec dx((size_t)Nr * d, 0.0);
+        ref::matmul_backward(dx.data(), ranks[r].g_ffn_in.data(), du[r].data(),
+                             rows(x, block_of(r) * Nr, Nr, d).data(), one.w.ffn_in, Nr, d, HD);
+        for (int64_t i = 0; i < (int64_t)Nr * d; i++) run.dx[(int64_t)block_of(r) * Nr * d + i] = dx[i] / R;
+    }
+
+    // the gradients as the trainer leaves them, placed in the one-rank layout
+    run.grads.assign(one.layout.total, 0.0);
+    const int64_t f_in = one.layout.find("layer0.ffn_in").offset, f_out = one.layout.find("layer0.ffn_out").offset;
+    const int64_t g_router = one.layout.find("layer0.router").offset;
+    const int64_t g_in = one.layout.find("layer0.expert_in").offset, g_out = one.layout.find("layer0.expert_out").offset;
+    for (int64_t i = 0; i < (int64_t)HD * d; i++) {  // the all-reduce average over R
+        for (int r = 0; r < R; r++) {
+            run.grads[f_in + i] += ranks[r].g_ffn_in[i];
+            run.grads[f_out + i] += ranks[r].g_ffn_out[i];
+        }
+        run.grads[f_in + i] /= R;
+        run.grads[f_out + i] /= R;
+    }
+    for (int r = 0; r < R; r++) {
+        const int p = grid.group(r), q = grid.shard(r);
+        for (int hl = 0; hl < Hp; hl++) {
+            const int h = p * Hp + hl;
+            for (int64_t i = 0; i < (int64_t)dh * E; i++)  // summed over the group here, divided by R below
+                run.grads[g_router + (int64_t)h * dh * E + i] += ranks[r].g_router[(int64_t)hl * dh * E + i];
+            for (int el = 0; el < Eq; el++)
+                for (int64_t i = 0; i < ex; i++) {
+                    const int64_t at = ((int64_t)h * E + q * Eq + el) * ex + i, mine = (int64_t)(hl * Eq + el) * ex + i;
+                    run.grads[g_in + at] = ranks[r].g_in[mine] / R;
+                    run.grads[g_out + at] = ranks[r].g_out[mine] / R;
+                }
+        }
+    }
+    for (int64_t i = 0; i < (int64_t)c.H * dh * E; i++) run.grads[g_router + i] /= R;
+    run.within = run.across = std::vector<int64_t>(R, 0);
+    for (int r = 0; r < R; r++) {
+        run.within[r] = hr.hp.within[r] + hr.ep.within[r];
+        run.across[r] = hr.hp.across[r] + hr.ep.across[r];
+    }
+    run.meta_bytes = meta;
+    return hr;
+}
+
+// The hybrid's bytes against an independent count: the head exchange's equal blocks hop by hop to
+// each same-shard peer, and SPEC §3's closed form when every rank is its own node; the expert
+// exchange's copy by copy from the routing; the counts, (Q − 1)·(H/P)·(E/Q) integers per rank.
+void expect_hybrid_bytes(const std::string& what, const lmoe::Config& c, const HybridRun& hr,
+                         const lmoe::HybridGrid grid, int N, int node_size) {
+    const int R = grid.world(), Nr = N / R;
+    Wire hp(R, node_size), ep(R, node_size);
+    const int64_t block = (int64_t)Nr * (c.H / grid.P) * c.dh * kBf16Bytes;
+    for (int r = 0; r < R; r++)
+        for (int p2 = 0; p2 < grid.P; p2++)
+            for (int times = 0; times < 4; times++) add_hop(hp, r, grid.rank(p2, grid.shard(r)), block);
+    expect_wire(what + " head exchange", hr.hp.within, hr.hp.across, hp, "its equal blocks imply");
+    if (node_size == 1)
+        for (int r = 0; r < R; r++)
+            CHECK_MSG(hr.hp.within[r] == 0 && hr.hp.across[r] == lmoe::hybrid_head_bytes(Nr, c.H, c.dh, grid.P, kBf16Bytes),
+                      what + ": the head exchange differs from SPEC §3's HP bytes with P for R");
+    for (int r = 0; r < R; r++)
+        for (int o : hr.owner[r]) add_round_trips(ep, r, o, (int64_t)c.dh * kBf16Bytes);
+    expect_wire(what + " expert exchange", hr.ep.within, hr.ep.across, ep, "its routing implies");
+    for (int r = 0; r < R; r++)
+        CHECK_MSG(hr.run.meta_bytes[r] == (int64_t)(grid.Q - 1) * (c.H / grid.P) * (c.E / grid.Q) * kCountBytes,
+                  what + ": the counts exchange is (H/P)·(E/Q) integers to each other rank of the group");
+}
+
+// Every (P, Q) of R = 2 … 16 ranks with P | H and Q | E, for a preset's H, E and k (narrower widths,
+// so the grid runs fast): --expert-shards must accept exactly these, and each must match one rank.
+void test_hybrid(const char* preset, lmoe::Rng& rng) {
+    lmoe::Config c;
+    lmoe::apply_preset(c, preset);
+    for (int P = 1; P <= 16; P++)
+        for (int Q = 1; P * Q <= 16; Q++) {
+            lmoe::Config v = c;
+            v.expert_shards = Q;
+            bool accepted = true;
+            try {
+                lmoe::validate(v, P * Q);
+            } catch (const lmoe::ConfigError&) {
+                accepted = false;
+            }
+            CHECK_MSG(accepted == (c.H % P == 0 && c.E % Q == 0),
+                      std::string(preset) + ": --expert-shards " + std::to_string(Q) + " on " + std::to_string(P * Q) +
+                          " ranks is " + (accepted ? "accepted" : "refused"));
+        }
+    c.L = 1;
+    c.d = 16; c.dh = 4; c.fe = 6;
+    const int N = 64;
+    const double scale = 25.0;
+    Vec x((size_t)N * c.d), dout((size_t)N * c.d);
+    for (double& v : x) v = rng.normal();
+    for (double& v : dout) v = rng.normal();
+    std::vector<float> bias((size_t)c.H * c.E);
+    for (float& b : bias) b = float(0.3 * rng.normal());
+    const LayerRun one = run_single(c, x, dout, bias, N, scale);
+    int configs = 0;
+    for (int P = 1; P <= c.H; P++)
+        for (int Q = 1; Q <= c.E; Q++) {
+            const int R = P * Q;
+            if (c.H % P || c.E % Q || R < 2 || R > 16) continue;
+            configs++;
+            for (int node_size : {1, 2, 4}) {
+                if (node_size > R) continue;
+                const std::string what = std::string("HPxEP ") + preset + " P=" + std::to_string(P) + " Q=" +
+                                         std::to_string(Q) + " node size " + std::to_string(node_size);
+                const HybridRun hr = run_hybrid(c, x, dout, bias, N, {P, Q}, node_size, scale);
+                compare_runs(what, c, one, hr.run, Q == 1);
+                expect_hybrid_bytes(what, c, hr, {P, Q}, N, node_size);
+                if (Q == 1) {  // plain Head Parallel: the same bytes as its own simulation
+                    const LayerRun hp = run_head_parallel(c, x, dout, bias, N, R, node_size, scale);
+                    CHECK_MSG(hp.within == hr.run.within && hp.across == hr.run.across,
+                              what + ": bytes differ from Head Parallel's on R = P ranks");
+                }
+                print_bytes(what, hr.run);
+            }
+        }
+    CHECK_MSG(configs == (std::string(preset) == "tiny" ? 10 : 13), std::string(preset) + ": (P, Q) grid size");
 }
 
 int main() {
@@ -651,5 +1046,7 @@ int main() {
                         (long long)many.across[0], (long long)expected);
         }
     }
+    test_hybrid("tiny", rng);
+    test_hybrid("small", rng);
     return check::summary();
 }

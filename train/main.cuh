@@ -74,6 +74,7 @@ int run_trainer(int argc, char** argv, const Comm& comm) {
         return 0;
     }
     validate(c, comm.world);
+    require_built_parallelism(c, comm.world);
     if (c.device == "gpu" && gpus == 0) throw ConfigError("--device gpu, but no GPU was found");
     const bool on_gpu = c.device != "cpu" && gpus > 0;
     if (!comm.single() && !on_gpu) throw ConfigError("several ranks need the GPU path (one GPU per rank)");
