@@ -342,15 +342,15 @@ struct Flag {
     void* field;
     // latent-head flags mean nothing to the MoE baseline, its router's nothing to LatentMoE, and
     // LocMoE's nothing to the other router
-    enum Scope { Both, HpOnly, EpOnly, LocMoeOnly } scope;
+    enum Scope { Both, HpOnly, MoeOnly, LocMoeOnly } scope;
     bool empty_ok = false;  // Str: '' is a meaningful value (--log-file '': no log); else '' is refused
     bool applies_to(FfnKind ffn) const {
-        return scope == Both || (scope == HpOnly) == (ffn == FfnKind::LatentMoE);  // EpOnly, LocMoeOnly: the MoE
+        return scope == Both || (scope == HpOnly) == (ffn == FfnKind::LatentMoE);  // MoeOnly, LocMoeOnly: the MoE
     }
 };
 
 inline std::vector<Flag> flag_table(Config& c) {
-    const Flag::Scope both = Flag::Both, HP = Flag::HpOnly, EP = Flag::EpOnly, LOC = Flag::LocMoeOnly;
+    const Flag::Scope both = Flag::Both, HP = Flag::HpOnly, MOE = Flag::MoeOnly, LOC = Flag::LocMoeOnly;
     return {
         {"preset", "model preset: tiny, small, p1, p2 (applied before the other flags)", Flag::Str, &c.preset, both},
         {"seq-len", "sequence length T", Flag::Int, &c.T, both},
@@ -389,7 +389,7 @@ inline std::vector<Flag> flag_table(Config& c) {
         {"bench-layer", "1: time forward+backward of one FFN layer of this config (B·T tokens) and exit",
          Flag::Bool, &c.bench_layer, both},
         {"router", "topk (top-k of x R + b, SPEC 2.2) or locmoe (GrAP gate, capacity, locality, SPEC 2.6)",
-         Flag::Str, &c.router, EP},
+         Flag::Str, &c.router, MOE},
         {"node-size", "locmoe: consecutive ranks per node (0: the ranks on one host)", Flag::Int, &c.node_size, LOC},
         {"capacity-factor", "locmoe: expert capacity factor c_f (0: no capacity, dropless)", Flag::Float,
          &c.capacity_factor, LOC},

@@ -13,8 +13,8 @@
 #include "io/dataloader.h"
 #include "model/config.h"
 #include "model/params.h"
+#include "moe/router_stats.h"
 #include "train/checkpoint.h"
-#include "train/step_log.h"
 
 namespace lmoe {
 

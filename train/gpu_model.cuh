@@ -1,8 +1,9 @@
 // The dense model on one GPU, shared by both trainers: embedding, attention blocks, norms, LM head
 // and loss, the data-parallel gradient sync and the optimizer, with the trainer's FFN layer plugged
 // in. The training loop (train/loop.h) and text generation (train/sample.h) drive it through the
-// interface it shares with the CPU reference (train/cpu_model.h); the GPU tests drive forward() and backward() directly. Each trainer
-// supplies only its FFN layer, a class with this shape (see train_latentmoe.cu, moe_ep_baseline.cu):
+// interface it shares with the CPU reference (train/cpu_model.h); the GPU tests drive forward() and
+// backward() directly. Each trainer supplies only its FFN layer, a class with this shape (see
+// train_latentmoe.cu, moe_ep_baseline.cu):
 //
 //   struct Ffn {
 //       static constexpr FfnKind kind;
@@ -63,6 +64,7 @@ struct Ctx {
 };
 
 using Layer = ModelTensors<floatX>::Layer;
+using GradLayer = ModelTensors<float>::Layer;
 
 // Throws ConfigError for shapes the GPU kernels lack: the dense ones here, the FFN's in Ffn.
 template <class Ffn>
@@ -87,7 +89,6 @@ inline DecayTable decay_table(const ParamLayout& layout, float weight_decay) {
     }
     return DecayTable(end, decay);
 }
-using GradLayer = ModelTensors<float>::Layer;
 
 // The model on one GPU: fp32 master weights, their floatX working copy, fp32 gradients and AdamW
 // moments, all in flat buffers laid out by build_param_layout; the activations of one micro-batch.

@@ -17,6 +17,8 @@
 #include <utility>
 #include <vector>
 
+#include "moe/router_stats.h"
+
 namespace lmoe {
 
 // The expert load of one layer: each expert's share of its head's routed slots (1/E when
@@ -50,19 +52,6 @@ inline void print_loads(const std::vector<LayerLoad>& loads, int E) {
         std::printf(" L%zu %.3f/%.3f/%.3f", l, loads[l].min, loads[l].median, loads[l].max);
     std::printf("\n");
 }
-
-// LocMoE's auxiliary losses and capacity drops over one optimizer step (SPEC §2.6): L_aux and L_loc
-// summed over the layers and averaged over the micro-steps and ranks, like the loss; the dropped copies
-// per layer summed over them. All zero for the other routers.
-struct RouterStats {
-    double aux_loss = 0, loc_loss = 0;
-    std::vector<int64_t> dropped;  // (L)
-    int64_t total_dropped() const {
-        int64_t n = 0;
-        for (int64_t v : dropped) n += v;
-        return n;
-    }
-};
 
 inline void print_dropped(const RouterStats& s) {
     std::printf("    rows dropped over capacity:");
