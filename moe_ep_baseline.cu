@@ -169,10 +169,7 @@ class MoeFfn {
     // LocMoE's capacity, this rank's locality target and the buffers of its losses (SPEC §2.6).
     void init_locmoe(const Comm& comm) {
         const Config& c = c_;
-        const int node_size = c.node_size ? c.node_size : comm.local_size;
-        if (comm.world % node_size != 0)
-            throw ConfigError("the " + std::to_string(comm.local_size) + " ranks on this host do not divide R = " +
-                              std::to_string(comm.world) + ": give --node-size");
+        const int node_size = locmoe_node_size(c, comm.world, comm.local_size);  // checked on every rank at start-up
         const LocMoeSetup s = locmoe_setup(c, N_, comm.rank, comm.world, node_size);
         capacity_ = s.capacity;
         target_.resize(c.E);

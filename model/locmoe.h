@@ -88,6 +88,16 @@ inline std::vector<double> locality_target(int E, int rank, int world, int node_
     return D;
 }
 
+// The ranks of one node: --node-size, or by default the ranks on this rank's host, which must divide
+// R. Throws ConfigError otherwise (a host holding a number of ranks that does not divide R).
+inline int locmoe_node_size(const Config& c, int world, int ranks_on_host) {
+    const int n = c.node_size ? c.node_size : ranks_on_host;
+    if (world % n != 0)
+        throw ConfigError("the " + std::to_string(ranks_on_host) + " ranks on this host do not divide R = " +
+                          std::to_string(world) + ": give --node-size");
+    return n;
+}
+
 // Everything a LocMoE layer needs besides its weights, for rank `rank` of `world` with N tokens per
 // micro-batch: the loss weights, the capacity and the locality target.
 struct LocMoeSetup {

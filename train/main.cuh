@@ -15,6 +15,7 @@
 
 #include "model/config.h"
 #include "model/locmoe.h"
+#include "model/locmoe.h"
 #include "parallel/comm.cuh"
 #include "train/cpu_model.h"
 #include "train/gpu_memory.cuh"
@@ -87,9 +88,11 @@ int run_trainer(int argc, char** argv, const Comm& comm) {
             if (!comm.single()) throw ConfigError("--bench-layer runs on one GPU; start it without mpirun");
             return bench_ffn_layer<Ffn>(c);
         }
-        // before the model takes anything: the device memory against what the GPU has free (the CUDA
-        // context already made), and the host memory the checkpoints and data need
+        // before the model takes anything, agreed by every rank: LocMoE's node size, the device memory
+        // against what the GPU has free (the CUDA context already made), and the host memory the
+        // checkpoints and data need
         check_on_every_rank(comm, [&] {
+            if (c.locmoe()) locmoe_node_size(c, comm.world, comm.local_size);  // hosts may hold other rank counts
             size_t free_bytes = 0, total_bytes = 0;
             CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
             check_memory(gpu_memory_estimate(c, comm.world), (int64_t)free_bytes,
