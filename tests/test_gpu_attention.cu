@@ -233,6 +233,9 @@ int main() {
     test_attention(rng, 2, 97, 2, 128);
     test_attention(rng, 1, 4096, 2, 128);
     test_attention(rng, 1, 1000, 3, 64);
+    test_attention(rng, 2, 128, 2, 64);    // whole tiles, no tail, at each head size below 128
+    test_attention(rng, 2, 64, 3, 32);
+    test_attention(rng, 3, 64, 2, 16);
     for (int T : {1024, 4096, 8192}) time_attention(rng, 8192 / T, T, 8, 128);  // the p1 attention, T grown
 
     CUBLAS_CHECK(cublasDestroy(handle));
