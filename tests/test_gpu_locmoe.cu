@@ -144,7 +144,7 @@ void run_shape(const LocShape& s, lmoe::Rng& rng) {
     const std::vector<float> deps_after = deps.download();
     for (int e = 0; e < E; e++) deps_got[e] = (double)deps_after[e] - deps0[e];
     expect_close("deps += sum of dz (increment)", deps_got, deps_inc);
-    // dx started from zero; now from random values of the increment's size, so adding is checked too
+    // dx starts from random values of the increment's size, not zero, so that adding is checked too
     double rms = 0;
     for (double v : dx_inc) rms += v * v;
     rms = std::sqrt(rms / dx_inc.size());

@@ -838,7 +838,7 @@ static void test_config() {
 static void test_limits() {
     const FfnKind HP = FfnKind::LatentMoE, EP = FfnKind::MoE;
     // every size flag above its bound is refused by name, with the bound, in validate: before the
-    // parameter table or any buffer exists (--layers 2000000000 used to grow memory for ever)
+    // parameter table or any buffer exists (unbounded, --layers 2000000000 would grow memory for ever)
     struct Over { const char* flag; const char* value; const char* needle; bool hp_only; };
     const Over over[] = {
         {"--layers", "2000000000", "--layers 2000000000 is above its bound 1024", false},
@@ -897,8 +897,8 @@ static void test_limits() {
     CHECK(parse_and_validate(HP, {"--lr", "1e-30"}).lr == 1e-30f);
     CHECK(parse_and_validate(HP, {"--lr", "0"}).lr == 0.f);
 
-    // empty paths: --checkpoint '' used to mean the default (and overwrite it); --log-file '' is the
-    // documented "no log"
+    // empty paths: --checkpoint '' is refused (it must not fall back to the default and overwrite it);
+    // --log-file '' is the documented "no log"
     for (FfnKind ffn : {HP, EP}) {
         CHECK_THROWS(parse_and_validate(ffn, {"--checkpoint", ""}), "--checkpoint needs a non-empty value");
         CHECK_THROWS(parse_and_validate(ffn, {"--checkpoint="}), "--checkpoint needs a non-empty value");
