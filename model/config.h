@@ -63,7 +63,7 @@ struct Config {
     std::string train_data = "data/kjv_train.bin";
     std::string val_data = "data/kjv_val.bin";
     std::string device = "auto";  // auto | cpu | gpu
-    std::string checkpoint;       // where to save; empty: out/<model>.ckpt
+    std::string checkpoint;       // where to save; empty: out/<model>.ckpt; "none": nowhere (keeps_checkpoint())
     int checkpoint_every = 0;     // 0: only at the end and when interrupted
     std::string resume;           // checkpoint to resume from; empty: start fresh
     std::string log_file;         // a CSV row per step (train/step_log.h); empty: none
@@ -78,6 +78,8 @@ struct Config {
 
     int d_attn() const { return d / n_head; }
     bool locmoe() const { return ffn == FfnKind::MoE && router == "locmoe"; }
+    // --checkpoint none: a run nobody resumes (a study's many short runs) writes no checkpoint at all
+    bool keeps_checkpoint() const { return checkpoint != "none"; }
     int Vp() const { return (V + 127) / 128 * 128; }
 };
 
@@ -295,6 +297,8 @@ inline void validate(const Config& c, int world) {
             "weight_decay, grad_clip and bias_rate must be >= 0");
     require(c.eval_every >= 0 && c.eval_batches >= 1 && c.log_every >= 1 && c.checkpoint_every >= 0,
             "eval_every and checkpoint_every must be >= 0, eval_batches and log_every >= 1");
+    require(c.keeps_checkpoint() || c.checkpoint_every == 0,
+            "--checkpoint-every " + std::to_string(c.checkpoint_every) + " asks for checkpoints, --checkpoint none for none");
     require(c.device == "auto" || c.device == "cpu" || c.device == "gpu",
             "device must be auto, cpu or gpu, not '" + c.device + "'");
     require(c.router == "topk" || c.router == "locmoe", "router must be topk or locmoe, not '" + c.router + "'");
@@ -381,7 +385,7 @@ inline std::vector<Flag> flag_table(Config& c) {
         {"train-data", "training shard(s), a path or glob pattern", Flag::Str, &c.train_data, both},
         {"val-data", "validation shard(s), a path or glob pattern", Flag::Str, &c.val_data, both},
         {"device", "auto | cpu | gpu (auto: the GPU if one is present)", Flag::Str, &c.device, both},
-        {"checkpoint", "checkpoint file, saved at the end and on Ctrl-C", Flag::Str, &c.checkpoint, both},
+        {"checkpoint", "checkpoint file, saved at the end and on Ctrl-C (none: no checkpoint, the run cannot be resumed)", Flag::Str, &c.checkpoint, both},
         {"checkpoint-every", "also save every N steps (0: never in between)", Flag::Int, &c.checkpoint_every, both},
         {"resume", "resume training from this checkpoint (leave out to start fresh)", Flag::Str, &c.resume, both},
         {"log-file", "also write a CSV row per step: step,loss,norm,val_loss,ms,... (train/step_log.h; empty: no log)",

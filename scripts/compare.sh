@@ -16,7 +16,7 @@
 #   K_SWEEP="2 4 8 16 32"   k of the layer benchmark, each with E and the expert size scaled to keep E/k
 #                      and k·fe of the preset (on a GPU; a shape the kernels lack is noted and skipped;
 #                      K_SWEEP="" runs no benchmark)
-#   CHECKPOINTS=DIR    keep the checkpoints there (default: a temporary folder, removed at the end)
+#   CHECKPOINTS=DIR    keep each run's checkpoint there (default: none is written, --checkpoint none)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if nvidia-smi -L >/dev/null 2>&1; then gpu=1; preset=small; else gpu=0; preset=tiny; fi
@@ -37,11 +37,8 @@ data=${DATA:-data/kjv}
 [[ -n ${DATA:-} ]] || bash data_prep/prepare_kjv.sh "$build/data_prep" "$data"
 read -r -a launch <<<"${LAUNCH:-}"
 mkdir -p "$report"
-checkpoints=${CHECKPOINTS:-}
-if [[ -z $checkpoints ]]; then
-    checkpoints=$(mktemp -d "${TMPDIR:-/tmp}/compare_ckpt.XXXXXX")
-    trap 'rm -rf "$checkpoints"' EXIT
-fi
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/compare.XXXXXX")
+trap 'rm -rf "$scratch"' EXIT
 
 # name and command of every system; LocMoE only where the binary accepts --router
 systems=(train_latentmoe moe_ep_baseline)
@@ -56,9 +53,11 @@ fi
 
 for name in "${systems[@]}"; do
     read -r -a cmd <<<"${command[$name]}"
+    checkpoint=none
+    [[ -z ${CHECKPOINTS:-} ]] || { mkdir -p "$CHECKPOINTS" && checkpoint=$CHECKPOINTS/$name.ckpt; }
     echo "=== $name --preset $preset $* (log: $report/$name.log)"
     "${launch[@]}" "${cmd[@]}" --preset "$preset" --train-data "${data}_train.bin" --val-data "${data}_val.bin" \
-        --checkpoint "$checkpoints/$name.ckpt" --log-file "$report/$name.csv" --sample "${SAMPLE:-200}" "$@" \
+        --checkpoint "$checkpoint" --log-file "$report/$name.csv" --sample "${SAMPLE:-200}" "$@" \
         2>&1 | tee "$report/$name.log" | grep -E '^(step .*val|done)' || {
         echo "compare: error: $name failed; its log is $report/$name.log" >&2
         exit 1
@@ -83,11 +82,11 @@ if [[ $gpu == 1 && -n $sweep ]]; then
             fi
             E=$((E0 * k / k0)) fe=$((f0 * k0 / k))
             if out=$("${cmd[@]}" --preset "$preset" "$@" --topk "$k" --experts "$E" --expert-dim "$fe" --bench-layer 1 \
-                2>"$checkpoints/bench.err"); then
+                2>"$scratch/bench.err"); then
                 # layer bench | GPU | FFN | N n tokens | forward a ms | forward+backward b ms | c TFLOP/s | d GiB on the device
                 sed -n "s/^layer bench .*forward \([0-9.]*\) ms | forward+backward \([0-9.]*\) ms | \([0-9.]*\) TFLOP\/s | \([0-9.]*\) GiB.*/$name\t$k\t$E\t$fe\t\1\t\2\t\3\t\4\t/p" <<<"$out" >>"$bench"
             else
-                printf '%s\t%s\t%s\t%s\t\t\t\t\t%s\n' "$name" "$k" "$E" "$fe" "$(tail -n 1 "$checkpoints/bench.err")" >>"$bench"
+                printf '%s\t%s\t%s\t%s\t\t\t\t\t%s\n' "$name" "$k" "$E" "$fe" "$(tail -n 1 "$scratch/bench.err")" >>"$bench"
             fi
         done
         echo "layer bench: $name over k = $sweep"

@@ -322,6 +322,19 @@ for program in "${TRAINERS[@]}"; do
     if [ -z "$WHY" ]; then ok "$name"; else not_ok "$name" "$WHY"; fi
 done
 
+# --checkpoint none: a run nobody resumes writes no file at all; checkpoints every N steps with it are refused.
+for program in "${TRAINERS[@]}"; do
+    name="$program --checkpoint none trains and writes nothing"
+    mkdir -p "$TMP/no_checkpoint" && cd "$TMP/no_checkpoint" || exit 1
+    run 0 "$BUILD/$program" "${RUN[@]}" --train-data "$TMP/$TRAIN" --val-data "$TMP/$VAL" --checkpoint none
+    grep -q '^saved checkpoint' "$OUT" && WHY="${WHY:+$WHY; }it says it saved a checkpoint"
+    [ -z "$(ls -A)" ] || WHY="${WHY:+$WHY; }it wrote $(ls -A | tr '\n' ' ')"
+    cd "$TMP" && rm -rf "$TMP/no_checkpoint"
+    if [ -z "$WHY" ]; then ok "$name"; else not_ok "$name" "$WHY"; fi
+    expect_error "$program --checkpoint none --checkpoint-every 2" 2 "--checkpoint-every 2 asks for checkpoints" \
+        "$BUILD/$program" "${RUN[@]}" "${DATA[@]}" --checkpoint none --checkpoint-every 2
+done
+
 # LocMoE on the CPU reference, top-1 with a capacity: the start-up prints C, ec_min and p_delta, every
 # progress line the cross-entropy, L_aux, L_loc and the rows dropped, the CSV their three columns too,
 # and the loss falls.

@@ -85,7 +85,7 @@ inline void check_run_paths(const Config& c, int world, const DataLoader& train,
                                   ": a validation loss on training data says nothing; give --val-data held-out data");
         inputs.push_back({"the val shard", f});
     }
-    for (int r = 0; r < world; r++) {
+    for (int r = 0; r < world && c.keeps_checkpoint(); r++) {
         outputs.push_back({"the checkpoint", rank_path(c.checkpoint, r, world)});
         outputs.push_back({"the emergency checkpoint", rank_path(emergency_path(c.checkpoint), r, world)});
     }
@@ -156,6 +156,7 @@ int training_loop(const Config& c, int rank, int world, const ModelArgs&... mode
     }
     StepLog log(lead ? c.log_file : "", first_step);
     auto save = [&](int steps_done) {
+        if (!c.keeps_checkpoint()) return;
         save_checkpoint(rank_path(c.checkpoint, rank, world), c, model.state(steps_done));
         if (lead)
             std::printf("saved checkpoint %s%s (step %d)\n", c.checkpoint.c_str(), world == 1 ? "" : ".rank*",
@@ -241,7 +242,7 @@ int training_loop(const Config& c, int rank, int world, const ModelArgs&... mode
         throw;
     } catch (const std::exception& failure) {
         // the step failed, not the weights: keep the last completed step, beside the last good checkpoint
-        if (done == first_step) throw;  // nothing done since the start or the checkpoint resumed from
+        if (done == first_step || !c.keeps_checkpoint()) throw;  // nothing done, or nowhere to keep it
         const std::string path = rank_path(emergency_path(c.checkpoint), rank, world);
         try {
             save_checkpoint(path, c, model.state(done));
@@ -254,9 +255,12 @@ int training_loop(const Config& c, int rank, int world, const ModelArgs&... mode
         throw;
     }
     if (stop) {
-        if (lead)
+        if (lead && c.keeps_checkpoint())
             std::printf("interrupted after step %d by %s: resume with --resume %s\n", step, signal_name(stop),
                         c.checkpoint.c_str());
+        else if (lead)
+            std::printf("interrupted after step %d by %s (--checkpoint none: nothing saved)\n", step,
+                        signal_name(stop));
         return 128 + stop;
     }
     std::sort(step_ms.begin(), step_ms.end());
