@@ -38,6 +38,7 @@ struct Config {
     int E = 8;         // experts (per latent head for LatentMoE)
     int fe = 32;       // expert hidden size (f for the MoE)
     int k = 2;         // active experts per (sub-)token
+    float latent_init_scale = 1;  // multiplies the initial std of W_mh and W_mg (SPEC §2's 0.02, 0.02/sqrt(2L))
     int expert_shards = 1;  // LatentMoE on R ranks: Q ranks split each head's experts, P = R / Q head groups
     // LocMoE routing of the MoE baseline (SPEC §2.6); the other router is §2.2's top-k
     std::string router = "topk";  // topk | locmoe
@@ -291,6 +292,8 @@ inline void validate(const Config& c, int world) {
                     " is above the bound 2^31 - 1 = " + std::to_string(kMaxIndex) +
                     " (one buffer is indexed with int); lower " + p.flags);
     require(std::isfinite(c.lr) && c.lr >= 0, "learning rate must be a finite number >= 0");
+    require(std::isfinite(c.latent_init_scale) && c.latent_init_scale > 0,
+            "--latent-init-scale must be a finite number > 0");
     require(c.warmup >= 0, "warmup must be >= 0");
     require(c.lr_floor >= 0 && c.lr_floor <= 1, "lr_floor must be in [0, 1]");
     require(c.weight_decay >= 0 && c.grad_clip >= 0 && c.bias_rate >= 0,
@@ -367,6 +370,8 @@ inline std::vector<Flag> flag_table(Config& c) {
         {"experts", "experts E (per latent head for LatentMoE)", Flag::Int, &c.E, both},
         {"expert-dim", "expert hidden size (fe for LatentMoE, f for MoE)", Flag::Int, &c.fe, both},
         {"topk", "active experts k per (sub-)token, 2 <= k <= E (1 <= k with --router locmoe)", Flag::Int, &c.k, both},
+        {"latent-init-scale", "multiplies the initial std of W_mh and W_mg (1: SPEC §2's 0.02 and 0.02/sqrt(2L))",
+         Flag::Float, &c.latent_init_scale, HP},
         {"expert-shards", "Q: ranks that split each head's experts (P = R / Q head groups; 1: Head Parallel)",
          Flag::Int, &c.expert_shards, HP},
         {"batch", "micro-batch size B (sequences per rank)", Flag::Int, &c.B, both},

@@ -77,8 +77,8 @@ inline ParamLayout build_param_layout(const Config& c, int rank = 0, int world =
         add(pre + "attn_out", {d, qkv / 3}, std_resid, false);
         add(pre + "ln2", {d}, 0, false);
         if (hp) {
-            add(pre + "ffn_in", {latent, d}, std_base, false);    // W_mh
-            add(pre + "ffn_out", {d, latent}, std_resid, false);  // W_mg
+            add(pre + "ffn_in", {latent, d}, std_base * c.latent_init_scale, false);    // W_mh
+            add(pre + "ffn_out", {d, latent}, std_resid * c.latent_init_scale, false);  // W_mg
         } else if (c.locmoe()) {
             add(pre + "router_eps", {c.E}, std_base, false);      // LocMoE's ε (SPEC §2.6)
             p.tensors.back().live = 0;                            // starts at zero: nothing drawn

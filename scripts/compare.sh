@@ -16,6 +16,7 @@
 #   K_SWEEP="2 4 8 16 32"   k of the layer benchmark, each with E and the expert size scaled to keep E/k
 #                      and k·fe of the preset (on a GPU; a shape the kernels lack is noted and skipped;
 #                      K_SWEEP="" runs no benchmark)
+#   SYSTEMS="train_latentmoe moe_ep_baseline"   the systems to train (default: all three)
 #   CHECKPOINTS=DIR    keep each run's checkpoint there (default: none is written, --checkpoint none)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -49,6 +50,13 @@ if grep -q -- '--router ' <<<"$help"; then
     command[moe_ep_locmoe]="$build/moe_ep_baseline --router locmoe"
 else
     echo "compare: this moe_ep_baseline has no --router flag: LocMoE is left out"
+fi
+if [[ -n ${SYSTEMS+set} ]]; then
+    read -r -a chosen <<<"$SYSTEMS"
+    for name in "${chosen[@]}"; do
+        [[ -n ${command[$name]:-} ]] || { echo "compare: error: SYSTEMS names '$name' (systems: ${systems[*]})" >&2; exit 2; }
+    done
+    systems=("${chosen[@]}")
 fi
 
 for name in "${systems[@]}"; do

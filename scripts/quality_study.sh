@@ -10,6 +10,7 @@
 # p1's 8,192. The environment chooses:
 #   STUDY=DIR      the folder (default out/study-PRESET-DATE-TIME); an existing one is refused
 #   SEEDS="1 2 3"  the seeds of every arm
+#   SYSTEMS="..."  compare.sh's systems to train over the seeds (default all; "": none, the arms alone)
 #   ARMS="..."     the arms, names from the table below (default: all of them at small, none elsewhere:
 #                  their flags are written for small's shapes and learning rate)
 #   EVAL_EVERY=N   steps between validations (default STEPS / 8)
@@ -39,7 +40,7 @@ common=(--steps "$steps" --eval-every "${EVAL_EVERY:-$(((steps + 7) / 8))}" --ev
 
 # arm: trainer and the one setting it changes (small's shapes: d 512, H 8 × dh 64, E 32, fe 256, k 4, lr 1e-3)
 arm_names=(latentmoe_heads4 latentmoe_heads16 latentmoe_bias0 moe_bias0 latentmoe_lr2e-3 moe_lr2e-3
-    latentmoe_lr5e-4 moe_lr5e-4 locmoe_cf1 locmoe_cf1.25)
+    latentmoe_lr5e-4 moe_lr5e-4 latentmoe_init0.5 latentmoe_init2 locmoe_cf1 locmoe_cf1.25)
 declare -A arms=(
     [latentmoe_heads4]="train_latentmoe --latent-heads 4 --head-dim 128"  # H·dh = d and the expert FLOPs kept
     [latentmoe_heads16]="train_latentmoe --latent-heads 16 --head-dim 32"
@@ -49,6 +50,8 @@ declare -A arms=(
     [moe_lr2e-3]="moe_ep_baseline --lr 2e-3"
     [latentmoe_lr5e-4]="train_latentmoe --lr 5e-4"
     [moe_lr5e-4]="moe_ep_baseline --lr 5e-4"
+    [latentmoe_init0.5]="train_latentmoe --latent-init-scale 0.5"  # W_mh, W_mg start at half SPEC §2's std
+    [latentmoe_init2]="train_latentmoe --latent-init-scale 2"
     [locmoe_cf1]="moe_ep_baseline --router locmoe --capacity-factor 1"
     [locmoe_cf1.25]="moe_ep_baseline --router locmoe --capacity-factor 1.25"
 )
@@ -63,6 +66,7 @@ done
 
 mkdir -p "$study/arms"
 for seed in "${seeds[@]}"; do
+    [[ -z ${SYSTEMS+set} || -n $SYSTEMS ]] || break
     sweep=""
     [[ $seed == "${seeds[0]}" ]] && sweep=${K_SWEEP-2 4 8 16 32}
     K_SWEEP=$sweep REPORT=$study/seed$seed SAMPLE=0 bash scripts/compare.sh "$preset" "${common[@]}" --seed "$seed"

@@ -201,6 +201,10 @@ expect_error "moe_ep_baseline --head-dim is an unknown flag" 2 "unknown flag --h
 
 expect_error "train_latentmoe --expert-shards 2 on one rank" 2 "--expert-shards 2 does not divide the R = 1 ranks" \
     "$BUILD/train_latentmoe" --expert-shards 2 "${DATA[@]}"
+expect_error "train_latentmoe --latent-init-scale 0" 2 "--latent-init-scale must be a finite number > 0" \
+    "$BUILD/train_latentmoe" --latent-init-scale 0 "${DATA[@]}"
+expect_error "moe_ep_baseline --latent-init-scale is an unknown flag" 2 "unknown flag --latent-init-scale" \
+    "$BUILD/moe_ep_baseline" --latent-init-scale 2 "${DATA[@]}"
 expect_error "moe_ep_baseline --expert-shards is an unknown flag" 2 "unknown flag --expert-shards" \
     "$BUILD/moe_ep_baseline" --expert-shards 2 "${DATA[@]}"
 
