@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reads the trainers' checkpoints (train/checkpoint.h, format version 2) outside C++.
+"""Reads the trainers' checkpoints (train/checkpoint.h, format versions 2 and 3) outside C++.
 
     python3 scripts/checkpoint.py CKPT                      prints the header and the tensor table
     python3 scripts/checkpoint.py CKPT --val-data SHARD [--batches N]
@@ -29,11 +29,13 @@ except ImportError:
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: model.py
 
 MAGIC = 0x4C4D4F45  # "LMOE"
-VERSION = 2
+VERSIONS = (2, 3)  # read; the trainers write 3
 FINGERPRINT = ("ffn kind", "d", "L", "attn-heads", "V", "latent-heads", "head-dim", "experts", "expert-dim",
                "topk")  # model_fingerprint's order
 FFN_KINDS = {0: "latentmoe", 1: "moe"}  # FfnKind's values
 FNV_OFFSET, FNV_PRIME, MASK64 = 14695981039346656037, 1099511628211, (1 << 64) - 1
+LANE_MULTIPLIER, MIX_K1, MIX_K2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # LaneHash64's
+LANES, LANE_ROWS = 4, 8192  # rows of 4 words hashed per numpy step (256 KiB arrays stay in the cache)
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 
 # model/config.h's presets: (T, d, L, n_head, (H, dh, E, fe, k) of LatentMoE, (E, f, k) of the MoE, B)
@@ -46,19 +48,76 @@ PRESETS = {
 
 
 class CheckpointError(Exception):
-    """A file that is not a readable version-2 checkpoint of a one-rank run, or one this reader cannot use."""
+    """A file that is not a readable checkpoint (version 2 or 3) of a one-rank run, or one this reader cannot use."""
 
 
 def fnv1a64(data, h=FNV_OFFSET):
-    """FNV-1a 64 of `data` continued from `h`, as checkpoint.h computes it: one byte after another, which
-    numpy cannot vectorise, so this loop is the slow part of reading a large checkpoint."""
+    """FNV-1a 64 of `data` continued from `h`, version 2's checksum: one byte after another, which numpy
+    cannot vectorise, so this loop is the slow part of reading a large version-2 checkpoint."""
     for byte in data:
         h = ((h ^ byte) * FNV_PRIME) & MASK64
     return h
 
 
+def mix64(x):
+    """LaneHash64's mix (splitmix64's finalizer) of one int in [0, 2^64)."""
+    x ^= x >> 30
+    x = (x * MIX_K1) & MASK64
+    x ^= x >> 27
+    x = (x * MIX_K2) & MASK64
+    return x ^ (x >> 31)
+
+
+def lane_hash64(data):
+    """LaneHash64 of `data` (bytes or a memoryview), version 3's checksum (docs/checkpoint.md): the bytes,
+    zero-padded to whole little-endian words w_j, word j into lane i = j mod 4 as a_i <- a_i * P + mix(w_j)
+    mod 2^64 from a_i = i + 1, then h = n and h = mix(h ^ a_i) for each lane in order. A lane's recurrence
+    has the closed form a_i = (i + 1) * P^m + sum_k mix(w_{4k+i}) * P^(m-1-k) over its m words, so a block
+    of rows advances all four lanes at once: a <- a * P^rows + sum_r mix(W[r]) * P^(rows-1-r), with
+    numpy's uint64 arithmetic, which wraps mod 2^64 as the C++ does."""
+    n = len(data)
+    words = np.frombuffer(data, "<u8", n // 8)
+    rows = words.size // LANES
+    u64 = np.uint64
+    lanes = np.arange(1, LANES + 1, dtype=u64)
+    with np.errstate(over="ignore"):
+        # weights[r] = P^(LANE_ROWS-1-r): the last LANE_ROWS - c of them weigh a final block of c rows
+        weights = np.ones(LANE_ROWS, u64)
+        weights[:-1] = np.cumprod(np.full(LANE_ROWS - 1, LANE_MULTIPLIER, u64))[::-1]
+        mixed, shifted = np.empty((LANE_ROWS, LANES), u64), np.empty((LANE_ROWS, LANES), u64)
+        for first in range(0, rows, LANE_ROWS):
+            c = min(LANE_ROWS, rows - first)
+            w, x, t = words[LANES * first:LANES * (first + c)].reshape(c, LANES), mixed[:c], shifted[:c]
+            np.right_shift(w, u64(30), out=t)
+            np.bitwise_xor(w, t, out=x)
+            x *= u64(MIX_K1)
+            np.right_shift(x, u64(27), out=t)
+            x ^= t
+            x *= u64(MIX_K2)
+            np.right_shift(x, u64(31), out=t)
+            x ^= t
+            x *= weights[LANE_ROWS - c:, None]
+            lanes = lanes * u64(pow(LANE_MULTIPLIER, c, 1 << 64)) + x.sum(axis=0, dtype=u64)
+    lanes = [int(a) for a in lanes]
+    rest = [int(w) for w in words[LANES * rows:]]  # the words of a last, partial row ...
+    tail = bytes(data[8 * words.size:])
+    if tail:  # ... and the last bytes, zero-padded to a word
+        rest.append(int.from_bytes(tail + bytes(8 - len(tail)), "little"))
+    for i, w in enumerate(rest):
+        lanes[i] = (lanes[i] * LANE_MULTIPLIER + mix64(w)) & MASK64
+    h = n
+    for a in lanes:
+        h = mix64(h ^ a)
+    return h
+
+
+def checksum(version, data):
+    """The checksum a checkpoint of `version` stores after `data` (the bytes before it, from the file's start)."""
+    return fnv1a64(data) if version == 2 else lane_hash64(data)
+
+
 def read_checkpoint(path, verify_payload=True):
-    """The checkpoint at `path` as a dict: step, num_params, bias_size, fingerprint (a dict in
+    """The checkpoint at `path` as a dict: version, step, num_params, bias_size, fingerprint (a dict in
     FINGERPRINT's names), B, T, grad_accum, and the float32 arrays params, m, v, routing_bias. Checks what
     load_checkpoint checks that needs no model: magic, version, field count, the header checksum, the
     step's range, the counts, the file size, the whole-file checksum (unless verify_payload is False) and
@@ -77,8 +136,10 @@ def read_checkpoint(path, verify_payload=True):
     magic, version = np.frombuffer(data, "<i8", 2)
     if magic != MAGIC:
         fail("not a checkpoint of this trainer (no LMOE magic number at its start)")
-    if version != VERSION:
-        fail("checkpoint version %d is not supported (this reader reads version %d)" % (version, VERSION))
+    if version not in VERSIONS:
+        fail("checkpoint version %d is not supported (this reader reads versions %s)" % (
+            version, " and ".join(str(v) for v in VERSIONS)))
+    version = int(version)
     if len(data) < 8 * 6:
         fail("checkpoint is truncated (shorter than its header)")
     step, num_params, bias_size, fields = (int(x) for x in np.frombuffer(data, "<i8", 4, 16))
@@ -90,7 +151,7 @@ def read_checkpoint(path, verify_payload=True):
         fail("checkpoint is truncated (shorter than its header)")
     header = np.frombuffer(data, "<i8", 6 + fields + 3)
     stored_header_hash = int(np.frombuffer(data, "<u8", 1, header_bytes)[0])
-    if fnv1a64(data[:header_bytes]) != stored_header_hash:
+    if checksum(version, data[:header_bytes]) != stored_header_hash:
         fail("checkpoint is corrupt (checksum mismatch) in its header")
     if not 0 <= step < 2 ** 31:
         fail("checkpoint holds step %d, outside 0 .. 2^31-1 (a corrupt checkpoint)" % step)
@@ -102,7 +163,10 @@ def read_checkpoint(path, verify_payload=True):
             "is truncated" if len(data) < expected else "has trailing bytes", len(data), expected))
     if verify_payload:
         stored = int(np.frombuffer(data, "<u8", 1, expected - 8)[0])
-        if fnv1a64(data[header_bytes:expected - 8], stored_header_hash) != stored:
+        # version 2's FNV-1a state after the header is the header checksum verified above
+        computed = (fnv1a64(data[header_bytes:expected - 8], stored_header_hash) if version == 2 else
+                    lane_hash64(memoryview(data)[:expected - 8]))
+        if computed != stored:
             fail("checkpoint is corrupt (checksum mismatch)")
     payload = np.frombuffer(data, "<f4", 3 * num_params + bias_size, header_bytes + 8)
     params, m, v, routing_bias = (payload[:num_params], payload[num_params:2 * num_params],
@@ -117,7 +181,7 @@ def read_checkpoint(path, verify_payload=True):
         fail("checkpoint has a negative value (%g) in its second moment (AdamW v) at index %d" %
              (v[negative[0]], negative[0]))
     B, T, grad_accum = (int(x) for x in header[6 + fields:])
-    return {"path": path, "step": step, "num_params": num_params, "bias_size": bias_size,
+    return {"path": path, "version": version, "step": step, "num_params": num_params, "bias_size": bias_size,
             "fingerprint": dict(zip(FINGERPRINT, (int(x) for x in header[6:6 + fields]))),
             "B": B, "T": T, "grad_accum": grad_accum,
             "params": params, "m": m, "v": v, "routing_bias": routing_bias}
@@ -267,8 +331,8 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, default=8, help="the trainer's --eval-batches [8]")
     parser.add_argument("--state-dict", metavar="OUT.pt", help="write the weights and routing biases with torch.save")
     parser.add_argument("--no-payload-checksum", action="store_true",
-                        help="skip the whole-file checksum (slow in Python for large checkpoints); the "
-                             "header's is always checked")
+                        help="skip the whole-file checksum (version 2's is a byte-by-byte loop in Python, "
+                             "slow on large checkpoints); the header's is always checked")
     group = parser.add_argument_group("model flags, checked against the header when given")
     group.add_argument("--preset", choices=sorted(PRESETS))
     for flag in ("seq-len", "batch", "d-model", "layers", "attn-heads", "vocab", "latent-heads", "head-dim",
@@ -292,8 +356,8 @@ def main(argv=None):
                 raise CheckpointError("%s: checkpoint was written with %s %d, not %d" %
                                       (args.checkpoint, flag, stored, value))
         tensors, bias = split_params(ckpt)
-        print("%s: step %d, %s, %d parameters, %d routing biases; B %d T %d grad-accum %d" % (
-            args.checkpoint, ckpt["step"], ffn, ckpt["num_params"], ckpt["bias_size"], ckpt["B"], ckpt["T"],
+        print("%s: version %d, step %d, %s, %d parameters, %d routing biases; B %d T %d grad-accum %d" % (
+            args.checkpoint, ckpt["version"], ckpt["step"], ffn, ckpt["num_params"], ckpt["bias_size"], ckpt["B"], ckpt["T"],
             ckpt["grad_accum"]))
         print("model: " + ", ".join("%s %d" % (k, v) for k, v in fp.items() if k != "ffn kind"))
         if not args.val_data and not args.state_dict:

@@ -2,8 +2,10 @@
 # scripts/checkpoint.py against the trainers: each trainer trains the tiny preset on the CPU for a few
 # steps and saves a checkpoint; the reader loads it into model.py and must reproduce the trainer's final
 # validation loss (same batches, from the checkpoint's B and T) to 1e-4 relative, and write a state dict
-# with model.py's tensor names and shapes. Damaged copies (a payload byte, a header byte, a truncated
-# file) and a checkpoint of another preset must be refused with a message naming the problem.
+# with model.py's tensor names and shapes. A version-2 copy (FNV-1a checksums, as older trainers wrote)
+# must read to the same arrays. Damaged copies (a payload byte, a header byte, a truncated file, either
+# version), an unknown version and a checkpoint of another preset must be refused with a message naming
+# the problem.
 #
 #   bash tests/test_checkpoint_reader.sh BUILD_DIR      (BUILD_DIR holds both trainers and data_prep)
 #
@@ -136,15 +138,52 @@ P, cut = c["num_params"], c["params"].size // 8
 header = np.frombuffer(open(sys.argv[2], "rb").read(152), "<i8").copy()
 header[3] = P - cut
 body = header.tobytes()
-body += checkpoint.fnv1a64(body).to_bytes(8, "little")
+body += checkpoint.checksum(c["version"], body).to_bytes(8, "little")
 for part in (c["params"], c["m"], c["v"]):
     body += part[:P - cut].tobytes()
 body += c["routing_bias"].tobytes()
-open(sys.argv[3], "wb").write(body + checkpoint.fnv1a64(body).to_bytes(8, "little"))
+open(sys.argv[3], "wb").write(body + checkpoint.checksum(c["version"], body).to_bytes(8, "little"))
 EOF
+    # the same checkpoint as version 2 (FNV-1a 64 checksums, each of every byte before it), that copy
+    # with one payload byte flipped, and version 4, which no trainer writes
+    "$PY" - "$TMP/latentmoe.ckpt" "$TMP" <<'EOF'
+import struct, sys
+data = bytearray(open(sys.argv[1], "rb").read())
+def fnv(b):
+    h = 14695981039346656037
+    for x in b:
+        h = ((h ^ x) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return h
+assert struct.unpack_from("<q", data, 8)[0] == 3, "the trainer wrote another version than 3"
+struct.pack_into("<q", data, 8, 2)
+struct.pack_into("<Q", data, 152, fnv(data[:152]))
+struct.pack_into("<Q", data, len(data) - 8, fnv(data[:-8]))
+open(sys.argv[2] + "/v2.ckpt", "wb").write(data)
+data[-4000] ^= 0x01
+open(sys.argv[2] + "/v2_payload.ckpt", "wb").write(data)
+struct.pack_into("<q", data, 8, 4)
+open(sys.argv[2] + "/v4.ckpt", "wb").write(data)
+EOF
+    if "$PY" - "$ROOT/scripts" "$TMP/latentmoe.ckpt" "$TMP/v2.ckpt" >"$TMP/v2.log" 2>&1 <<'EOF'; then
+import sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+import checkpoint
+new, old = checkpoint.read_checkpoint(sys.argv[2]), checkpoint.read_checkpoint(sys.argv[3])
+assert (new["version"], old["version"]) == (3, 2), (new["version"], old["version"])
+for key in ("params", "m", "v", "routing_bias"):
+    assert np.array_equal(new[key], old[key]), key
+assert all(new[key] == old[key] for key in ("step", "num_params", "bias_size", "fingerprint", "B", "T", "grad_accum"))
+EOF
+        ok "version 2 (FNV-1a checksums) reads to the same header and arrays as the trainer's version 3"
+    else
+        not_ok "version 2 (FNV-1a checksums) reads to the same header and arrays" "$TMP/v2.log"
+    fi
     refused "checkpoint is corrupt (checksum mismatch)" "$TMP/payload.ckpt"
     refused "checkpoint is corrupt (checksum mismatch) in its header" "$TMP/header.ckpt"
     refused "checkpoint is truncated" "$TMP/truncated.ckpt"
+    refused "checkpoint is corrupt (checksum mismatch)" "$TMP/v2_payload.ckpt"
+    refused "checkpoint version 4 is not supported (this reader reads versions 2 and 3)" "$TMP/v4.ckpt"
     refused "not a checkpoint of this trainer" "$TMP/text_val.bin"
     refused "a shard of a multi-rank run" "$TMP/shard.ckpt"
     refused "checkpoint was written for another model: d 64 there, 512 here" "$TMP/latentmoe.ckpt" --preset small

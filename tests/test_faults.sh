@@ -155,8 +155,9 @@ EOF
     sha256sum "$1" >/dev/null
 }
 # ckedit FILE OP...: a copy of the fixture checkpoint with a header field or a value changed and both
-# checksums recomputed (SPEC layout of train/checkpoint.h, version 2), so that only the range and value
-# checks can catch it.  OP: set FIELD VALUE (FIELD: version step P Nb F B T GA) | value ARRAY INDEX VALUE
+# checksums recomputed (the layout of train/checkpoint.h; FNV-1a 64 when the file then says version 2,
+# LaneHash64 otherwise, as docs/checkpoint.md defines them), so that only the range and value checks can
+# catch it.  OP: set FIELD VALUE (FIELD: version step P Nb F B T GA) | value ARRAY INDEX VALUE
 # (ARRAY: params m v bias; VALUE: a float, nan, inf)
 ckedit() {
     have_ckpt "$1" || return
@@ -165,9 +166,24 @@ import struct, sys
 path, op = sys.argv[1], sys.argv[2]
 data = bytearray(open(path, "rb").read())
 M = 0xFFFFFFFFFFFFFFFF
-def fnv(h, b):
+def fnv(b):
+    h = 14695981039346656037
     for x in b:
         h = ((h ^ x) * 1099511628211) & M
+    return h
+def mix(x):
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & M
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & M
+    return x ^ (x >> 31)
+def lane_hash(b):  # one word at a time: zero-padded little-endian words, word j into lane j mod 4
+    lanes = [1, 2, 3, 4]
+    for j, (w,) in enumerate(struct.iter_unpack("<Q", bytes(b) + bytes(-len(b) % 8))):
+        lanes[j % 4] = (lanes[j % 4] * 0x9E3779B97F4A7C15 + mix(w)) & M
+    h = len(b)
+    for a in lanes:
+        h = mix(h ^ a)
     return h
 i64 = lambda i: struct.unpack_from("<q", data, 8 * i)[0]
 F = i64(5)
@@ -180,11 +196,22 @@ if op == "set":
 elif op == "value":
     base = {"params": 0, "m": P, "v": 2 * P, "bias": 3 * P}[sys.argv[3]]
     struct.pack_into("<f", data, payload + 4 * (base + int(sys.argv[4])), float(sys.argv[5]))
-struct.pack_into("<Q", data, 8 * hdr_words, fnv(14695981039346656037, data[: 8 * hdr_words]))
-struct.pack_into("<Q", data, len(data) - 8, fnv(14695981039346656037, data[: len(data) - 8]))
+checksum = fnv if i64(1) == 2 else lane_hash
+struct.pack_into("<Q", data, 8 * hdr_words, checksum(data[: 8 * hdr_words]))
+struct.pack_into("<Q", data, len(data) - 8, checksum(data[: len(data) - 8]))
 open(path, "wb").write(data)
 EOF2
     sha256sum "$1" >/dev/null
+}
+# ck_version FILE N: the checkpoint FILE says format version N
+ck_version() {
+    python3 - "$1" "$2" <<'EOF'
+import struct, sys
+version = struct.unpack_from("<q", open(sys.argv[1], "rb").read(16), 8)[0]
+if version != int(sys.argv[2]):
+    print("%s is version %d, expected %s" % (sys.argv[1], version, sys.argv[2]))
+    sys.exit(1)
+EOF
 }
 old_log() { printf '1,5.5,1.2,nan,3.0\n2,5.4,1.1,nan,3.0\n' >"$1" && keep "$1"; }  # an earlier run's log
 need() { command -v "$1" >/dev/null || skip_because "$1 is not installed"; }
@@ -410,7 +437,8 @@ ck_two_writers        | all | 0   | -                                           
 ck_flip_payload       | all | 1   | c.ckpt.*(checksum|corrupt)                                        | -                         | corrupt c.ckpt flip mid                          | -                                      | tl $R $D --steps 4 --resume c.ckpt --checkpoint c.ckpt
 ck_flip_last_byte     | all | 1   | c.ckpt.*(checksum|corrupt)                                        | -                         | corrupt c.ckpt flip -1                           | -                                      | tl $R $D --steps 4 --resume c.ckpt --checkpoint c.ckpt
 ck_flip_header_step   | all | 1   | c.ckpt: checkpoint is corrupt \(checksum mismatch\) in its header | -                         | corrupt c.ckpt flip 23                           | -                                      | tl $R $D --steps 4 --resume c.ckpt --checkpoint c.ckpt
-ck_edit_control       | all | 0   | resumed from c.ckpt at step 2                                     | d.ckpt                    | ckedit c.ckpt set step 2                         | -                                      | tl $R $D --steps 3 --resume c.ckpt --checkpoint d.ckpt
+ck_edit_control       | all | 0   | resumed from c.ckpt at step 2                                     | d.ckpt                    | ckedit c.ckpt set step 2                         | ck_version d.ckpt 3                    | tl $R $D --steps 3 --resume c.ckpt --checkpoint d.ckpt
+ck_resume_version_2   | all | 0   | resumed from c.ckpt at step 2                                     | d.ckpt                    | ckedit c.ckpt set version 2                      | ck_version d.ckpt 3                    | tl $R $D --steps 3 --resume c.ckpt --checkpoint d.ckpt
 ck_step_negative      | all | 1   | c.ckpt: checkpoint holds step -5, outside                         | -                         | ckedit c.ckpt set step -5                        | -                                      | tl $R $D --steps 4 --resume c.ckpt --checkpoint c.ckpt
 ck_step_huge          | all | 1   | holds step 4294967296, outside                                    | -                         | ckedit c.ckpt set step 4294967296                | -                                      | tl $R $D --steps 4 --resume c.ckpt --checkpoint c.ckpt
 ck_param_count_huge   | all | 1   | holds 1099511627776 parameters                                    | -                         | ckedit c.ckpt set P 1099511627776                | -                                      | tl $R $D --steps 4 --resume c.ckpt --checkpoint c.ckpt

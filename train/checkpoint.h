@@ -3,18 +3,20 @@
 // when they were written for another model or run shape, or are damaged. Host-only; the GPU trainers
 // copy their buffers to the host to use it.
 //
-// Format, version 2 (native byte order: little-endian on every machine we build for):
+// Format, version 3 (native byte order: little-endian on every machine we build for):
 //
-//   int64  magic ("LMOE"), version (2)
+//   int64  magic ("LMOE"), version (3)
 //   int64  step, parameter count P, routing-bias count Nb, fingerprint field count F (10)
 //   int64  the F fields of model_fingerprint, in its order
 //   int64  B, T, grad_accum of the run that wrote it (the data position depends on them)
-//   uint64 FNV-1a 64 of the header bytes above (a damaged header is reported as such, not as a
+//   uint64 LaneHash64 of the header bytes above (a damaged header is reported as such, not as a
 //          checkpoint of another model)
 //   float  params[P], m[P], v[P], routing_bias[Nb]
-//   uint64 FNV-1a 64 of every byte before it (header, header checksum and payload)
+//   uint64 LaneHash64 of every byte before it (header, header checksum and payload)
 //
-// Version 1 (no checksum, no batch shape) is refused: resume such a run with the trainer that wrote it.
+// Version 2 has the same layout with FNV-1a 64 checksums (byte by byte, the file's continuing from the
+// header's state); it is still read, so runs saved by an older trainer resume. Version 1 (no checksum,
+// no batch shape) is refused: resume such a run with the trainer that wrote it.
 #pragma once
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -38,7 +40,9 @@
 namespace lmoe {
 
 constexpr int64_t kCheckpointMagic = 0x4C4D4F45;  // "LMOE"
-constexpr int64_t kCheckpointVersion = 2;
+constexpr int64_t kCheckpointVersion = 3;          // the version written
+constexpr int64_t kCheckpointOldestVersion = 2;    // the oldest version read (RunningChecksum knows both)
+constexpr const char* kCheckpointVersionsRead = "versions 2 and 3";  // for the refusals' messages
 constexpr int64_t kCheckpointMaxStep = int64_t(1) << 31;  // steps are int: [0, 2^31)
 
 struct TrainingState {
@@ -59,13 +63,109 @@ inline std::vector<std::pair<const char*, int64_t>> run_shape(const Config& c) {
     return {{"--batch", c.B}, {"--seq-len", c.T}, {"--grad-accum", c.grad_accum}};
 }
 
-// FNV-1a, 64 bits, continued from `h` over `bytes` bytes.
+// FNV-1a, 64 bits, continued from `h` over `bytes` bytes: version 2's checksum.
 constexpr uint64_t kFnvOffset = 14695981039346656037ull;
 inline uint64_t fnv1a64(uint64_t h, const void* data, size_t bytes) {
     const unsigned char* p = static_cast<const unsigned char*>(data);
     for (size_t i = 0; i < bytes; i++) h = (h ^ p[i]) * 1099511628211ull;
     return h;
 }
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "checkpoints and LaneHash64 read little-endian words");
+
+// LaneHash64, version 3's checksum, over n bytes (docs/checkpoint.md defines it for re-implementers):
+//   the bytes, zero-padded to a multiple of 8, are little-endian words w_0 .. w_{m-1}, m = ceil(n / 8);
+//   word w_j goes to lane i = j mod 4, a_i <- a_i * P + mix(w_j) mod 2^64, the lanes starting at 1, 2, 3, 4;
+//   the checksum is h = mix(mix(mix(mix(n ^ a_0) ^ a_1) ^ a_2) ^ a_3).
+// mix is a bijection and P is odd, so changing one word w_j moves its lane by
+// (mix(w_j') - mix(w_j)) * P^k, which is not 0 mod 2^64; every final step is a bijection of h and of
+// a_i. A change within one aligned 8-byte word (any flipped bit) is therefore always detected, other
+// damage is missed with a chance of about 2^-64, and the zero padding cannot hide a change of length
+// because n is mixed in. It is no defence against a deliberate forgery.
+// Why four lanes: a lane's dependency chain is one multiply and one add per word, and mix depends on the
+// data only, so the CPU overlaps the four chains and the mixes of the words ahead (FNV-1a waits on one
+// multiply per byte). A lane's closed form, a_i = (i + 1) * P^m_i + sum_k mix(w_{4k+i}) * P^(m_i - 1 - k)
+// over its m_i words, lets scripts/checkpoint.py compute it with vector operations.
+// update() takes the bytes in any pieces: a partial 32-byte block waits in `pending_`, so the result
+// depends on the bytes only, never on how they were split.
+class LaneHash64 {
+  public:
+    static constexpr uint64_t kMultiplier = 0x9E3779B97F4A7C15ull;  // P: odd, bits spread (2^64 / golden ratio)
+    // splitmix64's finalizer: invertible (each xor-shift and each multiply by an odd constant is), and
+    // every input bit reaches every output bit
+    static constexpr uint64_t mix(uint64_t x) {
+        x ^= x >> 30;
+        x *= 0xBF58476D1CE4E5B9ull;
+        x ^= x >> 27;
+        x *= 0x94D049BB133111EBull;
+        return x ^ (x >> 31);
+    }
+    void update(const void* data, size_t bytes) {
+        const unsigned char* p = static_cast<const unsigned char*>(data);
+        length_ += bytes;
+        if (pending_bytes_ > 0) {
+            const size_t take = std::min(bytes, kBlock - pending_bytes_);
+            std::memcpy(pending_ + pending_bytes_, p, take);
+            pending_bytes_ += take;
+            p += take;
+            bytes -= take;
+            if (pending_bytes_ < kBlock) return;
+            absorb_block(lanes_, pending_);
+            pending_bytes_ = 0;
+        }
+        uint64_t lanes[kLanes];  // a local copy stays in registers; stores to the member could alias `p`
+        std::memcpy(lanes, lanes_, sizeof lanes);
+        for (; bytes >= kBlock; p += kBlock, bytes -= kBlock) absorb_block(lanes, p);
+        std::memcpy(lanes_, lanes, sizeof lanes);
+        std::memcpy(pending_, p, bytes);
+        pending_bytes_ = bytes;
+    }
+    // The checksum of every byte given so far; more may follow.
+    uint64_t digest() const {
+        uint64_t lanes[kLanes];
+        std::memcpy(lanes, lanes_, sizeof lanes);
+        unsigned char last[kBlock] = {};  // the partial block, zero-padded
+        std::memcpy(last, pending_, pending_bytes_);
+        for (size_t i = 0; i < (pending_bytes_ + 7) / 8; i++) lanes[i] = absorb(lanes[i], load_word(last + 8 * i));
+        uint64_t h = length_;
+        for (uint64_t a : lanes) h = mix(h ^ a);
+        return h;
+    }
+
+  private:
+    static constexpr size_t kLanes = 4, kBlock = 8 * kLanes;
+    static uint64_t load_word(const unsigned char* p) {
+        uint64_t w;
+        std::memcpy(&w, p, sizeof w);
+        return w;
+    }
+    static uint64_t absorb(uint64_t lane, uint64_t word) { return lane * kMultiplier + mix(word); }
+    static void absorb_block(uint64_t* lanes, const unsigned char* p) {
+        for (size_t i = 0; i < kLanes; i++) lanes[i] = absorb(lanes[i], load_word(p + 8 * i));
+    }
+    uint64_t lanes_[kLanes] = {1, 2, 3, 4};
+    unsigned char pending_[kBlock] = {};
+    size_t pending_bytes_ = 0;
+    uint64_t length_ = 0;
+};
+
+// The checksum a checkpoint of `version` carries, fed the file's bytes in order: FNV-1a 64 for
+// version 2, LaneHash64 for version 3. value() is the checksum of every byte fed so far (the header
+// checksum is value() after the header, the file checksum value() after the payload).
+class RunningChecksum {
+  public:
+    explicit RunningChecksum(int64_t version) : fnv_(version == 2) {}
+    void update(const void* data, size_t bytes) {
+        if (fnv_) fnv_state_ = fnv1a64(fnv_state_, data, bytes);
+        else lane_hash_.update(data, bytes);
+    }
+    uint64_t value() const { return fnv_ ? fnv_state_ : lane_hash_.digest(); }
+
+  private:
+    bool fnv_;
+    uint64_t fnv_state_ = kFnvOffset;
+    LaneHash64 lane_hash_;
+};
 
 // What a checkpoint's header says (after it passed every check that needs no Config).
 struct CheckpointHeader {
@@ -86,7 +186,7 @@ inline std::string system_reason() { return errno ? std::strerror(errno) : "unkn
 struct Reader {
     std::string path;
     std::FILE* f = nullptr;
-    uint64_t hash = kFnvOffset;
+    RunningChecksum checksum{kCheckpointVersion};  // replaced by the file's version's once it is read
     explicit Reader(const std::string& p) : path(p) {
         struct stat named;  // before opening: opening a FIFO would wait for a writer
         if (::stat(p.c_str(), &named) == 0 && !S_ISREG(named.st_mode))
@@ -116,7 +216,7 @@ struct Reader {
             if (std::ferror(f)) fail(std::string("reading the checkpoint failed: ") + system_reason());
             fail(short_why);
         }
-        hash = fnv1a64(hash, dst, bytes);
+        checksum.update(dst, bytes);
     }
     int64_t read_i64(const char* short_why) {
         int64_t x;
@@ -139,14 +239,15 @@ inline CheckpointHeader read_header(Reader& r) {
     if (std::fread(magic_version, sizeof(int64_t), 2, r.f) != 2)
         r.fail("not a checkpoint of this trainer (shorter than 16 bytes)");
     if (magic_version[0] != kCheckpointMagic) r.fail("not a checkpoint of this trainer (no LMOE magic number at its start)");
-    r.hash = fnv1a64(r.hash, magic_version, sizeof magic_version);
     const int64_t version = magic_version[1];
     if (version == 1)
         r.fail("checkpoint version 1 was written by an older trainer; version 1 is not supported (this trainer "
-               "reads version " + std::to_string(kCheckpointVersion) + ")");
-    if (version != kCheckpointVersion)
-        r.fail("checkpoint version " + std::to_string(version) + " is not supported (this trainer reads version " +
-               std::to_string(kCheckpointVersion) + ")");
+               "reads " + std::string(kCheckpointVersionsRead) + ")");
+    if (version < kCheckpointOldestVersion || version > kCheckpointVersion)
+        r.fail("checkpoint version " + std::to_string(version) + " is not supported (this trainer reads " +
+               kCheckpointVersionsRead + ")");
+    r.checksum = RunningChecksum(version);
+    r.checksum.update(magic_version, sizeof magic_version);
     CheckpointHeader h;
     h.step = r.read_i64(short_header);
     h.num_params = r.read_i64(short_header);
@@ -161,7 +262,7 @@ inline CheckpointHeader read_header(Reader& r) {
     h.B = r.read_i64(short_header);
     h.T = r.read_i64(short_header);
     h.grad_accum = r.read_i64(short_header);
-    const uint64_t computed = r.hash;
+    const uint64_t computed = r.checksum.value();
     uint64_t stored;
     r.read(&stored, sizeof stored, short_header);
     if (stored != computed) r.fail("checkpoint is corrupt (checksum mismatch) in its header");
@@ -188,7 +289,7 @@ inline void check_values(Reader& r, const std::vector<float>& values, const char
 // Writes through the running checksum; remembers the first failure's errno.
 struct Writer {
     std::FILE* f;
-    uint64_t hash = kFnvOffset;
+    RunningChecksum checksum{kCheckpointVersion};
     bool ok = true;
     int error = 0;
     void write(const void* src, size_t bytes) {
@@ -199,7 +300,7 @@ struct Writer {
             error = errno ? errno : EIO;
             return;
         }
-        hash = fnv1a64(hash, src, bytes);
+        checksum.update(src, bytes);
     }
     void write_floats(const std::vector<float>& src) {
         constexpr size_t kChunk = 1 << 20;
@@ -253,10 +354,10 @@ inline void save_checkpoint(const std::string& path, const Config& c, const Trai
     for (const auto& field : fingerprint) header.push_back(field.second);
     for (const auto& field : run_shape(c)) header.push_back(field.second);
     w.write(header.data(), sizeof(int64_t) * header.size());
-    const uint64_t header_hash = w.hash;
+    const uint64_t header_hash = w.checksum.value();
     w.write(&header_hash, sizeof header_hash);
     for (const std::vector<float>* part : {&s.params, &s.m, &s.v, &s.routing_bias}) w.write_floats(*part);
-    const uint64_t file_hash = w.hash;
+    const uint64_t file_hash = w.checksum.value();
     w.write(&file_hash, sizeof file_hash);
     auto fail = [&](int e, const std::string& what) {
         std::remove(tmp.c_str());
@@ -334,7 +435,7 @@ inline TrainingState load_checkpoint(const std::string& path, const Config& c, i
     s.routing_bias.resize(bias_size);
     for (std::vector<float>* part : {&s.params, &s.m, &s.v, &s.routing_bias})
         r.read_floats(*part, "checkpoint is truncated");
-    const uint64_t computed = r.hash;
+    const uint64_t computed = r.checksum.value();
     uint64_t stored;
     r.read(&stored, sizeof stored, "checkpoint is truncated");
     char extra;
