@@ -164,6 +164,15 @@ class MoeFfn {
         for (int& e : sel) e = e < 0 ? ~e : e;
         return sel;
     }
+    // Layer l's copies (N, k) in its last forward: 1 where LocMoE's capacity kept the copy, 0 where it
+    // dropped it (capacity_drop marks it ~e); all 1 for the top-k router.
+    std::vector<int> kept(int l) const {
+        std::vector<int> kept = plans_.selection(l);
+        for (int& e : kept) e = e >= 0;
+        return kept;
+    }
+    // LocMoE's capacity C, rows per expert and micro-batch (0: unlimited).
+    int capacity() const { return capacity_; }
 
   private:
     // LocMoE's capacity, this rank's locality target and the buffers of its losses (SPEC §2.6).

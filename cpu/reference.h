@@ -462,12 +462,20 @@ void locmoe_backward(T* dx, int64_t ld_dx, const ExpertBankGrad<T>& grad, const 
 // The two FFNs. Both are routed expert layers; LatentMoE wraps H of them (one per head, on the
 // head's dh-wide slice of u = x W_mh^T) between the projections W_mh and W_mg.
 
+// Where one rank's FFN sits among R ranks: `world` ranks, nodes of `node_size` consecutive ones. LocMoE's
+// locality target D_l depends on it (SPEC §2.6); one rank by default, whose D_l is uniform.
+struct RankPlace {
+    int rank = 0, world = 1, node_size = 1;
+};
+
 template <class T>
 struct FfnCache {          // what the FFN's backward needs from its forward
     std::vector<T> u, y;   // LatentMoE: (N, H·dh) sub-tokens and head outputs
     std::vector<int> sel;  // (H, N, k) chosen experts
     std::vector<T> gate;   // (H, N, k) their gates
-    // LocMoE only: which copies the capacity kept (N, k), and the forward's losses and drops
+    // LocMoE only: its capacity, loss weights and D_l, which copies the capacity kept (N, k), and the
+    // forward's losses and drops
+    lmoe::LocMoeSetup locmoe;
     std::vector<char> kept;
     T aux_loss = 0, loc_loss = 0;
     int64_t dropped = 0;
@@ -489,18 +497,19 @@ ExpertBankGrad<T> head_bank_grad(const Config& c, const typename lmoe::ModelTens
     return {router, g.expert_in + h * per_head, g.expert_out + h * per_head};
 }
 
-// out (N, d) = FFN(x (N, d)); bias (H, E).
+// out (N, d) = FFN(x (N, d)); bias (H, E); place: the rank's, for LocMoE's D_l.
 template <class T>
 void ffn_forward(T* out, const T* x, int N, const Config& c, const typename lmoe::ModelTensors<T>::Layer& w,
-                 const float* bias, FfnCache<T>& cache, bool freeze_selection) {
+                 const float* bias, FfnCache<T>& cache, bool freeze_selection, const RankPlace& place = {}) {
     const int64_t HD = (int64_t)c.H * c.dh;
     cache.sel.resize((size_t)c.H * N * c.k);
     cache.gate.resize((size_t)c.H * N * c.k);
-    if (c.locmoe()) {  // one rank: its locality target is uniform
+    if (c.locmoe()) {
+        cache.locmoe = lmoe::locmoe_setup(c, N, place.rank, place.world, place.node_size);
         cache.kept.resize((size_t)N * c.k);
         const LocMoeResult<T> r =
-            locmoe_forward(out, c.d, x, c.d, N, head_bank<T>(c, w, bias, 0), lmoe::locmoe_setup(c, N, 0, 1, 1),
-                           cache.sel.data(), cache.gate.data(), cache.kept.data(), freeze_selection);
+            locmoe_forward(out, c.d, x, c.d, N, head_bank<T>(c, w, bias, 0), cache.locmoe, cache.sel.data(),
+                           cache.gate.data(), cache.kept.data(), freeze_selection);
         cache.aux_loss = r.aux;
         cache.loc_loss = r.loc;
         cache.dropped = r.dropped;
@@ -529,8 +538,7 @@ void ffn_backward(T* dx, const typename lmoe::ModelTensors<T>::Layer& g, const T
     const int64_t HD = (int64_t)c.H * c.dh;
     if (c.locmoe()) {
         locmoe_backward(dx, c.d, head_bank_grad<T>(c, g, 0), dout, c.d, x, c.d, N, head_bank<T>(c, w, bias, 0),
-                        lmoe::locmoe_setup(c, N, 0, 1, 1), cache.sel.data(), cache.gate.data(), cache.kept.data(),
-                        loss_scale);
+                        cache.locmoe, cache.sel.data(), cache.gate.data(), cache.kept.data(), loss_scale);
         return;
     }
     if (c.ffn == FfnKind::MoE) {
@@ -583,6 +591,7 @@ struct Model {
     std::vector<T> params, grads;
     std::vector<float> routing_bias;  // (L, H, E); the MoE has H = 1
     lmoe::ModelTensors<T> w, g;
+    RankPlace place;  // LocMoE: the rank this model stands for, which sets each layer's D_l
 
     // activations of the last forward, per layer where marked
     int B = 0, N = 0;
@@ -638,7 +647,7 @@ struct Model {
             for (size_t i = 0; i < x.size(); i++) x[i] += tmp[i];
             x_mid[l] = x;
             rmsnorm_forward(xn2[l].data(), rstd2[l].data(), x.data(), wl.ln2, N, d);
-            ffn_forward(tmp.data(), xn2[l].data(), N, c, wl, bias(l), ffn[l], freeze_selection);
+            ffn_forward(tmp.data(), xn2[l].data(), N, c, wl, bias(l), ffn[l], freeze_selection, place);
             for (size_t i = 0; i < x.size(); i++) x[i] += tmp[i];
         }
         x_out = x;

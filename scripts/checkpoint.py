@@ -225,8 +225,9 @@ def split_params(ckpt):
     if ckpt["num_params"] != total:
         locmoe_total = total - L * (d * E - E)  # router (d, E) replaced by router_eps (E)
         if FFN_KINDS[fp["ffn kind"]] == "moe" and ckpt["num_params"] == locmoe_total:
-            raise CheckpointError("%s: a checkpoint of the LocMoE router (--router locmoe); model.py has only "
-                                  "the top-k router, so this reader does not load it" % ckpt["path"])
+            raise CheckpointError("%s: a checkpoint of the LocMoE router (--router locmoe); its capacity flags, "
+                                  "which its forward depends on, are not in the checkpoint, so this reader does "
+                                  "not load it" % ckpt["path"])
         raise CheckpointError("%s: holds %d parameters, a one-rank model of its shape holds %d: a shard of a "
                               "multi-rank run (PATH.rank<r>)? Only one-rank checkpoints are read" %
                               (ckpt["path"], ckpt["num_params"], total))

@@ -7,12 +7,16 @@
 // On disk, in one directory:
 //   meta.json          configuration, tensor layout, loss, and for every .bin its dtype and shape
 //   params.bin         float32   (P)            the weights, flat, laid out as `tensors` says
-//   grads.bin          float64   (P)            d mean-loss / d params from the code under test
+//   grads.bin          float64   (P)            d loss / d params from the code under test
 //   tokens.bin         int32     (B·T)
 //   targets.bin        int32     (B·T)
 //   sel.bin            int32     (L, H, N, k)   chosen experts per layer, head, token and slot (N = B·T)
 //   routing_bias.bin   float32   (L, H, E)      the selection-only aux-free bias
-// All binaries are raw little-endian arrays without headers.
+//   kept.bin           int32     (L, H, N, k)   LocMoE only: 1 where the capacity kept a copy, 0 where it
+//                                               dropped it
+// All binaries are raw little-endian arrays without headers. meta.json's "loss" is the objective the
+// gradients are of: the cross-entropy, plus every layer's L_aux + L_loc with LocMoE (SPEC §2.6), whose
+// parts, capacity and drops are in its "locmoe" object.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -29,16 +33,29 @@
 
 namespace lmoe {
 
+// What LocMoE (SPEC §2.6) adds: the rank the step stands for (its locality target D_l follows from it),
+// what the code under test derived from the configuration (p_δ, ec_min, the capacity C), the parts of
+// the loss (summed over the layers) and its capacity drop.
+struct LocMoeDump {
+    int rank = 0, world = 1, node_size = 1;  // rank of `world`, nodes of node_size consecutive ranks
+    double p_delta = 0, ec_min = 0;
+    int capacity = 0;                        // C rows per expert and micro-batch; 0: unlimited
+    double cross_entropy = 0, aux_loss = 0, loc_loss = 0;
+    std::vector<int> kept;                   // (L, H, N, k) 1: kept, 0: dropped
+    std::vector<int64_t> dropped;            // (L) copies over capacity per layer
+};
+
 struct ModelDump {
-    Config cfg;                            // T, d, L, n_head, V, H, dh, E, fe, k, B, ffn kind
+    Config cfg;                            // T, d, L, n_head, V, H, dh, E, fe, k, B, ffn kind, router
     std::vector<TensorSpec> tensors;       // the layout (name, shape, offset, numel)
     std::vector<float> params;             // flat, the weights the run used
-    std::vector<double> grads;             // flat, d mean-loss / d params from the code under test
+    std::vector<double> grads;             // flat, d loss / d params from the code under test
     std::vector<int32_t> tokens, targets;  // B·T each
     std::vector<int> sel;                  // (L, H, N, k): the experts the code under test chose (N = B·T)
     std::vector<float> routing_bias;       // (L, H, E)
-    double loss = 0;
+    double loss = 0;                       // the objective: cross-entropy (+ Σ_l L_aux + L_loc with LocMoE)
     std::string producer;                  // free text for meta.json: which program and build made the dump
+    LocMoeDump locmoe;                     // with cfg.locmoe() only
 };
 
 namespace dump_detail {
@@ -122,6 +139,11 @@ inline void write_model_dump(const std::string& dir, const ModelDump& d) {
     require_size("targets", d.targets.size(), N);
     require_size("sel", d.sel.size(), int64_t(c.L) * c.H * N * c.k);
     require_size("routing_bias", d.routing_bias.size(), int64_t(c.L) * c.H * c.E);
+    const LocMoeDump& loc = d.locmoe;
+    if (c.locmoe()) {
+        require_size("kept", loc.kept.size(), int64_t(c.L) * c.H * N * c.k);
+        require_size("dropped", loc.dropped.size(), c.L);
+    }
 
     std::error_code ec;
     fs::create_directories(dir, ec);
@@ -135,16 +157,34 @@ inline void write_model_dump(const std::string& dir, const ModelDump& d) {
     write_bin(root / "targets.bin", d.targets);
     write_bin(root / "sel.bin", d.sel);
     write_bin(root / "routing_bias.bin", d.routing_bias);
+    if (c.locmoe()) write_bin(root / "kept.bin", loc.kept);
 
     std::ostringstream j;
     j << "{\n";
-    j << "  \"format\": \"lmoe-model-dump\",\n  \"version\": 1,\n";
+    j << "  \"format\": \"lmoe-model-dump\",\n  \"version\": 2,\n";
     j << "  \"producer\": " << json_string(d.producer) << ",\n";
     j << "  \"config\": {\"ffn\": " << json_string(c.ffn == FfnKind::LatentMoE ? "latentmoe" : "moe")
+      << ", \"router\": " << json_string(c.locmoe() ? "locmoe" : "topk")
       << ", \"T\": " << c.T << ", \"d\": " << c.d << ", \"L\": " << c.L << ", \"n_head\": " << c.n_head
       << ", \"V\": " << c.V << ", \"Vp\": " << c.Vp() << ", \"H\": " << c.H << ", \"dh\": " << c.dh
-      << ", \"E\": " << c.E << ", \"fe\": " << c.fe << ", \"k\": " << c.k << ", \"B\": " << c.B << "},\n";
+      << ", \"E\": " << c.E << ", \"fe\": " << c.fe << ", \"k\": " << c.k << ", \"B\": " << c.B;
+    if (c.locmoe())  // the float flags exactly as the code used them (as doubles)
+        j << ", \"capacity_factor\": " << json_number(c.capacity_factor)
+          << ", \"capacity_delta\": " << json_number(c.capacity_delta)
+          << ", \"aux_loss_weight\": " << json_number(c.aux_loss_weight)
+          << ", \"loc_loss_weight\": " << json_number(c.loc_loss_weight) << ", \"rank\": " << loc.rank
+          << ", \"world\": " << loc.world << ", \"node_size\": " << loc.node_size;
+    j << "},\n";
     j << "  \"loss\": " << json_number(d.loss) << ",\n";
+    if (c.locmoe()) {
+        j << "  \"locmoe\": {\"p_delta\": " << json_number(loc.p_delta) << ", \"ec_min\": "
+          << json_number(loc.ec_min) << ", \"capacity\": " << loc.capacity
+          << ", \"cross_entropy\": " << json_number(loc.cross_entropy)
+          << ", \"aux_loss\": " << json_number(loc.aux_loss) << ", \"loc_loss\": " << json_number(loc.loc_loss)
+          << ", \"dropped\": [";
+        for (int l = 0; l < c.L; l++) j << (l ? ", " : "") << loc.dropped[l];
+        j << "]},\n";
+    }
     j << "  \"num_params\": " << total << ",\n";
     j << "  \"tensors\": [\n";
     for (size_t i = 0; i < d.tensors.size(); i++) {
@@ -162,8 +202,11 @@ inline void write_model_dump(const std::string& dir, const ModelDump& d) {
       << "    \"sel\": {\"file\": \"sel.bin\", \"dtype\": \"int32\", \"shape\": "
       << json_shape({c.L, c.H, N, c.k}) << "},\n"
       << "    \"routing_bias\": {\"file\": \"routing_bias.bin\", \"dtype\": \"float32\", \"shape\": "
-      << json_shape({c.L, c.H, c.E}) << "}\n"
-      << "  }\n}\n";
+      << json_shape({c.L, c.H, c.E}) << "}";
+    if (c.locmoe())
+        j << ",\n    \"kept\": {\"file\": \"kept.bin\", \"dtype\": \"int32\", \"shape\": "
+          << json_shape({c.L, c.H, N, c.k}) << "}";
+    j << "\n  }\n}\n";
 
     std::ofstream f(root / "meta.json", std::ios::trunc);
     if (!f) throw std::runtime_error("model dump: cannot open " + (root / "meta.json").string() + " for writing");

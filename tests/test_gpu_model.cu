@@ -3,7 +3,8 @@
 // same expert choices (the GPU's, so a near-tie that rounds the other way cannot fail the test):
 // the loss and the gradient of every parameter tensor. Tight in the fp32 build; in bf16 it shows
 // how far mixed precision moves them. With --dump DIR it also writes the GPU's step as a model dump
-// for the independent PyTorch oracle (tests/torch_oracle.py).
+// for the independent PyTorch oracle (tests/torch_oracle.py), LocMoE's with its capacity, the copies
+// it kept, L_aux and L_loc.
 #define LMOE_NO_MAIN
 #include "moe_ep_baseline.cu"
 #include "train_latentmoe.cu"
@@ -35,6 +36,7 @@ void check_model(const char* name, Config c, lmoe::Rng& rng, const std::string& 
     float gpu_loss;
     CUDA_CHECK(cudaMemcpy(&gpu_loss, gpu.mean_loss_device(), sizeof(float), cudaMemcpyDeviceToHost));
     std::vector<float> master = gpu.master.download(), grads = gpu.grads.download();
+    const RouterStats router = gpu.take_router_stats();  // LocMoE's L_aux, L_loc (over the layers), drops
 
     ref::Model<double> cpu(c);
     for (size_t i = 0; i < master.size(); i++) cpu.params[i] = to_float(from_float<floatX>(master[i]));
@@ -44,7 +46,7 @@ void check_model(const char* name, Config c, lmoe::Rng& rng, const std::string& 
     const double cpu_loss = cpu.cross_entropy;  // the GPU's mean loss is the cross-entropy alone
     cpu.backward();
 
-    if (!dump_dir.empty() && !c.locmoe()) {  // the PyTorch oracle knows the top-k routers only
+    if (!dump_dir.empty()) {
         ModelDump dump;
         dump.cfg = c;
         dump.tensors = gpu.layout.tensors;
@@ -57,8 +59,29 @@ void check_model(const char* name, Config c, lmoe::Rng& rng, const std::string& 
             dump.sel.insert(dump.sel.end(), sel.begin(), sel.end());
         }
         dump.routing_bias = gpu.balance.download_bias();
-        dump.loss = gpu_loss;
+        dump.loss = gpu_loss;  // the objective: the cross-entropy, to which LocMoE adds L_aux + L_loc below
         dump.producer = std::string("test_gpu_model (") + gpu_test::kPrecision + " build)";
+        if constexpr (Ffn::kind == FfnKind::MoE) {
+            if (c.locmoe()) {
+                LocMoeDump& loc = dump.locmoe;
+                loc.rank = gpu.comm.rank;
+                loc.world = gpu.comm.world;
+                loc.node_size = locmoe_node_size(c, gpu.comm.world, gpu.comm.local_size);
+                const ExpertCapacity cap = expert_capacity(c, N);
+                loc.p_delta = cap.p_delta;
+                loc.ec_min = cap.ec_min;
+                loc.capacity = gpu.ffn().capacity();
+                loc.cross_entropy = gpu_loss;
+                loc.aux_loss = router.aux_loss;
+                loc.loc_loss = router.loc_loss;
+                loc.dropped = router.dropped;
+                for (int l = 0; l < c.L; l++) {
+                    const std::vector<int> kept = gpu.ffn().kept(l);
+                    loc.kept.insert(loc.kept.end(), kept.begin(), kept.end());
+                }
+                dump.loss = double(gpu_loss) + router.aux_loss + router.loc_loss;
+            }
+        }
         write_model_dump(dump_dir + "/" + name + (c.ffn == FfnKind::MoE ? "_moe" : ""), dump);
     }
     const double loss_err = std::abs(gpu_loss - cpu_loss) / std::abs(cpu_loss);
