@@ -19,6 +19,7 @@ Exit status: 0 done, 1 a bad or unsupported checkpoint or shard, 2 bad flags.
 import argparse
 import glob
 import os
+import signal
 import sys
 
 try:
@@ -392,4 +393,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # output piped into `head`: end quietly, as a C program does
     sys.exit(main())

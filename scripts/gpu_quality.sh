@@ -6,8 +6,9 @@
 #   2. p1 and p2 training of both trainers at --grad-accum 1 and 4 (tokens/s, MFU, step breakdown);
 #   3. the layer benchmark of the three systems at p1 and p2 (LocMoE dropless and at c_f 1.25);
 #   4. the small-preset arms named in SMALL_ARMS (default: the initialisation arms), seeds 1-3.
-# Needs the KJV shards in data/ (carried). Each phase's folder comes back as $OUT/<phase>.tgz (default
-# out/); a short table is printed last.
+# PHASES="study train arms" chooses the phases (default all three; a device call's 10 minutes hold the
+# p1 study alone, or the other two together). Needs the KJV shards in data/ (carried). Each phase's
+# folder comes back as $OUT/<phase>.tgz (default out/); a short table is printed last.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/device_logs.sh
@@ -16,15 +17,19 @@ cmake_build build "" train_latentmoe moe_ep_baseline data_prep
 echo "build: ${SECONDS} s"
 data=(--train-data data/kjv_train.bin --val-data data/kjv_val.bin)
 pack() { tar -czf "$out/$1.tgz" -C "$(dirname "$2")" "$(basename "$2")"; }
+phases=" ${PHASES:-study train arms} "
 
-SYSTEMS="train_latentmoe moe_ep_baseline" K_SWEEP="4 8 16 32" STUDY=$logs/study_p1 \
-    timeout 420 bash scripts/quality_study.sh p1 483 >"$logs/study_p1.log" 2>&1
-cp "$logs/study_p1.log" "$logs/study_p1/" 2>/dev/null
-pack study_p1 "$logs/study_p1"
+[[ $phases == *" study "* ]] && SYSTEMS="train_latentmoe moe_ep_baseline" K_SWEEP="4 8 16 32" STUDY=$logs/study_p1 \
+    timeout 500 bash scripts/quality_study.sh p1 483 >"$logs/study_p1.log" 2>&1
+if [[ -d $logs/study_p1 ]]; then
+    cp "$logs/study_p1.log" "$logs/study_p1/"
+    pack study_p1 "$logs/study_p1"
+fi
 echo "p1 study: ${SECONDS} s"
 
 mkdir -p "$logs/train"
 for preset in p1 p2; do
+    [[ $phases == *" train "* ]] || break
     for trainer in train_latentmoe moe_ep_baseline; do
         for accum in 1 4; do
             timeout 60 ./build/$trainer --preset $preset --grad-accum $accum --steps 12 --log-every 11 --eval-every 0 \
@@ -33,6 +38,7 @@ for preset in p1 p2; do
     done
 done
 for router in "" "--router locmoe" "--router locmoe --capacity-factor 1.25"; do
+    [[ $phases == *" train "* ]] || break
     for preset in p1 p2; do
         for trainer in train_latentmoe moe_ep_baseline; do
             [[ -n $router && $trainer == train_latentmoe ]] && continue
@@ -41,15 +47,17 @@ for router in "" "--router locmoe" "--router locmoe --capacity-factor 1.25"; do
         done
     done
 done >"$logs/train/layer_bench.log"
-pack train "$logs/train"
+[[ $phases == *" train "* ]] && pack train "$logs/train"
 echo "training table and layer benchmark: ${SECONDS} s"
 
 read -r -a arms <<<"${SMALL_ARMS-latentmoe_init0.5 latentmoe_init2}"
-if [[ ${#arms[@]} -gt 0 ]]; then
+if [[ $phases == *" arms "* && ${#arms[@]} -gt 0 ]]; then
     SYSTEMS="" ARMS="${arms[*]}" STUDY=$logs/study_small timeout 200 bash scripts/quality_study.sh small 967 \
         >"$logs/study_small.log" 2>&1
-    cp "$logs/study_small.log" "$logs/study_small/" 2>/dev/null
-    pack study_small "$logs/study_small"
+    if [[ -d $logs/study_small ]]; then
+        cp "$logs/study_small.log" "$logs/study_small/"
+        pack study_small "$logs/study_small"
+    fi
 fi
 echo "small arms: ${SECONDS} s"
 

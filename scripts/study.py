@@ -14,6 +14,7 @@ import glob
 import json
 import os
 import re
+import signal
 import statistics
 import sys
 
@@ -25,19 +26,28 @@ BASELINE = "moe_ep_baseline"
 EARLY_STEP = 100
 
 
-def runs_of(study, arms):
-    """name -> [(seed, cols, loads)]: the systems of every seed folder, then the arms."""
-    runs = {name: [] for name in SYSTEMS}  # compare.sh's order; a system no seed ran is dropped below
-    for folder in sorted(glob.glob(os.path.join(study, "seed*")), key=lambda f: int(re.sub(r"\D", "", f) or 0)):
+def finished(csv_path):
+    """Whether the run behind a CSV ended: its log (beside it, .log for .csv) has the trainer's 'done:' line."""
+    log = csv_path.removesuffix(".csv") + ".log"
+    return os.path.exists(log) and re.search(r"^done: ", open(log, errors="replace").read(), re.M) is not None
+
+
+def runs_of(study, arms, notes):
+    """name -> [(seed, cols, loads)]: the systems of every seed folder, then the arms; a run that did not
+    finish (cut off, failed) is left out and named in `notes`."""
+    found = []  # (name, seed, csv path)
+    for folder in glob.glob(os.path.join(study, "seed*")):
         seed = int(os.path.basename(folder).removeprefix("seed"))
-        for path in sorted(glob.glob(os.path.join(folder, "*.csv"))):
-            name = os.path.basename(path).removesuffix(".csv")
-            runs.setdefault(name, []).append((seed, *read_steps(path)))
+        found += [(os.path.basename(p).removesuffix(".csv"), seed, p) for p in glob.glob(os.path.join(folder, "*.csv"))]
     for arm in arms:
-        paths = glob.glob(os.path.join(study, "arms", f"{glob.escape(arm)}.seed*.csv"))
-        for path in sorted(paths, key=lambda p: int(p.rsplit(".seed", 1)[1].removesuffix(".csv"))):
-            seed = int(path.rsplit(".seed", 1)[1].removesuffix(".csv"))
-            runs.setdefault(arm, []).append((seed, *read_steps(path)))
+        for path in glob.glob(os.path.join(study, "arms", f"{glob.escape(arm)}.seed*.csv")):
+            found.append((arm, int(path.rsplit(".seed", 1)[1].removesuffix(".csv")), path))
+    runs = {name: [] for name in SYSTEMS + list(arms)}  # compare.sh's order, then the arms'
+    for name, seed, path in sorted(found, key=lambda f: f[1]):
+        if finished(path):
+            runs.setdefault(name, []).append((seed, *read_steps(path)))
+        else:
+            notes.append(f"{name} seed {seed} left out: {path} has no finished run (no 'done:' line in its log)")
     return {name: seed_runs for name, seed_runs in runs.items() if seed_runs}
 
 
@@ -80,7 +90,8 @@ def summarize(name, seed_runs, describe):
 
 def plot_val_loss(runs, summaries, path):
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for name, seed_runs in runs.items():
+    colors = plt.cm.tab20([i / 20 for i in range(20)])  # distinct for up to 20 runs; systems solid, arms dashed
+    for index, (name, seed_runs) in enumerate(runs.items()):
         points = {}
         for _, cols, _ in seed_runs:
             for t, v in zip(cols["tokens"], cols["val_loss"]):
@@ -88,7 +99,7 @@ def plot_val_loss(runs, summaries, path):
                     points.setdefault(t, []).append(v)
         tokens = sorted(t for t, vs in points.items() if len(vs) == len(seed_runs))
         mean = [statistics.fmean(points[t]) for t in tokens]
-        line, = ax.plot(tokens, mean, "o-", ms=3, lw=1.2,
+        line, = ax.plot(tokens, mean, "o-" if name in SYSTEMS else "o--", ms=3, lw=1.2, color=colors[index % 20],
                         label=f"{name}: {summaries[name]['val_loss_final']['mean']:.4f}")
         ax.fill_between(tokens, [min(points[t]) for t in tokens], [max(points[t]) for t in tokens],
                         color=line.get_color(), alpha=0.15)
@@ -133,7 +144,8 @@ def main():
     ap.add_argument("--describe", default="", help="NAME=what the arm changes;... (quality_study.sh's arm table)")
     a = ap.parse_args()
     describe = dict(item.split("=", 1) for item in a.describe.split(";") if "=" in item)
-    runs = runs_of(a.study, a.arms)
+    notes = []
+    runs = runs_of(a.study, a.arms, notes)
     if not runs:
         raise SystemExit(f"study: no runs in {a.study}")
     summaries = {name: summarize(name, seed_runs, describe) for name, seed_runs in runs.items()}
@@ -141,13 +153,14 @@ def main():
     preset_line = f"{first['steps']} steps, {first['tokens']:,} tokens a run; seeds {', '.join(map(str, first['seeds']))}."
     out = lambda name: os.path.join(a.study, name)  # noqa: E731
     with open(out("study.json"), "w") as f:
-        json.dump({"runs": summaries}, f, indent=1, allow_nan=False)
+        json.dump({"runs": summaries, "notes": notes}, f, indent=1, allow_nan=False)
     with open(out("study.md"), "w") as f:
-        f.write(markdown(summaries, preset_line))
+        f.write(markdown(summaries, preset_line) + "".join(f"\nNote: {n}\n" for n in notes))
     plot_val_loss(runs, summaries, out("study_val_loss.png"))
     print(f"study: {out('study.json')}, study.md and study_val_loss.png in {a.study}")
     print(open(out("study.md")).read())
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # output piped into `head`: end quietly
     main()

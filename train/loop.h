@@ -101,11 +101,11 @@ inline void check_run_paths(const Config& c, int world, const DataLoader& train,
 }
 
 // Loads --resume's checkpoint into `model` (under mpirun each rank its own file, all of one step);
-// returns its step.
+// returns its step. A run that only generates (--steps 0) may have another batch shape.
 template <class Model>
 int load_resumed(Model& model, const Config& c, int rank, int world) {
     TrainingState s = load_checkpoint(rank_path(c.resume, rank, world), c, model.num_params(),
-                                      model.num_routing_biases());
+                                      model.num_routing_biases(), /*same_run_shape=*/c.steps > 0);
     const auto [least, greatest] = model.min_max_over_ranks(s.step);
     if (least != greatest)
         throw std::runtime_error(c.resume + ".rank*: the ranks' checkpoints hold different steps (" +
