@@ -362,6 +362,13 @@ if [ -z "$first" ] || ! awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < a - 1
 fi
 if [ -z "$WHY" ]; then ok "$name ($first -> $last)"; else not_ok "$name" "$WHY"; fi
 
+# LocMoE's ε stands where the top-k router's (d, E) matrix is: its checkpoint resumed with the other
+# router is refused, the message naming the router as a cause.
+run 0 "$BUILD/moe_ep_baseline" --router locmoe --device cpu "${RUN[@]}" "${DATA[@]}" --checkpoint loc.ckpt
+expect_error "moe_ep_baseline resumes a LocMoE checkpoint with the top-k router" 1 "or the other --router?" \
+    "$BUILD/moe_ep_baseline" --device cpu "${RUN[@]}" --steps 4 "${DATA[@]}" --resume loc.ckpt --checkpoint loc2.ckpt
+rm -f loc.ckpt loc2.ckpt
+
 # ---------------------------------------------------------------------------------------------
 # Nothing lost on interruption: Ctrl-C saves a checkpoint and exits 130; resuming from it continues
 # exactly as a run that was never interrupted (same losses, learning rates and gradient norms). The

@@ -412,9 +412,10 @@ inline TrainingState load_checkpoint(const std::string& path, const Config& c, i
         if (h.fingerprint[i] != fingerprint[i].second)
             r.fail(std::string("checkpoint was written for another model: ") + fingerprint[i].first + " " +
                    std::to_string(h.fingerprint[i]) + " there, " + std::to_string(fingerprint[i].second) + " here");
-    if (h.num_params != num_params)
+    if (h.num_params != num_params)  // the fingerprint holds no router: LocMoE's ε replaces the (d, E) matrix
         r.fail("checkpoint holds " + std::to_string(h.num_params) + " parameters, this rank needs " +
-               std::to_string(num_params) + " (another number of ranks?)");
+               std::to_string(num_params) + " (another number of ranks" +
+               (c.ffn == FfnKind::MoE ? ", or the other --router?)" : "?)"));
     if (h.bias_size != bias_size)
         r.fail("checkpoint holds " + std::to_string(h.bias_size) + " routing biases, this rank needs " +
                std::to_string(bias_size) + " (another number of ranks?)");
