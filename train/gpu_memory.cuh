@@ -3,11 +3,12 @@
 // (moe_ep_baseline.cu), RoutingPlans (moe/routing_plan.cuh) and ExpertExchange
 // (parallel/expert_dispatch.cuh) allocate, term by term in their order and under their names, so a
 // new buffer there needs its line here. run_trainer compares it with cudaMemGetInfo's free memory
-// before the model is built.
+// before the model is built; after the first step GpuModel::print_memory_use prints it next to what
+// the model and that step took.
 //
 // How close: the buffers are counted exactly; what is not counted is cudaMalloc's rounding (up to
 // 2 MiB per buffer, ~60 buffers), cuBLAS's workspace and NCCL's buffers, for which a fixed 256 MiB is
-// added, so the estimate errs high (docs/perf/single_gpu.md compares it with what a run used).
+// added, so the estimate errs high.
 #pragma once
 #include <cstdint>
 
@@ -23,6 +24,13 @@
 #include "util/cuda_utils.cuh"
 
 namespace lmoe {
+
+// cudaMemGetInfo's free bytes on the current device.
+inline int64_t device_free_bytes() {
+    size_t free_bytes = 0, total_bytes = 0;
+    CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+    return (int64_t)free_bytes;
+}
 
 // RoutingPlans(layers, M, H, E, k, routed): sel, gate, copy_pos (routed only), chunk_counts (routed
 // only), copy_row, group_offset, tile_group, tile_start, num_tiles.

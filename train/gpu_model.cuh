@@ -48,6 +48,7 @@
 #include "parallel/comm.cuh"
 #include "train/checkpoint.h"
 #include "train/flops.h"
+#include "train/gpu_memory.cuh"
 #include "train/step_log.h"
 #include "util/cuda_utils.cuh"
 #include "util/step_profile.cuh"
@@ -94,6 +95,9 @@ inline DecayTable decay_table(const ParamLayout& layout, float weight_decay) {
 // moments, all in flat buffers laid out by build_param_layout; the activations of one micro-batch.
 template <class Ffn>
 class GpuModel {
+    // cudaMemGetInfo's free bytes before any member allocates: declared first, so initialised first
+    const int64_t free_before_model_ = device_free_bytes();
+
   public:
     const Config cfg;
     const Comm comm;
@@ -307,6 +311,13 @@ class GpuModel {
     }
     int64_t num_params() const { return layout.total; }
     int64_t num_routing_biases() const { return (int64_t)balance.size(); }
+    // What the model and its first step took from the device against train/gpu_memory.cuh's estimate,
+    // which counts cudaMalloc's rounding, cuBLAS and NCCL as a fixed allowance and so should be larger.
+    void print_memory_use() const {
+        const double used = (free_before_model_ - device_free_bytes()) / kGiB;
+        std::printf("memory (GPU): %.2f GiB taken by the model and its first step (estimated %.2f GiB)\n", used,
+                    gpu_memory_estimate(cfg, comm.world).total() / kGiB);
+    }
 
     // One micro-batch of a training step, its loss scaled for the accumulation; returns its mean
     // loss over the ranks.

@@ -29,6 +29,7 @@
 //        double predicted_bytes_per_step() const;  // SPEC §3, for this rank
 //        int64_t take_bytes_sent();                // since the last call
 //        StepTimes take_step_times();              // since the last call
+//        void print_memory_use() const;            // the device memory taken, next to the start-up estimate
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -202,6 +203,7 @@ int training_loop(const Config& c, int rank, int world, const ModelArgs&... mode
             if constexpr (Model::kOnGpu) {
                 bytes = model.take_bytes_sent();
                 times = model.take_step_times();
+                if (lead && step == first_step) model.print_memory_use();  // the first step allocated all there is
             }
             if (lead && (step % c.log_every == 0 || last)) {
                 const double tok_s = tokens_per_step / (ms / 1000);

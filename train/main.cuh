@@ -93,9 +93,7 @@ int run_trainer(int argc, char** argv, const Comm& comm) {
         // checkpoints and data need
         check_on_every_rank(comm, [&] {
             if (c.locmoe()) locmoe_node_size(c, comm.world, comm.local_size);  // hosts may hold other rank counts
-            size_t free_bytes = 0, total_bytes = 0;
-            CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
-            check_memory(gpu_memory_estimate(c, comm.world), (int64_t)free_bytes,
+            check_memory(gpu_memory_estimate(c, comm.world), device_free_bytes(),
                          comm.single() ? "GPU" : "GPU of each rank", "free on the device (cudaMemGetInfo)",
                          comm.single() ? smaller : "use more GPUs or a smaller configuration", lead);
             const HostMemory host = available_host_memory();
