@@ -546,10 +546,12 @@ inline void print_config(const Config& c) {
                 c.d, c.L, c.n_head, c.V, c.Vp(), ffn_name(c.ffn));
     if (c.ffn == FfnKind::LatentMoE) std::printf("H %d dh %d E %d fe %d k %d", c.H, c.dh, c.E, c.fe, c.k);
     else std::printf("E %d f %d k %d", c.E, c.fe, c.k);
+    if (c.latent_init_scale != 1) std::printf(" | latent-init-scale %g", c.latent_init_scale);
     if (c.locmoe())
         std::printf(" | router locmoe: capacity-factor %g capacity-delta %g aux-loss-weight %g loc-loss-weight %g",
                     c.capacity_factor, c.capacity_delta, c.aux_loss_weight, c.loc_loss_weight);
-    std::printf(" | B %d grad-accum %d steps %d lr %g warmup %d\n", c.B, c.grad_accum, c.steps, c.lr, c.warmup);
+    std::printf(" | B %d grad-accum %d steps %d lr %g warmup %d bias-rate %g seed %llu\n", c.B, c.grad_accum,
+                c.steps, c.lr, c.warmup, c.bias_rate, (unsigned long long)c.seed);
 }
 
 }  // namespace lmoe

@@ -37,9 +37,6 @@ build=${BUILD_DIR:-build}
 data=${DATA:-data/kjv}
 [[ -n ${DATA:-} ]] || bash data_prep/prepare_kjv.sh "$build/data_prep" "$data"
 read -r -a launch <<<"${LAUNCH:-}"
-mkdir -p "$report"
-scratch=$(mktemp -d "${TMPDIR:-/tmp}/compare.XXXXXX")
-trap 'rm -rf "$scratch"' EXIT
 
 # name and command of every system; LocMoE only where the binary accepts --router
 systems=(train_latentmoe moe_ep_baseline)
@@ -53,11 +50,15 @@ else
 fi
 if [[ -n ${SYSTEMS+set} ]]; then
     read -r -a chosen <<<"$SYSTEMS"
+    [[ ${#chosen[@]} -gt 0 ]] || { echo "compare: error: SYSTEMS is empty (systems: ${systems[*]})" >&2; exit 2; }
     for name in "${chosen[@]}"; do
         [[ -n ${command[$name]:-} ]] || { echo "compare: error: SYSTEMS names '$name' (systems: ${systems[*]})" >&2; exit 2; }
     done
     systems=("${chosen[@]}")
 fi
+mkdir -p "$report"
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/compare.XXXXXX")
+trap 'rm -rf "$scratch"' EXIT
 
 for name in "${systems[@]}"; do
     read -r -a cmd <<<"${command[$name]}"

@@ -288,7 +288,7 @@ int main() {
         CHECK(lmoe::checkpoint_step(dir + "/maxstep.ckpt") == 2147483647);
         CHECK(load(dir + "/maxstep.ckpt").step == 2147483647);
     }
-    {  // version 2, as an older trainer wrote it (FNV-1a 64 checksums), still loads; damage to it is refused
+    {  // version 2 (FNV-1a 64 checksums) loads; damage to it is refused
         auto v2 = good;
         set_word(v2, kVersion, 2);
         reseal(v2);

@@ -2,7 +2,7 @@
 # scripts/checkpoint.py against the trainers: each trainer trains the tiny preset on the CPU for a few
 # steps and saves a checkpoint; the reader loads it into model.py and must reproduce the trainer's final
 # validation loss (same batches, from the checkpoint's B and T) to 1e-4 relative, and write a state dict
-# with model.py's tensor names and shapes. A version-2 copy (FNV-1a checksums, as older trainers wrote)
+# with model.py's tensor names and shapes. A version-2 copy (FNV-1a checksums)
 # must read to the same arrays. Damaged copies (a payload byte, a header byte, a truncated file, either
 # version), an unknown version and a checkpoint of another preset must be refused with a message naming
 # the problem.

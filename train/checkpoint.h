@@ -15,7 +15,7 @@
 //   uint64 LaneHash64 of every byte before it (header, header checksum and payload)
 //
 // Version 2 has the same layout with FNV-1a 64 checksums (byte by byte, the file's continuing from the
-// header's state); it is still read, so runs saved by an older trainer resume. Version 1 (no checksum,
+// header's state); it is read too, so runs saved in it resume. Version 1 (no checksum,
 // no batch shape) is refused: resume such a run with the trainer that wrote it.
 #pragma once
 #include <fcntl.h>
@@ -400,11 +400,11 @@ inline int32_t checkpoint_step(const std::string& path) {
 // Reads a checkpoint for the model `c`; this rank holds `num_params` parameters and `bias_size`
 // routing biases (its shard under Head Parallel). Every header field is checked before it is used,
 // the sizes before anything is allocated; then the checksum and the values (finite, v >= 0). Throws
-// ConfigError (exit 2) when this run's B, T or grad_accum differ and `same_run_shape` (a run that
+// ConfigError (exit 2) when this run's B, T or grad_accum differ and `check_run_shape` (a run that
 // trains on reads the data from the checkpoint's position; generation reads none), std::runtime_error
 // for the rest.
 inline TrainingState load_checkpoint(const std::string& path, const Config& c, int64_t num_params, int64_t bias_size,
-                                     bool same_run_shape = true) {
+                                     bool check_run_shape = true) {
     checkpoint_detail::Reader r(path);
     const CheckpointHeader h = checkpoint_detail::read_header(r);
     const auto fingerprint = model_fingerprint(c);
@@ -421,7 +421,7 @@ inline TrainingState load_checkpoint(const std::string& path, const Config& c, i
                std::to_string(bias_size) + " (another number of ranks?)");
     const int64_t stored_shape[3] = {h.B, h.T, h.grad_accum};
     const auto shape = run_shape(c);
-    for (size_t i = 0; i < shape.size() && same_run_shape; i++)
+    for (size_t i = 0; i < shape.size() && check_run_shape; i++)
         if (stored_shape[i] != shape[i].second)
             r.fail_config(std::string("checkpoint was written with ") + shape[i].first + " " + std::to_string(stored_shape[i]) +
                    ", this run has " + shape[i].first + " " + std::to_string(shape[i].second) +

@@ -86,9 +86,11 @@ inline void check_run_paths(const Config& c, int world, const DataLoader& train,
                                   ": a validation loss on training data says nothing; give --val-data held-out data");
         inputs.push_back({"the val shard", f});
     }
-    for (int r = 0; r < world && c.keeps_checkpoint(); r++) {
-        outputs.push_back({"the checkpoint", rank_path(c.checkpoint, r, world)});
-        outputs.push_back({"the emergency checkpoint", rank_path(emergency_path(c.checkpoint), r, world)});
+    if (c.keeps_checkpoint()) {
+        for (int r = 0; r < world; r++) {
+            outputs.push_back({"the checkpoint", rank_path(c.checkpoint, r, world)});
+            outputs.push_back({"the emergency checkpoint", rank_path(emergency_path(c.checkpoint), r, world)});
+        }
     }
     if (!c.log_file.empty()) {
         outputs.push_back({"the log file", c.log_file});
@@ -106,7 +108,7 @@ inline void check_run_paths(const Config& c, int world, const DataLoader& train,
 template <class Model>
 int load_resumed(Model& model, const Config& c, int rank, int world) {
     TrainingState s = load_checkpoint(rank_path(c.resume, rank, world), c, model.num_params(),
-                                      model.num_routing_biases(), /*same_run_shape=*/c.steps > 0);
+                                      model.num_routing_biases(), /*check_run_shape=*/c.steps > 0);
     const auto [least, greatest] = model.min_max_over_ranks(s.step);
     if (least != greatest)
         throw std::runtime_error(c.resume + ".rank*: the ranks' checkpoints hold different steps (" +
@@ -127,6 +129,7 @@ inline double recent_median(const std::vector<double>& v, size_t n) {
 // Trains `c.steps` optimizer steps (from a checkpoint's step with --resume) as rank `rank` of
 // `world`. Returns 0 when done, 128 + the signal's number when a signal stopped it (after saving a
 // checkpoint). When a step fails it saves the last completed one to emergency_path and rethrows.
+// With --checkpoint none it saves nothing, at the end, on a signal or on a failure.
 // With --steps 0 it trains nothing, reads no data and writes no file: it prints the --sample of the
 // --resume checkpoint (or of the initial weights).
 template <class Model, class... ModelArgs>
