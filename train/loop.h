@@ -206,7 +206,8 @@ int training_loop(const Config& c, int rank, int world, const ModelArgs&... mode
             if constexpr (Model::kOnGpu) {
                 bytes = model.take_bytes_sent();
                 times = model.take_step_times();
-                if (lead && step == first_step) model.print_memory_use();  // the first step allocated all there is
+                // by the end of the first step every buffer exists (cuBLAS allocates at its first product)
+                if (lead && step == first_step) model.print_memory_use();
             }
             if (lead && (step % c.log_every == 0 || last)) {
                 const double tok_s = tokens_per_step / (ms / 1000);
