@@ -13,6 +13,7 @@
 #include "model/config.h"
 #include "model/params.h"
 #include "parallel/comm.cuh"
+#include "train/gpu_memory.cuh"
 #include "train/gpu_model.cuh"
 #include "util/cuda_utils.cuh"
 #include "util/rng.h"
@@ -24,8 +25,7 @@ int bench_ffn_layer(const Config& config) {
     Config c = config;
     c.L = 1;
     const int N = c.B * c.T, reps = 20;
-    size_t free_before, free_after, total;
-    CUDA_CHECK(cudaMemGetInfo(&free_before, &total));
+    const int64_t free_before = device_free_bytes();
     const ParamLayout layout = build_param_layout(c);
     std::vector<float> host(layout.total);
     init_params(host.data(), layout, c.seed);
@@ -51,7 +51,7 @@ int bench_ffn_layer(const Config& config) {
     const GradLayer g = bind_tensors(layout, grads.get(), 1, c.ffn).layers[0];
     Ffn ffn(c, N, Comm{});
     CUDA_CHECK(cudaDeviceSynchronize());
-    CUDA_CHECK(cudaMemGetInfo(&free_after, &total));
+    const int64_t free_after = device_free_bytes();
     cudaEvent_t start, mid, stop;
     CUDA_CHECK(cudaEventCreate(&start)); CUDA_CHECK(cudaEventCreate(&mid)); CUDA_CHECK(cudaEventCreate(&stop));
     std::vector<float> fwd, all;
@@ -77,7 +77,7 @@ int bench_ffn_layer(const Config& config) {
     std::printf("layer bench | %s | %s | N %d tokens | forward %.3f ms | forward+backward %.3f ms | %.1f TFLOP/s | "
                 "%.2f GiB on the device\n",
                 prop.name, ffn_name(c.ffn), N, fwd[reps / 2], ms, flops / (ms * 1e-3) / 1e12,
-                (free_before - free_after) / 1073741824.0);
+                (free_before - free_after) / kGiB);
     CUDA_CHECK(cudaEventDestroy(start)); CUDA_CHECK(cudaEventDestroy(mid)); CUDA_CHECK(cudaEventDestroy(stop));
     cublasDestroy(ctx.cublas);
     cudaStreamDestroy(ctx.stream);
