@@ -3,8 +3,9 @@
 # docs/perf/single_gpu.md): builds the trainers, then the phases named in PHASES (default all):
 #   study  the p1 quality study: train_latentmoe and moe_ep_baseline over one epoch of KJV for the
 #          seeds in SEEDS (default 1 2 3), with compare.sh's report and its layer benchmark over k for
-#          the first (scripts/quality_study.sh p1 483); a study split over calls (SEEDS="1 2", then
-#          SEEDS=3) is put together by scripts/study.py FOLDER1 FOLDER2;
+#          the first (scripts/quality_study.sh p1 483); STUDY_SYSTEMS and STUDY_K_SWEEP narrow it (a
+#          missing run: STUDY_SYSTEMS=moe_ep_baseline STUDY_K_SWEEP="" SEEDS=3); a study split over
+#          calls is put together by scripts/study.py FOLDER1 FOLDER2;
 #   train  p1 and p2 training of both trainers at --grad-accum 1 and 4 (tokens/s, MFU, step breakdown,
 #          memory), then the layer benchmark of the three systems at p1 and p2 (LocMoE dropless and at
 #          c_f 1.25);
@@ -27,7 +28,7 @@ data=(--train-data data/kjv_train.bin --val-data data/kjv_val.bin)
 pack() { [[ -d $2 ]] && tar -czf "$out/$1.tgz" -C "$(dirname "$2")" "$(basename "$2")"; }
 
 if has_phase study; then
-    SYSTEMS="train_latentmoe moe_ep_baseline" K_SWEEP="4 8 16 32" STUDY=$logs/study_p1 \
+    SYSTEMS="${STUDY_SYSTEMS:-train_latentmoe moe_ep_baseline}" K_SWEEP="${STUDY_K_SWEEP-4 8 16 32}" STUDY=$logs/study_p1 \
         timeout 540 bash scripts/quality_study.sh p1 483 >"$logs/study_p1.log" 2>&1
     [[ -d $logs/study_p1 ]] && cp "$logs/study_p1.log" "$logs/study_p1/"
     pack study_p1 "$logs/study_p1"
@@ -61,7 +62,7 @@ fi
 
 read -r -a arms <<<"${SMALL_ARMS-latentmoe_init0.5 latentmoe_init2}"
 if has_phase arms && [[ ${#arms[@]} -gt 0 ]]; then
-    SYSTEMS="" ARMS="${arms[*]}" STUDY=$logs/study_small timeout 300 bash scripts/quality_study.sh small 967 \
+    SEEDS="1 2 3" SYSTEMS="" ARMS="${arms[*]}" STUDY=$logs/study_small timeout 300 bash scripts/quality_study.sh small 967 \
         >"$logs/study_small.log" 2>&1
     [[ -d $logs/study_small ]] && cp "$logs/study_small.log" "$logs/study_small/"
     pack study_small "$logs/study_small"
