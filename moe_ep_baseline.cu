@@ -63,7 +63,10 @@ class MoeFfn {
         o_.resize(L * copies_ * c.d); pre_.resize(L * n * c.fe); h_.resize(L * n * c.fe);
         d_o_.resize(copies_ * c.d); dx_copy_.resize(copies_ * c.d); ds_copy_.resize(copies_);
         dpre_.resize(n * c.fe);
-        if (!c.locmoe()) router_grad_scratch_.resize(router_grad_scratch_size(c.E, c.d));
+        if (!c.locmoe()) {
+            router_grad_scratch_.resize(router_grad_scratch_size(c.E, c.d));
+            router_t_.resize((size_t)c.E * c.d);
+        }
         if (exchange_) {  // the rows the experts received, per layer, and their outputs
             x_received_.resize(L * n * c.d);
             expert_rows_.resize(n * c.d);
@@ -120,7 +123,7 @@ class MoeFfn {
         to_sources(l, dx_copy_.get(), dx_experts, ctx);
         if (c.locmoe()) {
             // group:    dx[t] = Σ_{kept j} dx_copy                                floatX (N, d)
-            gather_input_grad(dx, c.d, dx_copy_.get(), ds_copy_.get(), nullptr, p, c.d, ctx.stream);
+            gather_input_grad(dx, c.d, dx_copy_.get(), ds_copy_.get(), nullptr, nullptr, p, c.d, ctx.stream);
             // route:    dx += GrAP backward of dp = scale · dL/dp + Σ dw;  dε += dz
             locmoe_router_backward(dx, g.router_eps, grap_parts_.get(), x, w.router_eps, layer_stats(l).coef,
                                    ctx.loss_scale, p, ds_copy_.get(), c.d, ctx.stream);
@@ -130,7 +133,7 @@ class MoeFfn {
         // route:    dR[:, e] += Σ_{copies of e} x · ds   (k chosen columns only)
         router_weight_backward(g.router, router_grad_scratch_.get(), x, c.d, ds_copy_.get(), p, c.d, ctx.stream);
         // group:    dx[t] = Σ_j dx_copy + Σ_j R[:, e_j] ds_j                     floatX (N, d)
-        gather_input_grad(dx, c.d, dx_copy_.get(), ds_copy_.get(), w.router, p, c.d, ctx.stream);
+        gather_input_grad(dx, c.d, dx_copy_.get(), ds_copy_.get(), w.router, router_t_.get(), p, c.d, ctx.stream);
     }
 
     // LocMoE's L_aux and L_loc (summed over the layers) and drops per layer since the last call,
@@ -247,7 +250,7 @@ class MoeFfn {
     // per layer, kept for the backward
     DeviceBuffer<floatX> o_, pre_, h_, x_received_;
     // scratch shared by all layers
-    DeviceBuffer<floatX> d_o_, dpre_, dx_copy_, expert_rows_;
+    DeviceBuffer<floatX> d_o_, dpre_, dx_copy_, expert_rows_, router_t_;  // router_t_: R transposed
     DeviceBuffer<float> ds_copy_, router_grad_scratch_;
     // LocMoE only
     int capacity_ = 0;                                   // C; 0: unlimited

@@ -60,6 +60,7 @@ class LatentMoeFfn {
         for (auto* b : {&rows_, &heads_, &heads2_, &exchange_}) b->resize((size_t)N * HD_);
         d_o_.resize(copies_ * c.dh); dx_copy_.resize(copies_ * c.dh); ds_copy_.resize(copies_);
         router_grad_scratch_.resize(router_grad_scratch_size(Hl_ * c.E, c.dh));
+        router_t_.resize((size_t)Hl_ * c.E * c.dh);
     }
 
     // out (N, d) = FFN_l(x (N, d)). W = H/R·dh columns per owner; M = R·N rows at the owner.
@@ -109,7 +110,7 @@ class LatentMoeFfn {
         router_weight_backward(g.router, router_grad_scratch_.get(), U, ldU_, ds_copy_.get(), p, c.dh, ctx.stream);
         // group:    dU[t, h] = Σ_j dx_copy + Σ_j R_h[:, e_j] ds_j                floatX (R·N, W)
         floatX* dU = single ? rows_.get() : heads2_.get();
-        gather_input_grad(dU, ldU_, dx_copy_.get(), ds_copy_.get(), w.router, p, c.dh, ctx.stream);
+        gather_input_grad(dU, ldU_, dx_copy_.get(), ds_copy_.get(), w.router, router_t_.get(), p, c.dh, ctx.stream);
         // exchange back: du (N, H·dh) for this rank's tokens
         floatX* du = rows_.get();
         if (!single) from_head_owners(du, dU, ctx);
@@ -150,7 +151,7 @@ class LatentMoeFfn {
     RoutingPlans plans_;
     DeviceBuffer<floatX> U_, y_, o_;
     // scratch shared by all layers: (N, H·dh) token rows, (R·N, W) head rows, the exchange buffer
-    DeviceBuffer<floatX> rows_, heads_, heads2_, exchange_, d_o_, dx_copy_;
+    DeviceBuffer<floatX> rows_, heads_, heads2_, exchange_, d_o_, dx_copy_, router_t_;  // router_t_: R transposed
     DeviceBuffer<float> ds_copy_, router_grad_scratch_;
 };
 

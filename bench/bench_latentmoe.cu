@@ -3,6 +3,7 @@
 // kernels' achieved rate, then each expert kernel alone. No arguments; without a GPU it exits 77.
 #include <cstdint>
 
+#include "bench/routing_glue.cuh"
 #include "tests/latentmoe_fixture.cuh"
 
 // Inputs are seeded random normals: the timings depend on their sizes and on the routing they
@@ -10,7 +11,7 @@
 constexpr uint64_t kSeed = 2026;
 
 // Median time of each stage at a benchmark size, with the expert kernels' achieved rate: forward 2
-// matmuls per copy, input backward 3, weight backward 4.
+// matmuls per copy, input backward 3, weight backward 4; then each expert kernel and each glue kernel alone.
 void bench_shape(const Shape& s, lmoe::Rng& rng) {
     const int HD = s.H * s.dh;
     LayerTensors T = upload_layer(s, random_inputs(s, rng, 0.0));
@@ -37,6 +38,10 @@ void bench_shape(const Shape& s, lmoe::Rng& rng) {
         lmoe::expert_weight_backward(T.dK.get(), T.dV.get(), L.d_o.get(), T.u.get(), HD, T.K.get(), T.V.get(), L.plan,
                                      dh, F, 0);
     });
+    time_routing_glue({L.plan, T.u.get(), T.R.get(), T.bias.get(), HD, dh, L.o.get(), T.y.get(), T.dy.get(), L.d_o.get(),
+                       L.dx_copy.get(), T.du.get(), L.router_t.get(), L.ds_copy.get(), T.dR.get(),
+                       L.router_grad_scratch.get()},
+                      reps);
 }
 
 int main() {

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "bench/routing_glue.cuh"
 #include "dense/matmul.cuh"
 #include "tests/moe_fixture.cuh"
 
@@ -75,7 +76,7 @@ void bench_cublas(const Shape& s, const MoeLayer& L, const LayerTensors& T, int 
 }
 
 // Median time of each stage at a benchmark size with the grouped GEMMs' rate, each grouped GEMM
-// kernel alone, then bench_cublas.
+// kernel and each routing-glue kernel alone, then bench_cublas.
 void bench_shape(const Shape& s, lmoe::Rng& rng) {
     LayerTensors T = upload_layer(s, random_inputs(s, rng, kBenchScales));
     for (auto* g : {&T.dR, &T.dW1, &T.dW2}) CUDA_CHECK(cudaMemset(g->get(), 0, g->size() * sizeof(float)));
@@ -123,6 +124,10 @@ void bench_shape(const Shape& s, lmoe::Rng& rng) {
         lmoe::grouped_weight_grad<floatX>({T.dW1.get(), {L.dpre.get(), f, nullptr}, {T.x.get(), d, L.plan.copy_row}, f,
                                            d, L.plan.group_offset}, s.E, 0);
     });
+    time_routing_glue({L.plan, T.x.get(), T.R.get(), T.bias.get(), d, d, L.o.get(), T.y.get(), T.dy.get(), L.d_o.get(),
+                       L.dx_copy.get(), T.dx.get(), L.router_t.get(), L.ds_copy.get(), T.dR.get(),
+                       L.router_grad_scratch.get()},
+                      reps);
     bench_cublas(s, L, T, reps, unit);
 }
 

@@ -1,34 +1,76 @@
 // The weight stage of both FFN kinds and its backward (SPEC §2.1, §2.2): each row's k expert outputs
 // weighted by their gates and summed, in slot order; the backward's gate-softmax gradient; and the
 // gather of each row's input gradient from its copies and the router. All three walk a RoutingPlan
-// (moe/routing_plan.cuh) row by row, so every sum has a fixed order.
+// (moe/routing_plan.cuh) row by row, so every sum has a fixed order. They move kPack values (16
+// bytes) per load and store: rows of D floatX with D a multiple of kPack, at 16-byte aligned addresses
+// (ld a multiple of kPack too), which both trainers' shapes are.
 #pragma once
 #include "moe/routing_plan.cuh"
 #include "util/cuda_utils.cuh"
 
 namespace lmoe {
 
+__device__ inline Pack load_pack(const floatX* p) { return *reinterpret_cast<const Pack*>(p); }
+__device__ inline void store_pack(floatX* p, const float (&v)[kPack]) {
+    Pack out;
+#pragma unroll
+    for (int i = 0; i < kPack; i++) out.v[i] = from_float<floatX>(v[i]);
+    *reinterpret_cast<Pack*>(p) = out;
+}
+
+// acc += Σ_{j < k} scale_j · (the kPack values at row_j), in order of j; row(j, scale) gives row_j
+// and its scale, or null to skip slot j. Four rows are loaded before any is added, so several
+// loads are in flight per thread.
+template <class Row>
+__device__ inline void add_rows(float (&acc)[kPack], int k, Row row) {
+    constexpr int batch = 4;
+    for (int j0 = 0; j0 < k; j0 += batch) {
+        const floatX* p[batch];
+        float scale[batch];
+        Pack v[batch];
+#pragma unroll
+        for (int u = 0; u < batch; u++) p[u] = j0 + u < k ? row(j0 + u, scale[u]) : nullptr;
+#pragma unroll
+        for (int u = 0; u < batch; u++)
+            if (p[u]) v[u] = load_pack(p[u]);
+#pragma unroll
+        for (int u = 0; u < batch; u++)
+            if (p[u])
+#pragma unroll
+                for (int i = 0; i < kPack; i++) acc[i] += scale[u] * to_float(v[u].v[i]);
+    }
+}
+
+inline void check_pack_shape(int D, int64_t ld) {
+    if (D % kPack != 0 || ld % kPack != 0)
+        die("combine", "row width and stride must be multiples of 16 bytes", "", __FILE__, __LINE__);
+}
+
 // Weight and merge: y[t, h] = Σ_j w[h, t, j] · o[pos(h, t, j)], slots summed in order (fp32).
-// o is (H·M·k, D) in group order; y is (M, ld) with head h at columns h·D. Here and below, a copy with
-// pos −1 (dropped by LocMoE's capacity) is skipped.
+// o is (H·M·k, D) in group order; y is (M, ld) with head h at columns h·D. One thread per kPack
+// columns of a (t, h) row. Here and below, a copy with pos −1 (dropped by LocMoE's capacity) is skipped.
 __global__ void combine_forward_kernel(floatX* y, int64_t ld, const floatX* o, const RoutingPlan plan, int M, int H,
                                        int D, int k) {
+    const int packs = D / kPack;
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (int64_t)M * H * D) return;
-    const int i = (int)(idx % D), h = (int)(idx / D % H);
-    const int64_t t = idx / ((int64_t)D * H);
+    if (idx >= (int64_t)M * H * packs) return;
+    const int c = (int)(idx % packs) * kPack, h = (int)(idx / packs % H);
+    const int64_t t = idx / ((int64_t)packs * H);
     const int64_t slot0 = ((int64_t)h * M + t) * k;
-    float acc = 0.f;
-    for (int j = 0; j < k; j++) {
+    float acc[kPack] = {};
+    add_rows(acc, k, [&](int j, float& w) -> const floatX* {
         const int64_t pos = plan.copy_pos[slot0 + j];
-        if (pos >= 0) acc += plan.gate[slot0 + j] * to_float(o[pos * D + i]);  // a dropped copy adds nothing
-    }
-    y[t * ld + (int64_t)h * D + i] = from_float<floatX>(acc);
+        if (pos < 0) return nullptr;  // a dropped copy adds nothing
+        w = plan.gate[slot0 + j];
+        return o + pos * D + c;
+    });
+    store_pack(y + t * ld + (int64_t)h * D + c, acc);
 }
 
 // y (M, ld) from o (copies, D); D = dh (LatentMoE) or d (MoE).
 inline void combine_forward(floatX* y, int64_t ld, const floatX* o, const RoutingPlan& plan, int D, cudaStream_t stream) {
-    const int64_t n = (int64_t)plan.M * plan.H * D;
+    check_pack_shape(D, ld);
+    const int64_t n = (int64_t)plan.M * plan.H * (D / kPack);
     combine_forward_kernel<<<(unsigned)ceil_div(n, 256), 256, 0, stream>>>(y, ld, o, plan, plan.M, plan.H, D, plan.k);
     CUDA_CHECK_LAUNCH();
 }
@@ -37,6 +79,8 @@ inline void combine_forward(floatX* y, int64_t ld, const floatX* o, const Routin
 //   dw_j = dy · o_j;   do_j = w_j dy   (to the copy's slot, for the expert backward);
 //   ds_j = w_j (dw_j − Σ_i w_i dw_i)   (the gate softmax; stored per copy for the router backward).
 // With gate_softmax false (LocMoE, whose gates are the full softmax's p) dw_j itself is stored.
+// A row is D / kPack packs; when that is under 32 and divides it, the warp splits into segments of
+// that many lanes and takes 32 / packs copies at once (dh = 128: two at once, 16 lanes each).
 __global__ void combine_backward_kernel(floatX* d_o, float* ds_copy, const floatX* dy, int64_t ld, const floatX* o,
                                         const RoutingPlan plan, int M, int H, int D, int k, bool gate_softmax) {
     const int lane = threadIdx.x % 32;
@@ -45,21 +89,33 @@ __global__ void combine_backward_kernel(floatX* d_o, float* ds_copy, const float
     const int h = (int)(warp / M);
     const int64_t t = warp % M, slot0 = warp * k;
     const floatX* dyt = dy + t * ld + (int64_t)h * D;
+    const int packs = D / kPack;
+    const int seg = packs < 32 && 32 % packs == 0 ? packs : 32;  // lanes per copy
+    const int per_pass = 32 / seg, jj = lane / seg, v0 = lane % seg;
     float my_dgate = 0.f, my_gate = 0.f;  // lane j < k holds slot j's
-    for (int j = 0; j < k; j++) {
-        const int64_t pos = plan.copy_pos[slot0 + j];
-        if (pos < 0) continue;  // warp-uniform
-        const float w = plan.gate[slot0 + j];
+    for (int j0 = 0; j0 < k; j0 += per_pass) {
+        const int j = j0 + jj;
+        const int64_t pos = j < k ? plan.copy_pos[slot0 + j] : -1;
+        const float w = pos >= 0 ? plan.gate[slot0 + j] : 0.f;
         float dot = 0.f;
-        for (int i = lane; i < D; i += 32) {
-            float g = to_float(dyt[i]);
-            dot += g * to_float(o[pos * D + i]);
-            d_o[pos * D + i] = from_float<floatX>(w * g);
-        }
-        for (int offset = 16; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, offset);
-        if (lane == j) {
-            my_dgate = dot;
-            my_gate = w;
+        if (pos >= 0)
+            for (int v = v0; v < packs; v += seg) {
+                const Pack g = load_pack(dyt + v * kPack), ov = load_pack(o + pos * D + v * kPack);
+                float scaled[kPack];
+#pragma unroll
+                for (int i = 0; i < kPack; i++) {
+                    dot += to_float(g.v[i]) * to_float(ov.v[i]);
+                    scaled[i] = w * to_float(g.v[i]);
+                }
+                store_pack(d_o + pos * D + v * kPack, scaled);
+            }
+        for (int offset = seg / 2; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, offset);
+        // slot j0 + i's sum sits in lane i·seg; lane j0 + i takes it
+        const int from = lane - j0 >= 0 && lane - j0 < per_pass ? (lane - j0) * seg : 0;
+        const float got = __shfl_sync(0xffffffff, dot, from), got_w = __shfl_sync(0xffffffff, w, from);
+        if (lane >= j0 && lane < j0 + per_pass && lane < k) {
+            my_dgate = got;
+            my_gate = got_w;
         }
     }
     float wdw = my_gate * my_dgate;
@@ -71,40 +127,63 @@ __global__ void combine_backward_kernel(floatX* d_o, float* ds_copy, const float
 // d_o (copies, D) and ds_copy (copies) from dy (M, ld).
 inline void combine_backward(floatX* d_o, float* ds_copy, const floatX* dy, int64_t ld, const floatX* o,
                              const RoutingPlan& plan, int D, cudaStream_t stream, bool gate_softmax = true) {
+    check_pack_shape(D, ld);
     const int warps = 8;
     combine_backward_kernel<<<(unsigned)ceil_div((int64_t)plan.H * plan.M, warps), warps * 32, 0, stream>>>(
         d_o, ds_copy, dy, ld, o, plan, plan.M, plan.H, D, plan.k, gate_softmax);
     CUDA_CHECK_LAUNCH();
 }
 
-// The gradient of each row from its copies and the router, in the reference's order:
-//   dx[t, h] = Σ_j dx_copy[pos(h, t, j)]  +  Σ_j R_h[:, e_j] ds_j      (written, not accumulated)
-// R null: the copies' part only (LocMoE's router adds its own, moe/locmoe_router.cuh).
-__global__ void gather_input_grad_kernel(floatX* dx, int64_t ld, const floatX* dx_copy, const float* ds_copy,
-                                         const floatX* R, const RoutingPlan plan, int M, int H, int D, int E, int k) {
+// Rt (H, E, D) = R (H, D, E) transposed, so that the gather below reads an expert's router column as
+// contiguous packs. One thread per element of Rt.
+__global__ void transpose_router_kernel(floatX* Rt, const floatX* R, int H, int D, int E) {
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (int64_t)M * H * D) return;
-    const int i = (int)(idx % D), h = (int)(idx / D % H);
-    const int64_t t = idx / ((int64_t)D * H);
-    const int64_t slot0 = ((int64_t)h * M + t) * k;
-    float acc = 0.f;
-    for (int j = 0; j < k; j++) {
-        const int64_t pos = plan.copy_pos[slot0 + j];
-        if (pos >= 0) acc += to_float(dx_copy[pos * D + i]);
-    }
-    if (R) {
-        const floatX* Ri = R + ((int64_t)h * D + i) * E;
-        for (int j = 0; j < k; j++) acc += to_float(Ri[plan.sel[slot0 + j]]) * ds_copy[plan.copy_pos[slot0 + j]];
-    }
-    dx[t * ld + (int64_t)h * D + i] = from_float<floatX>(acc);
+    if (idx >= (int64_t)H * D * E) return;
+    const int i = (int)(idx % D), e = (int)(idx / D % E);
+    const int64_t h = idx / ((int64_t)D * E);
+    Rt[idx] = R[(h * D + i) * E + e];
 }
 
-// dx (M, ld) from dx_copy (copies, D), ds_copy (copies) and the router R (H, D, E).
+// The gradient of each row from its copies and the router, in the reference's order:
+//   dx[t, h] = Σ_j dx_copy[pos(h, t, j)]  +  Σ_j R_h[:, e_j] ds_j      (written, not accumulated)
+// Rt null: the copies' part only (LocMoE's router adds its own, moe/locmoe_router.cuh). One thread
+// per kPack columns of a (t, h) row.
+__global__ void gather_input_grad_kernel(floatX* dx, int64_t ld, const floatX* dx_copy, const float* ds_copy,
+                                         const floatX* Rt, const RoutingPlan plan, int M, int H, int D, int E, int k) {
+    const int packs = D / kPack;
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (int64_t)M * H * packs) return;
+    const int c = (int)(idx % packs) * kPack, h = (int)(idx / packs % H);
+    const int64_t t = idx / ((int64_t)packs * H);
+    const int64_t slot0 = ((int64_t)h * M + t) * k;
+    float acc[kPack] = {};
+    add_rows(acc, k, [&](int j, float& one) -> const floatX* {
+        const int64_t pos = plan.copy_pos[slot0 + j];
+        one = 1.f;
+        return pos >= 0 ? dx_copy + pos * D + c : nullptr;
+    });
+    if (Rt)
+        add_rows(acc, k, [&](int j, float& ds) -> const floatX* {
+            ds = ds_copy[plan.copy_pos[slot0 + j]];
+            return Rt + ((int64_t)h * E + plan.sel[slot0 + j]) * D + c;
+        });
+    store_pack(dx + t * ld + (int64_t)h * D + c, acc);
+}
+
+// dx (M, ld) from dx_copy (copies, D), ds_copy (copies) and the router R (H, D, E), transposed first
+// into Rt (H, E, D floatX, scratch). R null: no router term (Rt unused).
 inline void gather_input_grad(floatX* dx, int64_t ld, const floatX* dx_copy, const float* ds_copy, const floatX* R,
-                              const RoutingPlan& plan, int D, cudaStream_t stream) {
-    const int64_t n = (int64_t)plan.M * plan.H * D;
-    gather_input_grad_kernel<<<(unsigned)ceil_div(n, 256), 256, 0, stream>>>(dx, ld, dx_copy, ds_copy, R, plan, plan.M,
-                                                                             plan.H, D, plan.E, plan.k);
+                              floatX* Rt, const RoutingPlan& plan, int D, cudaStream_t stream) {
+    check_pack_shape(D, ld);
+    const int H = plan.H, E = plan.E;
+    if (R) {
+        const int64_t n = (int64_t)H * D * E;
+        transpose_router_kernel<<<(unsigned)ceil_div(n, 256), 256, 0, stream>>>(Rt, R, H, D, E);
+        CUDA_CHECK_LAUNCH();
+    }
+    const int64_t n = (int64_t)plan.M * H * (D / kPack);
+    gather_input_grad_kernel<<<(unsigned)ceil_div(n, 256), 256, 0, stream>>>(dx, ld, dx_copy, ds_copy, R ? Rt : nullptr,
+                                                                             plan, plan.M, H, D, E, plan.k);
     CUDA_CHECK_LAUNCH();
 }
 

@@ -1,13 +1,18 @@
-// The IO-aware router (SPEC §4): logits, running top-k and gates in one kernel, so the
-// (rows × E) logit matrix never reaches global memory; and its backward, which touches only the
+// The IO-aware router (SPEC §4): logits (on tensor cores in the bf16 build), top-k and gates in one
+// kernel, so the (rows × E) logit matrix never reaches global memory; and its backward, which touches only the
 // k chosen columns. Used per latent head by Multi-Head LatentMoE (rows = sub-tokens, D = dh) and
 // once by the MoE baseline (H = 1, rows = tokens, D = d).
 //
 // Layout: x is (M, ld) floatX and head h's rows are x[t, h·D : (h+1)·D]; R is (H, D, E) floatX;
 // bias (H, E) fp32; sel and gate are (H, M, k), chosen experts in descending order of s + b.
 #pragma once
+#include <algorithm>
+#include <type_traits>
+
 #include "moe/routing_plan.cuh"
+#include "tc/warp_tile.cuh"
 #include "util/cuda_utils.cuh"
+#include "util/launch.cuh"
 
 namespace lmoe {
 
@@ -64,10 +69,30 @@ __device__ inline void warp_topk(const float (&score)[PER_LANE], const float (&v
     }
 }
 
-// One warp per (head, row). Lane l holds the logits of experts l, l+32, ... in registers:
-//   s[e] = Σ_i x[i] R[i, e]        (fp32)
-//   S    = top-k of s + b          (k rounds of a warp argmax, ties to the lower index)
-//   w    = softmax over S of s     (lane j holds the j-th choice)
+// The gates of one (head, row), given the logits lane l holds for experts l + 32q:
+//   S = top-k of s + b          (k rounds of a warp argmax, ties to the lower index)
+//   w = softmax over S of s     (lane j < k writes the j-th choice to sel[j], gate[j])
+template <int PER_LANE>
+__device__ inline void route_row(int* sel, float* gate, const float (&s)[PER_LANE], const float* bh, int E, int k) {
+    const int lane = threadIdx.x % 32;
+    float score[PER_LANE];
+#pragma unroll
+    for (int q = 0; q < PER_LANE; q++) score[q] = lane + 32 * q < E ? s[q] + bh[lane + 32 * q] : 0.f;
+    int my_expert;
+    float my_logit;
+    warp_topk(score, s, E, k, my_expert, my_logit);
+    float mx = my_logit;  // lanes ≥ k hold -inf
+    for (int offset = 16; offset > 0; offset >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, offset));
+    float ex = lane < k ? expf(my_logit - mx) : 0.f, sum = ex;
+    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, offset);
+    if (lane < k) {
+        sel[lane] = my_expert;
+        gate[lane] = ex / sum;
+    }
+}
+
+// fp32 build (and shapes the tensor-core kernel does not take): one warp per (head, row), lane l
+// summing the logits of experts l, l+32, ... in registers: s[e] = Σ_i x[i] R[i, e] (fp32).
 template <int PER_LANE>
 __global__ void router_forward_kernel(int* sel, float* gate, const floatX* x, int64_t ld, const floatX* R,
                                       const float* bias, int M, int H, int D, int E, int k) {
@@ -77,7 +102,6 @@ __global__ void router_forward_kernel(int* sel, float* gate, const floatX* x, in
     const int h = (int)(warp / M), t = (int)(warp % M);
     const floatX* row = x + t * ld + (int64_t)h * D;
     const floatX* Rh = R + (int64_t)h * D * E;
-    const float* bh = bias + (int64_t)h * E;
 
     float s[PER_LANE];
 #pragma unroll
@@ -95,60 +119,197 @@ __global__ void router_forward_kernel(int* sel, float* gate, const floatX* x, in
             }
         }
     }
+    route_row(sel + warp * k, gate + warp * k, s, bias + (int64_t)h * E, E, k);
+}
 
-    float score[PER_LANE];
+// Top-k of one row of logits s (in shared memory) by one thread: a list of KB ≥ k entries (score
+// s + b, expert, logit s) in registers, sorted by descending score with ties to the lower expert
+// (SPEC's tie rule). Each expert, in increasing order, is carried down the list, changing places with
+// every entry it beats, so the list stays sorted and its first k entries are the top-k. A NaN score
+// (diverged weights) ranks last, so every entry still names a real expert.
+template <int KB>
+__device__ inline void thread_topk(int (&expert)[KB], float (&logit)[KB], const float* s, const float* bh, int E) {
+    float score[KB];
 #pragma unroll
-    for (int q = 0; q < PER_LANE; q++) score[q] = lane + 32 * q < E ? s[q] + bh[lane + 32 * q] : 0.f;
-    int my_expert;
-    float my_logit;
-    warp_topk(score, s, E, k, my_expert, my_logit);
-    float mx = my_logit;  // lanes ≥ k hold -inf
-    for (int offset = 16; offset > 0; offset >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, offset));
-    float ex = lane < k ? expf(my_logit - mx) : 0.f, sum = ex;
-    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, offset);
-    if (lane < k) {
-        sel[warp * k + lane] = my_expert;
-        gate[warp * k + lane] = ex / sum;
+    for (int i = 0; i < KB; i++) {
+        score[i] = -INFINITY;
+        expert[i] = INT_MAX;
+        logit[i] = -INFINITY;
     }
+    for (int e = 0; e < E; e++) {
+        float lg = s[e], sc = lg + bh[e];
+        if (sc != sc) sc = -INFINITY;
+        int ex = e;
+#pragma unroll
+        for (int i = 0; i < KB; i++) {
+            if (sc > score[i] || (sc == score[i] && ex < expert[i])) {
+                const float ts = score[i], tl = logit[i];
+                const int te = expert[i];
+                score[i] = sc, logit[i] = lg, expert[i] = ex;
+                sc = ts, lg = tl, ex = te;
+            }
+        }
+    }
+}
+
+// bf16 build: a block of four warps takes kRouterRows rows of one head and multiplies them by R_h on
+// tensor cores, kRouterDepth inputs at a time through double-buffered shared memory (X tile [row][i],
+// R tile [i][e], both zero-filled past M, D and E); warp w owns rows 16w..16w+15 and all EP = 32·PER_LANE
+// (padded) expert columns. The (kRouterRows × EP) fp32 logits then go to shared memory, and thread r
+// routes row r (thread_topk, then the softmax over the k chosen logits): the logits never reach global
+// memory. Needs D, E and ld multiples of 8 (16-byte rows).
+constexpr int kRouterRows = 64, kRouterDepth = 64, kRouterThreads = 128;
+
+template <int PER_LANE>
+struct RouterSmem {
+    static constexpr int EP = 32 * PER_LANE, ldx = kRouterDepth + 8, ldr = EP + 8, ldl = EP + 1;
+    static constexpr int x_elems = kRouterRows * ldx, r_elems = kRouterDepth * ldr;
+    static constexpr size_t staging = 2 * (size_t)(x_elems + r_elems) * sizeof(bf16);
+    static constexpr size_t logits = (size_t)kRouterRows * ldl * sizeof(float);
+    static constexpr size_t bytes = staging > logits ? staging : logits;  // the logits reuse the staging
+};
+
+template <int PER_LANE, int KB>
+__global__ void __launch_bounds__(kRouterThreads)
+    router_forward_mma_kernel(int* sel, float* gate, const bf16* x, int64_t ld, const bf16* R, const float* bias, int M,
+                              int D, int E, int k) {
+    using S = RouterSmem<PER_LANE>;
+    constexpr int EP = S::EP;
+    static_assert(kRouterThreads >= kRouterRows, "one thread per row routes it");
+    extern __shared__ __align__(16) unsigned char router_smem[];
+    bf16* Xs = reinterpret_cast<bf16*>(router_smem);  // 2 × (kRouterRows, kRouterDepth)
+    bf16* Rs = Xs + 2 * S::x_elems;                   // 2 × (kRouterDepth, EP)
+    const int h = blockIdx.y, r0 = blockIdx.x * kRouterRows, warp = threadIdx.x / 32;
+    const bf16* xh = x + (int64_t)h * D;
+    const bf16* Rh = R + (int64_t)h * D * E;
+
+    auto load = [&](int chunk, int buf) {  // inputs i0 .. i0 + kRouterDepth of the tile's rows and of R_h
+        const int i0 = chunk * kRouterDepth;
+        constexpr int xv = kRouterDepth / 8, rv = EP / 8;
+        for (int v = threadIdx.x; v < kRouterRows * xv; v += kRouterThreads) {
+            const int r = v / xv, i = i0 + 8 * (v % xv);
+            const bool valid = r0 + r < M && i < D;
+            cp_async_16(Xs + buf * S::x_elems + r * S::ldx + 8 * (v % xv), valid ? xh + (r0 + r) * ld + i : x, valid);
+        }
+        for (int v = threadIdx.x; v < kRouterDepth * rv; v += kRouterThreads) {
+            const int i = v / rv, e = 8 * (v % rv);
+            const bool valid = i0 + i < D && e < E;
+            cp_async_16(Rs + buf * S::r_elems + i * S::ldr + e, valid ? Rh + (int64_t)(i0 + i) * E + e : R, valid);
+        }
+        cp_async_commit();
+    };
+
+    float acc[1][EP / 8][4] = {};
+    const int chunks = (int)ceil_div(D, kRouterDepth);
+    load(0, 0);
+    for (int c = 0; c < chunks; c++) {
+        if (c + 1 < chunks) {
+            load(c + 1, (c + 1) % 2);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        warp_mma<kRouterDepth, 1, EP, false, true>(acc, Xs + (c % 2) * S::x_elems, S::ldx, 16 * warp,
+                                                   Rs + (c % 2) * S::r_elems, S::ldr, 0);
+        __syncthreads();  // the buffer is refilled next round (or, after the last, holds the logits)
+    }
+
+    float* logits = reinterpret_cast<float*>(router_smem);  // (kRouterRows, EP)
+    const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+#pragma unroll
+    for (int nt = 0; nt < EP / 8; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            logits[(16 * warp + g + 8 * (i / 2)) * S::ldl + nt * 8 + 2 * q + i % 2] = acc[0][nt][i];
+    __syncthreads();
+    const int r = threadIdx.x;
+    if (r >= kRouterRows || r0 + r >= M) return;
+    int expert[KB];
+    float logit[KB];
+    thread_topk<KB>(expert, logit, logits + r * S::ldl, bias + (int64_t)h * E, E);
+    float mx = -INFINITY, sum = 0.f;  // the softmax over the k chosen logits
+#pragma unroll
+    for (int j = 0; j < KB; j++)
+        if (j < k) mx = fmaxf(mx, logit[j]);
+#pragma unroll
+    for (int j = 0; j < KB; j++)
+        if (j < k) sum += expf(logit[j] - mx);
+    const int64_t slot0 = ((int64_t)h * M + r0 + r) * k;
+#pragma unroll
+    for (int j = 0; j < KB; j++)
+        if (j < k) {
+            sel[slot0 + j] = expert[j];
+            gate[slot0 + j] = expf(logit[j] - mx) / sum;
+        }
+}
+
+template <int PER_LANE, int KB>
+void launch_router_forward(const RoutingPlan& plan, const floatX* x, int64_t ld, const floatX* R, const float* bias,
+                           int D, cudaStream_t stream) {
+    const int M = plan.M, H = plan.H, E = plan.E, k = plan.k;
+    if constexpr (std::is_same<floatX, bf16>::value) {
+        if (D % 8 == 0 && E % 8 == 0 && ld % 8 == 0) {
+            launch_with_smem(router_forward_mma_kernel<PER_LANE, KB>, dim3((unsigned)ceil_div(M, kRouterRows), H),
+                             kRouterThreads, RouterSmem<PER_LANE>::bytes, stream, plan.sel, plan.gate, x, ld, R, bias,
+                             M, D, E, k);
+            return;
+        }
+    }
+    const int threads = 256, warps = threads / 32;
+    router_forward_kernel<PER_LANE><<<(unsigned)ceil_div((int64_t)H * M, warps), threads, 0, stream>>>(
+        plan.sel, plan.gate, x, ld, R, bias, M, H, D, E, k);
+    CUDA_CHECK_LAUNCH();
+}
+
+// The list length of thread_topk: the smallest of 8, 16, 32 that holds k.
+template <int PER_LANE>
+void launch_router_forward_k(const RoutingPlan& plan, const floatX* x, int64_t ld, const floatX* R, const float* bias,
+                             int D, cudaStream_t stream) {
+    if (plan.k <= 8) launch_router_forward<PER_LANE, 8>(plan, x, ld, R, bias, D, stream);
+    else if (plan.k <= 16) launch_router_forward<PER_LANE, 16>(plan, x, ld, R, bias, D, stream);
+    else launch_router_forward<PER_LANE, 32>(plan, x, ld, R, bias, D, stream);
 }
 
 // plan.sel, plan.gate (H, M, k) from x (M, ld); the rest of the plan is group_copies' work.
 inline void router_forward(const RoutingPlan& plan, const floatX* x, int64_t ld, const floatX* R, const float* bias, int D,
                            cudaStream_t stream) {
-    const int M = plan.M, H = plan.H, E = plan.E, k = plan.k;
-    int* sel = plan.sel;
-    float* gate = plan.gate;
-    const int threads = 256, warps = threads / 32;
-    const unsigned blocks = (unsigned)ceil_div((int64_t)H * M, warps);
-    const int per_lane = (int)ceil_div(E, 32);
-    if (per_lane <= 1) router_forward_kernel<1><<<blocks, threads, 0, stream>>>(sel, gate, x, ld, R, bias, M, H, D, E, k);
-    else if (per_lane <= 2) router_forward_kernel<2><<<blocks, threads, 0, stream>>>(sel, gate, x, ld, R, bias, M, H, D, E, k);
-    else if (per_lane <= 4) router_forward_kernel<4><<<blocks, threads, 0, stream>>>(sel, gate, x, ld, R, bias, M, H, D, E, k);
-    else router_forward_kernel<8><<<blocks, threads, 0, stream>>>(sel, gate, x, ld, R, bias, M, H, D, E, k);
-    CUDA_CHECK_LAUNCH();
+    const int per_lane = (int)ceil_div(plan.E, 32);
+    if (per_lane <= 1) launch_router_forward_k<1>(plan, x, ld, R, bias, D, stream);
+    else if (per_lane <= 2) launch_router_forward_k<2>(plan, x, ld, R, bias, D, stream);
+    else if (per_lane <= 4) launch_router_forward_k<4>(plan, x, ld, R, bias, D, stream);
+    else launch_router_forward_k<8>(plan, x, ld, R, bias, D, stream);
 }
 
 // Router weight gradient (SPEC §4: only the chosen columns): for each (head, expert) group g = (h, e)
 //   dR_h[:, e] += Σ_{copies p of g} x[row(p)] · ds[p]
-// A group's copies are cut into kRouterGradParts equal parts and the D columns into chunks of
+// A group's copies are cut into router_grad_parts equal parts and the D columns into chunks of
 // kRouterGradCols, one block per (chunk, group, part), so a crowded expert (early in training every
 // token may pick the same k experts) is spread over many blocks instead of walking its copies in
 // one. Warp w sums the part's copies w, w + 8, ... (two columns per lane), the warps are combined in
 // order, and the part's sum goes to a scratch slot; router_grad_reduce_kernel adds the parts in
 // order. Fixed orders throughout: bitwise reproducible, no atomics.
-constexpr int kRouterGradParts = 8, kRouterGradCols = 64, kRouterGradWarps = 8;
+constexpr int kRouterGradCols = 64, kRouterGradWarps = 8;
+
+// Parts per group: at least 8, and more when there are few groups (one head per rank of Head
+// Parallel: G = E), so that the blocks fill the GPU even when a few groups hold every copy. A function
+// of the shape only, so the summation order never depends on the routing.
+inline int router_grad_parts(int G, int D) {
+    const int64_t blocks_per_part = (int64_t)G * ceil_div(D, kRouterGradCols);
+    return (int)std::min<int64_t>(64, std::max<int64_t>(8, 8192 / blocks_per_part));
+}
 
 // Scratch floats router_weight_backward needs for G groups of D columns.
-inline size_t router_grad_scratch_size(int G, int D) { return (size_t)G * kRouterGradParts * D; }
+inline size_t router_grad_scratch_size(int G, int D) { return (size_t)G * router_grad_parts(G, D) * D; }
 
-// parts (G, kRouterGradParts, D): each part's sum.
+// parts (G, parts, D): each part's sum.
 __global__ void __launch_bounds__(kRouterGradWarps * 32)
     router_grad_parts_kernel(float* parts, const floatX* x, int64_t ld, const float* ds_copy, const int* copy_row,
                              const int* group_offset, int D, int E) {
-    const int c0 = blockIdx.x * kRouterGradCols, g = blockIdx.y, part = blockIdx.z, h = g / E;
+    const int c0 = blockIdx.x * kRouterGradCols, g = blockIdx.y, part = blockIdx.z, n_parts = gridDim.z, h = g / E;
     const int first = group_offset[g], n = group_offset[g + 1] - first;
-    const int begin = first + (int)((int64_t)n * part / kRouterGradParts);
-    const int end = first + (int)((int64_t)n * (part + 1) / kRouterGradParts);
+    const int begin = first + (int)((int64_t)n * part / n_parts);
+    const int end = first + (int)((int64_t)n * (part + 1) / n_parts);
     const int warp = threadIdx.x / 32, col = c0 + 2 * (threadIdx.x % 32);  // D is even: col + 1 < D too
     float a0 = 0.f, a1 = 0.f;
     if (col < D) {
@@ -166,31 +327,30 @@ __global__ void __launch_bounds__(kRouterGradWarps * 32)
     if (threadIdx.x >= kRouterGradCols || c0 + (int)threadIdx.x >= D) return;
     float total = 0.f;
     for (int w = 0; w < kRouterGradWarps; w++) total += sums[w][threadIdx.x];
-    parts[((int64_t)g * kRouterGradParts + part) * D + c0 + threadIdx.x] = total;
+    parts[((int64_t)g * n_parts + part) * D + c0 + threadIdx.x] = total;
 }
 
 // dR (H, D, E) += Σ over parts, in order; one thread per element of dR.
-__global__ void router_grad_reduce_kernel(float* dR, const float* parts, int H, int D, int E) {
+__global__ void router_grad_reduce_kernel(float* dR, const float* parts, int H, int D, int E, int n_parts) {
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (int64_t)H * D * E) return;
     const int e = (int)(i % E), col = (int)(i / E % D), h = (int)(i / ((int64_t)E * D));
-    const float* p = parts + ((int64_t)(h * E + e) * kRouterGradParts) * D + col;
+    const float* p = parts + ((int64_t)(h * E + e) * n_parts) * D + col;
     float total = 0.f;
-    for (int part = 0; part < kRouterGradParts; part++) total += p[(int64_t)part * D];
+    for (int part = 0; part < n_parts; part++) total += p[(int64_t)part * D];
     dR[i] += total;
 }
 
 // dR (H, D, E) fp32, accumulated; scratch: router_grad_scratch_size(H·E, D) floats. D must be even.
 inline void router_weight_backward(float* dR, float* scratch, const floatX* x, int64_t ld, const float* ds_copy,
                                    const RoutingPlan& plan, int D, cudaStream_t stream) {
-    const int H = plan.H, E = plan.E;
-    const int* copy_row = plan.copy_row;
-    const int* group_offset = plan.group_offset;
-    const dim3 grid((unsigned)ceil_div(D, kRouterGradCols), H * E, kRouterGradParts);
-    router_grad_parts_kernel<<<grid, kRouterGradWarps * 32, 0, stream>>>(scratch, x, ld, ds_copy, copy_row,
-                                                                         group_offset, D, E);
+    const int H = plan.H, E = plan.E, n_parts = router_grad_parts(H * E, D);
+    const dim3 grid((unsigned)ceil_div(D, kRouterGradCols), H * E, n_parts);
+    router_grad_parts_kernel<<<grid, kRouterGradWarps * 32, 0, stream>>>(scratch, x, ld, ds_copy, plan.copy_row,
+                                                                         plan.group_offset, D, E);
     CUDA_CHECK_LAUNCH();
-    router_grad_reduce_kernel<<<(unsigned)ceil_div((int64_t)H * D * E, 256), 256, 0, stream>>>(dR, scratch, H, D, E);
+    router_grad_reduce_kernel<<<(unsigned)ceil_div((int64_t)H * D * E, 256), 256, 0, stream>>>(dR, scratch, H, D, E,
+                                                                                                n_parts);
     CUDA_CHECK_LAUNCH();
 }
 

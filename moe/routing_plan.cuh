@@ -97,79 +97,133 @@ class RoutingPlans {
 };
 
 // Per chunk of rows: how many copies each expert of head h receives (integer atomics on shared
-// memory: the counts are exact whatever the order).
+// memory: the counts are exact whatever the order). The lanes of a warp that chose the same expert
+// add once, through their leader, so a crowded routing does not serialise on a few counters.
 __global__ void count_copies_kernel(int* chunk_counts, const int* sel, int M, int E, int k) {
     extern __shared__ int hist[];  // (E)
-    const int chunk = blockIdx.x, h = blockIdx.y, chunks = gridDim.x;
+    const int chunk = blockIdx.x, h = blockIdx.y, chunks = gridDim.x, lane = threadIdx.x % 32;
     for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
     __syncthreads();
     const int t = chunk * kGroupChunkRows + threadIdx.x;
-    if (t < M)
-        for (int j = 0; j < k; j++) {
-            const int e = sel[((int64_t)h * M + t) * k + j];
-            if (e >= 0) atomicAdd(&hist[e], 1);  // e < 0: a copy LocMoE's capacity dropped
-        }
+    for (int j = 0; j < k; j++) {
+        const int e = t < M ? sel[((int64_t)h * M + t) * k + j] : -1;  // e < 0 also: a copy LocMoE dropped
+        const unsigned peers = __match_any_sync(0xffffffff, e);
+        if (e >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[e], __popc(peers));
+    }
     __syncthreads();
     for (int e = threadIdx.x; e < E; e += blockDim.x) chunk_counts[((int64_t)h * chunks + chunk) * E + e] = hist[e];
 }
 
-// One block: group sizes, their offsets (exclusive scan in group order), each chunk's first slot in
-// each group (chunk_counts is overwritten with it), and the tile list.
+// Exclusive prefix sums of two counts over the threads of a block (blockDim.x a multiple of 32, at
+// most 1024), in thread order; every thread also gets the totals. Integers: exact in any order.
+__device__ inline void block_exclusive_scan2(int& a, int& b, int& total_a, int& total_b) {
+    __shared__ int warp_a[32], warp_b[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    int ia = a, ib = b;  // inclusive within the warp
+    for (int offset = 1; offset < 32; offset <<= 1) {
+        const int ua = __shfl_up_sync(0xffffffff, ia, offset), ub = __shfl_up_sync(0xffffffff, ib, offset);
+        if (lane >= offset) {
+            ia += ua;
+            ib += ub;
+        }
+    }
+    if (lane == 31) {
+        warp_a[warp] = ia;
+        warp_b[warp] = ib;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        int wa = lane < warps ? warp_a[lane] : 0, wb = lane < warps ? warp_b[lane] : 0;
+        for (int offset = 1; offset < 32; offset <<= 1) {
+            const int ua = __shfl_up_sync(0xffffffff, wa, offset), ub = __shfl_up_sync(0xffffffff, wb, offset);
+            if (lane >= offset) {
+                wa += ua;
+                wb += ub;
+            }
+        }
+        warp_a[lane] = wa;  // now inclusive over warps
+        warp_b[lane] = wb;
+    }
+    __syncthreads();
+    const int before_a = warp > 0 ? warp_a[warp - 1] : 0, before_b = warp > 0 ? warp_b[warp - 1] : 0;
+    a = before_a + ia - a;
+    b = before_b + ib - b;
+    total_a = warp_a[warps - 1];
+    total_b = warp_b[warps - 1];
+}
+
+// One block: group sizes, their offsets (exclusive scan in group order: thread i takes a run of
+// consecutive groups, then a block scan), each chunk's first slot in each group (chunk_counts is
+// overwritten with it), and the tile list.
 __global__ void plan_groups_kernel(RoutingPlan plan, int H, int E, int chunks) {
     const int G = H * E;
-    extern __shared__ int shared[];  // group sizes (G), then tile counts (G)
+    extern __shared__ int shared[];  // group sizes (G), then each group's first tile (G)
     int* size = shared;
-    int* tiles = shared + G;
+    int* first_tile = shared + G;
     for (int g = threadIdx.x; g < G; g += blockDim.x) {
-        const int h = g / E, e = g % E;
+        const int* counts = plan.chunk_counts + (int64_t)(g / E) * chunks * E + g % E;
         int total = 0;
-        for (int c = 0; c < chunks; c++) total += plan.chunk_counts[((int64_t)h * chunks + c) * E + e];
+#pragma unroll 8
+        for (int c = 0; c < chunks; c++) total += counts[(int64_t)c * E];
         size[g] = total;
-        tiles[g] = (int)ceil_div(total, kExpertTileRows);
     }
     __syncthreads();
-    if (threadIdx.x == 0) {  // sequential scan: a few thousand adds, once per layer
-        int copies = 0, tile_count = 0;
-        for (int g = 0; g < G; g++) {
-            int n = size[g], nt = tiles[g];
-            plan.group_offset[g] = copies;
-            size[g] = tile_count;  // now: first tile of group g
-            copies += n;
-            tile_count += nt;
-        }
-        plan.group_offset[G] = copies;
-        *plan.num_tiles = tile_count;
+    const int span = (int)ceil_div(G, blockDim.x), g0 = min(G, (int)threadIdx.x * span), g1 = min(G, g0 + span);
+    int copies = 0, tiles = 0, all_copies, all_tiles;
+    for (int g = g0; g < g1; g++) {
+        copies += size[g];
+        tiles += (int)ceil_div(size[g], kExpertTileRows);
+    }
+    block_exclusive_scan2(copies, tiles, all_copies, all_tiles);
+    for (int g = g0; g < g1; g++) {
+        plan.group_offset[g] = copies;
+        first_tile[g] = tiles;
+        copies += size[g];
+        tiles += (int)ceil_div(size[g], kExpertTileRows);
+    }
+    if (threadIdx.x == 0) {
+        plan.group_offset[G] = all_copies;
+        *plan.num_tiles = all_tiles;
     }
     __syncthreads();
     for (int g = threadIdx.x; g < G; g += blockDim.x) {
-        const int h = g / E, e = g % E;
+        int* slots = plan.chunk_counts + (int64_t)(g / E) * chunks * E + g % E;
         int next = plan.group_offset[g];
-        for (int c = 0; c < chunks; c++) {
-            int* slot = plan.chunk_counts + ((int64_t)h * chunks + c) * E + e;
-            int n = *slot;
-            *slot = next;
-            next += n;
+        for (int c0 = 0; c0 < chunks; c0 += 8) {  // eight counts read before any is overwritten
+            int n[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++) n[i] = c0 + i < chunks ? slots[(int64_t)(c0 + i) * E] : 0;
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                if (c0 + i < chunks) {
+                    slots[(int64_t)(c0 + i) * E] = next;
+                    next += n[i];
+                }
         }
-        for (int i = 0; i < tiles[g]; i++) {
-            plan.tile_group[size[g] + i] = g;
-            plan.tile_start[size[g] + i] = plan.group_offset[g] + i * kExpertTileRows;
+        const int nt = (int)ceil_div(size[g], kExpertTileRows);
+        for (int i = 0; i < nt; i++) {
+            plan.tile_group[first_tile[g] + i] = g;
+            plan.tile_start[first_tile[g] + i] = plan.group_offset[g] + i * kExpertTileRows;
         }
     }
 }
 
 // Stable placement: copy (h, t, j) with expert e lands at (its chunk's first slot in group e) + (the
-// number of earlier rows of the chunk that chose e), counted from a bitmap of rows per expert.
+// number of earlier rows of the chunk that chose e), counted from a bitmap of rows per expert. Word
+// w of an expert's bitmap holds warp w's rows (bit = lane), set by one leader per expert and warp.
 __global__ void place_copies_kernel(RoutingPlan plan, int M, int E, int k) {
     extern __shared__ unsigned chose[];  // (E, kGroupChunkRows / 32): bit t of expert e: row t chose e
     constexpr int words = kGroupChunkRows / 32;
     const int chunk = blockIdx.x, h = blockIdx.y, chunks = gridDim.x;
     for (int i = threadIdx.x; i < E * words; i += blockDim.x) chose[i] = 0;
     __syncthreads();
-    const int local = threadIdx.x, t = chunk * kGroupChunkRows + local;
+    const int local = threadIdx.x, t = chunk * kGroupChunkRows + local, lane = local % 32;
     const int* my_sel = plan.sel + ((int64_t)h * M + t) * k;
-    if (t < M)
-        for (int j = 0; j < k; j++)
-            if (my_sel[j] >= 0) atomicOr(&chose[my_sel[j] * words + local / 32], 1u << (local % 32));
+    for (int j = 0; j < k; j++) {
+        const int e = t < M ? my_sel[j] : -1;
+        const unsigned peers = __match_any_sync(0xffffffff, e);
+        if (e >= 0 && lane == __ffs(peers) - 1) atomicOr(&chose[e * words + local / 32], peers);
+    }
     __syncthreads();
     if (t >= M) return;
     for (int j = 0; j < k; j++) {

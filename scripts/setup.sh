@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian/Ubuntu machine lacks and builds everything into build/.
 # Sourced by scripts/train.sh and scripts/test.sh; safe to run again (it only installs what is missing).
-#   BUILD_DIR (default build), CMAKE_ARGS (extra configure flags, e.g. -DCMAKE_CUDA_ARCHITECTURES=90a)
+#   BUILD_DIR (default build), CMAKE_ARGS (extra configure flags, e.g. -DCMAKE_CUDA_ARCHITECTURES=90)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

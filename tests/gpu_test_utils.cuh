@@ -36,6 +36,10 @@ inline void skip_without_gpu() {
         std::printf("skipped: no GPU found\n");
         std::exit(77);
     }
+    if (const std::string why = lmoe::gpu_architecture_mismatch(); !why.empty()) {
+        std::printf("FAILED: %s\n", why.c_str());
+        std::exit(1);
+    }
     cudaDeviceProp prop;
     CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
     std::printf("GPU: %s (%s build)\n", prop.name, kPrecision);

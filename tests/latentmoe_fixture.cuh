@@ -22,7 +22,7 @@ struct RoutedLayer {
     Shape s;
     int64_t copies, max_tiles;
     lmoe::DeviceBuffer<float> ds_copy, router_grad_scratch;
-    lmoe::DeviceBuffer<floatX> o, d_o, dx_copy;
+    lmoe::DeviceBuffer<floatX> o, d_o, dx_copy, router_t;
     lmoe::RoutingPlans plans;
     lmoe::RoutingPlan plan;
     explicit RoutedLayer(const Shape& shape)
@@ -30,6 +30,7 @@ struct RoutedLayer {
         copies = (int64_t)s.H * s.M * s.k;
         max_tiles = plan.max_tiles;
         router_grad_scratch.resize(lmoe::router_grad_scratch_size(s.H * s.E, s.dh));
+        router_t.resize((size_t)s.H * s.E * s.dh);
         ds_copy.resize(copies); o.resize(copies * s.dh); d_o.resize(copies * s.dh); dx_copy.resize(copies * s.dh);
     }
     void poison_all() {
@@ -73,7 +74,8 @@ inline void routed_layer(RoutedLayer& L, LayerTensors& T, cudaEvent_t* events = 
     mark(4);
     lmoe::router_weight_backward(T.dR.get(), L.router_grad_scratch.get(), T.u.get(), HD, L.ds_copy.get(), L.plan, s.dh,
                                  st);
-    lmoe::gather_input_grad(T.du.get(), HD, L.dx_copy.get(), L.ds_copy.get(), T.R.get(), L.plan, s.dh, st);
+    lmoe::gather_input_grad(T.du.get(), HD, L.dx_copy.get(), L.ds_copy.get(), T.R.get(), L.router_t.get(), L.plan, s.dh,
+                            st);
     mark(5);
 }
 

@@ -23,7 +23,7 @@ struct MoeLayer {
     Shape s;
     int64_t copies, max_tiles;
     lmoe::DeviceBuffer<float> ds_copy, router_grad_scratch;
-    lmoe::DeviceBuffer<floatX> pre, h, o, d_o, dpre, dx_copy;
+    lmoe::DeviceBuffer<floatX> pre, h, o, d_o, dpre, dx_copy, router_t;
     lmoe::RoutingPlans plans;
     lmoe::RoutingPlan plan;
     explicit MoeLayer(const Shape& shape)
@@ -32,6 +32,7 @@ struct MoeLayer {
         max_tiles = plan.max_tiles;
         ds_copy.resize(copies);
         router_grad_scratch.resize(lmoe::router_grad_scratch_size(s.E, s.d));
+        router_t.resize((size_t)s.E * s.d);
         pre.resize(copies * s.f); h.resize(copies * s.f); dpre.resize(copies * s.f);
         o.resize(copies * s.d); d_o.resize(copies * s.d); dx_copy.resize(copies * s.d);
     }
@@ -82,7 +83,8 @@ inline void routed_layer(MoeLayer& L, LayerTensors& T, cudaEvent_t* events = nul
     lmoe::router_weight_backward(T.dR.get(), L.router_grad_scratch.get(), T.x.get(), s.d, L.ds_copy.get(), L.plan, s.d,
                                  st);
     mark(8);
-    lmoe::gather_input_grad(T.dx.get(), s.d, L.dx_copy.get(), L.ds_copy.get(), T.R.get(), L.plan, s.d, st);
+    lmoe::gather_input_grad(T.dx.get(), s.d, L.dx_copy.get(), L.ds_copy.get(), T.R.get(), L.router_t.get(), L.plan, s.d,
+                            st);
     mark(9);
 }
 

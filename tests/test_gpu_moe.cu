@@ -156,6 +156,10 @@ int main() {
         {"p1 shape", 128, 1024, 64, 512, 8},
         {"p2 shape", 128, 1024, 128, 256, 16},
         {"crowded", 1024, 512, 32, 256, 4, false, true},
+        // the router's tensor-core tile at its edges: d past a whole 64-deep step, E padded to 128
+        // columns, the widest E and k, row counts that are not multiples of its 64 rows
+        {"d 136, E 72", 130, 136, 72, 64, 5},
+        {"E 256, k 32", 200, 64, 256, 64, 32},
     };
     for (const Shape& s : shapes) run_shape(s, rng);
     return check::summary();

@@ -70,6 +70,7 @@ using GradLayer = ModelTensors<float>::Layer;
 // Throws ConfigError for shapes the GPU kernels lack: the dense ones here, the FFN's in Ffn.
 template <class Ffn>
 void check_gpu_supported(const Config& c) {
+    if (const std::string why = gpu_architecture_mismatch(); !why.empty()) throw ConfigError(why);
     if ((int64_t)c.B * c.n_head > 65535)
         throw ConfigError("the GPU attention kernels need batch · attn-heads <= 65535 (one grid row each), not " +
                           std::to_string((int64_t)c.B * c.n_head));

@@ -8,12 +8,36 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <string>
+
+#ifndef LMOE_CUDA_ARCHITECTURES
+#define LMOE_CUDA_ARCHITECTURES "?"
+#endif
 
 namespace lmoe {
 
 [[noreturn]] inline void die(const char* kind, const char* what, const char* call, const char* file, int line) {
     std::fprintf(stderr, "%s error \"%s\" in %s at %s:%d\n", kind, what, call, file, line);
     std::exit(1);
+}
+
+template <int>
+__global__ void architecture_probe_kernel() {}
+
+// Empty when this build's GPU code runs on the current device; otherwise what to tell the user (a
+// binary holds code for the CMAKE_CUDA_ARCHITECTURES it was built with, LMOE_CUDA_ARCHITECTURES).
+inline std::string gpu_architecture_mismatch() {
+    cudaFuncAttributes attributes;
+    if (cudaFuncGetAttributes(&attributes, architecture_probe_kernel<0>) == cudaSuccess) return "";
+    cudaGetLastError();  // clear the error
+    int device = 0;
+    cudaDeviceProp prop{};
+    cudaGetDevice(&device);
+    cudaGetDeviceProperties(&prop, device);
+    const std::string cc = std::to_string(prop.major) + std::to_string(prop.minor);
+    return std::string("this binary holds GPU code for CUDA architecture ") + LMOE_CUDA_ARCHITECTURES +
+           " only, which cannot run on " + prop.name + " (compute capability " + std::to_string(prop.major) + "." +
+           std::to_string(prop.minor) + "): rebuild with cmake -B build -G Ninja -DCMAKE_CUDA_ARCHITECTURES=" + cc;
 }
 
 }  // namespace lmoe

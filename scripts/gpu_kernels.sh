@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# One device run for work on the routed layers' kernels (docs/perf/expert_kernels.md): builds this
+# tree in bf16 (sm_90a, the default), fp32, sm_90 (the mma.sync kernels) and sm_80 alone (to see a
+# binary refuse a GPU it was not built for) and, side by side, the benchmarks of OTHER_TREE; then
+#   - the routed-layer GPU tests (test_gpu_latentmoe, test_gpu_moe, test_gpu_locmoe, test_gpu_model)
+#     in the bf16, fp32 and sm_90 builds and test_gpu_determinism;
+#   - bench_latentmoe and bench_moe of both trees (stages, expert kernels, routing glue);
+#   - the layer benchmark (`--bench-layer 1`, p1 and p2, both trainers) ROUNDS times, alternating trees;
+#   - with NCU=1 (default), Nsight Compute's speed-of-light, occupancy and warp-stall sections of the
+#     first p1 launches of the expert and router kernels (`ncu --clock-control none`; machines whose
+#     runtime hides the counters only log the refusal).
+#   bash scripts/gpu_kernels.sh OTHER_TREE    e.g. OTHER_TREE from `git archive REV | tar -x -C .before`
+# Logs come back as $OUT/logs.tgz (scripts/device_logs.sh); a short table is printed last.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+[ $# -eq 1 ] && [ -f "$1/CMakeLists.txt" ] || { echo "usage: $0 OTHER_TREE (a source tree with a CMakeLists.txt)" >&2; exit 2; }
+other=$(realpath "$1")
+source scripts/device_logs.sh
+export NCCL_NVLS_ENABLE=0
+rounds=${ROUNDS:-3}
+tests=(test_gpu_latentmoe test_gpu_moe test_gpu_locmoe test_gpu_model)
+benches=(bench_latentmoe bench_moe train_latentmoe moe_ep_baseline)
+(cmake_build build "" "${tests[@]}" "${benches[@]}" data_prep && touch "$logs/build.ok") &
+(cmake_build build32 -DLMOE_FP32=ON "${tests[@]}" && touch "$logs/build32.ok") &
+(cmake_build build90 -DCMAKE_CUDA_ARCHITECTURES=90 "${tests[@]}" && touch "$logs/build90.ok") &
+(cmake_build build80 -DCMAKE_CUDA_ARCHITECTURES=80-real train_latentmoe && touch "$logs/build80.ok") &
+(cmake_build build_other "-S $other" "${benches[@]}" && touch "$logs/build_other.ok") &
+wait
+for dir in build build32 build90 build80 build_other; do [ -f "$logs/$dir.ok" ] || { echo "build of $dir failed"; exit 1; }; done
+echo "build: ${SECONDS} s"
+
+for t in "${tests[@]}"; do
+    ./build/$t >"$logs/$t.bf16.log" 2>&1; echo "$t bf16: rc $? $(tail -n 1 "$logs/$t.bf16.log")"
+    ./build32/$t >"$logs/$t.fp32.log" 2>&1; echo "$t fp32: rc $? $(tail -n 1 "$logs/$t.fp32.log")"
+    ./build90/$t >"$logs/$t.sm90.log" 2>&1; echo "$t sm_90: rc $? $(tail -n 1 "$logs/$t.sm90.log")"
+done >"$logs/tests.txt"
+./build80/train_latentmoe --preset tiny --steps 1 >"$logs/sm80.log" 2>&1
+echo "sm_80-only binary on this GPU: rc $? $(tail -n 1 "$logs/sm80.log")" >>"$logs/tests.txt"
+bash tests/test_gpu_determinism.sh build >"$logs/determinism.log" 2>&1
+echo "test_gpu_determinism: rc $? $(tail -n 1 "$logs/determinism.log")" >>"$logs/tests.txt"
+pack_logs
+for b in bench_latentmoe bench_moe; do
+    ./build/$b >"$logs/$b.log" 2>&1
+    ./build_other/$b >"$logs/$b.other.log" 2>&1
+done
+pack_logs
+for round in $(seq "$rounds"); do
+    for trainer in train_latentmoe moe_ep_baseline; do
+        for preset in p1 p2; do
+            for tree in build build_other; do
+                ms=$(./$tree/$trainer --preset $preset --bench-layer 1 2>&1 | grep "layer bench" |
+                    sed -E 's/.*forward\+backward ([0-9.]+) ms.*/\1/')
+                echo "$trainer $preset $tree $round ${ms:-failed}"
+            done
+        done
+    done
+done >"$logs/layer_bench.txt"
+pack_logs
+if [ "${NCU:-1}" = 1 ]; then
+    timeout 200 ncu --clock-control none -k 'regex:expert_.*(mma|wgmma)|router_forward_mma' -c 5 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        ./build/bench_latentmoe >"$logs/ncu.txt" 2>&1
+    echo "ncu: rc $?" >>"$logs/ncu.txt"
+    pack_logs
+fi
+echo "tests and benchmarks: ${SECONDS} s"
+
+echo "== tests"; cat "$logs/tests.txt"
+for b in bench_latentmoe bench_moe; do
+    echo "== $b, this tree"; grep -E "^bench|glue|kernel|route|weight|gather|group|total" "$logs/$b.log" | head -60
+    echo "== $b, $other"; grep -E "^bench|route|weight|gather|group|total" "$logs/$b.other.log" | head -40
+done
+[ -f "$logs/ncu.txt" ] && { echo "== ncu"; grep -E "^  [a-z_]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|ncu: rc" "$logs/ncu.txt" | head -60; }
+echo "== layer benchmark, forward+backward ms, median of $rounds rounds (this tree | other tree)"
+for trainer in train_latentmoe moe_ep_baseline; do
+    for preset in p1 p2; do
+        med() { grep "^$trainer $preset $1 " "$logs/layer_bench.txt" | awk '{print $5}' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+        echo "$trainer $preset: $(med build) | $(med build_other)"
+    done
+done
