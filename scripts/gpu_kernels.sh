@@ -6,6 +6,7 @@
 #     in the bf16, fp32 and sm_90 builds and test_gpu_determinism;
 #   - bench_latentmoe and bench_moe of both trees (stages, expert kernels, routing glue);
 #   - the layer benchmark (`--bench-layer 1`, p1 and p2, both trainers) ROUNDS times, alternating trees;
+#   - with the KJV shards in data/ (carried), 12 p1 training steps of both trainers in both trees;
 #   - with NCU=1 (default), Nsight Compute's speed-of-light, occupancy and warp-stall sections of the
 #     first p1 launches of the expert and router kernels (`ncu --clock-control none`; machines whose
 #     runtime hides the counters only log the refusal).
@@ -56,6 +57,16 @@ for round in $(seq "$rounds"); do
     done
 done >"$logs/layer_bench.txt"
 pack_logs
+if [ -f data/kjv_train.bin ]; then
+    for trainer in train_latentmoe moe_ep_baseline; do
+        for tree in build build_other; do
+            timeout 90 ./$tree/$trainer --preset p1 --steps 12 --log-every 11 --eval-every 0 --eval-batches 1 \
+                --train-data data/kjv_train.bin --val-data data/kjv_val.bin --checkpoint none \
+                >"$logs/train_${trainer}_$tree.log" 2>&1
+        done
+    done
+    pack_logs
+fi
 if [ "${NCU:-1}" = 1 ]; then
     timeout 200 ncu --clock-control none -k 'regex:expert_.*(mma|wgmma)|router_forward_mma' -c 5 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
@@ -71,6 +82,9 @@ for b in bench_latentmoe bench_moe; do
     echo "== $b, $other"; grep -E "^bench|route|weight|gather|group|total" "$logs/$b.other.log" | head -40
 done
 [ -f "$logs/ncu.txt" ] && { echo "== ncu"; grep -E "^  [a-z_]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|ncu: rc" "$logs/ncu.txt" | head -60; }
+for log in "$logs"/train_*.log; do
+    [ -f "$log" ] && echo "$(basename "$log" .log): $(grep '^done' "$log" || tail -n 1 "$log")" && grep "time (ms)" "$log" | tail -n 1
+done
 echo "== layer benchmark, forward+backward ms, median of $rounds rounds (this tree | other tree)"
 for trainer in train_latentmoe moe_ep_baseline; do
     for preset in p1 p2; do
