@@ -18,29 +18,6 @@ __device__ inline void store_pack(floatX* p, const float (&v)[kPack]) {
     *reinterpret_cast<Pack*>(p) = out;
 }
 
-// acc += Σ_{j < k} scale_j · (the kPack values at row_j), in order of j; row(j, scale) gives row_j
-// and its scale, or null to skip slot j. Four rows are loaded before any is added, so several
-// loads are in flight per thread.
-template <class Row>
-__device__ inline void add_rows(float (&acc)[kPack], int k, Row row) {
-    constexpr int batch = 4;
-    for (int j0 = 0; j0 < k; j0 += batch) {
-        const floatX* p[batch];
-        float scale[batch];
-        Pack v[batch];
-#pragma unroll
-        for (int u = 0; u < batch; u++) p[u] = j0 + u < k ? row(j0 + u, scale[u]) : nullptr;
-#pragma unroll
-        for (int u = 0; u < batch; u++)
-            if (p[u]) v[u] = load_pack(p[u]);
-#pragma unroll
-        for (int u = 0; u < batch; u++)
-            if (p[u])
-#pragma unroll
-                for (int i = 0; i < kPack; i++) acc[i] += scale[u] * to_float(v[u].v[i]);
-    }
-}
-
 inline void check_pack_shape(int D, int64_t ld) {
     if (D % kPack != 0 || ld % kPack != 0)
         die("combine", "row width and stride must be multiples of 16 bytes", "", __FILE__, __LINE__);
@@ -58,12 +35,14 @@ __global__ void combine_forward_kernel(floatX* y, int64_t ld, const floatX* o, c
     const int64_t t = idx / ((int64_t)packs * H);
     const int64_t slot0 = ((int64_t)h * M + t) * k;
     float acc[kPack] = {};
-    add_rows(acc, k, [&](int j, float& w) -> const floatX* {
+    for (int j = 0; j < k; j++) {
         const int64_t pos = plan.copy_pos[slot0 + j];
-        if (pos < 0) return nullptr;  // a dropped copy adds nothing
-        w = plan.gate[slot0 + j];
-        return o + pos * D + c;
-    });
+        if (pos < 0) continue;  // a dropped copy adds nothing
+        const float w = plan.gate[slot0 + j];
+        const Pack v = load_pack(o + pos * D + c);
+#pragma unroll
+        for (int i = 0; i < kPack; i++) acc[i] += w * to_float(v.v[i]);
+    }
     store_pack(y + t * ld + (int64_t)h * D + c, acc);
 }
 
@@ -157,16 +136,20 @@ __global__ void gather_input_grad_kernel(floatX* dx, int64_t ld, const floatX* d
     const int64_t t = idx / ((int64_t)packs * H);
     const int64_t slot0 = ((int64_t)h * M + t) * k;
     float acc[kPack] = {};
-    add_rows(acc, k, [&](int j, float& one) -> const floatX* {
+    for (int j = 0; j < k; j++) {
         const int64_t pos = plan.copy_pos[slot0 + j];
-        one = 1.f;
-        return pos >= 0 ? dx_copy + pos * D + c : nullptr;
-    });
+        if (pos < 0) continue;
+        const Pack v = load_pack(dx_copy + pos * D + c);
+#pragma unroll
+        for (int i = 0; i < kPack; i++) acc[i] += to_float(v.v[i]);
+    }
     if (Rt)
-        add_rows(acc, k, [&](int j, float& ds) -> const floatX* {
-            ds = ds_copy[plan.copy_pos[slot0 + j]];
-            return Rt + ((int64_t)h * E + plan.sel[slot0 + j]) * D + c;
-        });
+        for (int j = 0; j < k; j++) {
+            const float ds = ds_copy[plan.copy_pos[slot0 + j]];
+            const Pack r = load_pack(Rt + ((int64_t)h * E + plan.sel[slot0 + j]) * D + c);
+#pragma unroll
+            for (int i = 0; i < kPack; i++) acc[i] += to_float(r.v[i]) * ds;
+        }
     store_pack(dx + t * ld + (int64_t)h * D + c, acc);
 }
 

@@ -155,8 +155,9 @@ __device__ inline void thread_topk(int (&expert)[KB], float (&logit)[KB], const 
 // bf16 build: a block of four warps takes kRouterRows rows of one head and multiplies them by R_h on
 // tensor cores, kRouterDepth inputs at a time through double-buffered shared memory (X tile [row][i],
 // R tile [i][e], both zero-filled past M, D and E); warp w owns rows 16w..16w+15 and all EP = 32·PER_LANE
-// (padded) expert columns. The (kRouterRows × EP) fp32 logits then go to shared memory, and thread r
-// routes row r (thread_topk, then the softmax over the k chosen logits): the logits never reach global
+// (padded) expert columns. The (kRouterRows × EP) fp32 logits then go to shared memory, where thread r
+// routes row r (thread_topk over a list of KB, then the softmax over the k chosen logits) or, with
+// KB = 0, each warp routes its 16 rows one lane per expert (route_row): the logits never reach global
 // memory. Needs D, E and ld multiples of 8 (16-byte rows).
 constexpr int kRouterRows = 64, kRouterDepth = 64, kRouterThreads = 128;
 
@@ -222,26 +223,37 @@ __global__ void __launch_bounds__(kRouterThreads)
 #pragma unroll
         for (int i = 0; i < 4; i++)
             logits[(16 * warp + g + 8 * (i / 2)) * S::ldl + nt * 8 + 2 * q + i % 2] = acc[0][nt][i];
-    __syncthreads();
-    const int r = threadIdx.x;
-    if (r >= kRouterRows || r0 + r >= M) return;
-    int expert[KB];
-    float logit[KB];
-    thread_topk<KB>(expert, logit, logits + r * S::ldl, bias + (int64_t)h * E, E);
-    float mx = -INFINITY, sum = 0.f;  // the softmax over the k chosen logits
+    if constexpr (KB == 0) {  // each warp routes its own 16 rows, one lane per expert
+        __syncwarp();
+        for (int r = 16 * warp; r < 16 * warp + 16 && r0 + r < M; r++) {
+            float s[PER_LANE];
 #pragma unroll
-    for (int j = 0; j < KB; j++)
-        if (j < k) mx = fmaxf(mx, logit[j]);
-#pragma unroll
-    for (int j = 0; j < KB; j++)
-        if (j < k) sum += expf(logit[j] - mx);
-    const int64_t slot0 = ((int64_t)h * M + r0 + r) * k;
-#pragma unroll
-    for (int j = 0; j < KB; j++)
-        if (j < k) {
-            sel[slot0 + j] = expert[j];
-            gate[slot0 + j] = expf(logit[j] - mx) / sum;
+            for (int j = 0; j < PER_LANE; j++) s[j] = logits[r * S::ldl + lane + 32 * j];
+            const int64_t slot0 = ((int64_t)h * M + r0 + r) * k;
+            route_row(sel + slot0, gate + slot0, s, bias + (int64_t)h * E, E, k);
         }
+    } else {  // thread r routes row r
+        __syncthreads();
+        const int r = threadIdx.x;
+        if (r >= kRouterRows || r0 + r >= M) return;
+        int expert[KB];
+        float logit[KB];
+        thread_topk(expert, logit, logits + r * S::ldl, bias + (int64_t)h * E, E);
+        float mx = -INFINITY, sum = 0.f;  // the softmax over the k chosen logits
+#pragma unroll
+        for (int j = 0; j < KB; j++)
+            if (j < k) mx = fmaxf(mx, logit[j]);
+#pragma unroll
+        for (int j = 0; j < KB; j++)
+            if (j < k) sum += expf(logit[j] - mx);
+        const int64_t slot0 = ((int64_t)h * M + r0 + r) * k;
+#pragma unroll
+        for (int j = 0; j < KB; j++)
+            if (j < k) {
+                sel[slot0 + j] = expert[j];
+                gate[slot0 + j] = expf(logit[j] - mx) / sum;
+            }
+    }
 }
 
 template <int PER_LANE, int KB>
@@ -262,13 +274,15 @@ void launch_router_forward(const RoutingPlan& plan, const floatX* x, int64_t ld,
     CUDA_CHECK_LAUNCH();
 }
 
-// The list length of thread_topk: the smallest of 8, 16, 32 that holds k.
+// Who picks the top-k of the tensor-core kernel's rows: one thread per row (thread_topk, a list of 8)
+// up to k = 8, one warp per row (route_row, KB = 0) beyond. The thread's list costs E·KB steps, the
+// warp's k rounds E/32 + a 5-level shuffle each: p1 (E 64, k 8) runs faster by thread, p2 (E 128, k 16)
+// by warp (docs/perf/expert_kernels.md).
 template <int PER_LANE>
 void launch_router_forward_k(const RoutingPlan& plan, const floatX* x, int64_t ld, const floatX* R, const float* bias,
                              int D, cudaStream_t stream) {
     if (plan.k <= 8) launch_router_forward<PER_LANE, 8>(plan, x, ld, R, bias, D, stream);
-    else if (plan.k <= 16) launch_router_forward<PER_LANE, 16>(plan, x, ld, R, bias, D, stream);
-    else launch_router_forward<PER_LANE, 32>(plan, x, ld, R, bias, D, stream);
+    else launch_router_forward<PER_LANE, 0>(plan, x, ld, R, bias, D, stream);
 }
 
 // plan.sel, plan.gate (H, M, k) from x (M, ld); the rest of the plan is group_copies' work.

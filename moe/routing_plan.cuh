@@ -97,19 +97,18 @@ class RoutingPlans {
 };
 
 // Per chunk of rows: how many copies each expert of head h receives (integer atomics on shared
-// memory: the counts are exact whatever the order). The lanes of a warp that chose the same expert
-// add once, through their leader, so a crowded routing does not serialise on a few counters.
+// memory: the counts are exact whatever the order).
 __global__ void count_copies_kernel(int* chunk_counts, const int* sel, int M, int E, int k) {
     extern __shared__ int hist[];  // (E)
-    const int chunk = blockIdx.x, h = blockIdx.y, chunks = gridDim.x, lane = threadIdx.x % 32;
+    const int chunk = blockIdx.x, h = blockIdx.y, chunks = gridDim.x;
     for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
     __syncthreads();
     const int t = chunk * kGroupChunkRows + threadIdx.x;
-    for (int j = 0; j < k; j++) {
-        const int e = t < M ? sel[((int64_t)h * M + t) * k + j] : -1;  // e < 0 also: a copy LocMoE dropped
-        const unsigned peers = __match_any_sync(0xffffffff, e);
-        if (e >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[e], __popc(peers));
-    }
+    if (t < M)
+        for (int j = 0; j < k; j++) {
+            const int e = sel[((int64_t)h * M + t) * k + j];
+            if (e >= 0) atomicAdd(&hist[e], 1);  // e < 0: a copy LocMoE's capacity dropped
+        }
     __syncthreads();
     for (int e = threadIdx.x; e < E; e += blockDim.x) chunk_counts[((int64_t)h * chunks + chunk) * E + e] = hist[e];
 }
@@ -209,21 +208,18 @@ __global__ void plan_groups_kernel(RoutingPlan plan, int H, int E, int chunks) {
 }
 
 // Stable placement: copy (h, t, j) with expert e lands at (its chunk's first slot in group e) + (the
-// number of earlier rows of the chunk that chose e), counted from a bitmap of rows per expert. Word
-// w of an expert's bitmap holds warp w's rows (bit = lane), set by one leader per expert and warp.
+// number of earlier rows of the chunk that chose e), counted from a bitmap of rows per expert.
 __global__ void place_copies_kernel(RoutingPlan plan, int M, int E, int k) {
     extern __shared__ unsigned chose[];  // (E, kGroupChunkRows / 32): bit t of expert e: row t chose e
     constexpr int words = kGroupChunkRows / 32;
     const int chunk = blockIdx.x, h = blockIdx.y, chunks = gridDim.x;
     for (int i = threadIdx.x; i < E * words; i += blockDim.x) chose[i] = 0;
     __syncthreads();
-    const int local = threadIdx.x, t = chunk * kGroupChunkRows + local, lane = local % 32;
+    const int local = threadIdx.x, t = chunk * kGroupChunkRows + local;
     const int* my_sel = plan.sel + ((int64_t)h * M + t) * k;
-    for (int j = 0; j < k; j++) {
-        const int e = t < M ? my_sel[j] : -1;
-        const unsigned peers = __match_any_sync(0xffffffff, e);
-        if (e >= 0 && lane == __ffs(peers) - 1) atomicOr(&chose[e * words + local / 32], peers);
-    }
+    if (t < M)
+        for (int j = 0; j < k; j++)
+            if (my_sel[j] >= 0) atomicOr(&chose[my_sel[j] * words + local / 32], 1u << (local % 32));
     __syncthreads();
     if (t >= M) return;
     for (int j = 0; j < k; j++) {
