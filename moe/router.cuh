@@ -351,6 +351,7 @@ __global__ void router_grad_reduce_kernel(float* dR, const float* parts, int H, 
     const int e = (int)(i % E), col = (int)(i / E % D), h = (int)(i / ((int64_t)E * D));
     const float* p = parts + ((int64_t)(h * E + e) * n_parts) * D + col;
     float total = 0.f;
+#pragma unroll 8
     for (int part = 0; part < n_parts; part++) total += p[(int64_t)part * D];
     dR[i] += total;
 }
