@@ -6,12 +6,15 @@
 #     in the bf16, fp32 and sm_90 builds and test_gpu_determinism;
 #   - bench_latentmoe and bench_moe of both trees (stages, expert kernels, routing glue);
 #   - the layer benchmark (`--bench-layer 1`, p1 and p2, both trainers) ROUNDS times, alternating trees;
-#   - with the KJV shards in data/ (carried), 12 p1 training steps of both trainers in both trees;
+#   - with TRAIN=1 and the KJV shards in data/ (carried), 12 p1 training steps of both trainers in both
+#     trees;
 #   - with NCU=1 (default), Nsight Compute's speed-of-light, occupancy and warp-stall sections of the
 #     first p1 launches of the expert and router kernels (`ncu --clock-control none`; machines whose
 #     runtime hides the counters only log the refusal).
 #   bash scripts/gpu_kernels.sh OTHER_TREE    e.g. OTHER_TREE from `git archive REV | tar -x -C .before`
-# Logs come back as $OUT/logs.tgz (scripts/device_logs.sh); a short table is printed last.
+# Logs come back as $OUT/logs.tgz (scripts/device_logs.sh), refreshed after every phase; a short table
+# is printed last. The tests in three builds are its longest phase: with TRAIN=1 as well it does not fit
+# one device call (ROUNDS=1 TRAIN=0 does), so train in a call of its own.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [ $# -eq 1 ] && [ -f "$1/CMakeLists.txt" ] || { echo "usage: $0 OTHER_TREE (a source tree with a CMakeLists.txt)" >&2; exit 2; }
@@ -45,19 +48,9 @@ for b in bench_latentmoe bench_moe; do
     ./build_other/$b >"$logs/$b.other.log" 2>&1
 done
 pack_logs
-for round in $(seq "$rounds"); do
-    for trainer in train_latentmoe moe_ep_baseline; do
-        for preset in p1 p2; do
-            for tree in build build_other; do
-                ms=$(./$tree/$trainer --preset $preset --bench-layer 1 2>&1 | grep "layer bench" |
-                    sed -E 's/.*forward\+backward ([0-9.]+) ms.*/\1/')
-                echo "$trainer $preset $tree $round ${ms:-failed}"
-            done
-        done
-    done
-done >"$logs/layer_bench.txt"
+layer_bench_rounds "$rounds"
 pack_logs
-if [ -f data/kjv_train.bin ]; then
+if [ "${TRAIN:-0}" = 1 ] && [ -f data/kjv_train.bin ]; then
     for trainer in train_latentmoe moe_ep_baseline; do
         for tree in build build_other; do
             timeout 90 ./$tree/$trainer --preset p1 --steps 12 --log-every 11 --eval-every 0 --eval-batches 1 \
@@ -86,9 +79,4 @@ for log in "$logs"/train_*.log; do
     [ -f "$log" ] && echo "$(basename "$log" .log): $(grep '^done' "$log" || tail -n 1 "$log")" && grep "time (ms)" "$log" | tail -n 1
 done
 echo "== layer benchmark, forward+backward ms, median of $rounds rounds (this tree | other tree)"
-for trainer in train_latentmoe moe_ep_baseline; do
-    for preset in p1 p2; do
-        med() { grep "^$trainer $preset $1 " "$logs/layer_bench.txt" | awk '{print $5}' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-        echo "$trainer $preset: $(med build) | $(med build_other)"
-    done
-done
+layer_bench_medians

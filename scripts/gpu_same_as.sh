@@ -42,32 +42,13 @@ for trainer in train_latentmoe moe_ep_baseline; do
 done | tee "$logs/equality.txt"
 pack_logs
 
-for round in $(seq "$rounds"); do
-    for trainer in train_latentmoe moe_ep_baseline; do
-        for preset in p1 p2; do
-            for tree in build build_other; do
-                ms=$(./$tree/$trainer --preset $preset --bench-layer 1 2>&1 | grep "layer bench" |
-                    sed -E 's/.*forward\+backward ([0-9.]+) ms.*/\1/')
-                echo "$trainer $preset $tree $round ${ms:-failed}"
-            done
-        done
-    done
-done >"$logs/layer_bench.txt"
+layer_bench_rounds "$rounds"
 pack_logs
 echo "checks and benchmarks: ${SECONDS} s"
 
 echo "== training, this tree against $other"; cat "$logs/equality.txt"
 echo "== layer benchmark, forward+backward ms, median of $rounds rounds (this tree | other tree)"
-for trainer in train_latentmoe moe_ep_baseline; do
-    for preset in p1 p2; do
-        line="$trainer $preset:"
-        for tree in build build_other; do
-            line+=" $(awk -v t="$trainer" -v p="$preset" -v b="$tree" '$1 == t && $2 == p && $3 == b { print $5 }' \
-                "$logs/layer_bench.txt" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }')"
-        done
-        echo "$line"
-    done
-done
+layer_bench_medians
 for trainer in train_latentmoe moe_ep_baseline; do
     for tree in build build_other; do
         echo "$trainer p1 $tree: $(grep '^done' "$logs/${trainer}_p1.$tree.log")"
