@@ -20,7 +20,7 @@ __device__ inline void store_pack(floatX* p, const float (&v)[kPack]) {
 
 inline void check_pack_shape(int D, int64_t ld) {
     if (D % kPack != 0 || ld % kPack != 0)
-        die("combine", "row width and stride must be multiples of 16 bytes", "", __FILE__, __LINE__);
+        die("combine", "row width and stride must be multiples of 16 bytes", "check_pack_shape", __FILE__, __LINE__);
 }
 
 // Weight and merge: y[t, h] = Σ_j w[h, t, j] · o[pos(h, t, j)], slots summed in order (fp32).

@@ -1,7 +1,7 @@
 // The IO-aware router (SPEC §4): logits (on tensor cores in the bf16 build), top-k and gates in one
-// kernel, so the (rows × E) logit matrix never reaches global memory; and its backward, which touches only the
-// k chosen columns. Used per latent head by Multi-Head LatentMoE (rows = sub-tokens, D = dh) and
-// once by the MoE baseline (H = 1, rows = tokens, D = d).
+// kernel, so the (rows × E) logit matrix never reaches global memory; and its backward, which touches
+// only the k chosen columns. Used per latent head by Multi-Head LatentMoE (rows = sub-tokens, D = dh)
+// and once by the MoE baseline (H = 1, rows = tokens, D = d).
 //
 // Layout: x is (M, ld) floatX and head h's rows are x[t, h·D : (h+1)·D]; R is (H, D, E) floatX;
 // bias (H, E) fp32; sel and gate are (H, M, k), chosen experts in descending order of s + b.
