@@ -14,7 +14,8 @@
 struct Shape {
     const char* name;
     int M, H, dh, E, fe, k;
-    bool crowded = false;  // a bias sends every row of a head to the same k experts (the most skewed routing)
+    bool crowded = false;      // a bias sends every row of a head to the same k experts (the most skewed routing)
+    bool starve_last = false;  // a large negative bias keeps every copy away from each head's last expert
 };
 
 // Device buffers of one routed layer (one head group per latent head) and its plan.
@@ -79,13 +80,16 @@ inline void routed_layer(RoutedLayer& L, LayerTensors& T, cudaEvent_t* events = 
     mark(5);
 }
 
-// The routing bias (H, E): N(0, scale²), and +100 on each head's first k experts when crowded.
+// The routing bias (H, E): N(0, scale²), +100 on each head's first k experts when crowded, −100 on
+// its last expert when starve_last (an empty group).
 inline std::vector<float> routing_bias(const Shape& s, lmoe::Rng& rng, double scale) {
     std::vector<float> bias(s.H * s.E);
     for (float& b : bias) b = float(scale * rng.normal());
     if (s.crowded)
         for (int h = 0; h < s.H; h++)
             for (int e = 0; e < s.k; e++) bias[h * s.E + e] += 100.f;
+    if (s.starve_last)
+        for (int h = 0; h < s.H; h++) bias[h * s.E + s.E - 1] -= 100.f;
     return bias;
 }
 

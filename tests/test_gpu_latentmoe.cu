@@ -80,6 +80,7 @@ int main() {
         {"small", 512, 8, 64, 32, 256, 4},
         {"p1 shape", 192, 8, 128, 64, 512, 8},
         {"crowded", 1024, 4, 128, 32, 512, 8, true},
+        {"starved expert, rows not whole tiles", 333, 2, 64, 16, 128, 4, false, true},
     };
     for (const Shape& s : shapes) run_shape(s, rng);
     return check::summary();
