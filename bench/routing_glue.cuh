@@ -1,7 +1,7 @@
 // Each routing-glue kernel of a routed layer alone (both benchmarks): the router's forward and
 // backward, the grouping, the weighting and its backward, the input-gradient gather — everything
 // of the layer but its expert products. Run on the plan and buffers of the stage benchmark's last
-// run; the sum is what SPEC §9's routing-glue floor counts.
+// run; their sum is the layer's routing cost outside the expert products.
 #pragma once
 #include <cstdio>
 

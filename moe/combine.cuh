@@ -18,9 +18,10 @@ __device__ inline void store_pack(floatX* p, const float (&v)[kPack]) {
     *reinterpret_cast<Pack*>(p) = out;
 }
 
-inline void check_pack_shape(int D, int64_t ld) {
+// The shapes the kernels below take; `caller` names the launcher in the message.
+inline void check_pack_shape(int D, int64_t ld, const char* caller) {
     if (D % kPack != 0 || ld % kPack != 0)
-        die("combine", "row width and stride must be multiples of 16 bytes", "check_pack_shape", __FILE__, __LINE__);
+        die("argument", "row width and stride must be multiples of 16 bytes", caller, __FILE__, __LINE__);
 }
 
 // Weight and merge: y[t, h] = Σ_j w[h, t, j] · o[pos(h, t, j)], slots summed in order (fp32).
@@ -48,7 +49,7 @@ __global__ void combine_forward_kernel(floatX* y, int64_t ld, const floatX* o, c
 
 // y (M, ld) from o (copies, D); D = dh (LatentMoE) or d (MoE).
 inline void combine_forward(floatX* y, int64_t ld, const floatX* o, const RoutingPlan& plan, int D, cudaStream_t stream) {
-    check_pack_shape(D, ld);
+    check_pack_shape(D, ld, "combine_forward");
     const int64_t n = (int64_t)plan.M * plan.H * (D / kPack);
     combine_forward_kernel<<<(unsigned)ceil_div(n, 256), 256, 0, stream>>>(y, ld, o, plan, plan.M, plan.H, D, plan.k);
     CUDA_CHECK_LAUNCH();
@@ -59,7 +60,7 @@ inline void combine_forward(floatX* y, int64_t ld, const floatX* o, const Routin
 //   ds_j = w_j (dw_j − Σ_i w_i dw_i)   (the gate softmax; stored per copy for the router backward).
 // With gate_softmax false (LocMoE, whose gates are the full softmax's p) dw_j itself is stored.
 // A row is D / kPack packs; when that is under 32 and divides it, the warp splits into segments of
-// that many lanes and takes 32 / packs copies at once (dh = 128: two at once, 16 lanes each).
+// that many lanes and takes 32 / packs copies at once (bf16, dh = 128: two at once, 16 lanes each).
 __global__ void combine_backward_kernel(floatX* d_o, float* ds_copy, const floatX* dy, int64_t ld, const floatX* o,
                                         const RoutingPlan plan, int M, int H, int D, int k, bool gate_softmax) {
     const int lane = threadIdx.x % 32;
@@ -106,7 +107,7 @@ __global__ void combine_backward_kernel(floatX* d_o, float* ds_copy, const float
 // d_o (copies, D) and ds_copy (copies) from dy (M, ld).
 inline void combine_backward(floatX* d_o, float* ds_copy, const floatX* dy, int64_t ld, const floatX* o,
                              const RoutingPlan& plan, int D, cudaStream_t stream, bool gate_softmax = true) {
-    check_pack_shape(D, ld);
+    check_pack_shape(D, ld, "combine_backward");
     const int warps = 8;
     combine_backward_kernel<<<(unsigned)ceil_div((int64_t)plan.H * plan.M, warps), warps * 32, 0, stream>>>(
         d_o, ds_copy, dy, ld, o, plan, plan.M, plan.H, D, plan.k, gate_softmax);
@@ -154,10 +155,12 @@ __global__ void gather_input_grad_kernel(floatX* dx, int64_t ld, const floatX* d
 }
 
 // dx (M, ld) from dx_copy (copies, D), ds_copy (copies) and the router R (H, D, E), transposed first
-// into Rt (H, E, D floatX, scratch). R null: no router term (Rt unused).
+// into Rt (H, E, D floatX, scratch). R null: no router term (Rt unused); the top-k routers that pass R
+// drop no copy, so every slot's ds and expert are real.
 inline void gather_input_grad(floatX* dx, int64_t ld, const floatX* dx_copy, const float* ds_copy, const floatX* R,
                               floatX* Rt, const RoutingPlan& plan, int D, cudaStream_t stream) {
-    check_pack_shape(D, ld);
+    check_pack_shape(D, ld, "gather_input_grad");
+    if (R && !Rt) die("argument", "a router needs the scratch for its transpose", "gather_input_grad", __FILE__, __LINE__);
     const int H = plan.H, E = plan.E;
     if (R) {
         const int64_t n = (int64_t)H * D * E;

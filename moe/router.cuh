@@ -277,7 +277,7 @@ void launch_router_forward(const RoutingPlan& plan, const floatX* x, int64_t ld,
 // Who picks the top-k of the tensor-core kernel's rows: one thread per row (thread_topk, a list of 8)
 // up to k = 8, one warp per row (route_row, KB = 0) beyond. The thread's list costs E·KB steps, the
 // warp's k rounds E/32 + a 5-level shuffle each: p1 (E 64, k 8) runs faster by thread, p2 (E 128, k 16)
-// by warp (docs/perf/expert_kernels.md).
+// by warp (docs/perf/expert_kernels.md); other shapes were not measured.
 template <int PER_LANE>
 void launch_router_forward_k(const RoutingPlan& plan, const floatX* x, int64_t ld, const floatX* R, const float* bias,
                              int D, cudaStream_t stream) {
@@ -304,13 +304,16 @@ inline void router_forward(const RoutingPlan& plan, const floatX* x, int64_t ld,
 // order, and the part's sum goes to a scratch slot; router_grad_reduce_kernel adds the parts in
 // order. Fixed orders throughout: bitwise reproducible, no atomics.
 constexpr int kRouterGradCols = 64, kRouterGradWarps = 8;
-
 // Parts per group: at least 8, and more when there are few groups (one head per rank of Head
-// Parallel: G = E), so that the blocks fill the GPU even when a few groups hold every copy. A function
-// of the shape only, so the summation order never depends on the routing.
+// Parallel: G = E), up to kRouterGradBlocks blocks in all — some 60 per SM, so that the groups a crowded
+// routing leaves (k of them, holding every copy) still spread over the whole GPU — and at most
+// kRouterGradMaxParts (the scratch grows with the parts). A function of the shape only, so the
+// summation order never depends on the routing.
+constexpr int kRouterGradBlocks = 8192, kRouterGradMinParts = 8, kRouterGradMaxParts = 64;
 inline int router_grad_parts(int G, int D) {
     const int64_t blocks_per_part = (int64_t)G * ceil_div(D, kRouterGradCols);
-    return (int)std::min<int64_t>(64, std::max<int64_t>(8, 8192 / blocks_per_part));
+    return (int)std::min<int64_t>(kRouterGradMaxParts,
+                                  std::max<int64_t>(kRouterGradMinParts, kRouterGradBlocks / blocks_per_part));
 }
 
 // Scratch floats router_weight_backward needs for G groups of D columns.

@@ -188,7 +188,7 @@ __global__ void plan_groups_kernel(RoutingPlan plan, int H, int E, int chunks) {
     for (int g = threadIdx.x; g < G; g += blockDim.x) {
         int* slots = plan.chunk_counts + (int64_t)(g / E) * chunks * E + g % E;
         int next = plan.group_offset[g];
-        for (int c0 = 0; c0 < chunks; c0 += 8) {  // eight counts read before any is overwritten
+        for (int c0 = 0; c0 < chunks; c0 += 8) {  // eight loads in flight, then their stores
             int n[8];
 #pragma unroll
             for (int i = 0; i < 8; i++) n[i] = c0 + i < chunks ? slots[(int64_t)(c0 + i) * E] : 0;

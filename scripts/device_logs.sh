@@ -5,8 +5,8 @@
 out=${OUT:-out}
 mkdir -p "$out"
 logs=$(mktemp -d "${TMPDIR:-/tmp}/lmoe_logs.XXXXXX")
-pack_logs() {
-    tar -czf "$out/logs.tgz.part" -C "$logs" . && mv "$out/logs.tgz.part" "$out/logs.tgz"
+pack_logs() {  # a private part file: builds running side by side may pack at once
+    tar -czf "$out/logs.tgz.part.$BASHPID" -C "$logs" . && mv "$out/logs.tgz.part.$BASHPID" "$out/logs.tgz"
 }
 
 # layer_bench_rounds ROUNDS: the layer benchmark (`--bench-layer 1`, p1 and p2, both trainers) of

@@ -8,9 +8,10 @@
 //                                       bf16 as A operands) by a tile: a hidden activation goes from
 //                                       one matmul to the next without leaving registers;
 //   warp_store_rows                     a warp writes its accumulator rows to global memory as bf16.
-// Users: the LatentMoE expert kernels (moe/latent/) and flash attention (dense/attention.cuh). The grouped GEMMs (moe/grouped/) share the
-// fragment loads and mma.sync of tc/mma.cuh but keep their own loops (fixed 128-wide tiles, a slice
-// of fragments loaded one slice ahead). One loop for every cp.async fill here, in tc/wgmma.cuh and
+// Users: the LatentMoE expert kernels (moe/latent/), the router (moe/router.cuh) and flash attention
+// (dense/attention.cuh). The grouped GEMMs (moe/grouped/) share the fragment loads and mma.sync of
+// tc/mma.cuh but keep their own loops (fixed 128-wide tiles, a slice of fragments loaded one slice
+// ahead). One loop for every cp.async fill here, in tc/wgmma.cuh and
 // in the grouped GEMMs was tried: the compiler then schedules the kernels differently, so each fill
 // keeps its own short loop.
 #pragma once

@@ -81,6 +81,7 @@ int main() {
         {"p1 shape", 192, 8, 128, 64, 512, 8},
         {"crowded", 1024, 4, 128, 32, 512, 8, true},
         {"starved expert, rows not whole tiles", 333, 2, 64, 16, 128, 4, false, true},
+        {"p2 shape (the router's warp-per-row top-k at k 16)", 160, 8, 128, 128, 256, 16},
     };
     for (const Shape& s : shapes) run_shape(s, rng);
     return check::summary();

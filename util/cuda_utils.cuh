@@ -21,6 +21,7 @@ namespace lmoe {
     std::exit(1);
 }
 
+// A template, so that every file including this header shares one definition of it.
 template <int>
 __global__ void architecture_probe_kernel() {}
 
@@ -28,8 +29,11 @@ __global__ void architecture_probe_kernel() {}
 // binary holds code for the CMAKE_CUDA_ARCHITECTURES it was built with, LMOE_CUDA_ARCHITECTURES).
 inline std::string gpu_architecture_mismatch() {
     cudaFuncAttributes attributes;
-    if (cudaFuncGetAttributes(&attributes, architecture_probe_kernel<0>) == cudaSuccess) return "";
+    const cudaError_t err = cudaFuncGetAttributes(&attributes, architecture_probe_kernel<0>);
+    if (err == cudaSuccess) return "";
     cudaGetLastError();  // clear the error
+    if (err != cudaErrorNoKernelImageForDevice && err != cudaErrorInvalidDeviceFunction)
+        return std::string("the GPU cannot run this program's code: ") + cudaGetErrorString(err);
     int device = 0;
     cudaDeviceProp prop{};
     cudaGetDevice(&device);
