@@ -10,14 +10,6 @@
 
 namespace lmoe {
 
-__device__ inline Pack load_pack(const floatX* p) { return *reinterpret_cast<const Pack*>(p); }
-__device__ inline void store_pack(floatX* p, const float (&v)[kPack]) {
-    Pack out;
-#pragma unroll
-    for (int i = 0; i < kPack; i++) out.v[i] = from_float<floatX>(v[i]);
-    *reinterpret_cast<Pack*>(p) = out;
-}
-
 // The shapes the kernels below take; `caller` names the launcher in the message.
 inline void check_pack_shape(int D, int64_t ld, const char* caller) {
     if (D % kPack != 0 || ld % kPack != 0)

@@ -100,6 +100,14 @@ constexpr int kPack = 16 / sizeof(floatX);
 struct alignas(16) Pack {
     floatX v[kPack];
 };
+// The Pack at p (16-byte aligned); kPack fp32 values rounded to floatX and stored as one Pack at p.
+__device__ inline Pack load_pack(const floatX* p) { return *reinterpret_cast<const Pack*>(p); }
+__device__ inline void store_pack(floatX* p, const float (&v)[kPack]) {
+    Pack out;
+#pragma unroll
+    for (int i = 0; i < kPack; i++) out.v[i] = from_float<floatX>(v[i]);
+    *reinterpret_cast<Pack*>(p) = out;
+}
 
 // A device allocation that frees itself; tests and the trainers hold their buffers in these.
 template <class T>
