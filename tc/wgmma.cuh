@@ -7,11 +7,42 @@
 // aligned. Such a (rows × cols) tile is a K-major operand when its columns run along k, an MN-major
 // one (transposed) when its rows do.
 // Accumulator fragments: d[i] is (row 16·warp + lane/4 + 8·((i/2) % 2), col 8·(i/4) + 2·(lane%4) + i%2).
-// Users: moe/latent/expert_weight_backward.cuh.
+// Users: moe/latent/expert_weight_backward.cuh, moe/latent/expert_forward.cuh.
 #pragma once
 #include <cstdint>
 
 #include "tc/mma.cuh"
+#include "util/cuda_utils.cuh"
+
+namespace lmoe {
+
+template <int>
+__global__ void wgmma_probe_kernel(int* has) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    *has = 1;
+#else
+    *has = 0;
+#endif
+}
+
+// Whether this build's code for the current GPU has wgmma (an sm_90a build on a Hopper GPU). Host code
+// is compiled without the device's target features, so launchers that pick a wgmma kernel (with its
+// own block size) ask the device once.
+inline bool device_has_wgmma() {
+    static const bool has = [] {
+        int* flag = nullptr;
+        int host = 0;
+        CUDA_CHECK(cudaMalloc(&flag, sizeof(int)));
+        wgmma_probe_kernel<0><<<1, 1>>>(flag);
+        CUDA_CHECK_LAUNCH();
+        CUDA_CHECK(cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaFree(flag));
+        return host == 1;
+    }();
+    return has;
+}
+
+}  // namespace lmoe
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define LMOE_HAS_WGMMA 1
@@ -86,6 +117,55 @@ __device__ inline void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_
           "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
           "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TRANS_B));
+}
+
+// D (64 × N) += A B with A in registers (four bf16x2 a thread, as mma.sync's A: rows 16·warp + lane/4
+// and + 8, k 2·(lane%4) and + 8) and B from shared memory: the accumulator fragments of an earlier
+// product, packed to bf16 in pairs, are this A operand as they stand (wgmma_accumulators_as_a).
+template <int TRANS_B>
+__device__ inline void wgmma_m64n64k16_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(TRANS_B));
+}
+template <int TRANS_B>
+__device__ inline void wgmma_m64n128k16_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(TRANS_B));
+}
+
+// The A operand of k-step kk from the fp32 accumulators of a (64 × 16·KK) product, through f (the
+// elementwise function between the two products): d[8kk .. 8kk + 7] hold rows lane/4 and + 8, columns
+// 16kk + 2·(lane%4) (+1) and + 8, in the order the A operand wants them.
+template <int KK, class F>
+__device__ inline void wgmma_accumulators_as_a(uint32_t (&a)[KK][4], const float (&d)[8 * KK], F f) {
+#pragma unroll
+    for (int kk = 0; kk < KK; kk++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) a[kk][i] = pack_bf16x2(f(d[8 * kk + 2 * i]), f(d[8 * kk + 2 * i + 1]));
 }
 
 }  // namespace lmoe
