@@ -7,7 +7,7 @@
 // aligned. Such a (rows × cols) tile is a K-major operand when its columns run along k, an MN-major
 // one (transposed) when its rows do.
 // Accumulator fragments: d[i] is (row 16·warp + lane/4 + 8·((i/2) % 2), col 8·(i/4) + 2·(lane%4) + i%2).
-// Users: moe/latent/expert_weight_backward.cuh, moe/latent/expert_forward.cuh.
+// Users: moe/latent/expert_weight_backward.cuh, moe/latent/expert_rows_wgmma.cuh.
 #pragma once
 #include <cstdint>
 
@@ -157,16 +157,15 @@ __device__ inline void wgmma_m64n128k16_rs(float (&d)[64], const uint32_t (&a)[4
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(TRANS_B));
 }
 
-// The A operand of k-step kk from the fp32 accumulators of a (64 × 16·KK) product, through f (the
-// elementwise function between the two products): d[8kk .. 8kk + 7] hold rows lane/4 and + 8, columns
-// 16kk + 2·(lane%4) (+1) and + 8, in the order the A operand wants them.
-template <int KK, class F>
-__device__ inline void wgmma_accumulators_as_a(uint32_t (&a)[KK][4], const float (&d)[8 * KK], F f) {
+// The A operands of a product's KK k-steps from the fp32 accumulators of a (64 × 16·KK) one:
+// d[8kk .. 8kk + 7] hold rows lane/4 and + 8, columns 16kk + 2·(lane%4) (+1) and + 8, in the order
+// the A operand of k-step kk wants them.
+template <int KK>
+__device__ inline void wgmma_accumulators_as_a(uint32_t (&a)[KK][4], const float (&d)[8 * KK]) {
 #pragma unroll
     for (int kk = 0; kk < KK; kk++)
 #pragma unroll
-        for (int i = 0; i < 4; i++) a[kk][i] = pack_bf16x2(f(d[8 * kk + 2 * i]), f(d[8 * kk + 2 * i + 1]));
+        for (int i = 0; i < 4; i++) a[kk][i] = pack_bf16x2(d[8 * kk + 2 * i], d[8 * kk + 2 * i + 1]);
 }
-
 }  // namespace lmoe
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

@@ -4,11 +4,13 @@
 // computed for a tile of copies at once, fe in chunks c, the hidden activations recomputed:
 //     S = X K_c^T        dA = dO V_c^T        dS = dA ⊙ GELU'(S)        dX += dS K_c
 // Written per copy; gather_input_grad (moe/combine.cuh) sums a token row's copies.
-// Two kernels, one launcher: expert_input_backward_kernel (fp32 SIMT) and
-// expert_input_backward_mma_kernel (tensor cores, S, dA and dS in registers); expert_input_backward
-// picks by floatX. The weight gradient, the other half of the backward, is
+// Three kernels, one launcher: expert_input_backward_kernel (fp32 SIMT),
+// expert_input_backward_mma_kernel (tensor cores, S, dA and dS in registers) and, on Hopper's wgmma,
+// expert_rows_wgmma_kernel's input-gradient pass (moe/latent/expert_rows_wgmma.cuh);
+// expert_input_backward picks by floatX, then by the device code. The weight gradient, the other half of the backward, is
 // moe/latent/expert_weight_backward.cuh.
 #pragma once
+#include "moe/latent/expert_rows_wgmma.cuh"
 #include "moe/latent/expert_tiles.cuh"
 
 namespace lmoe {
@@ -105,6 +107,12 @@ inline void expert_input_backward(floatX* dx_copy, const floatX* d_o, const floa
         dh, F,
         [&](auto head_dim, auto chunk) {
             constexpr int DH = decltype(head_dim)::value, FC = decltype(chunk)::value;
+            if constexpr (DH == 64 || DH == 128) {
+                if (F % kWgmmaRowsChunk == 0 && device_has_wgmma()) {
+                    launch_rows_wgmma<DH, RowsPass::InputGrad>(dx_copy, d_o, x, ld, K, V, plan, F, stream);
+                    return;
+                }
+            }
             launch_with_smem(expert_input_backward_mma_kernel<DH, FC>, dim3(max_tiles), kMmaTileThreads,
                              MmaTileSmem<DH, FC>::bytes(2, 2), stream, dx_copy, d_o, x, ld, K, V, plan, E, F);
         },

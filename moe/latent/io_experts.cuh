@@ -19,6 +19,7 @@
 //   moe/latent/expert_forward.cuh          expert_forward          o = V^T GELU(K x)
 //   moe/latent/expert_input_backward.cuh   expert_input_backward   dx per copy
 //   moe/latent/expert_weight_backward.cuh  expert_weight_backward  dK, dV (mma.sync, wgmma on sm_90a)
+//   moe/latent/expert_rows_wgmma.cuh       the forward and input gradient on wgmma (sm_90a)
 //   moe/latent/expert_tiles.cuh            tile shapes, SIMT tile helpers, head-size / chunk dispatch
 // on the generic tensor-core blocks of tc/ (mma.cuh, warp_tile.cuh, wgmma.cuh) and moe/gelu.cuh.
 #pragma once
