@@ -10,34 +10,25 @@
 // Users: moe/latent/expert_weight_backward.cuh, moe/latent/expert_rows_wgmma.cuh.
 #pragma once
 #include <cstdint>
+#include <string>
 
 #include "tc/mma.cuh"
 #include "util/cuda_utils.cuh"
 
 namespace lmoe {
 
-template <int>
-__global__ void wgmma_probe_kernel(int* has) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    *has = 1;
-#else
-    *has = 0;
-#endif
-}
-
-// Whether this build's code for the current GPU has wgmma (an sm_90a build on a Hopper GPU). Host code
-// is compiled without the device's target features, so launchers that pick a wgmma kernel (with its
-// own block size) ask the device once.
+// Whether the code this build runs on the current GPU has wgmma: an sm_90a build (its architecture
+// list, LMOE_CUDA_ARCHITECTURES, names 90a) on a compute capability 9.0 GPU, whose driver then loads the
+// sm_90a code. Host code is compiled without the device's target features, so the launchers that pick
+// a wgmma kernel (with its own block size) ask here; cached per process (one GPU kind per process).
 inline bool device_has_wgmma() {
     static const bool has = [] {
-        int* flag = nullptr;
-        int host = 0;
-        CUDA_CHECK(cudaMalloc(&flag, sizeof(int)));
-        wgmma_probe_kernel<0><<<1, 1>>>(flag);
-        CUDA_CHECK_LAUNCH();
-        CUDA_CHECK(cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost));
-        CUDA_CHECK(cudaFree(flag));
-        return host == 1;
+        if (std::string(LMOE_CUDA_ARCHITECTURES).find("90a") == std::string::npos) return false;
+        int device = 0;
+        cudaDeviceProp prop{};
+        CUDA_CHECK(cudaGetDevice(&device));
+        CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+        return prop.major == 9 && prop.minor == 0;
     }();
     return has;
 }

@@ -35,6 +35,7 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
                              const RoutingPlan plan, int E, int F) {
 #if defined(LMOE_HAS_WGMMA)
     static_assert(DH == 64 || DH == 128, "wgmma row tiles: dh 64 or 128");
+    static_assert(kExpertTileRows == 2 * 64 && kWgmmaRowsThreads == 2 * 128, "two warpgroups of 64 rows per tile");
     constexpr int FC = kWgmmaRowsChunk, BR = kExpertTileRows, NT = kWgmmaRowsThreads;
     constexpr bool backward = PASS == RowsPass::InputGrad;
     using S = WgmmaRowsSmem<DH, PASS>;
