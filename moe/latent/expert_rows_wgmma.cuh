@@ -2,13 +2,15 @@
 // the forward and the input gradient, which walk a planner tile's rows through the expert's fe the
 // same way (moe/latent/expert_forward.cuh and expert_input_backward.cuh have their math and launch
 // them when device_has_wgmma()). One block of two warpgroups per planner tile, warpgroup w owning
-// rows 64w..64w+63; per chunk c (two stages of K_c, V_c in flight, every tile 128B-swizzled):
+// rows 64w..64w+63; per chunk c (three stages of K_c, V_c in flight, every tile 128B-swizzled):
 //   forward:        S = X_w K_c^T                      A = GELU(S)          O_w  += A V_c
 //   input gradient: S = X_w K_c^T,  dA = dO_w V_c^T    A = dA ⊙ GELU'(S)    dX_w += A K_c
 // S and dA are (64 × 64) fp32 in registers, A goes packed to bf16 straight into the register A
 // operand of the last product, and the (64 × dh) result stays in registers until the end: the
-// (rows × fe) hidden activations never leave the registers. The kernel exists in every build;
-// without wgmma its body is empty and it is never launched.
+// (rows × fe) hidden activations never leave the registers. The products of chunk c + 1 are issued
+// before chunk c's GELU is computed, so the tensor cores work while the ALUs do (two sets of S, dA
+// registers, used by even and odd chunks). The kernel exists in every build; without wgmma its body
+// is empty and it is never launched.
 #pragma once
 #include "moe/latent/expert_tiles.cuh"
 #include "tc/wgmma.cuh"
@@ -17,15 +19,15 @@ namespace lmoe {
 
 enum class RowsPass { Forward, InputGrad };
 
-constexpr int kWgmmaRowsChunk = 64, kWgmmaRowsThreads = 256;
+constexpr int kWgmmaRowsChunk = 64, kWgmmaRowsThreads = 256, kWgmmaRowsStages = 3;
 
-// Shared memory: the X tile (and the dO tile), then two stages of K_c and V_c; 1 KB to align the tiles
-// to 1024 bytes.
+// Shared memory: the X tile (and the dO tile), then three stages of K_c and V_c; 1 KB to align the
+// tiles to 1024 bytes.
 template <int DH, RowsPass PASS>
 struct WgmmaRowsSmem {
     static constexpr int row_tiles = PASS == RowsPass::InputGrad ? 2 : 1;
     static constexpr int tile_elems = kExpertTileRows * DH, chunk_elems = kWgmmaRowsChunk * DH;
-    static constexpr size_t bytes = (row_tiles * tile_elems + 4 * chunk_elems) * sizeof(bf16) + 1024;
+    static constexpr size_t bytes = (row_tiles * tile_elems + 2 * kWgmmaRowsStages * chunk_elems) * sizeof(bf16) + 1024;
 };
 
 // out (copies, dh): o (forward) or dx_copy (input gradient, from d_o).
@@ -36,7 +38,7 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
 #if defined(LMOE_HAS_WGMMA)
     static_assert(DH == 64 || DH == 128, "wgmma row tiles: dh 64 or 128");
     static_assert(kExpertTileRows == 2 * 64 && kWgmmaRowsThreads == 2 * 128, "two warpgroups of 64 rows per tile");
-    constexpr int FC = kWgmmaRowsChunk, BR = kExpertTileRows, NT = kWgmmaRowsThreads;
+    constexpr int FC = kWgmmaRowsChunk, BR = kExpertTileRows, NT = kWgmmaRowsThreads, kStages = kWgmmaRowsStages;
     constexpr bool backward = PASS == RowsPass::InputGrad;
     using S = WgmmaRowsSmem<DH, PASS>;
     constexpr uint32_t tile_block = BR * 128, chunk_block = FC * 128;  // bytes of one 64-column block
@@ -44,17 +46,18 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
     unsigned char* smem = smem_raw + ((1024 - (smem_address(smem_raw) & 1023)) & 1023);
     bf16* Xs = reinterpret_cast<bf16*>(smem);  // (128, dh)
     bf16* dOs = Xs + S::tile_elems;             // (128, dh), the input gradient's
-    bf16* Ks = Xs + S::row_tiles * S::tile_elems;  // 2 × (64, dh)
-    bf16* Vs = Ks + 2 * S::chunk_elems;            // 2 × (64, dh)
+    bf16* Ks = Xs + S::row_tiles * S::tile_elems;  // kStages × (64, dh)
+    bf16* Vs = Ks + kStages * S::chunk_elems;      // kStages × (64, dh)
     if ((int)blockIdx.x >= *plan.num_tiles) return;
     const ExpertRowTile t = expert_row_tile<kExpertTileRows>(plan, blockIdx.x, 0, E);
     const int g = t.g, h = t.h, p0 = t.p0, rows = t.rows;
     const bf16 *Kg = K + (int64_t)g * F * DH, *Vg = V + (int64_t)g * F * DH;
+    const int chunks = F / FC;
     const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
     const auto contiguous = [](int i) { return (int64_t)i * DH; };
     auto load_chunk = [&](int c) {
-        load_rows_swizzled_async<DH, FC, NT>(Ks + (c % 2) * S::chunk_elems, Kg + (int64_t)c * FC * DH, FC, contiguous);
-        load_rows_swizzled_async<DH, FC, NT>(Vs + (c % 2) * S::chunk_elems, Vg + (int64_t)c * FC * DH, FC, contiguous);
+        load_rows_swizzled_async<DH, FC, NT>(Ks + (c % kStages) * S::chunk_elems, Kg + (int64_t)c * FC * DH, FC, contiguous);
+        load_rows_swizzled_async<DH, FC, NT>(Vs + (c % kStages) * S::chunk_elems, Vg + (int64_t)c * FC * DH, FC, contiguous);
     };
     // K-major operands step 32 bytes per k16 inside a 64-column block; MN-major ones 16 rows.
     auto kmajor = [](const void* tile, uint32_t block_bytes, int k) {
@@ -63,25 +66,12 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
     auto mnmajor = [](const void* tile, int k) {
         return wgmma_desc(reinterpret_cast<const unsigned char*>(tile) + k * 16 * 128, chunk_block, 1024);
     };
-
-    load_rows_swizzled_async<DH, BR, NT>(Xs, x, rows, GatheredRows<DH>{plan, ld, p0, h});
-    if constexpr (backward) load_rows_swizzled_async<DH, BR, NT>(dOs, d_o + (int64_t)p0 * DH, rows, contiguous);
-    load_chunk(0);
-    cp_async_commit();
     const int wg_rows = wg * 64 * 128;  // byte offset of this warpgroup's rows in a 64-column block
     const unsigned char* Xw = reinterpret_cast<const unsigned char*>(Xs) + wg_rows;
     const unsigned char* dOw = reinterpret_cast<const unsigned char*>(dOs) + wg_rows;
-    float acc[DH / 2];
-#pragma unroll
-    for (int i = 0; i < DH / 2; i++) acc[i] = 0.f;
-    for (int c = 0; c < F / FC; c++) {
-        cp_async_wait<0>();
-        fence_proxy_async();
-        __syncthreads();  // chunk c (and the row tiles) have landed; both warpgroups are done with chunk c − 1
-        if (c + 1 < F / FC) load_chunk(c + 1);  // into chunk c − 1's stage
-        cp_async_commit();
-        const bf16 *Kc = Ks + (c % 2) * S::chunk_elems, *Vc = Vs + (c % 2) * S::chunk_elems;
-        float s[32], da[32];  // no initial values: the first product overwrites them
+    // Issues S = X K_c^T (and dA = dO V_c^T) into s (and da), without waiting.
+    auto issue_row_products = [&](float (&s)[32], float (&da)[32], int c) {
+        const bf16 *Kc = Ks + (c % kStages) * S::chunk_elems, *Vc = Vs + (c % kStages) * S::chunk_elems;
         wgmma_fence();
 #pragma unroll
         for (int k = 0; k < DH / 16; k++) wgmma_m64n64k16<0>(s, kmajor(Xw, tile_block, k), kmajor(Kc, chunk_block, k), k);
@@ -91,15 +81,33 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
                 wgmma_m64n64k16<0>(da, kmajor(dOw, tile_block, k), kmajor(Vc, chunk_block, k), k);
         }
         wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_fence_operands(s);
-        if constexpr (backward) wgmma_fence_operands(da);
+    };
+    float acc[DH / 2];
 #pragma unroll
-        for (int i = 0; i < 32; i++) s[i] = backward ? da[i] * gelu_grad_fast(s[i]) : gelu_fast(s[i]);
+    for (int i = 0; i < DH / 2; i++) acc[i] = 0.f;
+    // Chunk c, whose S (and dA) are in s, da: the next chunk's products go to the tensor cores first, so
+    // that they run while this chunk's GELU is worked out.
+    auto step = [&](int c, float (&s)[32], float (&da)[32], float (&s_next)[32], float (&da_next)[32]) {
+        if (c + 1 < chunks) {
+            cp_async_wait<0>();
+            fence_proxy_async();
+            __syncthreads();  // chunk c + 1 has landed; both warpgroups are done with chunk c − 1
+            if (c + 2 < chunks) load_chunk(c + 2);  // into chunk c − 1's stage
+            cp_async_commit();
+            issue_row_products(s_next, da_next, c + 1);
+        }
+        // s, da were fenced after their wait; the hidden values go straight into the packed A operand
+        // (no register of a product still in flight is written between its issue and its wait)
         uint32_t a[FC / 16][4];
-        wgmma_accumulators_as_a<FC / 16>(a, s);
-        const bf16* B = backward ? Kc : Vc;  // (FC, dh), read MN-major
-        wgmma_fence_operands(acc);
+#pragma unroll
+        for (int kk = 0; kk < FC / 16; kk++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int j = 8 * kk + 2 * i;
+                a[kk][i] = backward ? pack_bf16x2(da[j] * gelu_grad_fast(s[j]), da[j + 1] * gelu_grad_fast(s[j + 1]))
+                                    : pack_bf16x2(gelu_fast(s[j]), gelu_fast(s[j + 1]));
+            }
+        const bf16* B = backward ? Ks + (c % kStages) * S::chunk_elems : Vs + (c % kStages) * S::chunk_elems;
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < FC / 16; kk++) {
@@ -107,8 +115,31 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
             else wgmma_m64n64k16_rs<1>(acc, a[kk], mnmajor(B, kk), 1);
         }
         wgmma_commit();
-        wgmma_wait<0>();  // a and this chunk's stage are free again
+        wgmma_wait<0>();  // the next chunk's S and this chunk's products are done: a and chunk c's stage are free
         wgmma_fence_operands(acc);
+        if (c + 1 < chunks) {
+            wgmma_fence_operands(s_next);
+            if constexpr (backward) wgmma_fence_operands(da_next);
+        }
+    };
+
+    load_rows_swizzled_async<DH, BR, NT>(Xs, x, rows, GatheredRows<DH>{plan, ld, p0, h});
+    if constexpr (backward) load_rows_swizzled_async<DH, BR, NT>(dOs, d_o + (int64_t)p0 * DH, rows, contiguous);
+    load_chunk(0);
+    cp_async_commit();
+    if (chunks > 1) load_chunk(1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    fence_proxy_async();
+    __syncthreads();  // the row tiles and chunk 0 have landed
+    float s0[32], da0[32], s1[32], da1[32];  // S (and dA) of even and odd chunks; the products overwrite them
+    issue_row_products(s0, da0, 0);
+    wgmma_wait<0>();
+    wgmma_fence_operands(s0);
+    if constexpr (backward) wgmma_fence_operands(da0);
+    for (int c = 0; c < chunks; c += 2) {  // two chunks per pass, so that s0, s1 stay in registers
+        step(c, s0, da0, s1, da1);
+        if (c + 1 < chunks) step(c + 1, s1, da1, s0, da0);
     }
 #pragma unroll
     for (int i = 0; i < DH / 2; i += 2) {

@@ -91,10 +91,10 @@ template <int DH, int FC> struct MmaWeightLayout {
     static constexpr int ld = DH + 8, ld_hidden = FC + 8;
     static constexpr int slice_elems = FC * ld, rows_elems = kMmaWeightRows * ld, hidden_elems = kMmaWeightRows * ld_hidden;
     static constexpr size_t bytes_mma = (2 * slice_elems + 4 * rows_elems + 2 * hidden_elems) * sizeof(bf16);
-    // the wgmma version (sm_90a builds): unpadded swizzled tiles, three stages of X, dO, and 1 KB to
-    // align the tiles to 1024 bytes
+    // the wgmma version (sm_90a builds): unpadded swizzled tiles, three stages of X, dO (A and dS stay
+    // in registers), and 1 KB to align the tiles to 1024 bytes
     static constexpr bool on_wgmma = FC == 128 && (DH == 64 || DH == 128);
-    static constexpr size_t bytes_wgmma = (2 * FC * DH + 6 * kMmaWeightRows * DH + 2 * FC * kMmaWeightRows) * sizeof(bf16) + 1024;
+    static constexpr size_t bytes_wgmma = (2 * FC * DH + 6 * kMmaWeightRows * DH) * sizeof(bf16) + 1024;
     static constexpr size_t bytes = on_wgmma && bytes_wgmma > bytes_mma ? bytes_wgmma : bytes_mma;
 };
 
@@ -102,26 +102,26 @@ template <int DH, int FC> struct MmaWeightLayout {
 
 // Weight gradients on wgmma for an FC = 128 slice of fe and dh = 64 or 128: two warpgroups, warpgroup
 // w owning fe rows 64w..64w+63 of the slice. Per 64 copies (three stages of X, dO in flight):
-//   S, dA (64 × 64 fe, registers) = X K_w^T, dO V_w^T             (X, dO K-major)
-//   A^T, dS^T (64 fe × 64 rows) → shared memory, swizzled
+//   S^T, dA^T (64 fe × 64 rows, registers) = K_w X^T, V_w dO^T     (K_w, V_w, X, dO K-major)
+//   A^T = GELU(S^T), dS^T = dA^T ⊙ GELU'(S^T), packed to bf16 in registers
 //   dV_w += A^T dO,  dK_w += dS^T X       (64 × dh accumulators; dO, X read MN-major, same tiles)
-// The block meets once per 64 rows (they have landed; the stage of the previous rows is refilled);
-// a warpgroup meets only itself between writing A^T, dS^T and reading them.
+// Computing the transposes puts A^T and dS^T in the accumulator layout that the register A operand
+// of the second products takes as it stands (as in expert_rows_wgmma.cuh): they never touch shared
+// memory. The block meets once per 64 rows (they have landed; the stage of the previous rows is
+// refilled).
 template <int DH, int FC>
 __device__ inline void weight_backward_wgmma(float* dK, float* dV, const bf16* d_o, const bf16* x, int64_t ld,
                                              const bf16* K, const bf16* V, const RoutingPlan& plan, int E, int F,
                                              unsigned char* smem_raw) {
     static_assert(FC == 128 && (DH == 64 || DH == 128), "wgmma path: fe slice 128, dh 64 or 128");
     constexpr int BR = 64, NT = kMmaWeightThreads, STAGES = 3;
-    constexpr int slice_elems = FC * DH, rows_elems = BR * DH, hidden_elems = FC * BR;
+    constexpr int slice_elems = FC * DH, rows_elems = BR * DH;
     constexpr uint32_t slice_block = FC * 128, rows_block = BR * 128;  // bytes of one 64-column block
     unsigned char* smem = smem_raw + ((1024 - (smem_address(smem_raw) & 1023)) & 1023);
     bf16* Ks = reinterpret_cast<bf16*>(smem);  // (FC, dh) swizzled
     bf16* Vs = Ks + slice_elems;                // (FC, dh)
     bf16* Xs = Vs + slice_elems;                // STAGES × (64, dh)
     bf16* dOs = Xs + STAGES * rows_elems;       // STAGES × (64, dh)
-    bf16* At = dOs + STAGES * rows_elems;       // (FC, 64): A^T
-    bf16* dSt = At + hidden_elems;              // (FC, 64): dS^T
     const int g = blockIdx.y, h = g / E, f0 = blockIdx.x * FC;
     const int begin = plan.group_offset[g], end = plan.group_offset[g + 1];
     const int64_t wofs = ((int64_t)g * F + f0) * DH;
@@ -149,7 +149,6 @@ __device__ inline void weight_backward_wgmma(float* dK, float* dV, const bf16* d
         return wgmma_desc(reinterpret_cast<const unsigned char*>(tile) + k * 16 * 128, rows_block, 1024);
     };
     const bf16 *Kw = Ks + wg * 64 * 64, *Vw = Vs + wg * 64 * 64;  // this warpgroup's 64 fe rows (block 0)
-    const bf16 *Atw = At + wg * 64 * BR, *dStw = dSt + wg * 64 * BR;
     float acc_k[DH / 2], acc_v[DH / 2];
 #pragma unroll
     for (int i = 0; i < DH / 2; i++) acc_k[i] = acc_v[i] = 0.f;
@@ -160,38 +159,37 @@ __device__ inline void weight_backward_wgmma(float* dK, float* dV, const bf16* d
         if (p0 + 2 * BR < end) load_rows(p0 + 2 * BR, (it + 2) % STAGES);  // into the stage of rows it - 1
         cp_async_commit();
         const bf16 *Xt = Xs + it % STAGES * rows_elems, *dOt = dOs + it % STAGES * rows_elems;
-        float s[32], da[32];  // no initial values: the first product overwrites them
+        float st[32], dat[32];  // S^T, dA^T; no initial values: the first product overwrites them
         wgmma_fence();
 #pragma unroll
-        for (int k = 0; k < DH / 16; k++) wgmma_m64n64k16<0>(s, kmajor(Xt, rows_block, k), kmajor(Kw, slice_block, k), k);
+        for (int k = 0; k < DH / 16; k++) wgmma_m64n64k16<0>(st, kmajor(Kw, slice_block, k), kmajor(Xt, rows_block, k), k);
 #pragma unroll
-        for (int k = 0; k < DH / 16; k++) wgmma_m64n64k16<0>(da, kmajor(dOt, rows_block, k), kmajor(Vw, slice_block, k), k);
+        for (int k = 0; k < DH / 16; k++) wgmma_m64n64k16<0>(dat, kmajor(Vw, slice_block, k), kmajor(dOt, rows_block, k), k);
         wgmma_commit();
         wgmma_wait<0>();
-        wgmma_fence_operands(s);
-        wgmma_fence_operands(da);
+        wgmma_fence_operands(st);
+        wgmma_fence_operands(dat);
 #pragma unroll
         for (int i = 0; i < 32; i++) {
-            const int f = wg * 64 + 8 * (i / 4) + 2 * q + i % 2, r = 16 * warp + gq + 8 * (i / 2 % 2);
-            const int at = f * 64 + (((r / 8) ^ (f % 8)) * 8) + r % 8;  // swizzled (FC, 64) bf16 tile
             float e;
-            const float cdf = normal_cdf(s[i], e);
-            At[at] = __float2bfloat16(gelu_from_cdf(s[i], cdf));
-            dSt[at] = __float2bfloat16(da[i] * gelu_grad_from_cdf(s[i], cdf, e));
+            const float s = st[i], cdf = normal_cdf(s, e);
+            st[i] = gelu_from_cdf(s, cdf);
+            dat[i] *= gelu_grad_from_cdf(s, cdf, e);
         }
-        fence_proxy_async();
-        asm volatile("bar.sync %0, 128;" ::"r"(1 + wg) : "memory");  // this warpgroup's A^T, dS^T complete
+        uint32_t at[BR / 16][4], dst[BR / 16][4];  // A^T, dS^T as the register A operands, k = rows
+        wgmma_accumulators_as_a<BR / 16>(at, st);
+        wgmma_accumulators_as_a<BR / 16>(dst, dat);
         wgmma_fence_operands(acc_v);
         wgmma_fence_operands(acc_k);
         wgmma_fence();
 #pragma unroll
         for (int k = 0; k < BR / 16; k++) {
             if constexpr (DH == 128) {
-                wgmma_m64n128k16<1>(acc_v, kmajor(Atw, 0, k), mnmajor(dOt, k), 1);
-                wgmma_m64n128k16<1>(acc_k, kmajor(dStw, 0, k), mnmajor(Xt, k), 1);
+                wgmma_m64n128k16_rs<1>(acc_v, at[k], mnmajor(dOt, k), 1);
+                wgmma_m64n128k16_rs<1>(acc_k, dst[k], mnmajor(Xt, k), 1);
             } else {
-                wgmma_m64n64k16<1>(acc_v, kmajor(Atw, 0, k), mnmajor(dOt, k), 1);
-                wgmma_m64n64k16<1>(acc_k, kmajor(dStw, 0, k), mnmajor(Xt, k), 1);
+                wgmma_m64n64k16_rs<1>(acc_v, at[k], mnmajor(dOt, k), 1);
+                wgmma_m64n64k16_rs<1>(acc_k, dst[k], mnmajor(Xt, k), 1);
             }
         }
         wgmma_commit();
