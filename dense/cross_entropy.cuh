@@ -138,4 +138,13 @@ inline void mean_loss(float* out, const float* losses, int N, cudaStream_t strea
     CUDA_CHECK_LAUNCH();
 }
 
+// sum[0] += mean[0] / parts: one micro-batch's share of a step's loss over `parts` micro-batches, added
+// on the device so the step reads its loss back once. Added in stream order, so the same bits every run.
+__global__ void add_micro_batch_loss_kernel(float* sum, const float* mean, int parts) { sum[0] += mean[0] / parts; }
+
+inline void add_micro_batch_loss(float* sum, const float* mean, int parts, cudaStream_t stream) {
+    add_micro_batch_loss_kernel<<<1, 1, 0, stream>>>(sum, mean, parts);
+    CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace lmoe

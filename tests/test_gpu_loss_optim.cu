@@ -1,7 +1,8 @@
 // GPU tests of the training step's tail against the CPU reference (SPEC §8.3): the fused LM-head
-// cross-entropy (loss and dlogits, padded columns exactly zero), the mean loss, AdamW with the clip
-// factor, the deterministic global gradient norm and the clip scale; each kernel run twice must give the
-// same bytes. Ends with timings of cross-entropy at N = 8192, Vp = 50304 and AdamW at n = 10^8.
+// cross-entropy (loss and dlogits, padded columns exactly zero), the mean loss and its sum over a step's
+// micro-batches, AdamW with the clip factor, the deterministic global gradient norm and the clip scale;
+// each kernel run twice must give the same bytes. Ends with timings of cross-entropy at N = 8192,
+// Vp = 50304 and AdamW at n = 10^8.
 // Exits 77 (reported by CTest as skipped) when no GPU is present.
 #include <algorithm>
 #include <cmath>
@@ -119,6 +120,24 @@ void check_mean_loss(lmoe::Rng& rng, int N) {
     d_mean.poison();
     lmoe::mean_loss(d_mean.get(), d_losses.get(), N, 0);
     CHECK_MSG(same_bytes(mean, d_mean.download()), "mean_loss is not deterministic");
+}
+
+// A step's loss summed on the device one micro-batch at a time: the same bits as a float sum of
+// mean / parts on the host in the same order.
+void check_micro_batch_loss(lmoe::Rng& rng, int parts) {
+    DeviceBuffer<float> d_sum(1), d_mean(1);
+    d_sum.upload({0.f});
+    float want = 0;
+    for (int i = 0; i < parts; i++) {
+        const float mean = float(rng.uniform(0, 11));
+        d_mean.upload({mean});
+        lmoe::add_micro_batch_loss(d_sum.get(), d_mean.get(), parts, 0);
+        want += mean / parts;
+    }
+    const std::vector<float> got = d_sum.download();
+    std::printf("  add_micro_batch_loss, %d parts: %.9g (host sum %.9g)\n", parts, got[0], want);
+    CHECK_MSG(same_bytes(got, {want}), "add_micro_batch_loss differs from the host's sum over " +
+                                           std::to_string(parts) + " micro-batches");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -285,6 +304,7 @@ int main() {
     check_cross_entropy(rng, 33, 256, 256, 1);
     check_cross_entropy(rng, 8192, 50257, 50304, 37);
     for (int N : {1, 67, 8192}) check_mean_loss(rng, N);
+    for (int parts : {1, 3, 8}) check_micro_batch_loss(rng, parts);
 
     check_adamw(rng, 100003, 0);
     check_adamw(rng, 1001, 1);  // unaligned: the scalar path

@@ -15,12 +15,12 @@
 #include "model/params.h"
 #include "moe/router_stats.h"
 #include "train/checkpoint.h"
+#include "train/step_log.h"
 
 namespace lmoe {
 
 class CpuModel {
   public:
-    using LossSum = double;
     static constexpr bool kOnGpu = false;
 
     explicit CpuModel(const Config& c)
@@ -36,16 +36,19 @@ class CpuModel {
     int64_t num_params() const { return model_.layout.total; }
     int64_t num_routing_biases() const { return (int64_t)model_.routing_bias.size(); }
 
-    void zero_grad() { model_.zero_grad(); }
-    float train_micro_batch(const int32_t* tokens, const int32_t* targets) {
+    void zero_grad() {
+        model_.zero_grad();
+        loss_ = 0;
+    }
+    void train_micro_batch(const int32_t* tokens, const int32_t* targets) {
         const Config& c = model_.cfg;
         model_.forward(tokens, targets, c.B);
         model_.backward(1.0f / c.grad_accum);
+        loss_ += model_.cross_entropy / c.grad_accum;
         model_.add_expert_counts(counts_);
         router_.aux_loss += model_.aux_loss / c.grad_accum;
         router_.loc_loss += model_.loc_loss / c.grad_accum;
         for (int l = 0; l < c.L; l++) router_.dropped[l] += model_.ffn[l].dropped;
-        return model_.cross_entropy;
     }
     float eval_micro_batch(const int32_t* tokens, const int32_t* targets) {
         model_.forward(tokens, targets, model_.cfg.B);
@@ -55,8 +58,8 @@ class CpuModel {
 
     // Clip by the global norm, one AdamW step over every tensor (weight decay on matrices only), then
     // the aux-free bias update per (layer, head) from the step's routed-slot counts. Returns the
-    // norm before clipping.
-    double optimizer_step(double lr, int step) {
+    // step's loss and the norm before clipping.
+    StepResult optimizer_step(double lr, int step) {
         const Config& c = model_.cfg;
         const double norm = ref::clip_grad_norm(model_.grads.data(), model_.layout.total, c.grad_clip);
         for (const TensorSpec& t : model_.layout.tensors)
@@ -65,7 +68,7 @@ class CpuModel {
         for (int group = 0; group < c.L * c.H; group++)
             ref::update_routing_bias(model_.routing_bias.data() + (size_t)group * c.E,
                                      counts_.data() + (size_t)group * c.E, c.E, c.bias_rate);
-        return norm;
+        return {loss_, norm};
     }
     std::vector<int64_t> take_expert_counts() {
         return std::exchange(counts_, std::vector<int64_t>(counts_.size(), 0));
@@ -97,6 +100,7 @@ class CpuModel {
     ref::Model<float> model_;
     std::vector<float> m_, v_;     // AdamW moments, laid out like the parameters
     std::vector<int64_t> counts_;  // (L, H, E) routed slots since the last optimizer step
+    double loss_ = 0;              // the step's loss so far: Σ cross-entropy / grad_accum over its micro-batches
     RouterStats router_ = fresh_router_stats();  // since the last optimizer step
 
     RouterStats fresh_router_stats() const { return {0, 0, std::vector<int64_t>(model_.cfg.L, 0)}; }

@@ -86,7 +86,8 @@ inline MemoryEstimate gpu_memory_estimate(const Config& c, int world) {
         + 3 * N * d * X + 3 * N * C * X + N * C * X          // branch_, dresid_, dxn_, dqkv_, datty_
         + (int64_t)attention_scratch_bytes(c.B, c.T, c.n_head)
         + (int64_t)std::max(rmsnorm_backward_scratch_floats((int)N, c.d), global_norm_scratch_size()) * f
-        + (int64_t)embedding_backward_scratch_bytes((int)N, c.Vp()) + 4 * f;  // ... embedding_scratch_, clip_
+        + (int64_t)embedding_backward_scratch_bytes((int)N, c.Vp()) + 3 * f  // ... embedding_scratch_, clip_
+        + 2 * f;                                              // loss_norm_
     MemoryEstimate e;
     e.parts = {
         {"weights, gradients and AdamW moments", 4 * P * f + P * X + tensors * 12},  // master grads m v, params, decay

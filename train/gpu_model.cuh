@@ -137,7 +137,10 @@ class GpuModel {
         g = bind_tensors(layout, grads.get(), c.L, c.ffn);
 
         tokens_.resize(N); targets_.resize(N);
-        CUDA_CHECK(cudaMallocHost(&host_tokens_, 2 * N * sizeof(int)));
+        for (int s = 0; s < 2; s++) {
+            CUDA_CHECK(cudaMallocHost(&host_tokens_[s], 2 * N * sizeof(int)));
+            CUDA_CHECK(cudaEventCreateWithFlags(&staged_[s], cudaEventDisableTiming));
+        }
         resid_.resize((size_t)(c.L + 1) * N * d);
         resid_mid_.resize((size_t)c.L * N * d);
         xn1_.resize((size_t)c.L * N * d); xn2_.resize((size_t)c.L * N * d);
@@ -151,10 +154,15 @@ class GpuModel {
         attention_scratch_.resize(attention_scratch_bytes(c.B, c.T, c.n_head));
         norm_scratch_.resize(std::max(rmsnorm_backward_scratch_floats(N, c.d), global_norm_scratch_size()));
         embedding_scratch_.resize(embedding_backward_scratch_bytes(N, c.Vp()));
-        clip_.resize(4);  // norm² of the replicated and of the sharded gradients, norm, scale
+        clip_.resize(3);  // norm² of the replicated and of the sharded gradients, scale
+        loss_norm_.resize(2);
     }
     ~GpuModel() {
-        cudaFreeHost(host_tokens_);
+        cudaStreamSynchronize(ctx.stream);  // a failed step may leave copies reading the staging buffers
+        for (int s = 0; s < 2; s++) {
+            cudaEventDestroy(staged_[s]);
+            cudaFreeHost(host_tokens_[s]);
+        }
         cublasDestroy(ctx.cublas);
         cudaStreamDestroy(ctx.stream);
     }
@@ -167,10 +175,17 @@ class GpuModel {
         const int d = c.d, C = c.n_head * c.d_attn();
         cudaStream_t st = ctx.stream;
         ctx.loss_scale = dloss;
-        std::copy(tokens, tokens + N, host_tokens_);
-        std::copy(targets, targets + N, host_tokens_ + N);
-        CUDA_CHECK(cudaMemcpyAsync(tokens_.get(), host_tokens_, N * sizeof(int), cudaMemcpyHostToDevice, st));
-        CUDA_CHECK(cudaMemcpyAsync(targets_.get(), host_tokens_ + N, N * sizeof(int), cudaMemcpyHostToDevice, st));
+        // The host does not wait for a training micro-batch, so the stream may still be copying from
+        // the other staging buffer; this one is refilled once its own last copies are done.
+        const int s = next_staging_;
+        next_staging_ = 1 - s;
+        CUDA_CHECK(cudaEventSynchronize(staged_[s]));
+        int* staging = host_tokens_[s];
+        std::copy(tokens, tokens + N, staging);
+        std::copy(targets, targets + N, staging + N);
+        CUDA_CHECK(cudaMemcpyAsync(tokens_.get(), staging, N * sizeof(int), cudaMemcpyHostToDevice, st));
+        CUDA_CHECK(cudaMemcpyAsync(targets_.get(), staging + N, N * sizeof(int), cudaMemcpyHostToDevice, st));
+        CUDA_CHECK(cudaEventRecord(staged_[s], st));
 
         embedding_forward(resid(0), tokens_.get(), w.wte, N, d, st);                     // x (N, d)
         rmsnorm_forward(xn1(0), rstd1(0), resid(0), w.layers[0].ln1, N, d, st);
@@ -232,14 +247,20 @@ class GpuModel {
         embedding_backward(g.wte, dresid_.get(), tokens_.get(), N, d, c.Vp(), embedding_scratch_.get(), st);
     }
 
-    void zero_grad() { CUDA_CHECK(cudaMemsetAsync(grads.get(), 0, grads.size() * sizeof(float), ctx.stream)); }
+    // A step begins: its gradients and its loss start from zero.
+    void zero_grad() {
+        CUDA_CHECK(cudaMemsetAsync(grads.get(), 0, grads.size() * sizeof(float), ctx.stream));
+        CUDA_CHECK(cudaMemsetAsync(loss_norm_.get(), 0, sizeof(float), ctx.stream));
+    }
 
-    // Data parallel: average the replicated gradients over the ranks (one all-reduce: they are laid
-    // out first); the sharded expert gradients already hold every rank's tokens, each rank's loss
-    // being its own mean, so they are divided by R to be gradients of the global mean.
+    // Data parallel: average the step's loss and the replicated gradients over the ranks (the
+    // gradients in one all-reduce: they are laid out first); the sharded expert gradients already
+    // hold every rank's tokens, each rank's loss being its own mean, so they are divided by R to be
+    // gradients of the global mean.
     void sync_gradients() {
         if (comm.single()) return;
         ProfileScope timed(ctx.profile, Section::AllReduce);
+        all_reduce_average(loss_norm_.get(), 1, comm, ctx.stream);
         all_reduce_average(grads.get(), layout.replicated, comm, ctx.stream);
         const int sharded = (int)(layout.total - layout.replicated);
         const float inv_world = 1.f / comm.world;
@@ -249,9 +270,10 @@ class GpuModel {
     }
 
     // Clip by the global norm (replicated gradients once, shards summed over the ranks), AdamW (step
-    // is 0-based), then the aux-free bias update from the accumulated counts. Returns the gradient
-    // norm before clipping, which waits for the step to finish.
-    float optimizer_step(double lr, int step) {
+    // is 0-based), then the aux-free bias update from the accumulated counts. Returns the step's loss
+    // (over the ranks after sync_gradients) and the gradient norm before clipping, read back in one
+    // copy, which waits for the step to finish.
+    StepResult optimizer_step(double lr, int step) {
         const Config& c = cfg;
         cudaStream_t st = ctx.stream;
         {
@@ -260,21 +282,21 @@ class GpuModel {
             global_norm_squared(clip_.get() + 1, grads.get() + layout.replicated, layout.total - layout.replicated,
                                 norm_scratch_.get(), st);
             all_reduce_sum(clip_.get() + 1, 1, comm, st);
-            clip_scale(clip_.get() + 3, clip_.get() + 2, clip_.get(), c.grad_clip, st, 2);
+            clip_scale(clip_.get() + 2, loss_norm_.get() + 1, clip_.get(), c.grad_clip, st, 2);
             const ref::AdamW hp;
             const float bc1 = float(1 - std::pow(hp.beta1, step + 1)), bc2 = float(1 - std::pow(hp.beta2, step + 1));
             adamw_update(master.get(), params.get(), m.get(), v.get(), grads.get(), layout.total, (float)lr,
-                         (float)hp.beta1, (float)hp.beta2, (float)hp.eps, decay.segments(), bc1, bc2, clip_.get() + 3,
+                         (float)hp.beta1, (float)hp.beta2, (float)hp.eps, decay.segments(), bc1, bc2, clip_.get() + 2,
                          st);
             balance.update(c.bias_rate, st);
         }
-        float norm;
-        CUDA_CHECK(cudaMemcpyAsync(&norm, clip_.get() + 2, sizeof(float), cudaMemcpyDeviceToHost, st));
+        float loss_norm[2];
+        CUDA_CHECK(cudaMemcpyAsync(loss_norm, loss_norm_.get(), sizeof loss_norm, cudaMemcpyDeviceToHost, st));
         CUDA_CHECK(cudaStreamSynchronize(st));
-        return norm;
+        return {loss_norm[0], loss_norm[1]};
     }
 
-    // The micro-batch's mean loss averaged over the ranks, on the host (this synchronises).
+    // The last forward's mean loss averaged over the ranks, on the host (this synchronises).
     float mean_loss_global() {
         all_reduce_average(mean_loss_.get(), 1, comm, ctx.stream);
         float loss;
@@ -300,7 +322,6 @@ class GpuModel {
     const Ffn& ffn() const { return ffn_; }
 
     // ---- The interface the training loop (train/loop.h) drives, shared with train/cpu_model.h ----
-    using LossSum = float;  // the step loss is summed in float, so logged losses compare bit for bit with earlier runs
     static constexpr bool kOnGpu = true;  // it reports MFU, bytes sent and the time breakdown
 
     void print_banner(const DataLoader&, double tokens_per_step) const {
@@ -320,12 +341,13 @@ class GpuModel {
                     gpu_memory_estimate(cfg, comm.world).total() / kGiB);
     }
 
-    // One micro-batch of a training step, its loss scaled for the accumulation; returns its mean
-    // loss over the ranks.
-    float train_micro_batch(const int32_t* tokens, const int32_t* targets) {
+    // One micro-batch of a training step, its loss scaled for the accumulation. Its mean loss, divided
+    // by grad_accum, is added to the step's loss on the device (in float, in micro-batch order), so
+    // nothing here waits for the device.
+    void train_micro_batch(const int32_t* tokens, const int32_t* targets) {
         forward(tokens, targets, 1.f / cfg.grad_accum);
         backward();
-        return mean_loss_global();
+        add_micro_batch_loss(loss_norm_.get(), mean_loss_.get(), cfg.grad_accum, ctx.stream);
     }
     // Forward only. Its timed sections are dropped: evaluation is not part of any step's breakdown.
     float eval_micro_batch(const int32_t* tokens, const int32_t* targets) {
@@ -385,12 +407,17 @@ class GpuModel {
     std::unique_ptr<StepProfile> profile_;
     Ffn ffn_;
     DeviceBuffer<int> tokens_, targets_;
-    int* host_tokens_ = nullptr;  // pinned: inputs then targets
+    // Two pinned staging buffers (inputs then targets), used in turn, each with an event recorded after
+    // its copies to the device: forward() waits on a buffer's event before refilling it.
+    int* host_tokens_[2] = {};
+    cudaEvent_t staged_[2] = {};
+    int next_staging_ = 0;
     DeviceBuffer<floatX> resid_, resid_mid_, xn1_, xn2_, qkv_, atty_, xf_, logits_;  // per layer where needed
     DeviceBuffer<float> rstd1_, rstd2_, lse_, rstdf_, losses_, mean_loss_;
     DeviceBuffer<floatX> branch_, dresid_, dxn_, dqkv_, datty_;  // one micro-batch's worth, reused per layer
     DeviceBuffer<unsigned char> attention_scratch_, embedding_scratch_;
     DeviceBuffer<float> norm_scratch_, clip_;
+    DeviceBuffer<float> loss_norm_;  // (2): the step's loss and gradient norm, side by side for one read-back
 
     floatX* resid(int l) { return resid_.get() + (size_t)l * N * cfg.d; }
     floatX* resid_mid(int l) { return resid_mid_.get() + (size_t)l * N * cfg.d; }

@@ -7,18 +7,21 @@
 //
 // A Model, built as Model(config, extra constructor arguments...), provides:
 //
-//   using LossSum = float or double;               // what the loop sums a step's micro-batch losses in
 //   static constexpr bool kOnGpu;                  // true: it also reports the figures marked GPU below
 //   void print_banner(const DataLoader& train, double tokens_per_step) const;  // rank 0's first line
 //   int64_t num_params() const;                    // on this rank: what its checkpoint must hold
 //   int64_t num_routing_biases() const;
-//   void zero_grad();
-//   float train_micro_batch(const int32_t* tokens, const int32_t* targets);  // forward + backward (the loss
-//                                                  // scaled by 1/grad_accum); its mean cross-entropy over
-//                                                  // all ranks (LocMoE's auxiliary losses: take_router_stats)
-//   float eval_micro_batch(const int32_t* tokens, const int32_t* targets);   // forward only; the same loss
-//   void sync_gradients();                         // data parallel: the gradients of the global batch
-//   float or double optimizer_step(double lr, int step);  // clip, AdamW, bias update; the norm before clipping
+//   void zero_grad();                              // a step begins: its gradients and loss start from zero
+//   void train_micro_batch(const int32_t* tokens, const int32_t* targets);  // forward + backward (the loss
+//                                                  // scaled by 1/grad_accum); adds its mean cross-entropy
+//                                                  // / grad_accum to the step's loss, the GPU on the device
+//                                                  // (LocMoE's auxiliary losses: take_router_stats)
+//   float eval_micro_batch(const int32_t* tokens, const int32_t* targets);   // forward only; its mean
+//                                                  // cross-entropy over all ranks
+//   void sync_gradients();                         // data parallel: the gradients and loss of the global batch
+//   StepResult optimizer_step(double lr, int step);  // clip, AdamW, bias update; the step's loss (over all
+//                                                  // ranks) and the norm before clipping (train/step_log.h),
+//                                                  // which the GPU reads back in one copy
 //   std::vector<int64_t> take_expert_counts();     // (L, heads here, E) routed slots of the step; resets them
 //   RouterStats take_router_stats();               // LocMoE's losses and drops of the step; resets them
 //   std::pair<int, int> min_max_over_ranks(int here);  // the least and the greatest `here` of all ranks
@@ -179,14 +182,13 @@ int training_loop(const Config& c, int rank, int world, const ModelArgs&... mode
             if ((stop = model.min_max_over_ranks(stop_signal).second) != 0) break;
             Timer timer;
             model.zero_grad();
-            typename Model::LossSum loss = 0;
             for (int micro = 0; micro < c.grad_accum; micro++) {
                 train.next_batch(x.data(), y.data());
-                loss += model.train_micro_batch(x.data(), y.data()) / c.grad_accum;
+                model.train_micro_batch(x.data(), y.data());
             }
             model.sync_gradients();
             const double lr = lr_at(step, c.steps, c.lr, c.warmup, c.lr_floor);
-            const auto norm = model.optimizer_step(lr, step);
+            const auto [loss, norm] = model.optimizer_step(lr, step);
             const double ms = timer.ms();
             if (!std::isfinite(loss) || !std::isfinite(norm))  // diverged: stop rather than train on garbage
                 throw Diverged("step " + std::to_string(step + 1) + ": loss " + std::to_string(loss) +

@@ -86,6 +86,12 @@ inline void print_time_breakdown(const StepTimes& t, double ms) {
                 t.optimizer, t.rest(ms));
 }
 
+// What a model's optimizer_step hands the training loop: the step's loss (the mean cross-entropy over
+// its micro-batches and the ranks) and the gradient norm before clipping.
+struct StepResult {
+    double loss, norm;
+};
+
 // One row of the log: what the progress line shows, for every step.
 struct StepRow {
     int step;
