@@ -11,6 +11,8 @@
 #   - with NCU=1 (default), Nsight Compute's speed-of-light, occupancy and warp-stall sections of the
 #     first p1 launches of the expert and router kernels (`ncu --clock-control none`; machines whose
 #     runtime hides the counters only log the refusal).
+#   with QUICK=1, only the default build of this tree (and OTHER_TREE's benchmarks): a first check of a
+#     change in a few minutes;
 #   bash scripts/gpu_kernels.sh OTHER_TREE    e.g. OTHER_TREE from `git archive REV | tar -x -C .before`
 # Logs come back as $OUT/logs.tgz (scripts/device_logs.sh), refreshed after every phase; a short table
 # is printed last. The tests in three builds are its longest phase: with TRAIN=1 as well it does not fit
@@ -22,24 +24,32 @@ other=$(realpath "$1")
 source scripts/device_logs.sh
 export NCCL_NVLS_ENABLE=0
 rounds=${ROUNDS:-3}
-tests=(test_gpu_latentmoe test_gpu_moe test_gpu_locmoe test_gpu_model)
+tests=(test_gpu_latentmoe test_gpu_moe test_gpu_locmoe test_gpu_model test_gpu_loss_optim)
+quick=${QUICK:-0}
+builds=(build build_other)
+[ "$quick" = 1 ] || builds+=(build32 build90 build80)
 benches=(bench_latentmoe bench_moe train_latentmoe moe_ep_baseline)
 (cmake_build build "" "${tests[@]}" "${benches[@]}" data_prep && touch "$logs/build.ok") &
-(cmake_build build32 -DLMOE_FP32=ON "${tests[@]}" && touch "$logs/build32.ok") &
-(cmake_build build90 -DCMAKE_CUDA_ARCHITECTURES=90 "${tests[@]}" && touch "$logs/build90.ok") &
-(cmake_build build80 -DCMAKE_CUDA_ARCHITECTURES=80-real train_latentmoe && touch "$logs/build80.ok") &
+if [ "$quick" != 1 ]; then
+    (cmake_build build32 -DLMOE_FP32=ON "${tests[@]}" && touch "$logs/build32.ok") &
+    (cmake_build build90 -DCMAKE_CUDA_ARCHITECTURES=90 "${tests[@]}" && touch "$logs/build90.ok") &
+    (cmake_build build80 -DCMAKE_CUDA_ARCHITECTURES=80-real train_latentmoe && touch "$logs/build80.ok") &
+fi
 (cmake_build build_other "-S $other" "${benches[@]}" && touch "$logs/build_other.ok") &
 wait
-for dir in build build32 build90 build80 build_other; do [ -f "$logs/$dir.ok" ] || { echo "build of $dir failed"; exit 1; }; done
+for dir in "${builds[@]}"; do [ -f "$logs/$dir.ok" ] || { echo "build of $dir failed"; exit 1; }; done
 echo "build: ${SECONDS} s"
 
 for t in "${tests[@]}"; do
     ./build/$t >"$logs/$t.bf16.log" 2>&1; echo "$t bf16: rc $? $(tail -n 1 "$logs/$t.bf16.log")"
+    [ "$quick" = 1 ] && continue
     ./build32/$t >"$logs/$t.fp32.log" 2>&1; echo "$t fp32: rc $? $(tail -n 1 "$logs/$t.fp32.log")"
     ./build90/$t >"$logs/$t.sm90.log" 2>&1; echo "$t sm_90: rc $? $(tail -n 1 "$logs/$t.sm90.log")"
 done >"$logs/tests.txt"
-./build80/train_latentmoe --preset tiny --steps 1 >"$logs/sm80.log" 2>&1
-echo "sm_80-only binary on this GPU: rc $? $(tail -n 1 "$logs/sm80.log")" >>"$logs/tests.txt"
+if [ "$quick" != 1 ]; then
+    ./build80/train_latentmoe --preset tiny --steps 1 >"$logs/sm80.log" 2>&1
+    echo "sm_80-only binary on this GPU: rc $? $(tail -n 1 "$logs/sm80.log")" >>"$logs/tests.txt"
+fi
 bash tests/test_gpu_determinism.sh build >"$logs/determinism.log" 2>&1
 echo "test_gpu_determinism: rc $? $(tail -n 1 "$logs/determinism.log")" >>"$logs/tests.txt"
 pack_logs
