@@ -2,15 +2,15 @@
 // the forward and the input gradient, which walk a planner tile's rows through the expert's fe the
 // same way (moe/latent/expert_forward.cuh and expert_input_backward.cuh have their math and launch
 // them when device_has_wgmma()). One block of two warpgroups per planner tile, warpgroup w owning
-// rows 64w..64w+63; per chunk c (three stages of K_c, V_c in flight, every tile 128B-swizzled):
+// rows 64w..64w+63; per chunk c (four stages of K_c, V_c, fetched three ahead; every tile 128B-swizzled):
 //   forward:        S = X_w K_c^T                      A = GELU(S)          O_w  += A V_c
 //   input gradient: S = X_w K_c^T,  dA = dO_w V_c^T    A = dA ⊙ GELU'(S)    dX_w += A K_c
 // S and dA are (64 × 64) fp32 in registers, A goes packed to bf16 straight into the register A
 // operand of the last product, and the (64 × dh) result stays in registers until the end: the
-// (rows × fe) hidden activations never leave the registers. The products of chunk c + 1 are issued
-// before chunk c's GELU is computed, so the tensor cores work while the ALUs do (two sets of S, dA
-// registers, used by even and odd chunks). The kernel exists in every build; without wgmma its body
-// is empty and it is never launched.
+// (rows × fe) hidden activations never leave the registers. In the forward the products of chunk
+// c + 1 are issued before chunk c's GELU is computed, so the tensor cores work while the ALUs do (two
+// sets of S registers, used by even and odd chunks). The kernel exists in every build; without wgmma
+// its body is empty and it is never launched.
 #pragma once
 #include "moe/latent/expert_tiles.cuh"
 #include "tc/wgmma.cuh"
@@ -19,10 +19,10 @@ namespace lmoe {
 
 enum class RowsPass { Forward, InputGrad };
 
-constexpr int kWgmmaRowsChunk = 64, kWgmmaRowsThreads = 256, kWgmmaRowsStages = 3;
+constexpr int kWgmmaRowsChunk = 64, kWgmmaRowsThreads = 256, kWgmmaRowsStages = 4;
 
-// Shared memory: the X tile (and the dO tile), then three stages of K_c and V_c; 1 KB to align the
-// tiles to 1024 bytes.
+// Shared memory: the X tile (and the dO tile), then kWgmmaRowsStages stages of K_c and V_c; 1 KB to
+// align the tiles to 1024 bytes.
 template <int DH, RowsPass PASS>
 struct WgmmaRowsSmem {
     static constexpr int row_tiles = PASS == RowsPass::InputGrad ? 2 : 1;
@@ -85,17 +85,22 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
     float acc[DH / 2];
 #pragma unroll
     for (int i = 0; i < DH / 2; i++) acc[i] = 0.f;
-    // Chunk c, whose S (and dA) are in s, da: the next chunk's products go to the tensor cores first, so
-    // that they run while this chunk's GELU is worked out.
+    // The products of chunk c + 1 into s_next, da_next, once its K, V have landed; chunk c + 3 is fetched
+    // into the stage chunk c − 1 held.
+    auto issue_next = [&](int c, float (&s_next)[32], float (&da_next)[32]) {
+        if (c + 1 >= chunks) return;
+        cp_async_wait<1>();
+        fence_proxy_async();
+        __syncthreads();  // chunk c + 1 has landed; both warpgroups are done with chunk c − 1
+        if (c + 3 < chunks) load_chunk(c + 3);
+        cp_async_commit();
+        issue_row_products(s_next, da_next, c + 1);
+    };
+    // Chunk c, whose S (and dA) are in s, da. In the forward the next chunk's products go to the tensor
+    // cores first, so that they run while this chunk's GELU is worked out; the input gradient, whose
+    // two sets of S and dA would not fit the registers beside its accumulators, issues them after.
     auto step = [&](int c, float (&s)[32], float (&da)[32], float (&s_next)[32], float (&da_next)[32]) {
-        if (c + 1 < chunks) {
-            cp_async_wait<0>();
-            fence_proxy_async();
-            __syncthreads();  // chunk c + 1 has landed; both warpgroups are done with chunk c − 1
-            if (c + 2 < chunks) load_chunk(c + 2);  // into chunk c − 1's stage
-            cp_async_commit();
-            issue_row_products(s_next, da_next, c + 1);
-        }
+        if constexpr (!backward) issue_next(c, s_next, da_next);
         // s, da were fenced after their wait; the hidden values go straight into the packed A operand
         // (no register of a product still in flight is written between its issue and its wait)
         uint32_t a[FC / 16][4];
@@ -115,7 +120,12 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
             else wgmma_m64n64k16_rs<1>(acc, a[kk], mnmajor(B, kk), 1);
         }
         wgmma_commit();
-        wgmma_wait<0>();  // the next chunk's S and this chunk's products are done: a and chunk c's stage are free
+        if constexpr (backward) {
+            wgmma_wait<0>();  // a is free
+            wgmma_fence_operands(acc);
+            issue_next(c, s_next, da_next);
+        }
+        wgmma_wait<0>();  // the next chunk's S (dA) and this chunk's products are done: chunk c's stage is free
         wgmma_fence_operands(acc);
         if (c + 1 < chunks) {
             wgmma_fence_operands(s_next);
@@ -125,21 +135,28 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
 
     load_rows_swizzled_async<DH, BR, NT>(Xs, x, rows, GatheredRows<DH>{plan, ld, p0, h});
     if constexpr (backward) load_rows_swizzled_async<DH, BR, NT>(dOs, d_o + (int64_t)p0 * DH, rows, contiguous);
-    load_chunk(0);
-    cp_async_commit();
-    if (chunks > 1) load_chunk(1);
-    cp_async_commit();
-    cp_async_wait<1>();
+#pragma unroll
+    for (int c = 0; c < kStages - 1; c++) {  // one commit group each, chunk 0's with the row tiles
+        if (c < chunks) load_chunk(c);
+        cp_async_commit();
+    }
+    cp_async_wait<kStages - 2>();
     fence_proxy_async();
     __syncthreads();  // the row tiles and chunk 0 have landed
-    float s0[32], da0[32], s1[32], da1[32];  // S (and dA) of even and odd chunks; the products overwrite them
+    // S (and dA) of even and odd chunks in the forward, of every chunk in the input gradient; the
+    // products overwrite them
+    float s0[32], da0[32], s1[32];
     issue_row_products(s0, da0, 0);
     wgmma_wait<0>();
     wgmma_fence_operands(s0);
-    if constexpr (backward) wgmma_fence_operands(da0);
-    for (int c = 0; c < chunks; c += 2) {  // two chunks per pass, so that s0, s1 stay in registers
-        step(c, s0, da0, s1, da1);
-        if (c + 1 < chunks) step(c + 1, s1, da1, s0, da0);
+    if constexpr (backward) {
+        wgmma_fence_operands(da0);
+        for (int c = 0; c < chunks; c++) step(c, s0, da0, s0, da0);
+    } else {
+        for (int c = 0; c < chunks; c += 2) {  // two chunks per pass, so that s0, s1 stay in registers
+            step(c, s0, da0, s1, da0);
+            if (c + 1 < chunks) step(c + 1, s1, da0, s0, da0);
+        }
     }
 #pragma unroll
     for (int i = 0; i < DH / 2; i += 2) {
