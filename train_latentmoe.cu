@@ -54,7 +54,8 @@ class LatentMoeFfn {
     LatentMoeFfn(const Config& c, int N, const Comm& comm)
         : c_(c), N_(N), HD_(c.H * c.dh), world_(comm.world), Hl_(c.H / world_), M_(world_ * N),
           ldU_(c.H / world_ * c.dh), copies_((int64_t)c.H * N * c.k),
-          plans_(RoutingPlans::routed(c.L, world_ * N, c.H / world_, c.E, c.k)) {
+          plans_(RoutingPlans::routed(c.L, world_ * N, c.H / world_, c.E, c.k)),
+          weight_parts_(world_ * N, c.H / world_, c.E, c.k, c.fe, c.dh) {
         const size_t L = c.L;
         U_.resize(L * N * HD_); y_.resize(L * N * HD_); o_.resize(L * copies_ * c.dh);
         for (auto* b : {&rows_, &heads_, &heads2_, &exchange_}) b->resize((size_t)N * HD_);
@@ -105,7 +106,7 @@ class LatentMoeFfn {
         combine_backward(d_o_.get(), ds_copy_.get(), dY, ldU_, o, p, c.dh, ctx.stream);
         // compute:  dx_copy (copies, dh); dK, dV += (hidden recomputed per tile)
         expert_backward(dx_copy_.get(), g.expert_in, g.expert_out, d_o_.get(), U, ldU_, w.expert_in, w.expert_out, p,
-                        c.dh, c.fe, ctx.stream);
+                        weight_parts_.view(), c.dh, c.fe, ctx.stream);
         // route:    dR_h[:, e] += Σ_{copies of e} U · ds   (k chosen columns only)
         router_weight_backward(g.router, router_grad_scratch_.get(), U, ldU_, ds_copy_.get(), p, c.dh, ctx.stream);
         // group:    dU[t, h] = Σ_j dx_copy + Σ_j R_h[:, e_j] ds_j                floatX (R·N, W)
@@ -150,6 +151,7 @@ class LatentMoeFfn {
     // per layer, kept for the backward
     RoutingPlans plans_;
     DeviceBuffer<floatX> U_, y_, o_;
+    WeightGradScratch weight_parts_;  // the expert weight gradient's cut groups, shared by all layers
     // scratch shared by all layers: (N, H·dh) token rows, (R·N, W) head rows, the exchange buffer
     DeviceBuffer<floatX> rows_, heads_, heads2_, exchange_, d_o_, dx_copy_, router_t_;  // router_t_: R transposed
     DeviceBuffer<float> ds_copy_, router_grad_scratch_;

@@ -36,7 +36,7 @@ void bench_shape(const Shape& s, lmoe::Rng& rng) {
     });
     gpu_test::time_kernel("expert weight backward", reps, 4 * unit, [&] {
         lmoe::expert_weight_backward(T.dK.get(), T.dV.get(), L.d_o.get(), T.u.get(), HD, T.K.get(), T.V.get(), L.plan,
-                                     dh, F, 0);
+                                     L.weight_parts.view(), dh, F, 0);
     });
     time_routing_glue({L.plan, T.u.get(), T.R.get(), T.bias.get(), HD, dh, L.o.get(), T.y.get(), T.dy.get(), L.d_o.get(),
                        L.dx_copy.get(), T.du.get(), L.router_t.get(), L.ds_copy.get(), T.dR.get(),

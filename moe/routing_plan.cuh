@@ -113,42 +113,42 @@ __global__ void count_copies_kernel(int* chunk_counts, const int* sel, int M, in
     for (int e = threadIdx.x; e < E; e += blockDim.x) chunk_counts[((int64_t)h * chunks + chunk) * E + e] = hist[e];
 }
 
-// Exclusive prefix sums of two counts over the threads of a block (blockDim.x a multiple of 32, at
-// most 1024), in thread order; every thread also gets the totals. Integers: exact in any order.
-__device__ inline void block_exclusive_scan2(int& a, int& b, int& total_a, int& total_b) {
-    __shared__ int warp_a[32], warp_b[32];
+// Exclusive prefix sums of N counts over the threads of a block (blockDim.x a multiple of 32, at most
+// 1024), in thread order: v[i] becomes the sum of v[i] over the threads before this one, and every
+// thread gets the totals. Integers: exact in any order.
+template <int N>
+__device__ inline void block_exclusive_scan(int (&v)[N], int (&total)[N]) {
+    __shared__ int warp_sums[N][32];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    int ia = a, ib = b;  // inclusive within the warp
-    for (int offset = 1; offset < 32; offset <<= 1) {
-        const int ua = __shfl_up_sync(0xffffffff, ia, offset), ub = __shfl_up_sync(0xffffffff, ib, offset);
-        if (lane >= offset) {
-            ia += ua;
-            ib += ub;
+    int inclusive[N];  // within the warp
+#pragma unroll
+    for (int i = 0; i < N; i++) inclusive[i] = v[i];
+    for (int offset = 1; offset < 32; offset <<= 1)
+#pragma unroll
+        for (int i = 0; i < N; i++) {
+            const int up = __shfl_up_sync(0xffffffff, inclusive[i], offset);
+            if (lane >= offset) inclusive[i] += up;
         }
-    }
-    if (lane == 31) {
-        warp_a[warp] = ia;
-        warp_b[warp] = ib;
-    }
+    if (lane == 31)
+#pragma unroll
+        for (int i = 0; i < N; i++) warp_sums[i][warp] = inclusive[i];
     __syncthreads();
-    if (warp == 0) {
-        int wa = lane < warps ? warp_a[lane] : 0, wb = lane < warps ? warp_b[lane] : 0;
-        for (int offset = 1; offset < 32; offset <<= 1) {
-            const int ua = __shfl_up_sync(0xffffffff, wa, offset), ub = __shfl_up_sync(0xffffffff, wb, offset);
-            if (lane >= offset) {
-                wa += ua;
-                wb += ub;
+    if (warp == 0)
+#pragma unroll
+        for (int i = 0; i < N; i++) {
+            int w = lane < warps ? warp_sums[i][lane] : 0;
+            for (int offset = 1; offset < 32; offset <<= 1) {
+                const int up = __shfl_up_sync(0xffffffff, w, offset);
+                if (lane >= offset) w += up;
             }
+            warp_sums[i][lane] = w;  // now inclusive over warps
         }
-        warp_a[lane] = wa;  // now inclusive over warps
-        warp_b[lane] = wb;
-    }
     __syncthreads();
-    const int before_a = warp > 0 ? warp_a[warp - 1] : 0, before_b = warp > 0 ? warp_b[warp - 1] : 0;
-    a = before_a + ia - a;
-    b = before_b + ib - b;
-    total_a = warp_a[warps - 1];
-    total_b = warp_b[warps - 1];
+#pragma unroll
+    for (int i = 0; i < N; i++) {
+        v[i] = (warp > 0 ? warp_sums[i][warp - 1] : 0) + inclusive[i] - v[i];
+        total[i] = warp_sums[i][warps - 1];
+    }
 }
 
 // One block: group sizes, their offsets (exclusive scan in group order: thread i takes a run of
@@ -168,12 +168,14 @@ __global__ void plan_groups_kernel(RoutingPlan plan, int H, int E, int chunks) {
     }
     __syncthreads();
     const int span = (int)ceil_div(G, blockDim.x), g0 = min(G, (int)threadIdx.x * span), g1 = min(G, g0 + span);
-    int copies = 0, tiles = 0, all_copies, all_tiles;
+    int before[2] = {0, 0}, all[2];  // copies, tiles
     for (int g = g0; g < g1; g++) {
-        copies += size[g];
-        tiles += (int)ceil_div(size[g], kExpertTileRows);
+        before[0] += size[g];
+        before[1] += (int)ceil_div(size[g], kExpertTileRows);
     }
-    block_exclusive_scan2(copies, tiles, all_copies, all_tiles);
+    block_exclusive_scan(before, all);
+    int copies = before[0], tiles = before[1];
+    const int all_copies = all[0], all_tiles = all[1];
     for (int g = g0; g < g1; g++) {
         plan.group_offset[g] = copies;
         first_tile[g] = tiles;

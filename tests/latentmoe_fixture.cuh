@@ -26,8 +26,10 @@ struct RoutedLayer {
     lmoe::DeviceBuffer<floatX> o, d_o, dx_copy, router_t;
     lmoe::RoutingPlans plans;
     lmoe::RoutingPlan plan;
+    lmoe::WeightGradScratch weight_parts;
     explicit RoutedLayer(const Shape& shape)
-        : s(shape), plans(lmoe::RoutingPlans::routed(1, shape.M, shape.H, shape.E, shape.k)), plan(plans[0]) {
+        : s(shape), plans(lmoe::RoutingPlans::routed(1, shape.M, shape.H, shape.E, shape.k)), plan(plans[0]),
+          weight_parts(shape.M, shape.H, shape.E, shape.k, shape.fe, shape.dh) {
         copies = (int64_t)s.H * s.M * s.k;
         max_tiles = plan.max_tiles;
         router_grad_scratch.resize(lmoe::router_grad_scratch_size(s.H * s.E, s.dh));
@@ -36,6 +38,7 @@ struct RoutedLayer {
     }
     void poison_all() {
         plans.poison();
+        weight_parts.poison();
         ds_copy.poison(); o.poison(); d_o.poison(); dx_copy.poison();
     }
 };
@@ -71,7 +74,7 @@ inline void routed_layer(RoutedLayer& L, LayerTensors& T, cudaEvent_t* events = 
     lmoe::combine_backward(L.d_o.get(), L.ds_copy.get(), T.dy.get(), HD, L.o.get(), L.plan, s.dh, st);
     mark(3);
     lmoe::expert_backward(L.dx_copy.get(), T.dK.get(), T.dV.get(), L.d_o.get(), T.u.get(), HD, T.K.get(), T.V.get(),
-                          L.plan, s.dh, s.fe, st);
+                          L.plan, L.weight_parts.view(), s.dh, s.fe, st);
     mark(4);
     lmoe::router_weight_backward(T.dR.get(), L.router_grad_scratch.get(), T.u.get(), HD, L.ds_copy.get(), L.plan, s.dh,
                                  st);

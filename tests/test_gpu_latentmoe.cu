@@ -80,6 +80,9 @@ int main() {
         {"small", 512, 8, 64, 32, 256, 4},
         {"p1 shape", 192, 8, 128, 64, 512, 8},
         {"crowded", 1024, 4, 128, 32, 512, 8, true},
+        // crowded with one head: the weight gradient cuts each busy group into parts (expert_weight_backward.cuh)
+        {"crowded, one head: busy groups cut in two", 1100, 1, 128, 32, 512, 8, true},
+        {"crowded, one head: busy groups cut in four, dh 64", 2000, 1, 64, 64, 128, 8, true},
         {"starved expert, rows not whole tiles", 333, 2, 64, 16, 128, 4, false, true},
         {"p2 shape (the router's warp-per-row top-k at k 16)", 160, 8, 128, 128, 256, 16},
     };

@@ -19,6 +19,7 @@
 #include "model/config.h"
 #include "moe/routing_plan.cuh"
 #include "moe/router.cuh"
+#include "moe/latent/expert_weight_backward.cuh"
 #include "moe/locmoe_router.cuh"
 #include "train/memory_estimate.h"
 #include "util/cuda_utils.cuh"
@@ -52,7 +53,8 @@ inline int64_t ffn_device_bytes(const Config& c, int64_t N, int world) {
                + 4 * N * HD * X                                            // rows_, heads_, heads2_, exchange_
                + 2 * copies * c.dh * X + copies * 4                        // d_o_, dx_copy_, ds_copy_
                + (int64_t)router_grad_scratch_size((int)(Hl * c.E), c.dh) * 4  // router_grad_scratch_
-               + Hl * c.E * c.dh * X;                                      // router_t_
+               + Hl * c.E * c.dh * X                                       // router_t_
+               + WeightGradScratch::bytes((int)(R * N), (int)Hl, c.E, c.k, c.fe, c.dh);  // weight_parts_
     }
     // MoeFfn's constructor (and its ExpertExchange on several ranks)
     const int64_t d = c.d, copies = N * k, rows = world > 1 ? R * N * k : copies;

@@ -5,37 +5,181 @@
 // a time, recomputing S = X K_c^T, dA = dO V_c^T, A = GELU(S) and dS = dA ⊙ GELU'(S) per tile; so
 // each gradient element has one owner and a fixed summation order (no atomics, bitwise
 // reproducible).
+// Crowded routing (every copy of a head on the same few experts, as in the first steps of training,
+// or one head per rank at R = H) would leave the work to as few blocks as there are busy groups. So a
+// group of more than WeightGradParts::rows copies is cut into parts of that many: part 0's block adds
+// into dK, dV as above, each later part's block writes its sums to a scratch slot, and
+// add_weight_partials then adds the slots into dK, dV in part order — still one fixed order. The part
+// size is at least twice the mean group size, so balanced routing is never cut, and no smaller than
+// the scratch allows (kWeightPartialsBytes).
 // Three kernels, one launcher: expert_weight_backward_kernel (fp32 SIMT), and
 // expert_weight_backward_mma_kernel (tensor cores, mma.sync), which in sm_90a builds runs
 // weight_backward_wgmma (below, on tc/wgmma.cuh) instead for the shapes it covers;
-// expert_weight_backward picks by floatX.
+// expert_weight_backward picks by floatX, and around them runs list_weight_parts_kernel and
+// add_weight_partials_kernel when groups may be cut.
 #pragma once
+#include <algorithm>
+
 #include "moe/latent/expert_tiles.cuh"
 #include "tc/wgmma.cuh"
 
 namespace lmoe {
 
-// fp32: one block per (group, kExpertChunk-wide chunk c of fe), kSimtTileRows copies at a time:
+// Scratch for the partial sums of cut groups, at most (the slots are full-size (2, fe, dh) fp32).
+constexpr size_t kWeightPartialsBytes = size_t(16) << 20;
+
+// How a plan's groups are cut for the weight gradient, and where the parts past each group's first go.
+struct WeightGradParts {
+    int rows;          // copies per part; 0: no group is ever cut
+    int max_extra;     // slots: an upper bound on the parts past the first, over all groups
+    int* extra_group;  // (max_extra) group of each later part, in group order
+    int* extra_index;  // (max_extra) its part index j ≥ 1 within the group
+    int* num_extra;    // (1) slots in use
+    float* partials;   // (max_extra, 2, fe, dh): each later part's dK, then dV sums
+};
+
+// The part size and slot count for a plan of M rows, H heads, E experts, k copies per row, and experts
+// of (fe, dh). A group holds at most M copies, and the parts past the first number at most
+// H·M·k / rows in all.
+inline WeightGradParts weight_grad_parts_shape(int M, int H, int E, int k, int F, int dh) {
+    const int64_t copies = (int64_t)H * M * k, slot_bytes = (int64_t)2 * F * dh * sizeof(float);
+    const int64_t fitting = std::max<int64_t>(1, (int64_t)(kWeightPartialsBytes / slot_bytes));
+    int64_t rows = std::max(2 * ceil_div((int64_t)M * k, E), ceil_div(copies, fitting));
+    rows = ceil_div(rows, kMmaWeightRows) * kMmaWeightRows;
+    WeightGradParts p{};
+    if (rows >= M) return p;  // no group can be cut
+    p.rows = (int)rows;
+    p.max_extra = (int)std::min(copies / rows, (int64_t)H * E * (ceil_div(M, rows) - 1));
+    return p;
+}
+
+// The scratch behind a plan's WeightGradParts (one per trainer layer set, test or benchmark).
+class WeightGradScratch {
+  public:
+    WeightGradScratch(int M, int H, int E, int k, int F, int dh) : shape_(weight_grad_parts_shape(M, H, E, k, F, dh)) {
+        lists_.resize(2 * (size_t)shape_.max_extra + 1);
+        partials_.resize((size_t)shape_.max_extra * 2 * F * dh);
+    }
+    static int64_t bytes(int M, int H, int E, int k, int F, int dh) {
+        const WeightGradParts p = weight_grad_parts_shape(M, H, E, k, F, dh);
+        return (2 * (int64_t)p.max_extra + 1) * (int64_t)sizeof(int) + (int64_t)p.max_extra * 2 * F * dh * sizeof(float);
+    }
+    WeightGradParts view() const {
+        WeightGradParts p = shape_;
+        p.extra_group = lists_.get();
+        p.extra_index = lists_.get() + shape_.max_extra;
+        p.num_extra = lists_.get() + 2 * shape_.max_extra;
+        p.partials = partials_.get();
+        return p;
+    }
+    // Every list entry -1 and every slot NaN: tests poison before a run (a slot or entry the kernels
+    // never wrote cannot pass for a right one).
+    void poison() {
+        if (lists_.size()) lists_.poison();
+        if (partials_.size()) partials_.poison();
+    }
+
+  private:
+    WeightGradParts shape_;
+    DeviceBuffer<int> lists_;
+    DeviceBuffer<float> partials_;
+};
+
+// One block: each group's parts past the first, listed in group order (thread i takes a run of
+// consecutive groups, then a block scan).
+__global__ void list_weight_parts_kernel(WeightGradParts parts, const int* group_offset, int G) {
+    const int span = (int)ceil_div(G, blockDim.x), g0 = min(G, (int)threadIdx.x * span), g1 = min(G, g0 + span);
+    auto later_parts = [&](int g) {
+        const int n = group_offset[g + 1] - group_offset[g];
+        return n > parts.rows ? (int)ceil_div(n, parts.rows) - 1 : 0;
+    };
+    int first[1] = {0}, total[1];
+    for (int g = g0; g < g1; g++) first[0] += later_parts(g);
+    block_exclusive_scan(first, total);
+    int slot = first[0];
+    for (int g = g0; g < g1; g++)
+        for (int j = 1; j <= later_parts(g); j++, slot++)
+            if (slot < parts.max_extra) {  // always, by the bound on max_extra
+                parts.extra_group[slot] = g;
+                parts.extra_index[slot] = j;
+            }
+    if (threadIdx.x == 0) *parts.num_extra = min(total[0], parts.max_extra);
+}
+
+// The copies and the (fe, dh) sums of block `item` of the weight gradient: items below G are the groups
+// (their first part, summed into dK, dV), the rest the listed later parts (written to their slots).
+struct WeightGradItem {
+    int g, begin, end;
+    float *dk, *dv;  // this group's (fe, dh) dK, dV, or the part's slot
+    bool accumulate;  // += into dK, dV, or = into the slot
+};
+__device__ inline bool weight_grad_item(WeightGradItem& it, int item, const RoutingPlan& plan,
+                                        const WeightGradParts& parts, float* dK, float* dV, int F, int DH) {
+    const int G = plan.H * plan.E;
+    const int64_t matrix = (int64_t)F * DH;
+    int j = 0;
+    if (item < G) {
+        it.g = item;
+        it.dk = dK + item * matrix;
+        it.dv = dV + item * matrix;
+        it.accumulate = true;
+    } else {
+        const int slot = item - G;
+        if (parts.rows == 0 || slot >= *parts.num_extra) return false;
+        it.g = parts.extra_group[slot];
+        j = parts.extra_index[slot];
+        it.dk = parts.partials + slot * 2 * matrix;
+        it.dv = it.dk + matrix;
+        it.accumulate = false;
+    }
+    const int begin = plan.group_offset[it.g], end = plan.group_offset[it.g + 1];
+    it.begin = parts.rows ? begin + j * parts.rows : begin;
+    it.end = parts.rows ? min(end, it.begin + parts.rows) : end;
+    return true;
+}
+
+// dK, dV of every cut group += its later parts' sums, in part order: the block of a group's first slot
+// walks the group's slots, four consecutive floats per thread.
+__global__ void add_weight_partials_kernel(float* dK, float* dV, const WeightGradParts parts, int64_t matrix) {
+    const int slot = blockIdx.y;
+    if (slot >= *parts.num_extra || parts.extra_index[slot] != 1) return;
+    const int g = parts.extra_group[slot];
+    const int64_t i = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * 4;  // in (dK, dV) of the group
+    if (i >= 2 * matrix) return;
+    float4* out = reinterpret_cast<float4*>(i < matrix ? dK + g * matrix + i : dV + g * matrix + (i - matrix));
+    float4 v = *out;
+    for (int s = slot; s < *parts.num_extra && parts.extra_group[s] == g; s++) {
+        const float4 p = *reinterpret_cast<const float4*>(parts.partials + s * 2 * matrix + i);
+        v = make_float4(v.x + p.x, v.y + p.y, v.z + p.z, v.w + p.w);
+    }
+    *out = v;
+}
+
+// fp32: one block per (kExpertChunk-wide chunk c of fe, item), kSimtTileRows copies at a time:
 //   S = X K_c^T,  dA = dO V_c^T,  A = GELU(S), dS = dA ⊙ GELU'(S) → shared,
 //   dV_c += A^T dO,  dK_c += dS^T X.
 template <int DH>
 __global__ void __launch_bounds__(kExpertThreads) expert_weight_backward_kernel(float* dK, float* dV, const floatX* d_o,
                                                                                 const floatX* x, int64_t ld,
                                                                                 const floatX* K, const floatX* V,
-                                                                                const RoutingPlan plan, int E, int F) {
+                                                                                const RoutingPlan plan,
+                                                                                const WeightGradParts parts, int E,
+                                                                                int F) {
     using S = ExpertTileSmem<DH>;
     extern __shared__ float smem[];
     float *Xs = smem, *dOs = Xs + S::rows_floats, *Ks = dOs + S::rows_floats, *Vs = Ks + S::chunk_floats;
     float *As = Vs + S::chunk_floats, *dSs = As + S::hidden_floats;
-    const int g = blockIdx.x, h = g / E, f0 = blockIdx.y * kExpertChunk;
-    const int64_t wofs = ((int64_t)g * F + f0) * DH;  // this chunk of expert g's K, V, dK, dV
+    WeightGradItem it;
+    if (!weight_grad_item(it, blockIdx.y, plan, parts, dK, dV, F, DH)) return;
+    const int g = it.g, h = g / E, f0 = blockIdx.x * kExpertChunk;
+    const int64_t wofs = ((int64_t)g * F + f0) * DH;  // this chunk of expert g's K, V
     const int r = threadIdx.x / 4, cg = threadIdx.x % 4;          // for the (rows × chunk) products
     const int c = threadIdx.x / 8, col0 = threadIdx.x % 8;         // for the (chunk × dh) accumulators
     load_chunk<DH>(Ks, K + wofs);
     load_chunk<DH>(Vs, V + wofs);
     float acc_k[DH / 8] = {}, acc_v[DH / 8] = {};
-    for (int p0 = plan.group_offset[g]; p0 < plan.group_offset[g + 1]; p0 += kSimtTileRows) {
-        const int rows = min(kSimtTileRows, plan.group_offset[g + 1] - p0);
+    for (int p0 = it.begin; p0 < it.end; p0 += kSimtTileRows) {
+        const int rows = min(kSimtTileRows, it.end - p0);
         __syncthreads();
         load_tile_rows<DH>(Xs, x, rows, GatheredRows<DH>{plan, ld, p0, h});
         load_tile_rows<DH>(dOs, d_o, rows, [&](int i) { return (int64_t)(p0 + i) * DH; });
@@ -60,19 +204,24 @@ __global__ void __launch_bounds__(kExpertThreads) expert_weight_backward_kernel(
     }
 #pragma unroll
     for (int i = 0; i < DH / 8; i++) {
-        dK[wofs + (int64_t)c * DH + col0 + 8 * i] += acc_k[i];
-        dV[wofs + (int64_t)c * DH + col0 + 8 * i] += acc_v[i];
+        const int64_t at = (int64_t)(f0 + c) * DH + col0 + 8 * i;
+        it.dk[at] = it.accumulate ? it.dk[at] + acc_k[i] : acc_k[i];
+        it.dv[at] = it.accumulate ? it.dv[at] + acc_v[i] : acc_v[i];
     }
 }
 
-// dK[0..1] += (k0, k1), dV[0..1] += (v0, v1): an accumulator pair of the tensor-core kernels, as
-// one 8-byte read and write each (both read before either is written).
-__device__ inline void add_to_dk_dv(float* dK, float* dV, float k0, float k1, float v0, float v1) {
+// dK[0..1] (+)= (k0, k1), dV[0..1] (+)= (v0, v1): an accumulator pair of the tensor-core kernels, as
+// one 8-byte read and write each (both read before either is written); += into the gradients, = into
+// a part's slot.
+__device__ inline void write_dk_dv(float* dK, float* dV, bool accumulate, float k0, float k1, float v0, float v1) {
     float2* dk = reinterpret_cast<float2*>(dK);
     float2* dv = reinterpret_cast<float2*>(dV);
-    const float2 k_old = *dk, v_old = *dv;
-    *dk = make_float2(k_old.x + k0, k_old.y + k1);
-    *dv = make_float2(v_old.x + v0, v_old.y + v1);
+    if (accumulate) {
+        const float2 k_old = *dk, v_old = *dv;
+        k0 += k_old.x, k1 += k_old.y, v0 += v_old.x, v1 += v_old.y;
+    }
+    *dk = make_float2(k0, k1);
+    *dv = make_float2(v0, v1);
 }
 
 // Warp layouts of the weight-gradient kernel for an FC-wide slice of fe (FC = 32, 64 or 128):
@@ -110,7 +259,7 @@ template <int DH, int FC> struct MmaWeightLayout {
 // memory. The block meets once per 64 rows (they have landed; the stage of the previous rows is
 // refilled).
 template <int DH, int FC>
-__device__ inline void weight_backward_wgmma(float* dK, float* dV, const bf16* d_o, const bf16* x, int64_t ld,
+__device__ inline void weight_backward_wgmma(const WeightGradItem& item, const bf16* d_o, const bf16* x, int64_t ld,
                                              const bf16* K, const bf16* V, const RoutingPlan& plan, int E, int F,
                                              unsigned char* smem_raw) {
     static_assert(FC == 128 && (DH == 64 || DH == 128), "wgmma path: fe slice 128, dh 64 or 128");
@@ -122,9 +271,8 @@ __device__ inline void weight_backward_wgmma(float* dK, float* dV, const bf16* d
     bf16* Vs = Ks + slice_elems;                // (FC, dh)
     bf16* Xs = Vs + slice_elems;                // STAGES × (64, dh)
     bf16* dOs = Xs + STAGES * rows_elems;       // STAGES × (64, dh)
-    const int g = blockIdx.y, h = g / E, f0 = blockIdx.x * FC;
-    const int begin = plan.group_offset[g], end = plan.group_offset[g + 1];
-    const int64_t wofs = ((int64_t)g * F + f0) * DH;
+    const int g = item.g, h = g / E, f0 = blockIdx.x * FC, begin = item.begin, end = item.end;
+    const int64_t wofs = ((int64_t)g * F + f0) * DH;  // this slice of expert g's K, V
     const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
     auto load_rows = [&](int p0, int stage) {
         const int rows = min(BR, end - p0);
@@ -200,27 +348,29 @@ __device__ inline void weight_backward_wgmma(float* dK, float* dV, const bf16* d
 #pragma unroll
     for (int i = 0; i < DH / 2; i += 2) {
         const int f = wg * 64 + 16 * warp + gq + 8 * (i / 2 % 2), c = 8 * (i / 4) + 2 * q;
-        const int64_t at = wofs + (int64_t)f * DH + c;
-        add_to_dk_dv(dK + at, dV + at, acc_k[i], acc_k[i + 1], acc_v[i], acc_v[i + 1]);
+        const int64_t at = (int64_t)(f0 + f) * DH + c;
+        write_dk_dv(item.dk + at, item.dv + at, item.accumulate, acc_k[i], acc_k[i + 1], acc_v[i], acc_v[i + 1]);
     }
 }
 #endif  // LMOE_HAS_WGMMA
 
-// Tensor cores: one block per (FC-wide slice c of fe, group) — slices fastest, so the blocks of a
+// Tensor cores: one block per (FC-wide slice c of fe, item) — slices fastest, so the blocks of a
 // group run together and share its X, dO through L2. Per 64 rows: S = X K_c^T, dA = dO V_c^T in
 // registers; A = GELU(S) and dS = dA ⊙ GELU'(S) parked in shared memory as bf16; then
 // dV_c += A^T dO,  dK_c += dS^T X, the (FC × dh) accumulators in registers.
 template <int DH, int FC>
 __global__ void __launch_bounds__(kMmaWeightThreads, 1)
     expert_weight_backward_mma_kernel(float* dK, float* dV, const bf16* d_o, const bf16* x, int64_t ld, const bf16* K,
-                                      const bf16* V, const RoutingPlan plan, int E, int F) {
+                                      const bf16* V, const RoutingPlan plan, const WeightGradParts parts, int E, int F) {
     using L = MmaWeightLayout<DH, FC>;
     constexpr int BR = kMmaWeightRows, NT = kMmaWeightThreads;
     constexpr int S_MT = L::s_rows / 16, R_MT = L::r_rows / 16;
     extern __shared__ __align__(16) unsigned char smem_raw[];
+    WeightGradItem item;
+    if (!weight_grad_item(item, blockIdx.y, plan, parts, dK, dV, F, DH)) return;
 #if defined(LMOE_HAS_WGMMA)
     if constexpr (MmaWeightLayout<DH, FC>::on_wgmma) {
-        weight_backward_wgmma<DH, FC>(dK, dV, d_o, x, ld, K, V, plan, E, F, smem_raw);
+        weight_backward_wgmma<DH, FC>(item, d_o, x, ld, K, V, plan, E, F, smem_raw);
         return;
     }
 #endif
@@ -230,9 +380,8 @@ __global__ void __launch_bounds__(kMmaWeightThreads, 1)
     bf16* dOs = Xs + 2 * L::rows_elems;             // 2 × (64, dh)
     bf16* As = dOs + 2 * L::rows_elems;             // (64, FC)
     bf16* dSs = As + L::hidden_elems;               // (64, FC)
-    const int g = blockIdx.y, h = g / E, f0 = blockIdx.x * FC;
-    const int begin = plan.group_offset[g], end = plan.group_offset[g + 1];
-    const int64_t wofs = ((int64_t)g * F + f0) * DH;  // this slice of expert g's K, V, dK, dV
+    const int g = item.g, h = g / E, f0 = blockIdx.x * FC, begin = item.begin, end = item.end;
+    const int64_t wofs = ((int64_t)g * F + f0) * DH;  // this slice of expert g's K, V
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
     const int sm0 = warp / L::s_warps_n * L::s_rows, sn0 = warp % L::s_warps_n * L::s_cols;
     const int rf0 = warp / L::r_warps_d * L::r_rows, rd0 = warp % L::r_warps_d * L::r_cols;
@@ -290,9 +439,9 @@ __global__ void __launch_bounds__(kMmaWeightThreads, 1)
         for (int nt = 0; nt < L::r_cols / 8; nt++)
 #pragma unroll
             for (int half = 0; half < 2; half++) {
-                const int64_t at = wofs + (int64_t)(rf0 + 16 * mt + gq + 8 * half) * DH + rd0 + nt * 8 + 2 * q;
-                add_to_dk_dv(dK + at, dV + at, acc_k[mt][nt][2 * half], acc_k[mt][nt][2 * half + 1],
-                             acc_v[mt][nt][2 * half], acc_v[mt][nt][2 * half + 1]);
+                const int64_t at = (int64_t)(f0 + rf0 + 16 * mt + gq + 8 * half) * DH + rd0 + nt * 8 + 2 * q;
+                write_dk_dv(item.dk + at, item.dv + at, item.accumulate, acc_k[mt][nt][2 * half],
+                            acc_k[mt][nt][2 * half + 1], acc_v[mt][nt][2 * half], acc_v[mt][nt][2 * half + 1]);
             }
 }
 
@@ -300,23 +449,34 @@ __global__ void __launch_bounds__(kMmaWeightThreads, 1)
 // times and is the shape the wgmma version covers.
 constexpr int kWeightBackwardSlice = 128;
 
-// dK, dV (H, E, fe, dh) fp32, accumulated, from d_o (copies, dh).
+// dK, dV (H, E, fe, dh) fp32, accumulated, from d_o (copies, dh); `parts` (the plan's shape's
+// WeightGradScratch) says how crowded groups are cut.
 inline void expert_weight_backward(float* dK, float* dV, const floatX* d_o, const floatX* x, int64_t ld,
-                                   const floatX* K, const floatX* V, const RoutingPlan& plan, int dh, int F,
-                                   cudaStream_t stream) {
-    const int H = plan.H, E = plan.E;
+                                   const floatX* K, const floatX* V, const RoutingPlan& plan,
+                                   const WeightGradParts& parts, int dh, int F, cudaStream_t stream) {
+    const int E = plan.E, G = plan.H * plan.E, items = G + parts.max_extra;
+    if (parts.rows) {
+        list_weight_parts_kernel<<<1, 1024, 0, stream>>>(parts, plan.group_offset, G);
+        CUDA_CHECK_LAUNCH();
+    }
     dispatch_expert_kernel<kWeightBackwardSlice>(
         dh, F,
         [&](auto head_dim, auto slice) {
             constexpr int DH = decltype(head_dim)::value, FC = decltype(slice)::value;
-            launch_with_smem(expert_weight_backward_mma_kernel<DH, FC>, dim3(F / FC, H * E), kMmaWeightThreads,
-                             MmaWeightLayout<DH, FC>::bytes, stream, dK, dV, d_o, x, ld, K, V, plan, E, F);
+            launch_with_smem(expert_weight_backward_mma_kernel<DH, FC>, dim3(F / FC, items), kMmaWeightThreads,
+                             MmaWeightLayout<DH, FC>::bytes, stream, dK, dV, d_o, x, ld, K, V, plan, parts, E, F);
         },
         [&](auto head_dim) {
             constexpr int DH = decltype(head_dim)::value;
-            launch_with_smem(expert_weight_backward_kernel<DH>, dim3(H * E, F / kExpertChunk), kExpertThreads,
-                             ExpertTileSmem<DH>::bytes(2, 2), stream, dK, dV, d_o, x, ld, K, V, plan, E, F);
+            launch_with_smem(expert_weight_backward_kernel<DH>, dim3(F / kExpertChunk, items), kExpertThreads,
+                             ExpertTileSmem<DH>::bytes(2, 2), stream, dK, dV, d_o, x, ld, K, V, plan, parts, E, F);
         });
+    if (parts.max_extra) {
+        const int64_t matrix = (int64_t)F * dh;
+        add_weight_partials_kernel<<<dim3((unsigned)ceil_div(2 * matrix, 4 * 256), parts.max_extra), 256, 0, stream>>>(
+            dK, dV, parts, matrix);
+        CUDA_CHECK_LAUNCH();
+    }
 }
 
 }  // namespace lmoe

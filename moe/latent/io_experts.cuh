@@ -38,10 +38,10 @@ inline bool expert_shape_supported(int dh, int fe) {
 
 // Both gradients: dx_copy (copies, dh), and dK, dV (H, E, fe, dh) fp32 accumulated, from d_o (copies, dh).
 inline void expert_backward(floatX* dx_copy, float* dK, float* dV, const floatX* d_o, const floatX* x, int64_t ld,
-                            const floatX* K, const floatX* V, const RoutingPlan& plan, int dh, int F,
-                            cudaStream_t stream) {
+                            const floatX* K, const floatX* V, const RoutingPlan& plan, const WeightGradParts& parts,
+                            int dh, int F, cudaStream_t stream) {
     expert_input_backward(dx_copy, d_o, x, ld, K, V, plan, dh, F, stream);
-    expert_weight_backward(dK, dV, d_o, x, ld, K, V, plan, dh, F, stream);
+    expert_weight_backward(dK, dV, d_o, x, ld, K, V, plan, parts, dh, F, stream);
 }
 
 }  // namespace lmoe
