@@ -6,6 +6,9 @@
 #     in the bf16, fp32 and sm_90 builds and test_gpu_determinism;
 #   - bench_latentmoe and bench_moe of both trees (stages, expert kernels, routing glue);
 #   - the layer benchmark (`--bench-layer 1`, p1 and p2, both trainers) ROUNDS times, alternating trees;
+#   - with KSWEEP=1, the layer benchmark of both trainers over k = 4, 8, 16, 32 at p1's k·fe (and E/k),
+#     with its peak device memory; with .anchors/pytorch_ep_layer.py (carried), the plain PyTorch EP
+#     anchor at p1 and p2 (docs/SPEC.md §9.1) in the same job;
 #   - with TRAIN=1 and the KJV shards in data/ (carried), 12 p1 training steps of both trainers in both
 #     trees;
 #   - with NCU=1 (default), Nsight Compute's speed-of-light, occupancy and warp-stall sections of the
@@ -60,6 +63,22 @@ done
 pack_logs
 layer_bench_rounds "$rounds"
 pack_logs
+if [ "${KSWEEP:-0}" = 1 ]; then
+    for trainer in train_latentmoe moe_ep_baseline; do
+        for k in 4 8 16 32; do
+            echo "$trainer k $k: $(./build/$trainer --preset p1 --topk $k --experts $((64 * k / 8)) --expert-dim $((512 * 8 / k)) \
+                --bench-layer 1 2>&1 | grep 'layer bench')"
+        done
+    done >"$logs/k_sweep.txt"
+    pack_logs
+fi
+if [ -f .anchors/pytorch_ep_layer.py ]; then
+    for shape in "p1 1024 64 512 8 8 1024" "p2 1024 128 256 16 8 1024"; do
+        # shellcheck disable=SC2086  # the shape is the anchor's arguments
+        timeout 120 python3 -m torch.distributed.run --standalone --nproc-per-node=1 .anchors/pytorch_ep_layer.py $shape
+    done >"$logs/anchor.log" 2>&1
+    pack_logs
+fi
 if [ "${TRAIN:-0}" = 1 ] && [ -f data/kjv_train.bin ]; then
     for trainer in train_latentmoe moe_ep_baseline; do
         for tree in build build_other; do
@@ -88,5 +107,7 @@ done
 for log in "$logs"/train_*.log; do
     [ -f "$log" ] && echo "$(basename "$log" .log): $(grep '^done' "$log" || tail -n 1 "$log")" && grep "time (ms)" "$log" | tail -n 1
 done
+[ -f "$logs/k_sweep.txt" ] && { echo "== k sweep (p1, k·fe = 4096)"; cat "$logs/k_sweep.txt"; }
+[ -f "$logs/anchor.log" ] && { echo "== PyTorch EP anchor"; grep RESULT "$logs/anchor.log"; }
 echo "== layer benchmark, forward+backward ms, median of $rounds rounds (this tree | other tree)"
 layer_bench_medians
