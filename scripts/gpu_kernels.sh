@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One device run for work on the routed layers' kernels (docs/perf/expert_kernels.md): builds this
-# tree in bf16 (sm_90a, the default), fp32, sm_90 (the mma.sync kernels) and sm_80 alone (to see a
-# binary refuse a GPU it was not built for) and, side by side, the benchmarks of OTHER_TREE; then
+# tree in bf16 (sm_90a, the default) and the EXTRA_BUILDS (default "build32 build90 build80": fp32, sm_90
+# with the mma.sync kernels, and sm_80 alone to see a binary refuse a GPU it was not built for; "" for
+# a first check of a change in a few minutes) and, side by side, the benchmarks of OTHER_TREE; then
 #   - the routed-layer GPU tests (test_gpu_latentmoe, test_gpu_moe, test_gpu_locmoe, test_gpu_model)
-#     in the bf16, fp32 and sm_90 builds and test_gpu_determinism;
+#     in each build and test_gpu_determinism;
 #   - bench_latentmoe and bench_moe of both trees (stages, expert kernels, routing glue);
 #   - the layer benchmark (`--bench-layer 1`, p1 and p2, both trainers) ROUNDS times, alternating trees;
 #   - with KSWEEP=1, the layer benchmark of both trainers over k = 4, 8, 16, 32 at p1's k·fe (and E/k),
@@ -11,11 +12,9 @@
 #     anchor at p1 and p2 (docs/SPEC.md §9.1) in the same job;
 #   - with TRAIN=1 and the KJV shards in data/ (carried), 12 p1 training steps of both trainers in both
 #     trees;
-#   - with NCU=1 (default), Nsight Compute's speed-of-light, occupancy and warp-stall sections of the
-#     first p1 launches of the expert and router kernels (`ncu --clock-control none`; machines whose
-#     runtime hides the counters only log the refusal).
-#   with QUICK=1, only the default build of this tree (and OTHER_TREE's benchmarks): a first check of a
-#     change in a few minutes;
+#   - with NCU=1 (default), Nsight Compute's speed-of-light, occupancy, warp-stall and pipe sections, in
+#     detail, of the first p1 launches of the three LatentMoE expert kernels (`ncu --clock-control none`;
+#     machines whose runtime hides the counters only log the refusal).
 #   bash scripts/gpu_kernels.sh OTHER_TREE    e.g. OTHER_TREE from `git archive REV | tar -x -C .before`
 # Logs come back as $OUT/logs.tgz (scripts/device_logs.sh), refreshed after every phase; a short table
 # is printed last. The tests in three builds are its longest phase: with TRAIN=1 as well it does not fit
@@ -28,28 +27,30 @@ source scripts/device_logs.sh
 export NCCL_NVLS_ENABLE=0
 rounds=${ROUNDS:-3}
 tests=(test_gpu_latentmoe test_gpu_moe test_gpu_locmoe test_gpu_model test_gpu_loss_optim)
-quick=${QUICK:-0}
-builds=(build build_other)
-[ "$quick" = 1 ] || builds+=(build32 build90 build80)
+read -r -a extra <<<"${EXTRA_BUILDS-build32 build90 build80}"
+declare -A build_flags=([build32]=-DLMOE_FP32=ON [build90]=-DCMAKE_CUDA_ARCHITECTURES=90
+    [build80]=-DCMAKE_CUDA_ARCHITECTURES=80-real)
+declare -A build_name=([build]=bf16 [build32]=fp32 [build90]=sm_90)
 benches=(bench_latentmoe bench_moe train_latentmoe moe_ep_baseline)
 (cmake_build build "" "${tests[@]}" "${benches[@]}" data_prep && touch "$logs/build.ok") &
-if [ "$quick" != 1 ]; then
-    (cmake_build build32 -DLMOE_FP32=ON "${tests[@]}" && touch "$logs/build32.ok") &
-    (cmake_build build90 -DCMAKE_CUDA_ARCHITECTURES=90 "${tests[@]}" && touch "$logs/build90.ok") &
-    (cmake_build build80 -DCMAKE_CUDA_ARCHITECTURES=80-real train_latentmoe && touch "$logs/build80.ok") &
-fi
+for dir in "${extra[@]}"; do
+    [ -n "${build_flags[$dir]:-}" ] || { echo "EXTRA_BUILDS: no build named $dir (build32, build90, build80)" >&2; exit 2; }
+    if [ "$dir" = build80 ]; then targets=(train_latentmoe); else targets=("${tests[@]}"); fi
+    (cmake_build "$dir" "${build_flags[$dir]}" "${targets[@]}" && touch "$logs/$dir.ok") &
+done
 (cmake_build build_other "-S $other" "${benches[@]}" && touch "$logs/build_other.ok") &
 wait
-for dir in "${builds[@]}"; do [ -f "$logs/$dir.ok" ] || { echo "build of $dir failed"; exit 1; }; done
+for dir in build build_other "${extra[@]}"; do [ -f "$logs/$dir.ok" ] || { echo "build of $dir failed"; exit 1; }; done
 echo "build: ${SECONDS} s"
 
 for t in "${tests[@]}"; do
-    ./build/$t >"$logs/$t.bf16.log" 2>&1; echo "$t bf16: rc $? $(tail -n 1 "$logs/$t.bf16.log")"
-    [ "$quick" = 1 ] && continue
-    ./build32/$t >"$logs/$t.fp32.log" 2>&1; echo "$t fp32: rc $? $(tail -n 1 "$logs/$t.fp32.log")"
-    ./build90/$t >"$logs/$t.sm90.log" 2>&1; echo "$t sm_90: rc $? $(tail -n 1 "$logs/$t.sm90.log")"
+    for dir in build "${extra[@]}"; do
+        [ "$dir" = build80 ] && continue
+        name=${build_name[$dir]}
+        ./$dir/$t >"$logs/$t.$name.log" 2>&1; echo "$t $name: rc $? $(tail -n 1 "$logs/$t.$name.log")"
+    done
 done >"$logs/tests.txt"
-if [ "$quick" != 1 ]; then
+if [ -f "$logs/build80.ok" ]; then
     ./build80/train_latentmoe --preset tiny --steps 1 >"$logs/sm80.log" 2>&1
     echo "sm_80-only binary on this GPU: rc $? $(tail -n 1 "$logs/sm80.log")" >>"$logs/tests.txt"
 fi
@@ -90,8 +91,9 @@ if [ "${TRAIN:-0}" = 1 ] && [ -f data/kjv_train.bin ]; then
     pack_logs
 fi
 if [ "${NCU:-1}" = 1 ]; then
-    timeout 200 ncu --clock-control none -k 'regex:expert_.*(mma|wgmma)|router_forward_mma' -c 5 \
+    timeout 200 ncu --clock-control none -k 'regex:expert_(rows_wgmma|weight_backward_mma)' -c 3 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --print-details all \
         ./build/bench_latentmoe >"$logs/ncu.txt" 2>&1
     echo "ncu: rc $?" >>"$logs/ncu.txt"
     pack_logs
