@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "util/block_scan.cuh"
 #include "util/cuda_utils.cuh"
 
 namespace lmoe {
@@ -132,13 +133,11 @@ __global__ void embedding_chunk_prefix_kernel(int* chunk_count, int* id_total, i
 // Step 3. One block: id_start[v] holds v's total on entry and its exclusive prefix on exit;
 // id_start[Vp] = Σ totals. The ids go through shared memory in tiles of 8192 (coalesced loads and
 // stores); in a tile each thread scans 8 consecutive ids serially and the block scans the threads'
-// sums with warp shuffles; a running carry links the tiles.
+// sums (util/block_scan.cuh); a running carry links the tiles.
 __global__ void __launch_bounds__(1024) embedding_id_start_kernel(int* id_start, int Vp) {
     constexpr int kPerThread = 8, kTile = 1024 * kPerThread;
     __shared__ int tile[kTile];
-    __shared__ int warp_prefix[32];
-    __shared__ int tile_end;  // carry + Σ totals of this tile
-    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int tid = threadIdx.x;
     int carry = 0;  // Σ totals of the earlier tiles
     for (int base = 0; base < Vp; base += kTile) {
 #pragma unroll
@@ -148,39 +147,22 @@ __global__ void __launch_bounds__(1024) embedding_id_start_kernel(int* id_start,
             tile[k * 1024 + tid] = v < Vp ? loaded : 0;
         }
         __syncthreads();
-        int sum = 0;
-        for (int k = 0; k < kPerThread; k++) sum += tile[tid * kPerThread + k];
-        int inclusive = sum;  // inclusive prefix of the threads' sums within the warp
-        for (int offset = 1; offset < 32; offset *= 2) {
-            const int other = __shfl_up_sync(0xffffffff, inclusive, offset);
-            if (lane >= offset) inclusive += other;
-        }
-        if (lane == 31) warp_prefix[warp] = inclusive;
-        __syncthreads();
-        if (warp == 0) {  // warp totals -> exclusive prefix over warps
-            const int total = warp_prefix[lane];
-            int warp_inclusive = total;
-            for (int offset = 1; offset < 32; offset *= 2) {
-                const int other = __shfl_up_sync(0xffffffff, warp_inclusive, offset);
-                if (lane >= offset) warp_inclusive += other;
-            }
-            warp_prefix[lane] = warp_inclusive - total;
-        }
-        __syncthreads();
-        int running = carry + warp_prefix[warp] + inclusive - sum;
+        int before[1] = {0}, total[1];  // this thread's sum, then the sum of the threads before it
+        for (int k = 0; k < kPerThread; k++) before[0] += tile[tid * kPerThread + k];
+        block_exclusive_scan(before, total);
+        int running = carry + before[0];
         for (int k = 0; k < kPerThread; k++) {
             const int count = tile[tid * kPerThread + k];
             tile[tid * kPerThread + k] = running;
             running += count;
         }
-        if (tid == 1023) tile_end = running;
         __syncthreads();
         for (int k = 0; k < kPerThread; k++) {
             const int v = base + k * 1024 + tid;
             if (v < Vp) id_start[v] = tile[k * 1024 + tid];
         }
-        carry = tile_end;
-        __syncthreads();  // before the next tile overwrites tile[] and tile_end
+        carry += total[0];
+        __syncthreads();  // before the next tile overwrites tile[]
     }
     if (tid == 0) id_start[Vp] = carry;
 }

@@ -22,6 +22,7 @@
 
 #include "moe/latent/expert_tiles.cuh"
 #include "tc/wgmma.cuh"
+#include "util/block_scan.cuh"
 
 namespace lmoe {
 
