@@ -115,7 +115,7 @@ __device__ inline void weight_backward_wgmma(float* dK, float* dV, const bf16* d
     constexpr int BR = 64, NT = kMmaWeightThreads, STAGES = 3;
     constexpr int slice_elems = FC * DH, rows_elems = BR * DH, hidden_elems = FC * BR;
     constexpr uint32_t slice_block = FC * 128, rows_block = BR * 128;  // bytes of one 64-column block
-    unsigned char* smem = smem_raw + ((1024 - (smem_address(smem_raw) & 1023)) & 1023);
+    unsigned char* smem = wgmma_align_smem(smem_raw);
     bf16* Ks = reinterpret_cast<bf16*>(smem);  // (FC, dh) swizzled
     bf16* Vs = Ks + slice_elems;                // (FC, dh)
     bf16* Xs = Vs + slice_elems;                // STAGES × (64, dh)
@@ -141,13 +141,7 @@ __device__ inline void weight_backward_wgmma(float* dK, float* dV, const bf16* d
     if (begin + BR < end) load_rows(begin + BR, 1);
     cp_async_commit();
 
-    // Descriptors: K-major operands step 32 bytes per k16 inside a 64-column block; MN-major ones 16 rows.
-    auto kmajor = [](const bf16* tile, uint32_t block_bytes, int k) {
-        return wgmma_desc(reinterpret_cast<const unsigned char*>(tile) + (k / 4) * block_bytes + (k % 4) * 32, 16, 1024);
-    };
-    auto mnmajor = [](const bf16* tile, int k) {
-        return wgmma_desc(reinterpret_cast<const unsigned char*>(tile) + k * 16 * 128, rows_block, 1024);
-    };
+    const auto mnmajor = [](const bf16* tile, int k) { return wgmma_desc_mnmajor(tile, rows_block, k); };
     const bf16 *Kw = Ks + wg * 64 * 64, *Vw = Vs + wg * 64 * 64;  // this warpgroup's 64 fe rows (block 0)
     const bf16 *Atw = At + wg * 64 * BR, *dStw = dSt + wg * 64 * BR;
     float acc_k[DH / 2], acc_v[DH / 2];
@@ -163,9 +157,11 @@ __device__ inline void weight_backward_wgmma(float* dK, float* dV, const bf16* d
         float s[32], da[32];  // no initial values: the first product overwrites them
         wgmma_fence();
 #pragma unroll
-        for (int k = 0; k < DH / 16; k++) wgmma_m64n64k16<0>(s, kmajor(Xt, rows_block, k), kmajor(Kw, slice_block, k), k);
+        for (int k = 0; k < DH / 16; k++)
+            wgmma_m64n64k16<0>(s, wgmma_desc_kmajor(Xt, rows_block, k), wgmma_desc_kmajor(Kw, slice_block, k), k);
 #pragma unroll
-        for (int k = 0; k < DH / 16; k++) wgmma_m64n64k16<0>(da, kmajor(dOt, rows_block, k), kmajor(Vw, slice_block, k), k);
+        for (int k = 0; k < DH / 16; k++)
+            wgmma_m64n64k16<0>(da, wgmma_desc_kmajor(dOt, rows_block, k), wgmma_desc_kmajor(Vw, slice_block, k), k);
         wgmma_commit();
         wgmma_wait<0>();
         wgmma_fence_operands(s);
@@ -187,11 +183,11 @@ __device__ inline void weight_backward_wgmma(float* dK, float* dV, const bf16* d
 #pragma unroll
         for (int k = 0; k < BR / 16; k++) {
             if constexpr (DH == 128) {
-                wgmma_m64n128k16<1>(acc_v, kmajor(Atw, 0, k), mnmajor(dOt, k), 1);
-                wgmma_m64n128k16<1>(acc_k, kmajor(dStw, 0, k), mnmajor(Xt, k), 1);
+                wgmma_m64n128k16<1>(acc_v, wgmma_desc_kmajor(Atw, 0, k), mnmajor(dOt, k), 1);
+                wgmma_m64n128k16<1>(acc_k, wgmma_desc_kmajor(dStw, 0, k), mnmajor(Xt, k), 1);
             } else {
-                wgmma_m64n64k16<1>(acc_v, kmajor(Atw, 0, k), mnmajor(dOt, k), 1);
-                wgmma_m64n64k16<1>(acc_k, kmajor(dStw, 0, k), mnmajor(Xt, k), 1);
+                wgmma_m64n64k16<1>(acc_v, wgmma_desc_kmajor(Atw, 0, k), mnmajor(dOt, k), 1);
+                wgmma_m64n64k16<1>(acc_k, wgmma_desc_kmajor(dStw, 0, k), mnmajor(Xt, k), 1);
             }
         }
         wgmma_commit();
