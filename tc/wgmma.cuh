@@ -1,13 +1,15 @@
 // Warpgroup matrix multiply (wgmma, Hopper's sm_90a only: everything here is compiled where
 // __CUDA_ARCH_FEAT_SM90_ALL is defined, and LMOE_HAS_WGMMA tells the kernels that it was).
 // A warpgroup of 4 warps computes D (64 × N, fp32 in registers) += A (64 × 16) B (16 × N) with A and
-// B read from shared memory through descriptors, asynchronously: issue, commit, wait.
+// B read from shared memory through descriptors (wgmma_ss), or A from registers (wgmma_rs),
+// asynchronously: issue, commit, wait. N is 64, 128 or 256.
 // Operand tiles use the 128-byte swizzle: a tile is cut into blocks of 64 columns (128 bytes per
 // row); within a block, row r's 16-byte chunk c sits at chunk c ^ (r % 8), and blocks are 1024-byte
 // aligned. Such a (rows × cols) tile is a K-major operand when its columns run along k, an MN-major
 // one (transposed) when its rows do.
 // Accumulator fragments: d[i] is (row 16·warp + lane/4 + 8·((i/2) % 2), col 8·(i/4) + 2·(lane%4) + i%2).
-// Users: moe/latent/expert_weight_backward.cuh, moe/latent/expert_rows_wgmma.cuh.
+// Users: moe/latent/expert_weight_backward.cuh, moe/latent/expert_rows_wgmma.cuh,
+// moe/grouped/grouped_gemm.cuh.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -40,20 +42,40 @@ inline bool device_has_wgmma() {
 
 namespace lmoe {
 
+// This thread's share of the cp.async copies of a (ROWS × COLS) bf16 tile into its 128B-swizzled
+// shared layout: NT threads, each copying 16 bytes at tile column col() of rows row(j), j < passes.
+template <int ROWS, int COLS, int NT>
+struct SwizzledTileCopy {
+    static constexpr int vecs = COLS / 8, step = NT / vecs, passes = ROWS / step;
+    static_assert(COLS % 64 == 0 && NT % vecs == 0 && ROWS % step == 0, "whole 64-column blocks, whole rows per pass");
+    int r0 = threadIdx.x / vecs, v = threadIdx.x % vecs;
+    __device__ int row(int j) const { return r0 + j * step; }
+    __device__ int col() const { return v * 8; }
+    // Issues row(j)'s copy from `from` (zeros when !valid; `from` is a valid address either way).
+    __device__ void issue(bf16* tile, int j, const bf16* from, bool valid) const {
+        unsigned char* block = reinterpret_cast<unsigned char*>(tile) + v / 8 * ROWS * 128;
+        const int r = row(j);
+        cp_async_16(block + r * 128 + ((v % 8) ^ (r % 8)) * 16, from, valid);
+    }
+};
+
 // The cp.async copies of N_ROWS rows of DH bf16 into a 128B-swizzled shared tile (zeros from `rows`
 // on), as load_rows_async (tc/warp_tile.cuh) does for a padded one.
 template <int DH, int N_ROWS, int NT, class RowOffset>
 __device__ inline void load_rows_swizzled_async(bf16* dst, const bf16* src, int rows, RowOffset row_offset) {
-    constexpr int vecs = DH / 8, step = NT / vecs;
-    static_assert(NT % vecs == 0 && N_ROWS % step == 0, "whole rows per pass");
-    const int r0 = threadIdx.x / vecs, v = threadIdx.x % vecs;
-    unsigned char* block = reinterpret_cast<unsigned char*>(dst) + v / 8 * N_ROWS * 128;
+    const SwizzledTileCopy<N_ROWS, DH, NT> copy;
 #pragma unroll
-    for (int j = 0; j < N_ROWS / step; j++) {
-        const int r = r0 + j * step;
+    for (int j = 0; j < copy.passes; j++) {
+        const int r = copy.row(j);
         const bool valid = r < rows;
-        cp_async_16(block + r * 128 + ((v % 8) ^ (r % 8)) * 16, valid ? src + row_offset(r) + v * 8 : src, valid);
+        copy.issue(dst, j, valid ? src + row_offset(r) + copy.col() : src, valid);
     }
+}
+
+// The start of dynamic shared memory rounded up to the 1024 bytes that swizzled tiles are aligned to
+// (a kernel asks for 1 KB more than its tiles).
+__device__ inline unsigned char* wgmma_align_smem(unsigned char* smem_raw) {
+    return smem_raw + ((1024 - (smem_address(smem_raw) & 1023)) & 1023);
 }
 
 // Descriptor of a 128B-swizzled operand starting at `tile`: lbo = bytes between 64-column blocks
@@ -61,6 +83,16 @@ __device__ inline void load_rows_swizzled_async(bf16* dst, const bf16* src, int 
 __device__ inline uint64_t wgmma_desc(const void* tile, uint32_t lbo, uint32_t sbo) {
     return (uint64_t)((smem_address(tile) & 0x3FFFF) >> 4) | (uint64_t)(lbo >> 4) << 16 | (uint64_t)(sbo >> 4) << 32 |
            1ull << 62;
+}
+// Descriptors of k16 step k of a swizzled operand tile whose 64-column blocks lie block_bytes
+// (rows · 128) apart. K-major (rows along M or N, columns along k): 32 bytes a step within a
+// block, then the next block. MN-major (rows along k, columns along M or N): 16 rows a step; an
+// instruction wider than 64 in M or N reads the next 64 from the next block (lbo).
+__device__ inline uint64_t wgmma_desc_kmajor(const void* tile, uint32_t block_bytes, int k) {
+    return wgmma_desc(reinterpret_cast<const unsigned char*>(tile) + (k / 4) * block_bytes + (k % 4) * 32, 16, 1024);
+}
+__device__ inline uint64_t wgmma_desc_mnmajor(const void* tile, uint32_t block_bytes, int k) {
+    return wgmma_desc(reinterpret_cast<const unsigned char*>(tile) + k * 16 * 128, block_bytes, 1024);
 }
 __device__ inline void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ inline void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -75,77 +107,89 @@ __device__ inline void wgmma_fence_operands(float (&d)[N]) {
 // Shared-memory writes of ordinary stores (and cp.async) become visible to wgmma's reads.
 __device__ inline void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-template <int TRANS_B>
-__device__ inline void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-        "}, %32, %33, p, 1, 1, 0, %35;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TRANS_B));
-}
-template <int TRANS_B>
-__device__ inline void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-        "}, %64, %65, p, 1, 1, 0, %67;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TRANS_B));
+// The accumulators of an m64nNk16 product, operands %0 .. %(N/2 − 1) of its asm: their constraints
+// (D) and their register list (R); the instruction's other operands follow, numbered from N/2.
+#define LMOE_WGMMA_F4(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+#define LMOE_WGMMA_F16(d, i) \
+    LMOE_WGMMA_F4(d, i), LMOE_WGMMA_F4(d, i + 4), LMOE_WGMMA_F4(d, i + 8), LMOE_WGMMA_F4(d, i + 12)
+#define LMOE_WGMMA_D32(d) LMOE_WGMMA_F16(d, 0), LMOE_WGMMA_F16(d, 16)
+#define LMOE_WGMMA_D64(d) LMOE_WGMMA_D32(d), LMOE_WGMMA_F16(d, 32), LMOE_WGMMA_F16(d, 48)
+#define LMOE_WGMMA_D128(d) \
+    LMOE_WGMMA_D64(d), LMOE_WGMMA_F16(d, 64), LMOE_WGMMA_F16(d, 80), LMOE_WGMMA_F16(d, 96), LMOE_WGMMA_F16(d, 112)
+#define LMOE_WGMMA_R32 \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define LMOE_WGMMA_R64 LMOE_WGMMA_R32 ", " \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define LMOE_WGMMA_R128 LMOE_WGMMA_R64 ", " \
+    "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+    "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+    "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+    "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+// The asm of wgmma_ss and wgmma_rs; DA, DB, ACC, TA, TB, A0 .. A3: the operand numbers of desc_a,
+// desc_b, accumulate, TRANS_A, TRANS_B and a[0 .. 3] (asm wants them spelled out).
+#define LMOE_WGMMA_SS(N, R, D, DA, DB, ACC, TA, TB)                                                  \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #ACC ", 0;\n"                                  \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.bf16.bf16 {" R "}, %" #DA ", %" #DB \
+                 ", p, 1, 1, %" #TA ", %" #TB ";\n}\n"                                               \
+                 : D                                                                                 \
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TRANS_A), "n"(TRANS_B))
+#define LMOE_WGMMA_RS(N, R, D, A0, A1, A2, A3, DB, ACC, TB)                                          \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #ACC ", 0;\n"                                  \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.bf16.bf16 {" R "}, {%" #A0 ", %" #A1 \
+                 ", %" #A2 ", %" #A3 "}, %" #DB ", p, 1, 1, %" #TB ";\n}\n"                          \
+                 : D                                                                                 \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(TRANS_B))
+
+// D (64 × N, N = 64, 128 or 256) += A (64 × 16) B (16 × N) from shared memory; TRANS_A = 1 reads A
+// MN-major (its tile's rows along k), TRANS_B = 1 reads B MN-major; accumulate = 0 overwrites D.
+template <int N, int TRANS_A, int TRANS_B>
+__device__ inline void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    static_assert(N == 64 || N == 128 || N == 256, "wgmma widths 64, 128, 256");
+    if constexpr (N == 64) LMOE_WGMMA_SS(64, LMOE_WGMMA_R32, LMOE_WGMMA_D32(d), 32, 33, 34, 35, 36);
+    else if constexpr (N == 128) LMOE_WGMMA_SS(128, LMOE_WGMMA_R64, LMOE_WGMMA_D64(d), 64, 65, 66, 67, 68);
+    else LMOE_WGMMA_SS(256, LMOE_WGMMA_R128, LMOE_WGMMA_D128(d), 128, 129, 130, 131, 132);
 }
 
 // D (64 × N) += A B with A in registers (four bf16x2 a thread, as mma.sync's A: rows 16·warp + lane/4
 // and + 8, k 2·(lane%4) and + 8) and B from shared memory: the accumulator fragments of an earlier
 // product, packed to bf16 in pairs, are this A operand as they stand (wgmma_accumulators_as_a).
+template <int N, int TRANS_B>
+__device__ inline void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
+    static_assert(N == 64 || N == 128 || N == 256, "wgmma widths 64, 128, 256");
+    if constexpr (N == 64) LMOE_WGMMA_RS(64, LMOE_WGMMA_R32, LMOE_WGMMA_D32(d), 32, 33, 34, 35, 36, 37, 38);
+    else if constexpr (N == 128) LMOE_WGMMA_RS(128, LMOE_WGMMA_R64, LMOE_WGMMA_D64(d), 64, 65, 66, 67, 68, 69, 70);
+    else LMOE_WGMMA_RS(256, LMOE_WGMMA_R128, LMOE_WGMMA_D128(d), 128, 129, 130, 131, 132, 133, 134);
+}
+
+#undef LMOE_WGMMA_F4
+#undef LMOE_WGMMA_F16
+#undef LMOE_WGMMA_D32
+#undef LMOE_WGMMA_D64
+#undef LMOE_WGMMA_D128
+#undef LMOE_WGMMA_R32
+#undef LMOE_WGMMA_R64
+#undef LMOE_WGMMA_R128
+#undef LMOE_WGMMA_SS
+#undef LMOE_WGMMA_RS
+
+// The shapes the LatentMoE kernels use, by name (A K-major).
+template <int TRANS_B>
+__device__ inline void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    wgmma_ss<64, 0, TRANS_B>(d, desc_a, desc_b, accumulate);
+}
+template <int TRANS_B>
+__device__ inline void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    wgmma_ss<128, 0, TRANS_B>(d, desc_a, desc_b, accumulate);
+}
 template <int TRANS_B>
 __device__ inline void wgmma_m64n64k16_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-        "}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(TRANS_B));
+    wgmma_rs<64, TRANS_B>(d, a, desc_b, accumulate);
 }
 template <int TRANS_B>
 __device__ inline void wgmma_m64n128k16_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-        "}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(TRANS_B));
+    wgmma_rs<128, TRANS_B>(d, a, desc_b, accumulate);
 }
 
 // The A operands of a product's KK k-steps from the fp32 accumulators of a (64 × 16·KK) one:

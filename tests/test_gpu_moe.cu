@@ -160,6 +160,10 @@ int main() {
         // columns, the widest E and k, row counts that are not multiples of its 64 rows
         {"d 136, E 72", 130, 136, 72, 64, 5},
         {"E 256, k 32", 200, 64, 256, 64, 32},
+        // the grouped GEMMs' 128 × 256 wgmma tiles at their edges: a partial second column tile
+        // (d 320 = 256 + 64: o, dx_copy, dW1), partial last row tiles (dW2's 320 = 2·128 + 64, dW1's
+        // f 136 = 128 + 8) and a partial last 64-deep step (K = f = 136)
+        {"d 320, f 136", 250, 320, 16, 136, 4},
     };
     for (const Shape& s : shapes) run_shape(s, rng);
     return check::summary();

@@ -10,25 +10,36 @@
 //
 // Two kinds of kernels, both driven by device-side tile lists, so no count ever goes to the host:
 //   row GEMMs (the four per-copy products): one block per (128 copies of one planner tile, all of one
-//     expert; 128 output columns); the block multiplies its rows by its expert's matrix.
-//   weight-gradient GEMMs: one block per (expert, 128 × 128 tile of its weight gradient), walking the
-//     expert's copies in group order; each gradient element has one owner that sums in a fixed
-//     order (no atomics), so the results are bitwise reproducible run to run.
+//     expert; a tile of output columns); the block multiplies its rows by its expert's matrix.
+//   weight-gradient GEMMs: one block per (expert, tile of its weight gradient), walking the expert's
+//     copies in group order; each gradient element has one owner that sums in a fixed order (no
+//     atomics), so the results are bitwise reproducible run to run.
 //
-// Two implementations of the same tiles: in the default bf16 build they run on tensor cores
-// (mma.sync m16n8k16 from ldmatrix-loaded shared tiles filled by a multistage cp.async pipeline);
-// the fp32 build (LMOE_FP32) uses a plain shared-memory tiled SIMT kernel, so the math can be
-// checked tightly against the CPU reference. d and f must be multiples of 8 (16-byte row segments).
+// Three implementations of the same products; the launchers pick one:
+//   wgmma (rows_gemm_wgmma_kernel, weight_grad_wgmma_kernel): Hopper's warpgroup MMA from 128B-swizzled
+//     shared tiles, 128 × 256 output tiles; bf16 builds wherever device_has_wgmma() (an sm_90a build on
+//     a compute capability 9.0 GPU), for every shape the launchers accept;
+//   mma.sync (rows_gemm_mma_kernel, weight_grad_mma_kernel): m16n8k16 from ldmatrix-loaded padded
+//     tiles, 128 × 128 output tiles; bf16 builds everywhere else (sm_90 builds, other GPUs);
+//   SIMT (rows_gemm_simt_kernel, weight_grad_simt_kernel): the fp32 build (LMOE_FP32), a plain
+//     shared-memory tiled kernel, so the math can be checked tightly against the CPU reference.
+// The tensor-core kernels fill shared memory through a multistage cp.async pipeline. d and f must be
+// multiples of 8 (16-byte row segments).
 //
-// Known limits (docs/perf/expert_kernels.md has the measurements): mma.sync (not Hopper's wgmma,
-// which needs sm_90a) and 128 × 128 tiles, whose operand traffic leaves the kernels bound by
-// shared-memory and L2 bandwidth, well below the tensor-core ceiling; dW1, whose X rows are gathered,
-// is the slowest; and the weight gradients' fp32 read-modify-write of every dW tile (2 × 268 MB at p1).
+// Known limits (docs/perf/expert_kernels.md has measurements of the mma.sync kernels only): the
+// mma.sync kernels' operand traffic leaves them bound by shared-memory and L2 bandwidth, well below
+// the tensor-core ceiling. The wgmma kernels' operands are copied by the warpgroups that compute
+// (cp.async, no TMA, no producer warpgroup, no multicast within a cluster), each block reading its
+// own from L2; their 193 KB of shared memory leave one block per SM, whose epilogue the SM does not
+// overlap with math; 256-wide tiles waste tensor work where f or d is not a multiple of 256. In all
+// of them: dW1, whose X rows are gathered, is the slowest; and the weight gradients' fp32
+// read-modify-write of every dW tile (2 × 268 MB at p1).
 //
 // Shared with the LatentMoE kernels (moe/latent/): GELU (moe/gelu.cuh), the launch with a raised
-// shared-memory limit (util/launch.cuh), and the ldmatrix fragment loads and paired mma.sync of
-// tc/mma.cuh. The main loop is this file's own: it loads a whole 16-deep slice of fragments one
-// slice ahead into registers, where tc/warp_tile.cuh's loops load one B pair next to its products.
+// shared-memory limit (util/launch.cuh), the ldmatrix fragment loads and paired mma.sync of
+// tc/mma.cuh, and the swizzled tile copies, descriptors and wgmma wrappers of tc/wgmma.cuh. The
+// mma.sync main loop is this file's own: it loads a whole 16-deep slice of fragments one slice ahead
+// into registers, where tc/warp_tile.cuh's loops load one B pair next to its products.
 #pragma once
 #include <type_traits>
 
@@ -37,6 +48,7 @@
 #include "moe/gelu.cuh"
 #include "moe/routing_plan.cuh"
 #include "tc/mma.cuh"
+#include "tc/wgmma.cuh"
 
 namespace lmoe {
 
@@ -89,6 +101,28 @@ __device__ inline void store_rows_output(const RowsGemm<T>& p, int64_t at, float
     } else {
         p.out[at] = from_float<T>(v * gelu_grad(to_float(p.pre[at])));
     }
+}
+
+// The tensor-core kernels' outputs (at, at + 1) of a row GEMM, as store_rows_output with the fast GELU.
+template <RowsEpilogue EPI>
+__device__ inline void store_rows_pair(const RowsGemm<bf16>& p, int64_t at, float v0, float v1) {
+    if constexpr (EPI == RowsEpilogue::Store) {
+        *reinterpret_cast<uint32_t*>(p.out + at) = pack_bf16x2(v0, v1);
+    } else if constexpr (EPI == RowsEpilogue::Gelu) {
+        *reinterpret_cast<uint32_t*>(p.out + at) = pack_bf16x2(v0, v1);
+        *reinterpret_cast<uint32_t*>(p.hidden + at) = pack_bf16x2(gelu_fast(v0), gelu_fast(v1));
+    } else {
+        const __nv_bfloat162 pre = *reinterpret_cast<const __nv_bfloat162*>(p.pre + at);
+        *reinterpret_cast<uint32_t*>(p.out + at) =
+            pack_bf16x2(v0 * gelu_grad_fast(__low2float(pre)), v1 * gelu_grad_fast(__high2float(pre)));
+    }
+}
+
+// dw[0..1] += (v0, v1): an accumulator pair of the tensor-core weight gradients, one 8-byte read and write.
+__device__ inline void add_pair(float* dw, float v0, float v1) {
+    float2* at = reinterpret_cast<float2*>(dw);
+    const float2 old = *at;
+    *at = make_float2(old.x + v0, old.y + v1);
 }
 
 // The copies [p0, p0 + rows) of part `part` (of `part_rows` rows) of planner tile `tile`, and their
@@ -195,8 +229,9 @@ __global__ void __launch_bounds__(kSimtGemmThreads) weight_grad_simt_kernel(cons
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tensor-core kernels (bf16). A block computes a 128 × 128 output tile with 4 warps (2 × 2, each
-// 64 × 64: 128 fp32 accumulators per thread), stepping kGemmDepth deep along the reduction.
+// mma.sync kernels (bf16 without wgmma). A block computes a 128 × 128 output tile with 4 warps
+// (2 × 2, each 64 × 64: 128 fp32 accumulators per thread), stepping kGemmDepth deep along the
+// reduction.
 // Operands are staged in shared memory in one of two shapes, both padded by 8 elements per row so
 // ldmatrix is free of bank conflicts:
 //   deep   [128 rows][depth k]: an operand stored k-contiguous (the copies' rows, W in the forward)
@@ -205,9 +240,9 @@ __global__ void __launch_bounds__(kSimtGemmThreads) weight_grad_simt_kernel(cons
 // Two pipelines overlap memory and math (CUTLASS's multistage main loop): cp.async fills stage
 // s + stages − 1 while the tensor cores work on stage s, and each warp loads the ldmatrix
 // fragments of the next 16-deep slice while its mma.sync run on the current one.
-// Depth and stages are a tuning knob: 64 deep × 3 stages measured slightly faster on the p1 and p2
-// layers as a whole, but slower for some kernels (dx_copy at p2; docs/perf/single_gpu.md); 32 × 4
-// is the tested default.
+// Depth and stages (of these kernels alone) are a tuning knob: 64 deep × 3 stages measured slightly
+// faster on the p1 and p2 layers as a whole, but slower for some kernels (dx_copy at p2;
+// docs/perf/single_gpu.md); 32 × 4 is the tested default.
 #ifndef LMOE_GEMM_DEPTH
 #define LMOE_GEMM_DEPTH 32
 #define LMOE_GEMM_STAGES 4
@@ -307,7 +342,7 @@ __device__ inline void gemm_mainloop(float (&acc)[4][8][4], bf16* smem, int step
     }
 }
 
-// Row GEMM on tensor cores: block (column tile, planner tile, 128-row part of the planner tile).
+// Row GEMM on mma.sync: block (column tile, planner tile, 128-row part of the planner tile).
 template <RowsEpilogue EPI, bool W_TRANSPOSED>
 __global__ void __launch_bounds__(kGemmThreads) rows_gemm_mma_kernel(const RowsGemm<bf16> p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -356,23 +391,12 @@ __global__ void __launch_bounds__(kGemmThreads) rows_gemm_mma_kernel(const RowsG
             for (int nt = 0; nt < 8; nt++) {
                 const int n = n0 + wn + 8 * nt + 2 * q;  // cols is a multiple of 8: n + 1 < cols too
                 if (n >= cols) continue;
-                const int64_t at = (int64_t)(p0 + r) * cols + n;
-                const float v0 = acc[mt][nt][2 * half], v1 = acc[mt][nt][2 * half + 1];
-                if constexpr (EPI == RowsEpilogue::Store) {
-                    *reinterpret_cast<uint32_t*>(p.out + at) = pack_bf16x2(v0, v1);
-                } else if constexpr (EPI == RowsEpilogue::Gelu) {
-                    *reinterpret_cast<uint32_t*>(p.out + at) = pack_bf16x2(v0, v1);
-                    *reinterpret_cast<uint32_t*>(p.hidden + at) = pack_bf16x2(gelu_fast(v0), gelu_fast(v1));
-                } else {
-                    const __nv_bfloat162 pre = *reinterpret_cast<const __nv_bfloat162*>(p.pre + at);
-                    *reinterpret_cast<uint32_t*>(p.out + at) =
-                        pack_bf16x2(v0 * gelu_grad_fast(__low2float(pre)), v1 * gelu_grad_fast(__high2float(pre)));
-                }
+                store_rows_pair<EPI>(p, (int64_t)(p0 + r) * cols + n, acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]);
             }
         }
 }
 
-// Weight gradient on tensor cores: block (output tile, expert), the expert's copies in group order.
+// Weight gradient on mma.sync: block (output tile, expert), the expert's copies in group order.
 __global__ void __launch_bounds__(kGemmThreads) weight_grad_mma_kernel(const WeightGradGemm<bf16> p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16* smem = reinterpret_cast<bf16*>(smem_raw);
@@ -415,11 +439,193 @@ __global__ void __launch_bounds__(kGemmThreads) weight_grad_mma_kernel(const Wei
             for (int nt = 0; nt < 8; nt++) {
                 const int n = n0 + wn + 8 * nt + 2 * q;
                 if (n >= p.cols_out) continue;
-                float2* at = reinterpret_cast<float2*>(dw + (int64_t)m * p.cols_out + n);
-                const float2 old = *at;
-                *at = make_float2(old.x + acc[mt][nt][2 * half], old.y + acc[mt][nt][2 * half + 1]);
+                add_pair(dw + (int64_t)m * p.cols_out + n, acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]);
             }
         }
+}
+
+// ---------------------------------------------------------------------------------------------
+// wgmma kernels (sm_90a builds, tc/wgmma.cuh): the same products as the mma.sync kernels above, in
+// 128 × 256 output tiles. A block of two warpgroups, warpgroup w owning tile rows 64w..64w+63
+// (64 × 256 fp32 accumulators: 128 a thread), steps kWgDepth = 64 deep along the reduction; per
+// step each warpgroup issues four m64n256k16 products and waits for them one step later
+// (wgmma_wait<1>), so the tensor cores always have a step queued while the next one's copies are
+// issued. Operands sit in 128B-swizzled tiles, A (16 KB) and B (32 KB) in each of kWgStages = 4
+// stages; cp.async runs two steps ahead, not three, as the products of step s − 1 may still be
+// reading their stage while step s is issued. A tile is K-major when its rows run along M or N (the
+// copies' rows in the row GEMMs, W's rows in the forward) and MN-major when they run along k (W in
+// the backward, both operands of the weight gradients, whose reduction runs over copies), which
+// wgmma reads transposed. Zero-filled rows and columns make partial tiles and partial steps exact,
+// so the kernels take every shape the launchers accept. They exist in every build; without wgmma
+// their bodies are empty and they are never launched.
+constexpr int kWgTileM = 128, kWgTileN = 256, kWgDepth = 64, kWgStages = 4, kWgThreads = 256;
+constexpr int kWgAElems = kWgTileM * kWgDepth, kWgBElems = kWgTileN * kWgDepth;
+// the stages, and 1 KB to align them (wgmma_align_smem)
+constexpr size_t kWgSmemBytes = (size_t)kWgStages * (kWgAElems + kWgBElems) * sizeof(bf16) + 1024;
+static_assert(kWgTileM == 2 * 64 && kWgThreads == 2 * 128, "two warpgroups of 64 rows per tile");
+
+#if defined(LMOE_HAS_WGMMA)
+// The pipelined reduction of one block over `steps` steps: acc (this warpgroup's 64 × 256) += A B.
+// load(a, b, step) issues step's copies into the stage's A and B tiles and is called for steps
+// 0, 1, 2, ... in order; smem is 1024-byte aligned.
+template <bool A_MN_MAJOR, bool B_MN_MAJOR, class Load>
+__device__ inline void wgmma_gemm_mainloop(float (&acc)[kWgTileN / 2], bf16* smem, int steps, Load load) {
+    constexpr int ahead = kWgStages - 2;  // steps whose copies are in flight
+    // bytes between the tiles' 64-column blocks: rows · 128
+    constexpr uint32_t a_block = (A_MN_MAJOR ? kWgDepth : kWgTileM) * 128;
+    constexpr uint32_t b_block = (B_MN_MAJOR ? kWgDepth : kWgTileN) * 128;
+    auto stage = [&](int step) { return smem + step % kWgStages * (kWgAElems + kWgBElems); };
+    // This warpgroup's 64 rows of A: rows 64w.. of a K-major tile, 64-column block w of an MN-major
+    // one; 8 KB in either way.
+    const int a_offset = threadIdx.x / 128 * 64 * 64;
+#pragma unroll
+    for (int s = 0; s < ahead; s++) {
+        if (s < steps) load(stage(s), stage(s) + kWgAElems, s);
+        cp_async_commit();
+    }
+    wgmma_fence_operands(acc);
+    for (int step = 0; step < steps; step++) {
+        cp_async_wait<ahead - 1>();
+        fence_proxy_async();
+        // Step has landed, and both warpgroups are done with step − 2 (their wgmma_wait<1> in step − 1),
+        // whose stage is refilled now.
+        __syncthreads();
+        const int fill = step + ahead;
+        if (fill < steps) load(stage(fill), stage(fill) + kWgAElems, fill);
+        cp_async_commit();
+        const bf16 *a = stage(step) + a_offset, *b = stage(step) + kWgAElems;
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < kWgDepth / 16; k++) {
+            const uint64_t desc_a = A_MN_MAJOR ? wgmma_desc_mnmajor(a, a_block, k) : wgmma_desc_kmajor(a, a_block, k);
+            const uint64_t desc_b = B_MN_MAJOR ? wgmma_desc_mnmajor(b, b_block, k) : wgmma_desc_kmajor(b, b_block, k);
+            wgmma_ss<kWgTileN, A_MN_MAJOR, B_MN_MAJOR>(acc, desc_a, desc_b, 1);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();  // step − 1's products are done
+    }
+    wgmma_wait<0>();
+    wgmma_fence_operands(acc);
+}
+#endif  // LMOE_HAS_WGMMA
+
+// Row GEMM on wgmma: block (256-column tile, planner tile, 128-row part of the planner tile):
+// out[copies, n0..] = A B_e through the epilogue EPI, per 64-deep step A = the copies' rows
+// (128 × 64, K-major) and B_e = W_e^T, W's rows n0.. (256 × 64, K-major), or W_e, 64 of W's rows
+// (64 × 256, MN-major).
+template <RowsEpilogue EPI, bool W_TRANSPOSED>
+__global__ void __launch_bounds__(kWgThreads, 1) rows_gemm_wgmma_kernel(const RowsGemm<bf16> p) {
+#if defined(LMOE_HAS_WGMMA)
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* smem = reinterpret_cast<bf16*>(wgmma_align_smem(smem_raw));
+    if ((int)blockIdx.y >= *p.plan.num_tiles) return;
+    const TilePart part = tile_part(p.plan, blockIdx.y, blockIdx.z, kWgTileM);
+    const int g = part.g, p0 = part.p0, rows = part.rows;
+    if (rows <= 0) return;
+    const int n0 = blockIdx.x * kWgTileN, K = p.K, cols = p.cols;
+    const bf16* w = p.w + (int64_t)g * K * cols;
+    using ACopy = SwizzledTileCopy<kWgTileM, kWgDepth, kWgThreads>;
+    using BCopy = SwizzledTileCopy<W_TRANSPOSED ? kWgTileN : kWgDepth, W_TRANSPOSED ? kWgDepth : kWgTileN, kWgThreads>;
+    const ACopy a_copy;
+    const BCopy b_copy;
+    const bf16* a_row[ACopy::passes];  // this thread's rows of the A tile, the same every step
+#pragma unroll
+    for (int j = 0; j < ACopy::passes; j++) {
+        const int r = a_copy.row(j);
+        a_row[j] = r < rows ? p.a.row(p0 + r) : nullptr;
+    }
+    auto load = [&](bf16* sa, bf16* sb, int step) {
+        const int k0 = step * kWgDepth;
+#pragma unroll
+        for (int j = 0; j < ACopy::passes; j++) {
+            const int k = k0 + a_copy.col();
+            const bool valid = a_row[j] != nullptr && k < K;
+            a_copy.issue(sa, j, valid ? a_row[j] + k : w, valid);
+        }
+#pragma unroll
+        for (int j = 0; j < BCopy::passes; j++) {
+            const int n = n0 + (W_TRANSPOSED ? b_copy.row(j) : b_copy.col());
+            const int k = k0 + (W_TRANSPOSED ? b_copy.col() : b_copy.row(j));
+            const bool valid = n < cols && k < K;
+            const int64_t at = W_TRANSPOSED ? (int64_t)n * K + k : (int64_t)k * cols + n;
+            b_copy.issue(sb, j, valid ? w + at : w, valid);
+        }
+    };
+    float acc[kWgTileN / 2];
+#pragma unroll
+    for (int i = 0; i < kWgTileN / 2; i++) acc[i] = 0.f;
+    wgmma_gemm_mainloop<false, !W_TRANSPOSED>(acc, smem, (int)ceil_div(K, kWgDepth), load);
+
+    const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int i = 0; i < kWgTileN / 2; i += 2) {
+        const int r = 64 * wg + 16 * warp + lane / 4 + 8 * (i / 2 % 2);
+        const int n = n0 + 8 * (i / 4) + 2 * (lane % 4);  // cols is a multiple of 8: n + 1 < cols too
+        if (r < rows && n < cols) store_rows_pair<EPI>(p, (int64_t)(p0 + r) * cols + n, acc[i], acc[i + 1]);
+    }
+#endif
+}
+
+// Weight gradient on wgmma: block (128 × 256 output tile, expert), the expert's copies in group
+// order, 64 a step: dw_e[m0.., n0..] += a[copies, m0..]^T b[copies, n0..], both tiles MN-major
+// (64 copies × 128 or 256 columns).
+__global__ void __launch_bounds__(kWgThreads, 1) weight_grad_wgmma_kernel(const WeightGradGemm<bf16> p) {
+#if defined(LMOE_HAS_WGMMA)
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* smem = reinterpret_cast<bf16*>(wgmma_align_smem(smem_raw));
+    const int g = blockIdx.y, tiles_n = (int)ceil_div(p.cols_out, kWgTileN);
+    const int m0 = blockIdx.x / tiles_n * kWgTileM, n0 = blockIdx.x % tiles_n * kWgTileN;
+    const int begin = p.group_offset[g], end = p.group_offset[g + 1];
+    if (begin == end) return;
+    using ACopy = SwizzledTileCopy<kWgDepth, kWgTileM, kWgThreads>;
+    using BCopy = SwizzledTileCopy<kWgDepth, kWgTileN, kWgThreads>;
+    const ACopy a_copy;
+    const BCopy b_copy;
+    // Storage rows of this thread's tile rows for the next load step (negative: past the group),
+    // read one step ahead so that the index lookup (copy_row, for the gathered X) is off the
+    // critical path.
+    int a_rows[ACopy::passes], b_rows[BCopy::passes];
+    auto fetch_rows = [&](int step) {
+        const int r0 = begin + step * kWgDepth;
+#pragma unroll
+        for (int j = 0; j < ACopy::passes; j++) {
+            const int r = r0 + a_copy.row(j);
+            a_rows[j] = r < end ? (p.a.index ? p.a.index[r] : r) : -1;
+        }
+#pragma unroll
+        for (int j = 0; j < BCopy::passes; j++) {
+            const int r = r0 + b_copy.row(j);
+            b_rows[j] = r < end ? (p.b.index ? p.b.index[r] : r) : -1;
+        }
+    };
+    fetch_rows(0);
+    const int a_col = m0 + a_copy.col(), b_col = n0 + b_copy.col();
+    auto load = [&](bf16* sa, bf16* sb, int step) {
+#pragma unroll
+        for (int j = 0; j < ACopy::passes; j++) {
+            const bool valid = a_rows[j] >= 0 && a_col < p.rows_out;
+            a_copy.issue(sa, j, valid ? p.a.base + (int64_t)a_rows[j] * p.a.ld + a_col : p.a.base, valid);
+        }
+#pragma unroll
+        for (int j = 0; j < BCopy::passes; j++) {
+            const bool valid = b_rows[j] >= 0 && b_col < p.cols_out;
+            b_copy.issue(sb, j, valid ? p.b.base + (int64_t)b_rows[j] * p.b.ld + b_col : p.b.base, valid);
+        }
+        fetch_rows(step + 1);
+    };
+    float acc[kWgTileN / 2];
+#pragma unroll
+    for (int i = 0; i < kWgTileN / 2; i++) acc[i] = 0.f;
+    wgmma_gemm_mainloop<true, true>(acc, smem, (int)ceil_div(end - begin, kWgDepth), load);
+
+    float* dw = p.dw + (int64_t)g * p.rows_out * p.cols_out;
+    const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int i = 0; i < kWgTileN / 2; i += 2) {
+        const int m = m0 + 64 * wg + 16 * warp + lane / 4 + 8 * (i / 2 % 2), n = n0 + 8 * (i / 4) + 2 * (lane % 4);
+        if (m < p.rows_out && n < p.cols_out) add_pair(dw + (int64_t)m * p.cols_out + n, acc[i], acc[i + 1]);
+    }
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -427,14 +633,22 @@ __global__ void __launch_bounds__(kGemmThreads) weight_grad_mma_kernel(const Wei
 
 inline bool grouped_gemm_shape_supported(int d, int f) { return d % 8 == 0 && f % 8 == 0; }
 
-// out (copies, cols) for every tile of the plan. The element type picks the implementation: tensor
-// cores for bf16, the SIMT kernel for fp32.
+// out (copies, cols) for every tile of the plan. The element type and the device pick the
+// implementation: for bf16 wgmma where device_has_wgmma() (it takes every shape), mma.sync elsewhere;
+// the SIMT kernel for fp32.
 template <RowsEpilogue EPI, bool W_TRANSPOSED, class T>
 void grouped_rows_gemm(const RowsGemm<T>& p, cudaStream_t stream) {
     const int max_tiles = p.plan.max_tiles;
     if constexpr (std::is_same<T, bf16>::value) {
-        const dim3 grid((unsigned)ceil_div(p.cols, kGemmTile), max_tiles, (unsigned)ceil_div(kExpertTileRows, kGemmTile));
-        launch_with_smem(rows_gemm_mma_kernel<EPI, W_TRANSPOSED>, grid, kGemmThreads, kGemmSmemBytes, stream, p);
+        if (device_has_wgmma()) {
+            const dim3 grid((unsigned)ceil_div(p.cols, kWgTileN), max_tiles,
+                            (unsigned)ceil_div(kExpertTileRows, kWgTileM));
+            launch_with_smem(rows_gemm_wgmma_kernel<EPI, W_TRANSPOSED>, grid, kWgThreads, kWgSmemBytes, stream, p);
+        } else {
+            const dim3 grid((unsigned)ceil_div(p.cols, kGemmTile), max_tiles,
+                            (unsigned)ceil_div(kExpertTileRows, kGemmTile));
+            launch_with_smem(rows_gemm_mma_kernel<EPI, W_TRANSPOSED>, grid, kGemmThreads, kGemmSmemBytes, stream, p);
+        }
     } else {
         rows_gemm_simt_kernel<EPI, W_TRANSPOSED>
             <<<dim3((unsigned)ceil_div(p.cols, kSimtGemmTile), max_tiles, (unsigned)ceil_div(kExpertTileRows, kSimtGemmTile)),
@@ -443,12 +657,17 @@ void grouped_rows_gemm(const RowsGemm<T>& p, cudaStream_t stream) {
     }
 }
 
-// dw (E, rows_out, cols_out) += per-expert a^T b.
+// dw (E, rows_out, cols_out) += per-expert a^T b; the kernel picked as for grouped_rows_gemm.
 template <class T>
 void grouped_weight_grad(const WeightGradGemm<T>& p, int E, cudaStream_t stream) {
     if constexpr (std::is_same<T, bf16>::value) {
-        const int tiles = (int)(ceil_div(p.rows_out, kGemmTile) * ceil_div(p.cols_out, kGemmTile));
-        launch_with_smem(weight_grad_mma_kernel, dim3(tiles, E), kGemmThreads, kGemmSmemBytes, stream, p);
+        if (device_has_wgmma()) {
+            const int tiles = (int)(ceil_div(p.rows_out, kWgTileM) * ceil_div(p.cols_out, kWgTileN));
+            launch_with_smem(weight_grad_wgmma_kernel, dim3(tiles, E), kWgThreads, kWgSmemBytes, stream, p);
+        } else {
+            const int tiles = (int)(ceil_div(p.rows_out, kGemmTile) * ceil_div(p.cols_out, kGemmTile));
+            launch_with_smem(weight_grad_mma_kernel, dim3(tiles, E), kGemmThreads, kGemmSmemBytes, stream, p);
+        }
     } else {
         const int tiles = (int)(ceil_div(p.rows_out, kSimtGemmTile) * ceil_div(p.cols_out, kSimtGemmTile));
         weight_grad_simt_kernel<<<dim3(tiles, E), kSimtGemmThreads, 0, stream>>>(p);

@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
     using S = WgmmaRowsSmem<DH, PASS>;
     constexpr uint32_t tile_block = BR * 128, chunk_block = FC * 128;  // bytes of one 64-column block
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    unsigned char* smem = smem_raw + ((1024 - (smem_address(smem_raw) & 1023)) & 1023);
+    unsigned char* smem = wgmma_align_smem(smem_raw);
     bf16* Xs = reinterpret_cast<bf16*>(smem);  // (128, dh)
     bf16* dOs = Xs + S::tile_elems;             // (128, dh), the input gradient's
     bf16* Ks = Xs + S::row_tiles * S::tile_elems;  // kStages × (64, dh)
@@ -59,13 +59,7 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
         load_rows_swizzled_async<DH, FC, NT>(Ks + (c % kStages) * S::chunk_elems, Kg + (int64_t)c * FC * DH, FC, contiguous);
         load_rows_swizzled_async<DH, FC, NT>(Vs + (c % kStages) * S::chunk_elems, Vg + (int64_t)c * FC * DH, FC, contiguous);
     };
-    // K-major operands step 32 bytes per k16 inside a 64-column block; MN-major ones 16 rows.
-    auto kmajor = [](const void* tile, uint32_t block_bytes, int k) {
-        return wgmma_desc(reinterpret_cast<const unsigned char*>(tile) + (k / 4) * block_bytes + (k % 4) * 32, 16, 1024);
-    };
-    auto mnmajor = [](const void* tile, int k) {
-        return wgmma_desc(reinterpret_cast<const unsigned char*>(tile) + k * 16 * 128, chunk_block, 1024);
-    };
+    const auto mnmajor = [](const void* tile, int k) { return wgmma_desc_mnmajor(tile, chunk_block, k); };
     const int wg_rows = wg * 64 * 128;  // byte offset of this warpgroup's rows in a 64-column block
     const unsigned char* Xw = reinterpret_cast<const unsigned char*>(Xs) + wg_rows;
     const unsigned char* dOw = reinterpret_cast<const unsigned char*>(dOs) + wg_rows;
@@ -74,11 +68,12 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
         const bf16 *Kc = Ks + (c % kStages) * S::chunk_elems, *Vc = Vs + (c % kStages) * S::chunk_elems;
         wgmma_fence();
 #pragma unroll
-        for (int k = 0; k < DH / 16; k++) wgmma_m64n64k16<0>(s, kmajor(Xw, tile_block, k), kmajor(Kc, chunk_block, k), k);
+        for (int k = 0; k < DH / 16; k++)
+            wgmma_m64n64k16<0>(s, wgmma_desc_kmajor(Xw, tile_block, k), wgmma_desc_kmajor(Kc, chunk_block, k), k);
         if constexpr (backward) {
 #pragma unroll
             for (int k = 0; k < DH / 16; k++)
-                wgmma_m64n64k16<0>(da, kmajor(dOw, tile_block, k), kmajor(Vc, chunk_block, k), k);
+                wgmma_m64n64k16<0>(da, wgmma_desc_kmajor(dOw, tile_block, k), wgmma_desc_kmajor(Vc, chunk_block, k), k);
         }
         wgmma_commit();
     };

@@ -267,7 +267,7 @@ __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const b
     constexpr int BR = 64, NT = kMmaWeightThreads, STAGES = 3;
     constexpr int slice_elems = FC * DH, rows_elems = BR * DH;
     constexpr uint32_t slice_block = FC * 128, rows_block = BR * 128;  // bytes of one 64-column block
-    unsigned char* smem = smem_raw + ((1024 - (smem_address(smem_raw) & 1023)) & 1023);
+    unsigned char* smem = wgmma_align_smem(smem_raw);
     bf16* Ks = reinterpret_cast<bf16*>(smem);  // (FC, dh) swizzled
     bf16* Vs = Ks + slice_elems;                // (FC, dh)
     bf16* Xs = Vs + slice_elems;                // STAGES × (64, dh)
@@ -290,13 +290,7 @@ __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const b
     if (begin + BR < end) load_rows(begin + BR, 1);
     cp_async_commit();
 
-    // Descriptors: K-major operands step 32 bytes per k16 inside a 64-column block; MN-major ones 16 rows.
-    auto kmajor = [](const bf16* tile, uint32_t block_bytes, int k) {
-        return wgmma_desc(reinterpret_cast<const unsigned char*>(tile) + (k / 4) * block_bytes + (k % 4) * 32, 16, 1024);
-    };
-    auto mnmajor = [](const bf16* tile, int k) {
-        return wgmma_desc(reinterpret_cast<const unsigned char*>(tile) + k * 16 * 128, rows_block, 1024);
-    };
+    const auto mnmajor = [](const bf16* tile, int k) { return wgmma_desc_mnmajor(tile, rows_block, k); };
     const bf16 *Kw = Ks + wg * 64 * 64, *Vw = Vs + wg * 64 * 64;  // this warpgroup's 64 fe rows (block 0)
     float acc_k[DH / 2], acc_v[DH / 2];
 #pragma unroll
@@ -311,9 +305,11 @@ __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const b
         float st[32], dat[32];  // S^T, dA^T; no initial values: the first product overwrites them
         wgmma_fence();
 #pragma unroll
-        for (int k = 0; k < DH / 16; k++) wgmma_m64n64k16<0>(st, kmajor(Kw, slice_block, k), kmajor(Xt, rows_block, k), k);
+        for (int k = 0; k < DH / 16; k++)
+            wgmma_m64n64k16<0>(st, wgmma_desc_kmajor(Kw, slice_block, k), wgmma_desc_kmajor(Xt, rows_block, k), k);
 #pragma unroll
-        for (int k = 0; k < DH / 16; k++) wgmma_m64n64k16<0>(dat, kmajor(Vw, slice_block, k), kmajor(dOt, rows_block, k), k);
+        for (int k = 0; k < DH / 16; k++)
+            wgmma_m64n64k16<0>(dat, wgmma_desc_kmajor(Vw, slice_block, k), wgmma_desc_kmajor(dOt, rows_block, k), k);
         wgmma_commit();
         wgmma_wait<0>();
         wgmma_fence_operands(st);
