@@ -7,8 +7,8 @@
 // Three kernels, one launcher: expert_input_backward_kernel (fp32 SIMT),
 // expert_input_backward_mma_kernel (tensor cores, S, dA and dS in registers) and, on Hopper's wgmma,
 // expert_rows_wgmma_kernel's input-gradient pass (moe/latent/expert_rows_wgmma.cuh);
-// expert_input_backward picks by floatX, then by the device code. The weight gradient, the other half of the backward, is
-// moe/latent/expert_weight_backward.cuh.
+// expert_input_backward picks by floatX, then by the device code. The weight gradient, the other half
+// of the backward, is moe/latent/expert_weight_backward.cuh.
 #pragma once
 #include "moe/latent/expert_rows_wgmma.cuh"
 #include "moe/latent/expert_tiles.cuh"
