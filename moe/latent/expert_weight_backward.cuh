@@ -275,16 +275,33 @@ __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const b
     const int g = item.g, h = g / E, f0 = blockIdx.x * FC, begin = item.begin, end = item.end;
     const int64_t wofs = ((int64_t)g * F + f0) * DH;  // this slice of expert g's K, V
     const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
-    auto load_rows = [&](int p0, int stage) {
-        const int rows = min(BR, end - p0);
-        load_rows_swizzled_async<DH, BR, NT>(Xs + stage * rows_elems, x, rows,
-                                             GatheredRows<DH>{plan, ld, p0, h});
-        load_rows_swizzled_async<DH, BR, NT>(dOs + stage * rows_elems, d_o + (int64_t)p0 * DH, rows,
-                                             [](int i) { return (int64_t)i * DH; });
+    // The X rows are gathered through copy_row: each thread's next row indices are loaded one fetch
+    // ahead, so that their latency is off the path of the copies.
+    const SwizzledTileCopy<BR, DH, NT> row_copy;
+    int next_row[row_copy.passes];  // copy_row of this thread's rows of the next fetch; −1 past the part
+    auto fetch_indices = [&](int p0) {
+#pragma unroll
+        for (int j = 0; j < row_copy.passes; j++) {
+            const int p = p0 + row_copy.row(j);
+            next_row[j] = p < end ? plan.copy_row[p] : -1;
+        }
+    };
+    auto load_rows = [&](int p0, int stage) {  // p0: the rows fetch_indices last looked up
+        bf16 *xs = Xs + stage * rows_elems, *ds = dOs + stage * rows_elems;
+#pragma unroll
+        for (int j = 0; j < row_copy.passes; j++) {
+            const bool valid = next_row[j] >= 0;
+            const int64_t x_at = (int64_t)next_row[j] * ld + (int64_t)h * DH + row_copy.col();
+            const int64_t d_at = (int64_t)(p0 + row_copy.row(j)) * DH + row_copy.col();
+            row_copy.issue(xs, j, valid ? x + x_at : x, valid);
+            row_copy.issue(ds, j, valid ? d_o + d_at : d_o, valid);
+        }
+        fetch_indices(p0 + BR);
     };
     const auto contiguous = [](int i) { return (int64_t)i * DH; };
     load_rows_swizzled_async<DH, FC, NT>(Ks, K + wofs, FC, contiguous);
     load_rows_swizzled_async<DH, FC, NT>(Vs, V + wofs, FC, contiguous);
+    fetch_indices(begin);
     if (begin < end) load_rows(begin, 0);
     cp_async_commit();
     if (begin + BR < end) load_rows(begin + BR, 1);
