@@ -225,6 +225,8 @@ __device__ inline void write_dk_dv(float* dK, float* dV, bool accumulate, float 
     *dv = make_float2(v0, v1);
 }
 
+constexpr int kWgmmaWeightStages = 4;  // of X, dO in the wgmma weight gradient
+
 // Warp layouts of the weight-gradient kernel for an FC-wide slice of fe (FC = 32, 64 or 128):
 //   row products S, dA (64 rows × FC): s_warps_m × s_warps_n warps of (s_rows × s_cols);
 //   reductions dK, dV (FC × dh):        r_warps_f × r_warps_d warps of (r_rows × r_cols), the rest idle
@@ -241,30 +243,31 @@ template <int DH, int FC> struct MmaWeightLayout {
     static constexpr int ld = DH + 8, ld_hidden = FC + 8;
     static constexpr int slice_elems = FC * ld, rows_elems = kMmaWeightRows * ld, hidden_elems = kMmaWeightRows * ld_hidden;
     static constexpr size_t bytes_mma = (2 * slice_elems + 4 * rows_elems + 2 * hidden_elems) * sizeof(bf16);
-    // the wgmma version (sm_90a builds): unpadded swizzled tiles, three stages of X, dO (A and dS stay
-    // in registers), and 1 KB to align the tiles to 1024 bytes
+    // the wgmma version (sm_90a builds): unpadded swizzled tiles, kWgmmaWeightStages stages of X, dO (A
+    // and dS stay in registers), two mbarriers per stage, and 1 KB to align the tiles to 1024 bytes
     static constexpr bool on_wgmma = FC == 128 && (DH == 64 || DH == 128);
-    static constexpr size_t bytes_wgmma = (2 * FC * DH + 6 * kMmaWeightRows * DH) * sizeof(bf16) + 1024;
+    static constexpr size_t bytes_wgmma = (2 * FC * DH + 2 * kWgmmaWeightStages * kMmaWeightRows * DH) * sizeof(bf16) +
+                                          2 * kWgmmaWeightStages * sizeof(uint64_t) + 1024;
     static constexpr size_t bytes = on_wgmma && bytes_wgmma > bytes_mma ? bytes_wgmma : bytes_mma;
 };
 
 #if defined(LMOE_HAS_WGMMA)
 
 // Weight gradients on wgmma for an FC = 128 slice of fe and dh = 64 or 128: two warpgroups, warpgroup
-// w owning fe rows 64w..64w+63 of the slice. Per 64 copies (three stages of X, dO in flight):
+// w owning fe rows 64w..64w+63 of the slice. Per 64 copies (four stages of X, dO, filled three ahead):
 //   S^T, dA^T (64 fe × 64 rows, registers) = K_w X^T, V_w dO^T     (K_w, V_w, X, dO K-major)
 //   A^T = GELU(S^T), dS^T = dA^T ⊙ GELU'(S^T), packed to bf16 in registers
 //   dV_w += A^T dO,  dK_w += dS^T X       (64 × dh accumulators; dO, X read MN-major, same tiles)
 // Computing the transposes puts A^T and dS^T in the accumulator layout that the register A operand
 // of the second products takes as it stands (as in expert_rows_wgmma.cuh): they never touch shared
-// memory. The block meets once per 64 rows (they have landed; the stage of the previous rows is
-// refilled).
+// memory. No block barrier in the loop: a stage's full mbarrier says its rows have landed (each thread
+// arrives when its copies have), its empty one that both warpgroups are done with it.
 template <int DH, int FC>
 __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const bf16* d_o, const bf16* x, int64_t ld,
                                              const bf16* K, const bf16* V, const RoutingPlan& plan, int E, int F,
                                              unsigned char* smem_raw) {
     static_assert(FC == 128 && (DH == 64 || DH == 128), "wgmma path: fe slice 128, dh 64 or 128");
-    constexpr int BR = 64, NT = kMmaWeightThreads, STAGES = 3;
+    constexpr int BR = 64, NT = kMmaWeightThreads, STAGES = kWgmmaWeightStages;
     constexpr int slice_elems = FC * DH, rows_elems = BR * DH;
     constexpr uint32_t slice_block = FC * 128, rows_block = BR * 128;  // bytes of one 64-column block
     unsigned char* smem = wgmma_align_smem(smem_raw);
@@ -298,27 +301,41 @@ __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const b
         }
         fetch_indices(p0 + BR);
     };
+    // Stages are handed on by mbarriers, not by block barriers, so a warpgroup may run ahead of the
+    // other (by up to a stage) and its elementwise work overlap the other's products.
+    uint64_t* full = reinterpret_cast<uint64_t*>(dOs + STAGES * rows_elems);  // a stage's rows have landed
+    uint64_t* empty = full + STAGES;  // both warpgroups are done with a stage
+    if (threadIdx.x == 0)
+        for (int s = 0; s < STAGES; s++) {
+            mbarrier_init(full + s, NT);
+            mbarrier_init(empty + s, NT);
+        }
+    __syncthreads();  // initialised before anyone arrives
+    const int steps = (int)ceil_div(end - begin, BR);
+    // Step `step`'s rows into its stage: each thread issues its copies, then arrives on the stage's
+    // full barrier once they have landed.
+    auto fill = [&](int step) {
+        load_rows(begin + step * BR, step % STAGES);
+        cp_async_mbarrier_arrive(full + step % STAGES);
+    };
     const auto contiguous = [](int i) { return (int64_t)i * DH; };
-    load_rows_swizzled_async<DH, FC, NT>(Ks, K + wofs, FC, contiguous);
-    load_rows_swizzled_async<DH, FC, NT>(Vs, V + wofs, FC, contiguous);
+    if (steps > 0) {  // K, V land with step 0's rows
+        load_rows_swizzled_async<DH, FC, NT>(Ks, K + wofs, FC, contiguous);
+        load_rows_swizzled_async<DH, FC, NT>(Vs, V + wofs, FC, contiguous);
+    }
     fetch_indices(begin);
-    if (begin < end) load_rows(begin, 0);
-    cp_async_commit();
-    if (begin + BR < end) load_rows(begin + BR, 1);
-    cp_async_commit();
+    for (int step = 0; step < STAGES - 1 && step < steps; step++) fill(step);
 
     const auto mnmajor = [](const bf16* tile, int k) { return wgmma_desc_mnmajor(tile, rows_block, k); };
     const bf16 *Kw = Ks + wg * 64 * 64, *Vw = Vs + wg * 64 * 64;  // this warpgroup's 64 fe rows (block 0)
     float acc_k[DH / 2], acc_v[DH / 2];
 #pragma unroll
     for (int i = 0; i < DH / 2; i++) acc_k[i] = acc_v[i] = 0.f;
-    for (int p0 = begin, it = 0; p0 < end; p0 += BR, it++) {
-        cp_async_wait<1>();
+    for (int it = 0; it < steps; it++) {
+        const int stage = it % STAGES;
+        mbarrier_wait(full + stage, it / STAGES % 2);
         fence_proxy_async();
-        __syncthreads();  // these rows have landed, and both warpgroups are done with the previous ones
-        if (p0 + 2 * BR < end) load_rows(p0 + 2 * BR, (it + 2) % STAGES);  // into the stage of rows it - 1
-        cp_async_commit();
-        const bf16 *Xt = Xs + it % STAGES * rows_elems, *dOt = dOs + it % STAGES * rows_elems;
+        const bf16 *Xt = Xs + stage * rows_elems, *dOt = dOs + stage * rows_elems;
         float st[32], dat[32];  // S^T, dA^T; no initial values: the first product overwrites them
         wgmma_fence();
 #pragma unroll
@@ -328,6 +345,11 @@ __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const b
         for (int k = 0; k < DH / 16; k++)
             wgmma_m64n64k16<0>(dat, wgmma_desc_kmajor(Vw, slice_block, k), wgmma_desc_kmajor(dOt, rows_block, k), k);
         wgmma_commit();
+        // While they run: step it + STAGES − 1 into the stage of step it − 1, once both warpgroups are done with it.
+        if (it + STAGES - 1 < steps) {
+            if (it > 0) mbarrier_wait(empty + (it - 1) % STAGES, (it - 1) / STAGES % 2);
+            fill(it + STAGES - 1);
+        }
         wgmma_wait<0>();
         wgmma_fence_operands(st);
         wgmma_fence_operands(dat);
@@ -356,6 +378,7 @@ __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const b
         }
         wgmma_commit();
         wgmma_wait<0>();  // waiting here, not at the next rows, keeps ptxas from serializing the products
+        mbarrier_arrive(empty + stage);
     }
     wgmma_fence_operands(acc_v);
     wgmma_fence_operands(acc_k);
