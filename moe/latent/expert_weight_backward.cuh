@@ -336,7 +336,7 @@ __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const b
         mbarrier_wait(full + stage, it / STAGES % 2);
         fence_proxy_async();
         const bf16 *Xt = Xs + stage * rows_elems, *dOt = dOs + stage * rows_elems;
-        float st[32], dat[32];  // S^T, dA^T; no initial values: the first product overwrites them
+        float st[32] = {}, dat[32] = {};  // S^T, dA^T (zeroed, or ptxas waits on the products to copy them)
         wgmma_fence();
 #pragma unroll
         for (int k = 0; k < DH / 16; k++)
