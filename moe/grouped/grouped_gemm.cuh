@@ -577,6 +577,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) weight_grad_wgmma_kernel(const 
     const int m0 = blockIdx.x / tiles_n * kWgTileM, n0 = blockIdx.x % tiles_n * kWgTileN;
     const int begin = p.group_offset[g], end = p.group_offset[g + 1];
     if (begin == end) return;
+    float* dw = p.dw + (int64_t)g * p.rows_out * p.cols_out;
+    // The dW tile the epilogue adds to, into L2 while the products run.
+    prefetch_l2<kWgThreads>(dw + (int64_t)m0 * p.cols_out + n0, min(kWgTileM, p.rows_out - m0),
+                            (int64_t)min(kWgTileN, p.cols_out - n0) * sizeof(float), (int64_t)p.cols_out * sizeof(float));
     using ACopy = SwizzledTileCopy<kWgDepth, kWgTileM, kWgThreads>;
     using BCopy = SwizzledTileCopy<kWgDepth, kWgTileN, kWgThreads>;
     const ACopy a_copy;
@@ -618,7 +622,6 @@ __global__ void __launch_bounds__(kWgThreads, 1) weight_grad_wgmma_kernel(const 
     for (int i = 0; i < kWgTileN / 2; i++) acc[i] = 0.f;
     wgmma_gemm_mainloop<true, true>(acc, smem, (int)ceil_div(end - begin, kWgDepth), load);
 
-    float* dw = p.dw + (int64_t)g * p.rows_out * p.cols_out;
     const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
 #pragma unroll
     for (int i = 0; i < kWgTileN / 2; i += 2) {
