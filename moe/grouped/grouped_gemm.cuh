@@ -590,7 +590,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) weight_grad_wgmma_kernel(const 
     float* dw = p.dw + (int64_t)g * p.rows_out * p.cols_out;
     // The dW tile the epilogue adds to, into L2 while the products run.
     prefetch_l2<kWgThreads>(dw + (int64_t)m0 * p.cols_out + n0, min(kWgTileM, p.rows_out - m0),
-                            (int64_t)min(kWgTileN, p.cols_out - n0) * sizeof(float), (int64_t)p.cols_out * sizeof(float));
+                            min(kWgTileN, p.cols_out - n0) * (int)sizeof(float), (int64_t)p.cols_out * sizeof(float));
     using ACopy = SwizzledTileCopy<kWgDepth, kWgTileM, kWgThreads>;
     using BCopy = SwizzledTileCopy<kWgDepth, kWgTileN, kWgThreads>;
     const ACopy a_copy;

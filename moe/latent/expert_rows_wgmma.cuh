@@ -97,16 +97,16 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
     float acc[DH / 2];
 #pragma unroll
     for (int i = 0; i < DH / 2; i++) acc[i] = 0.f;
-    // The products of chunk c + 1 into s_next, da_next, once its K, V have landed; then chunk c + 3 into
-    // the stage chunk c − 1 held, once both warpgroups are done with it.
+    // The products of chunk c + 1 into s_next, da_next, once its K, V have landed.
     auto issue_next = [&](int c, float (&s_next)[32], float (&da_next)[32]) {
         if (c + 1 >= chunks) return;
         wait_landed(c + 1);
         issue_row_products(s_next, da_next, c + 1);
-        if (c + 3 < chunks) {
-            if (c > 0) mbarrier_wait(empty + (c - 1) % kStages, (c - 1) / kStages % 2);
-            fill(c + 3);
-        }
+    };
+    auto refill = [&](int c) {  // chunk c + 3 into the stage of chunk c − 1, once both warpgroups are done with it
+        if (c + 3 >= chunks) return;
+        if (c > 0) mbarrier_wait(empty + (c - 1) % kStages, (c - 1) / kStages % 2);
+        fill(c + 3);
     };
     // Chunk c, whose S (and dA) are in s, da. In the forward the next chunk's products go to the tensor
     // cores first, so that they run while this chunk's GELU is worked out; the input gradient, whose
@@ -137,6 +137,7 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
             wgmma_fence_operands(acc);
             issue_next(c, s_next, da_next);
         }
+        refill(c);  // with this chunk's products in flight, so that waiting for the other warpgroup costs little
         wgmma_wait<0>();  // the next chunk's S (dA) and this chunk's products are done: chunk c's stage is free
         mbarrier_arrive(empty + c % kStages);
         wgmma_fence_operands(acc);

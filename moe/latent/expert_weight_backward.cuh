@@ -279,8 +279,8 @@ __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const b
     const int64_t wofs = ((int64_t)g * F + f0) * DH;  // this slice of expert g's K, V
     const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
     if (item.accumulate) {  // the slices of dK, dV the epilogue adds to (contiguous rows f0..f0 + FC)
-        prefetch_l2<NT>(item.dk + (int64_t)f0 * DH, 1, (int64_t)FC * DH * sizeof(float), 0);
-        prefetch_l2<NT>(item.dv + (int64_t)f0 * DH, 1, (int64_t)FC * DH * sizeof(float), 0);
+        prefetch_l2<NT>(item.dk + (int64_t)f0 * DH, 1, FC * DH * (int)sizeof(float), 0);
+        prefetch_l2<NT>(item.dv + (int64_t)f0 * DH, 1, FC * DH * (int)sizeof(float), 0);
     }
     // The X rows are gathered through copy_row: each thread's next row indices are loaded one fetch
     // ahead, so that their latency is off the path of the copies.
