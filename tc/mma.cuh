@@ -94,6 +94,18 @@ __device__ inline void cp_async_16(void* smem, const void* gmem, bool valid = tr
                  "r"(valid ? 16 : 0)
                  : "memory");
 }
+// Asks L2 to fetch `rows` rows of `row_bytes` bytes, `stride` bytes apart from `p` on (the 128-byte
+// lines that hold them, spread over the NT threads of the block): a kernel that ends in a
+// read-modify-write of a tile issues it first, so that the epilogue's reads find L2 rather than DRAM.
+template <int NT>
+__device__ inline void prefetch_l2(const void* p, int rows, int row_bytes, int64_t stride) {
+    const int lines = (row_bytes + 127) / 128 + 1;  // at most, for a row that does not start on a line
+    for (int i = threadIdx.x; i < rows * lines; i += NT) {
+        const char* row = static_cast<const char*>(p) + i / lines * stride;
+        const int lead = (int)(reinterpret_cast<uintptr_t>(row) % 128), j = i % lines;
+        if (j * 128 < lead + row_bytes) asm volatile("prefetch.L2 [%0];\n" ::"l"(row - lead + j * 128));
+    }
+}
 // Closes the group of copies issued since the last commit; cp_async_wait<n> waits until at most n
 // groups are still in flight (the copies of this thread only: follow it with a barrier).
 __device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }

@@ -107,6 +107,29 @@ __device__ inline void wgmma_fence_operands(float (&d)[N]) {
 // Shared-memory writes of ordinary stores (and cp.async) become visible to wgmma's reads.
 __device__ inline void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
+// mbarriers in shared memory, for pipelines whose stages are handed on without a block barrier: a
+// barrier initialised for `count` arrivals completes a phase when that many have arrived, and a
+// waiter names the phase by its parity (0, 1, 0, ...).
+__device__ inline void mbarrier_init(uint64_t* bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_address(bar)), "r"(count) : "memory");
+}
+__device__ inline void mbarrier_arrive(uint64_t* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_address(bar)) : "memory");
+}
+// This thread's arrival, made when all the cp.async copies it has issued so far have landed.
+__device__ inline void cp_async_mbarrier_arrive(uint64_t* bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_address(bar)) : "memory");
+}
+__device__ inline void mbarrier_wait(uint64_t* bar, int parity) {
+    uint32_t done = 0;
+    while (!done)
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(smem_address(bar)), "r"(parity)
+            : "memory");
+}
+
 // The accumulators of an m64nNk16 product, operands %0 .. %(N/2 − 1) of its asm: their constraints
 // (D) and their register list (R); the instruction's other operands follow, numbered from N/2.
 #define LMOE_WGMMA_F4(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])

@@ -136,6 +136,22 @@ __device__ inline TilePart tile_part(const RoutingPlan& plan, int tile, int part
     return {g, p0, min(part_rows, end - p0)};
 }
 
+// The block of a row GEMM: the copies [p0, p0 + rows) of part blockIdx.z (of `part_rows` copies) of
+// planner tile blockIdx.y, its output columns from n0 = blockIdx.x · tile_cols on, and its expert's
+// matrix w; false when the tile is past the plan's or the part past the tile's last copy.
+template <class T>
+struct RowsBlock {
+    int p0, rows, n0;
+    const T* w;
+};
+template <class T>
+__device__ inline bool rows_block(RowsBlock<T>& b, const RowsGemm<T>& p, int part_rows, int tile_cols) {
+    if ((int)blockIdx.y >= *p.plan.num_tiles) return false;
+    const TilePart part = tile_part(p.plan, blockIdx.y, blockIdx.z, part_rows);
+    b = {part.p0, part.rows, (int)blockIdx.x * tile_cols, p.w + (int64_t)part.g * p.K * p.cols};
+    return part.rows > 0;
+}
+
 // ---------------------------------------------------------------------------------------------
 // fp32 (SIMT) kernels: 64 × 64 output tiles, 256 threads of 4 × 4 outputs, 16-deep steps through
 // shared memory.
@@ -146,12 +162,10 @@ constexpr int kSimtGemmTile = 64, kSimtGemmDepth = 16, kSimtGemmThreads = 256;
 template <RowsEpilogue EPI, bool W_TRANSPOSED>
 __global__ void __launch_bounds__(kSimtGemmThreads) rows_gemm_simt_kernel(const RowsGemm<float> p) {
     __shared__ float As[kSimtGemmDepth][kSimtGemmTile + 1], Bs[kSimtGemmDepth][kSimtGemmTile + 1];
-    if ((int)blockIdx.y >= *p.plan.num_tiles) return;
-    const TilePart part = tile_part(p.plan, blockIdx.y, blockIdx.z, kSimtGemmTile);
-    const int g = part.g, p0 = part.p0, rows = part.rows;
-    if (rows <= 0) return;
-    const int n0 = blockIdx.x * kSimtGemmTile, K = p.K, cols = p.cols;
-    const float* w = p.w + (int64_t)g * K * cols;
+    RowsBlock<float> block;
+    if (!rows_block(block, p, kSimtGemmTile, kSimtGemmTile)) return;
+    const int p0 = block.p0, rows = block.rows, n0 = block.n0, K = p.K, cols = p.cols;
+    const float* w = block.w;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // rows ty + 16i, columns tx + 16j
     float acc[4][4] = {};
     for (int k0 = 0; k0 < K; k0 += kSimtGemmDepth) {
@@ -347,12 +361,10 @@ template <RowsEpilogue EPI, bool W_TRANSPOSED>
 __global__ void __launch_bounds__(kGemmThreads) rows_gemm_mma_kernel(const RowsGemm<bf16> p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16* smem = reinterpret_cast<bf16*>(smem_raw);
-    if ((int)blockIdx.y >= *p.plan.num_tiles) return;
-    const TilePart part = tile_part(p.plan, blockIdx.y, blockIdx.z, kGemmTile);
-    const int g = part.g, p0 = part.p0, rows = part.rows;
-    if (rows <= 0) return;
-    const int n0 = blockIdx.x * kGemmTile, K = p.K, cols = p.cols;
-    const bf16* w = p.w + (int64_t)g * K * cols;
+    RowsBlock<bf16> block;
+    if (!rows_block(block, p, kGemmTile, kGemmTile)) return;
+    const int p0 = block.p0, rows = block.rows, n0 = block.n0, K = p.K, cols = p.cols;
+    const bf16* w = block.w;
     const bf16 *a_row[kRowsPerThread], *w_row[kRowsPerThread];  // this thread's rows of the deep tiles
 #pragma unroll
     for (int j = 0; j < kRowsPerThread; j++) {
@@ -518,12 +530,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) rows_gemm_wgmma_kernel(const Ro
 #if defined(LMOE_HAS_WGMMA)
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16* smem = reinterpret_cast<bf16*>(wgmma_align_smem(smem_raw));
-    if ((int)blockIdx.y >= *p.plan.num_tiles) return;
-    const TilePart part = tile_part(p.plan, blockIdx.y, blockIdx.z, kWgTileM);
-    const int g = part.g, p0 = part.p0, rows = part.rows;
-    if (rows <= 0) return;
-    const int n0 = blockIdx.x * kWgTileN, K = p.K, cols = p.cols;
-    const bf16* w = p.w + (int64_t)g * K * cols;
+    RowsBlock<bf16> block;
+    if (!rows_block(block, p, kWgTileM, kWgTileN)) return;
+    const int p0 = block.p0, rows = block.rows, n0 = block.n0, K = p.K, cols = p.cols;
+    const bf16* w = block.w;
     using ACopy = SwizzledTileCopy<kWgTileM, kWgDepth, kWgThreads>;
     using BCopy = SwizzledTileCopy<W_TRANSPOSED ? kWgTileN : kWgDepth, W_TRANSPOSED ? kWgDepth : kWgTileN, kWgThreads>;
     const ACopy a_copy;
@@ -577,6 +587,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) weight_grad_wgmma_kernel(const 
     const int m0 = blockIdx.x / tiles_n * kWgTileM, n0 = blockIdx.x % tiles_n * kWgTileN;
     const int begin = p.group_offset[g], end = p.group_offset[g + 1];
     if (begin == end) return;
+    float* dw = p.dw + (int64_t)g * p.rows_out * p.cols_out;
+    // The dW tile the epilogue adds to, into L2 while the products run.
+    prefetch_l2<kWgThreads>(dw + (int64_t)m0 * p.cols_out + n0, min(kWgTileM, p.rows_out - m0),
+                            min(kWgTileN, p.cols_out - n0) * (int)sizeof(float), (int64_t)p.cols_out * sizeof(float));
     using ACopy = SwizzledTileCopy<kWgDepth, kWgTileM, kWgThreads>;
     using BCopy = SwizzledTileCopy<kWgDepth, kWgTileN, kWgThreads>;
     const ACopy a_copy;
@@ -618,7 +632,6 @@ __global__ void __launch_bounds__(kWgThreads, 1) weight_grad_wgmma_kernel(const 
     for (int i = 0; i < kWgTileN / 2; i++) acc[i] = 0.f;
     wgmma_gemm_mainloop<true, true>(acc, smem, (int)ceil_div(end - begin, kWgDepth), load);
 
-    float* dw = p.dw + (int64_t)g * p.rows_out * p.cols_out;
     const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
 #pragma unroll
     for (int i = 0; i < kWgTileN / 2; i += 2) {

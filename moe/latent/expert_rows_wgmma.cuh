@@ -21,13 +21,14 @@ enum class RowsPass { Forward, InputGrad };
 
 constexpr int kWgmmaRowsChunk = 64, kWgmmaRowsThreads = 256, kWgmmaRowsStages = 4;
 
-// Shared memory: the X tile (and the dO tile), then kWgmmaRowsStages stages of K_c and V_c; 1 KB to
-// align the tiles to 1024 bytes.
+// Shared memory: the X tile (and the dO tile), then kWgmmaRowsStages stages of K_c and V_c, two
+// mbarriers per stage; 1 KB to align the tiles to 1024 bytes.
 template <int DH, RowsPass PASS>
 struct WgmmaRowsSmem {
     static constexpr int row_tiles = PASS == RowsPass::InputGrad ? 2 : 1;
     static constexpr int tile_elems = kExpertTileRows * DH, chunk_elems = kWgmmaRowsChunk * DH;
-    static constexpr size_t bytes = (row_tiles * tile_elems + 2 * kWgmmaRowsStages * chunk_elems) * sizeof(bf16) + 1024;
+    static constexpr size_t bytes = (row_tiles * tile_elems + 2 * kWgmmaRowsStages * chunk_elems) * sizeof(bf16) +
+                                    2 * kWgmmaRowsStages * sizeof(uint64_t) + 1024;
 };
 
 // out (copies, dh): o (forward) or dx_copy (input gradient, from d_o).
@@ -48,16 +49,32 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
     bf16* dOs = Xs + S::tile_elems;             // (128, dh), the input gradient's
     bf16* Ks = Xs + S::row_tiles * S::tile_elems;  // kStages × (64, dh)
     bf16* Vs = Ks + kStages * S::chunk_elems;      // kStages × (64, dh)
+    // A stage's full mbarrier: its chunk has landed (each thread arrives when its copies have); its
+    // empty one: both warpgroups are done with it. No block barrier in the loop, so a warpgroup may
+    // run ahead of the other and its GELU overlap the other's products.
+    uint64_t* full = reinterpret_cast<uint64_t*>(Vs + kStages * S::chunk_elems);
+    uint64_t* empty = full + kStages;
     if ((int)blockIdx.x >= *plan.num_tiles) return;
+    if (threadIdx.x == 0)
+        for (int s = 0; s < kStages; s++) {
+            mbarrier_init(full + s, NT);
+            mbarrier_init(empty + s, NT);
+        }
+    __syncthreads();  // initialised before anyone arrives
     const ExpertRowTile t = expert_row_tile<kExpertTileRows>(plan, blockIdx.x, 0, E);
     const int g = t.g, h = t.h, p0 = t.p0, rows = t.rows;
     const bf16 *Kg = K + (int64_t)g * F * DH, *Vg = V + (int64_t)g * F * DH;
     const int chunks = F / FC;
     const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
     const auto contiguous = [](int i) { return (int64_t)i * DH; };
-    auto load_chunk = [&](int c) {
+    auto fill = [&](int c) {  // chunk c into its stage, announced on the stage's full barrier
         load_rows_swizzled_async<DH, FC, NT>(Ks + (c % kStages) * S::chunk_elems, Kg + (int64_t)c * FC * DH, FC, contiguous);
         load_rows_swizzled_async<DH, FC, NT>(Vs + (c % kStages) * S::chunk_elems, Vg + (int64_t)c * FC * DH, FC, contiguous);
+        cp_async_mbarrier_arrive(full + c % kStages);
+    };
+    auto wait_landed = [&](int c) {
+        mbarrier_wait(full + c % kStages, c / kStages % 2);
+        fence_proxy_async();
     };
     const auto mnmajor = [](const void* tile, int k) { return wgmma_desc_mnmajor(tile, chunk_block, k); };
     const int wg_rows = wg * 64 * 128;  // byte offset of this warpgroup's rows in a 64-column block
@@ -80,16 +97,16 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
     float acc[DH / 2];
 #pragma unroll
     for (int i = 0; i < DH / 2; i++) acc[i] = 0.f;
-    // The products of chunk c + 1 into s_next, da_next, once its K, V have landed; chunk c + 3 is fetched
-    // into the stage chunk c − 1 held.
+    // The products of chunk c + 1 into s_next, da_next, once its K, V have landed.
     auto issue_next = [&](int c, float (&s_next)[32], float (&da_next)[32]) {
         if (c + 1 >= chunks) return;
-        cp_async_wait<1>();
-        fence_proxy_async();
-        __syncthreads();  // chunk c + 1 has landed; both warpgroups are done with chunk c − 1
-        if (c + 3 < chunks) load_chunk(c + 3);
-        cp_async_commit();
+        wait_landed(c + 1);
         issue_row_products(s_next, da_next, c + 1);
+    };
+    auto refill = [&](int c) {  // chunk c + 3 into the stage of chunk c − 1, once both warpgroups are done with it
+        if (c + 3 >= chunks) return;
+        if (c > 0) mbarrier_wait(empty + (c - 1) % kStages, (c - 1) / kStages % 2);
+        fill(c + 3);
     };
     // Chunk c, whose S (and dA) are in s, da. In the forward the next chunk's products go to the tensor
     // cores first, so that they run while this chunk's GELU is worked out; the input gradient, whose
@@ -120,7 +137,9 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
             wgmma_fence_operands(acc);
             issue_next(c, s_next, da_next);
         }
+        refill(c);  // with this chunk's products in flight, so that waiting for the other warpgroup costs little
         wgmma_wait<0>();  // the next chunk's S (dA) and this chunk's products are done: chunk c's stage is free
+        mbarrier_arrive(empty + c % kStages);
         wgmma_fence_operands(acc);
         if (c + 1 < chunks) {
             wgmma_fence_operands(s_next);
@@ -131,13 +150,9 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
     load_rows_swizzled_async<DH, BR, NT>(Xs, x, rows, GatheredRows<DH>{plan, ld, p0, h});
     if constexpr (backward) load_rows_swizzled_async<DH, BR, NT>(dOs, d_o + (int64_t)p0 * DH, rows, contiguous);
 #pragma unroll
-    for (int c = 0; c < kStages - 1; c++) {  // one commit group each, chunk 0's with the row tiles
-        if (c < chunks) load_chunk(c);
-        cp_async_commit();
-    }
-    cp_async_wait<kStages - 2>();
-    fence_proxy_async();
-    __syncthreads();  // the row tiles and chunk 0 have landed
+    for (int c = 0; c < kStages - 1; c++)  // chunk 0's barrier also announces the row tiles
+        if (c < chunks) fill(c);
+    wait_landed(0);
     // S (and dA) of even and odd chunks in the forward, of every chunk in the input gradient; the
     // products overwrite them
     float s0[32], da0[32], s1[32];

@@ -225,6 +225,8 @@ __device__ inline void write_dk_dv(float* dK, float* dV, bool accumulate, float 
     *dv = make_float2(v0, v1);
 }
 
+constexpr int kWgmmaWeightStages = 4;  // of X, dO in the wgmma weight gradient
+
 // Warp layouts of the weight-gradient kernel for an FC-wide slice of fe (FC = 32, 64 or 128):
 //   row products S, dA (64 rows × FC): s_warps_m × s_warps_n warps of (s_rows × s_cols);
 //   reductions dK, dV (FC × dh):        r_warps_f × r_warps_d warps of (r_rows × r_cols), the rest idle
@@ -241,30 +243,31 @@ template <int DH, int FC> struct MmaWeightLayout {
     static constexpr int ld = DH + 8, ld_hidden = FC + 8;
     static constexpr int slice_elems = FC * ld, rows_elems = kMmaWeightRows * ld, hidden_elems = kMmaWeightRows * ld_hidden;
     static constexpr size_t bytes_mma = (2 * slice_elems + 4 * rows_elems + 2 * hidden_elems) * sizeof(bf16);
-    // the wgmma version (sm_90a builds): unpadded swizzled tiles, three stages of X, dO (A and dS stay
-    // in registers), and 1 KB to align the tiles to 1024 bytes
+    // the wgmma version (sm_90a builds): unpadded swizzled tiles, kWgmmaWeightStages stages of X, dO (A
+    // and dS stay in registers), two mbarriers per stage, and 1 KB to align the tiles to 1024 bytes
     static constexpr bool on_wgmma = FC == 128 && (DH == 64 || DH == 128);
-    static constexpr size_t bytes_wgmma = (2 * FC * DH + 6 * kMmaWeightRows * DH) * sizeof(bf16) + 1024;
+    static constexpr size_t bytes_wgmma = (2 * FC * DH + 2 * kWgmmaWeightStages * kMmaWeightRows * DH) * sizeof(bf16) +
+                                          2 * kWgmmaWeightStages * sizeof(uint64_t) + 1024;
     static constexpr size_t bytes = on_wgmma && bytes_wgmma > bytes_mma ? bytes_wgmma : bytes_mma;
 };
 
 #if defined(LMOE_HAS_WGMMA)
 
 // Weight gradients on wgmma for an FC = 128 slice of fe and dh = 64 or 128: two warpgroups, warpgroup
-// w owning fe rows 64w..64w+63 of the slice. Per 64 copies (three stages of X, dO in flight):
+// w owning fe rows 64w..64w+63 of the slice. Per 64 copies (four stages of X, dO, filled three ahead):
 //   S^T, dA^T (64 fe × 64 rows, registers) = K_w X^T, V_w dO^T     (K_w, V_w, X, dO K-major)
 //   A^T = GELU(S^T), dS^T = dA^T ⊙ GELU'(S^T), packed to bf16 in registers
 //   dV_w += A^T dO,  dK_w += dS^T X       (64 × dh accumulators; dO, X read MN-major, same tiles)
 // Computing the transposes puts A^T and dS^T in the accumulator layout that the register A operand
 // of the second products takes as it stands (as in expert_rows_wgmma.cuh): they never touch shared
-// memory. The block meets once per 64 rows (they have landed; the stage of the previous rows is
-// refilled).
+// memory. No block barrier in the loop: a stage's full mbarrier says its rows have landed (each thread
+// arrives when its copies have), its empty one that both warpgroups are done with it.
 template <int DH, int FC>
 __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const bf16* d_o, const bf16* x, int64_t ld,
                                              const bf16* K, const bf16* V, const RoutingPlan& plan, int E, int F,
                                              unsigned char* smem_raw) {
     static_assert(FC == 128 && (DH == 64 || DH == 128), "wgmma path: fe slice 128, dh 64 or 128");
-    constexpr int BR = 64, NT = kMmaWeightThreads, STAGES = 3;
+    constexpr int BR = 64, NT = kMmaWeightThreads, STAGES = kWgmmaWeightStages;
     constexpr int slice_elems = FC * DH, rows_elems = BR * DH;
     constexpr uint32_t slice_block = FC * 128, rows_block = BR * 128;  // bytes of one 64-column block
     unsigned char* smem = wgmma_align_smem(smem_raw);
@@ -275,34 +278,69 @@ __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const b
     const int g = item.g, h = g / E, f0 = blockIdx.x * FC, begin = item.begin, end = item.end;
     const int64_t wofs = ((int64_t)g * F + f0) * DH;  // this slice of expert g's K, V
     const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
-    auto load_rows = [&](int p0, int stage) {
-        const int rows = min(BR, end - p0);
-        load_rows_swizzled_async<DH, BR, NT>(Xs + stage * rows_elems, x, rows,
-                                             GatheredRows<DH>{plan, ld, p0, h});
-        load_rows_swizzled_async<DH, BR, NT>(dOs + stage * rows_elems, d_o + (int64_t)p0 * DH, rows,
-                                             [](int i) { return (int64_t)i * DH; });
+    if (item.accumulate) {  // the slices of dK, dV the epilogue adds to (contiguous rows f0..f0 + FC)
+        prefetch_l2<NT>(item.dk + (int64_t)f0 * DH, 1, FC * DH * (int)sizeof(float), 0);
+        prefetch_l2<NT>(item.dv + (int64_t)f0 * DH, 1, FC * DH * (int)sizeof(float), 0);
+    }
+    // The X rows are gathered through copy_row: each thread's next row indices are loaded one fetch
+    // ahead, so that their latency is off the path of the copies.
+    const SwizzledTileCopy<BR, DH, NT> row_copy;
+    int next_row[row_copy.passes];  // copy_row of this thread's rows of the next fetch; −1 past the part
+    auto fetch_indices = [&](int p0) {
+#pragma unroll
+        for (int j = 0; j < row_copy.passes; j++) {
+            const int p = p0 + row_copy.row(j);
+            next_row[j] = p < end ? plan.copy_row[p] : -1;
+        }
+    };
+    auto load_rows = [&](int p0, int stage) {  // p0: the rows fetch_indices last looked up
+        bf16 *xs = Xs + stage * rows_elems, *ds = dOs + stage * rows_elems;
+#pragma unroll
+        for (int j = 0; j < row_copy.passes; j++) {
+            const bool valid = next_row[j] >= 0;
+            const int64_t x_at = (int64_t)next_row[j] * ld + (int64_t)h * DH + row_copy.col();
+            const int64_t d_at = (int64_t)(p0 + row_copy.row(j)) * DH + row_copy.col();
+            row_copy.issue(xs, j, valid ? x + x_at : x, valid);
+            row_copy.issue(ds, j, valid ? d_o + d_at : d_o, valid);
+        }
+        fetch_indices(p0 + BR);
+    };
+    // Stages are handed on by mbarriers, not by block barriers, so a warpgroup may run ahead of the
+    // other (by up to a stage) and its elementwise work overlap the other's products.
+    uint64_t* full = reinterpret_cast<uint64_t*>(dOs + STAGES * rows_elems);  // a stage's rows have landed
+    uint64_t* empty = full + STAGES;  // both warpgroups are done with a stage
+    if (threadIdx.x == 0)
+        for (int s = 0; s < STAGES; s++) {
+            mbarrier_init(full + s, NT);
+            mbarrier_init(empty + s, NT);
+        }
+    __syncthreads();  // initialised before anyone arrives
+    const int steps = (int)ceil_div(end - begin, BR);
+    // Step `step`'s rows into its stage: each thread issues its copies, then arrives on the stage's
+    // full barrier once they have landed.
+    auto fill = [&](int step) {
+        load_rows(begin + step * BR, step % STAGES);
+        cp_async_mbarrier_arrive(full + step % STAGES);
     };
     const auto contiguous = [](int i) { return (int64_t)i * DH; };
-    load_rows_swizzled_async<DH, FC, NT>(Ks, K + wofs, FC, contiguous);
-    load_rows_swizzled_async<DH, FC, NT>(Vs, V + wofs, FC, contiguous);
-    if (begin < end) load_rows(begin, 0);
-    cp_async_commit();
-    if (begin + BR < end) load_rows(begin + BR, 1);
-    cp_async_commit();
+    if (steps > 0) {  // K, V land with step 0's rows
+        load_rows_swizzled_async<DH, FC, NT>(Ks, K + wofs, FC, contiguous);
+        load_rows_swizzled_async<DH, FC, NT>(Vs, V + wofs, FC, contiguous);
+    }
+    fetch_indices(begin);
+    for (int step = 0; step < STAGES - 1 && step < steps; step++) fill(step);
 
     const auto mnmajor = [](const bf16* tile, int k) { return wgmma_desc_mnmajor(tile, rows_block, k); };
     const bf16 *Kw = Ks + wg * 64 * 64, *Vw = Vs + wg * 64 * 64;  // this warpgroup's 64 fe rows (block 0)
     float acc_k[DH / 2], acc_v[DH / 2];
 #pragma unroll
     for (int i = 0; i < DH / 2; i++) acc_k[i] = acc_v[i] = 0.f;
-    for (int p0 = begin, it = 0; p0 < end; p0 += BR, it++) {
-        cp_async_wait<1>();
+    for (int it = 0; it < steps; it++) {
+        const int stage = it % STAGES;
+        mbarrier_wait(full + stage, it / STAGES % 2);
         fence_proxy_async();
-        __syncthreads();  // these rows have landed, and both warpgroups are done with the previous ones
-        if (p0 + 2 * BR < end) load_rows(p0 + 2 * BR, (it + 2) % STAGES);  // into the stage of rows it - 1
-        cp_async_commit();
-        const bf16 *Xt = Xs + it % STAGES * rows_elems, *dOt = dOs + it % STAGES * rows_elems;
-        float st[32], dat[32];  // S^T, dA^T; no initial values: the first product overwrites them
+        const bf16 *Xt = Xs + stage * rows_elems, *dOt = dOs + stage * rows_elems;
+        float st[32] = {}, dat[32] = {};  // S^T, dA^T (zeroed, or ptxas waits on the products to copy them)
         wgmma_fence();
 #pragma unroll
         for (int k = 0; k < DH / 16; k++)
@@ -311,6 +349,11 @@ __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const b
         for (int k = 0; k < DH / 16; k++)
             wgmma_m64n64k16<0>(dat, wgmma_desc_kmajor(Vw, slice_block, k), wgmma_desc_kmajor(dOt, rows_block, k), k);
         wgmma_commit();
+        // While they run: step it + STAGES − 1 into the stage of step it − 1, once both warpgroups are done with it.
+        if (it + STAGES - 1 < steps) {
+            if (it > 0) mbarrier_wait(empty + (it - 1) % STAGES, (it - 1) / STAGES % 2);
+            fill(it + STAGES - 1);
+        }
         wgmma_wait<0>();
         wgmma_fence_operands(st);
         wgmma_fence_operands(dat);
@@ -339,6 +382,7 @@ __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const b
         }
         wgmma_commit();
         wgmma_wait<0>();  // waiting here, not at the next rows, keeps ptxas from serializing the products
+        mbarrier_arrive(empty + stage);
     }
     wgmma_fence_operands(acc_v);
     wgmma_fence_operands(acc_k);

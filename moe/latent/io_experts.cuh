@@ -33,7 +33,7 @@ namespace lmoe {
 // The shapes the kernels take: dh 16, 32, 64 or 128 (one instance each), fe a multiple of the SIMT
 // chunk (the tensor-core kernels take chunks of 128, 64 or 32, the widest that divides fe).
 inline bool expert_shape_supported(int dh, int fe) {
-    return (dh == 16 || dh == 32 || dh == 64 || dh == 128) && fe % kExpertChunk == 0;
+    return (dh == 16 || dh == 32 || dh == 64 || dh == 128) && fe > 0 && fe % kExpertChunk == 0;
 }
 
 // Both gradients: dx_copy (copies, dh), and dK, dV (H, E, fe, dh) fp32 accumulated, from d_o (copies, dh).
