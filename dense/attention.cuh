@@ -20,7 +20,9 @@
 //   bf16 (the default build): tensor cores (mma.sync m16n8k16, tc/warp_tile.cuh) on 64-row tiles in
 //     shared memory, filled by cp.async one key (or query) block ahead. P and dS are rounded to bf16
 //     as the A operands of the next product, straight from the accumulators (they never leave
-//     registers); every sum is fp32.
+//     registers); every sum is fp32. On Hopper (an sm_90a build, head sizes 64 and 128) the forward
+//     runs on wgmma instead (flash_forward_wgmma_kernel: 128 queries per block, P in the register A
+//     operand of O += P V); the backward stays on mma.sync.
 //   fp32 (the LMOE_FP32 check build): one thread per query (or key) row, plain fp32 loops, so that
 //     the whole model can be checked tightly against the CPU reference.
 // Both read q, k, v in place from the (B, T, 3·C) qkv rows and write (B, T, C) and (B, T, 3·C) rows:
@@ -33,6 +35,7 @@
 #include <type_traits>
 
 #include "tc/warp_tile.cuh"
+#include "tc/wgmma.cuh"
 #include "util/cuda_utils.cuh"
 
 namespace lmoe {
@@ -231,6 +234,130 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(bf16* out, floa
     store_warp_rows<D>(out + ((int64_t)b * T + q0) * nh * D + h * D, (int64_t)nh * D, o, r0, T - q0, 1.f);
 }
 
+// Forward on wgmma (sm_90a builds, head sizes 64 and 128), one block of two warpgroups per (128
+// queries, b·h), warpgroup w owning queries q0 + 64w ..; key blocks of 64, two stages of K and V, every
+// tile 128B-swizzled (tc/wgmma.cuh). Per key block, in a warpgroup's 64 rows: S = Q K^T (64 × 64 fp32
+// in registers, the layout of mma.sync's accumulators per warp, so the row reductions are the same
+// two shuffles), the online softmax as above, P packed to bf16 straight into the register A operand
+// of O += P V. Warpgroup 0 sees one key block fewer than warpgroup 1 (its last is fully masked) and
+// skips its products there. The kernel exists in every build; without wgmma its body is empty and it
+// is never launched.
+constexpr int kWgQueries = 128, kWgKeys = 64, kWgThreads = 256;
+
+template <int D>
+constexpr int wgmma_forward_smem() { return (kWgQueries + 4 * kWgKeys) * D * 2 + 1024; }
+
+template <int D>
+__global__ void __launch_bounds__(kWgThreads, 1) flash_forward_wgmma_kernel(bf16* out, float* lse, const bf16* qkv,
+                                                                            int T, int nh) {
+#if defined(LMOE_HAS_WGMMA)
+    static_assert(D == 64 || D == 128, "wgmma attention: head size 64 or 128");
+    constexpr int BQ = kWgQueries, BK = kWgKeys, NT = kWgThreads, q_elems = BQ * D, kv_elems = BK * D;
+    constexpr uint32_t q_block = BQ * 128, kv_block = BK * 128;  // bytes of one 64-column block of a tile
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* Qs = reinterpret_cast<bf16*>(wgmma_align_smem(smem_raw));  // (128, D)
+    bf16* Ks = Qs + q_elems;                                         // 2 × (64, D)
+    bf16* Vs = Ks + 2 * kv_elems;                                    // 2 × (64, D)
+    const int qb = gridDim.x - 1 - blockIdx.x;  // the longest rows first: the tail is short blocks
+    const int b = blockIdx.y / nh, h = blockIdx.y % nh, q0 = qb * BQ;
+    const int64_t stride = 3 * nh * D;
+    const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
+    const float scale = kLog2e / sqrtf((float)D);
+    const auto rows_at = [stride](int r) { return r * stride; };
+    auto load_keys = [&](int kb) {
+        const int k0 = kb * BK, stage = kb % 2;
+        load_rows_swizzled_async<D, BK, NT>(Ks + stage * kv_elems, qkv_rows(qkv, 1, b, h, k0, T, nh, D), T - k0, rows_at);
+        load_rows_swizzled_async<D, BK, NT>(Vs + stage * kv_elems, qkv_rows(qkv, 2, b, h, k0, T, nh, D), T - k0, rows_at);
+    };
+    // key blocks of the block, and of this warpgroup (whose rows end at q0 + 64·wg + 63)
+    const int last = min(2 * qb + 1, (T - 1) / BK), my_last = min(2 * qb + wg, last);
+
+    load_rows_swizzled_async<D, BQ, NT>(Qs, qkv_rows(qkv, 0, b, h, q0, T, nh, D), T - q0, rows_at);
+    load_keys(0);
+    cp_async_commit();
+    const unsigned char* Qw = reinterpret_cast<const unsigned char*>(Qs) + wg * 64 * 128;  // this warpgroup's rows
+    float o[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) o[i] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows gq, gq + 8 of this warp; ℓ over this lane's columns
+    for (int kb = 0; kb <= last; kb++) {
+        if (kb < last) load_keys(kb + 1);  // into the stage of block kb − 1
+        cp_async_commit();
+        cp_async_wait<1>();
+        fence_proxy_async();
+        __syncthreads();  // block kb has landed
+        if (kb <= my_last) {
+            const bf16 *Kt = Ks + kb % 2 * kv_elems, *Vt = Vs + kb % 2 * kv_elems;
+            float s[32];  // no initial values: the first product overwrites them
+            wgmma_fence();
+#pragma unroll
+            for (int k = 0; k < D / 16; k++)
+                wgmma_m64n64k16<0>(s, wgmma_desc_kmajor(Qw, q_block, k), wgmma_desc_kmajor(Kt, kv_block, k), k);
+            wgmma_commit();
+            wgmma_wait<0>();
+            wgmma_fence_operands(s);
+            const bool diagonal = kb == 2 * qb + wg;
+            float rescale[2];
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                const int t = q0 + 64 * wg + 16 * warp + gq + 8 * half;
+                float row_max = m[half];
+#pragma unroll
+                for (int j = 0; j < 16; j++) {  // this row's accumulators: s[i] with i/2 % 2 == half
+                    float& x = s[4 * (j / 2) + 2 * half + j % 2];
+                    x *= scale;
+                    if (diagonal && kb * BK + 8 * (j / 2) + 2 * q + j % 2 > t) x = -INFINITY;
+                    row_max = fmaxf(row_max, x);
+                }
+                row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 1));
+                row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 2));
+                rescale[half] = exp2f(m[half] - row_max);  // key 0 ≤ t is never masked: row_max is finite
+                m[half] = row_max;
+                l[half] *= rescale[half];
+#pragma unroll
+                for (int j = 0; j < 16; j++) {
+                    float& x = s[4 * (j / 2) + 2 * half + j % 2];
+                    x = exp2f(x - row_max);
+                    l[half] += x;
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < D / 2; i++) o[i] *= rescale[i / 2 % 2];
+            uint32_t p[BK / 16][4];
+            wgmma_accumulators_as_a<BK / 16>(p, s);
+            wgmma_fence_operands(o);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; kk++) {
+                if constexpr (D == 128) wgmma_m64n128k16_rs<1>(o, p[kk], wgmma_desc_mnmajor(Vt, kv_block, kk), 1);
+                else wgmma_m64n64k16_rs<1>(o, p[kk], wgmma_desc_mnmajor(Vt, kv_block, kk), 1);
+            }
+            wgmma_commit();
+            wgmma_wait<0>();  // p is free again
+            wgmma_fence_operands(o);
+        }
+        __syncthreads();  // both warpgroups are done with this stage, which the next iteration refills
+    }
+
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        l[half] += __shfl_xor_sync(0xffffffff, l[half], 1);
+        l[half] += __shfl_xor_sync(0xffffffff, l[half], 2);
+        const int t = q0 + 64 * wg + 16 * warp + gq + 8 * half;
+        if (q == 0 && t < T) lse[(int64_t)blockIdx.y * T + t] = m[half] + log2f(l[half]);
+    }
+    const float inv[2] = {1.f / l[0], 1.f / l[1]};
+    bf16* out_bh = out + ((int64_t)b * T + q0) * nh * D + h * D;
+#pragma unroll
+    for (int i = 0; i < D / 2; i += 2) {
+        const int r = 64 * wg + 16 * warp + gq + 8 * (i / 2 % 2), col = 8 * (i / 4) + 2 * q;
+        if (q0 + r < T)
+            *reinterpret_cast<uint32_t*>(out_bh + (int64_t)r * nh * D + col) =
+                pack_bf16x2(o[i] * inv[i / 2 % 2], o[i + 1] * inv[i / 2 % 2]);
+    }
+#endif
+}
+
 // dk, dv of one block of 64 keys (b·h), over the query blocks that see them (t ≥ s), STEP queries at
 // a time, copied one step ahead with their lse and δ. Per step, in this warp's 16 keys:
 //   P^T = 2^(c·K Q^T − lse)  (masked t < s),   dV += P^T dO,   dP^T = V dO^T,
@@ -379,6 +506,15 @@ void allow_smem(Kernel kernel, int bytes) {
 // The launches for head size D (attention_forward and attention_backward below choose D).
 template <int D>
 void launch_forward(floatX* out, float* lse, const floatX* qkv, int B, int T, int nh, cudaStream_t stream) {
+    if constexpr (D == 64 || D == 128) {
+        if (device_has_wgmma()) {
+            const dim3 grid((unsigned)ceil_div(T, kWgQueries), B * nh);
+            allow_smem(flash_forward_wgmma_kernel<D>, wgmma_forward_smem<D>());
+            flash_forward_wgmma_kernel<D><<<grid, kWgThreads, wgmma_forward_smem<D>(), stream>>>(out, lse, qkv, T, nh);
+            CUDA_CHECK_LAUNCH();
+            return;
+        }
+    }
     const dim3 grid((unsigned)ceil_div(T, kRows), B * nh);
     allow_smem(flash_forward_kernel<D>, forward_smem<D>());
     flash_forward_kernel<D><<<grid, kThreads, forward_smem<D>(), stream>>>(out, lse, qkv, T, nh);
