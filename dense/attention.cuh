@@ -22,7 +22,8 @@
 //     as the A operands of the next product, straight from the accumulators (they never leave
 //     registers); every sum is fp32. On Hopper (an sm_90a build, head sizes 64 and 128) the forward
 //     runs on wgmma instead (flash_forward_wgmma_kernel: 128 queries per block, P in the register A
-//     operand of O += P V); the backward stays on mma.sync.
+//     operand of O += P V), and so do dk, dv (flash_backward_dkdv_wgmma_kernel: 128 keys per block,
+//     P^T and dS^T in registers); dq stays on mma.sync.
 //   fp32 (the LMOE_FP32 check build): one thread per query (or key) row, plain fp32 loops, so that
 //     the whole model can be checked tightly against the CPU reference.
 // Both read q, k, v in place from the (B, T, 3·C) qkv rows and write (B, T, C) and (B, T, 3·C) rows:
@@ -434,6 +435,137 @@ __global__ void __launch_bounds__(kThreads) flash_backward_dkdv_kernel(bf16* dqk
     store_warp_rows<D>(dqkv + ((int64_t)b * T + k0) * stride + 2 * nh * D + h * D, stride, dv, r0, T - k0, 1.f);
 }
 
+// dk, dv on wgmma (sm_90a builds, head sizes 64 and 128), one block of two warpgroups per (128 keys,
+// b·h), warpgroup w owning keys k0 + 64w ..; over the queries that see them (t ≥ s) 64 at a time,
+// three stages of Q and dO (with their lse and δ) fetched two ahead. Per step, in a warpgroup's 64 keys:
+//   S^T, dP^T (64 keys × 64 queries) = K_w Q^T, V_w dO^T      (from swizzled shared tiles)
+//   P^T = 2^(c·S^T − lse) (masked t < s),  dS^T = P^T ⊙ (dP^T − δ)      packed to bf16 in registers
+//   dV_w += P^T dO,  dK_w += dS^T Q   (times c at the end; dO, Q read MN-major)
+// Computed transposed so that P^T and dS^T are, as they stand, the register A operands of the last two
+// products (the expert weight gradient of moe/latent/expert_weight_backward.cuh has the same shape).
+constexpr int kWgKeyBlock = 128, kWgQueryStep = 64, kWgDkdvStages = 3;
+
+template <int D>
+constexpr int wgmma_dkdv_smem() {
+    return (2 * kWgKeyBlock + 2 * kWgDkdvStages * kWgQueryStep) * D * 2 + 2 * kWgDkdvStages * kWgQueryStep * 4 + 1024;
+}
+
+template <int D>
+__global__ void __launch_bounds__(kWgThreads, 1)
+    flash_backward_dkdv_wgmma_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
+                                     const float* delta, int T, int nh) {
+#if defined(LMOE_HAS_WGMMA)
+    static_assert(D == 64 || D == 128, "wgmma attention: head size 64 or 128");
+    constexpr int BKEY = kWgKeyBlock, BQ = kWgQueryStep, NT = kWgThreads, STAGES = kWgDkdvStages;
+    constexpr int key_elems = BKEY * D, step_elems = BQ * D;
+    constexpr uint32_t key_block = BKEY * 128, step_block = BQ * 128;  // bytes of one 64-column block of a tile
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* Ks = reinterpret_cast<bf16*>(wgmma_align_smem(smem_raw));  // (128, D)
+    bf16* Vs = Ks + key_elems;                                       // (128, D)
+    bf16* Qs = Vs + key_elems;                                       // STAGES × (64, D)
+    bf16* dOs = Qs + STAGES * step_elems;                            // STAGES × (64, D)
+    float* lse_s = reinterpret_cast<float*>(dOs + STAGES * step_elems);  // STAGES × 64
+    float* delta_s = lse_s + STAGES * BQ;                                // STAGES × 64
+    const int kb = blockIdx.x;  // key block 0 sees every query: the longest first
+    const int b = blockIdx.y / nh, h = blockIdx.y % nh, k0 = kb * BKEY;
+    const int64_t stride = 3 * nh * D, out_stride = (int64_t)nh * D;
+    const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
+    const float scale = kLog2e / sqrtf((float)D);
+    const float* lse_bh = lse + (int64_t)blockIdx.y * T;
+    const float* delta_bh = delta + (int64_t)blockIdx.y * T;
+    const bf16* dout_b = dout + (int64_t)b * T * out_stride + h * D;
+    const auto rows_at = [](int64_t row_stride) { return [row_stride](int r) { return r * row_stride; }; };
+
+    // Queries of step i: t0 = i·64 ..; rows past T read as lse = +∞ (P = 0) and δ = 0.
+    auto load_step = [&](int i, int stage) {
+        const int t0 = i * BQ;
+        load_rows_swizzled_async<D, BQ, NT>(Qs + stage * step_elems, qkv_rows(qkv, 0, b, h, t0, T, nh, D), T - t0,
+                                            rows_at(stride));
+        load_rows_swizzled_async<D, BQ, NT>(dOs + stage * step_elems, dout_b + (int64_t)t0 * out_stride, T - t0,
+                                            rows_at(out_stride));
+        if (threadIdx.x < BQ) {
+            const int t = t0 + threadIdx.x;
+            lse_s[stage * BQ + threadIdx.x] = t < T ? lse_bh[t] : INFINITY;
+            delta_s[stage * BQ + threadIdx.x] = t < T ? delta_bh[t] : 0.f;
+        }
+    };
+    const int first = k0 / BQ, steps = (int)ceil_div(T, BQ);
+    load_rows_swizzled_async<D, BKEY, NT>(Ks, qkv_rows(qkv, 1, b, h, k0, T, nh, D), T - k0, rows_at(stride));
+    load_rows_swizzled_async<D, BKEY, NT>(Vs, qkv_rows(qkv, 2, b, h, k0, T, nh, D), T - k0, rows_at(stride));
+    load_step(first, 0);
+    cp_async_commit();
+    if (first + 1 < steps) load_step(first + 1, 1);
+    cp_async_commit();
+
+    const unsigned char* Kw = reinterpret_cast<const unsigned char*>(Ks) + wg * 64 * 128;  // this warpgroup's keys
+    const unsigned char* Vw = reinterpret_cast<const unsigned char*>(Vs) + wg * 64 * 128;
+    float dk[D / 2], dv[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) dk[i] = dv[i] = 0.f;
+    for (int i = first; i < steps; i++) {
+        const int stage = (i - first) % STAGES;
+        cp_async_wait<1>();
+        fence_proxy_async();
+        __syncthreads();  // step i has landed; both warpgroups are done with step i − 1, whose stage is refilled
+        if (i + 2 < steps) load_step(i + 2, (i - first + 2) % STAGES);
+        cp_async_commit();
+        const bf16 *Qt = Qs + stage * step_elems, *dOt = dOs + stage * step_elems;
+        const float *lse_t = lse_s + stage * BQ, *delta_t = delta_s + stage * BQ;
+        float st[32] = {}, dpt[32] = {};  // S^T, dP^T (zeroed, or ptxas waits on the products to copy them)
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < D / 16; k++)
+            wgmma_m64n64k16<0>(st, wgmma_desc_kmajor(Kw, key_block, k), wgmma_desc_kmajor(Qt, step_block, k), k);
+#pragma unroll
+        for (int k = 0; k < D / 16; k++)
+            wgmma_m64n64k16<0>(dpt, wgmma_desc_kmajor(Vw, key_block, k), wgmma_desc_kmajor(dOt, step_block, k), k);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operands(st);
+        wgmma_fence_operands(dpt);
+        const bool diagonal = i * BQ < k0 + BKEY;
+#pragma unroll
+        for (int e = 0; e < 32; e++) {
+            const int col = 8 * (e / 4) + 2 * q + e % 2, s_key = k0 + 64 * wg + 16 * warp + gq + 8 * (e / 2 % 2);
+            float x = exp2f(st[e] * scale - lse_t[col]);
+            if (diagonal && i * BQ + col < s_key) x = 0.f;
+            st[e] = x;
+            dpt[e] = x * (dpt[e] - delta_t[col]);  // dS^T
+        }
+        uint32_t pt[BQ / 16][4], dst[BQ / 16][4];
+        wgmma_accumulators_as_a<BQ / 16>(pt, st);
+        wgmma_accumulators_as_a<BQ / 16>(dst, dpt);
+        wgmma_fence_operands(dv);
+        wgmma_fence_operands(dk);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BQ / 16; kk++) {
+            if constexpr (D == 128) {
+                wgmma_m64n128k16_rs<1>(dv, pt[kk], wgmma_desc_mnmajor(dOt, step_block, kk), 1);
+                wgmma_m64n128k16_rs<1>(dk, dst[kk], wgmma_desc_mnmajor(Qt, step_block, kk), 1);
+            } else {
+                wgmma_m64n64k16_rs<1>(dv, pt[kk], wgmma_desc_mnmajor(dOt, step_block, kk), 1);
+                wgmma_m64n64k16_rs<1>(dk, dst[kk], wgmma_desc_mnmajor(Qt, step_block, kk), 1);
+            }
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+    }
+    wgmma_fence_operands(dv);
+    wgmma_fence_operands(dk);
+    const float c = 1.f / sqrtf((float)D);
+    bf16* rows = dqkv + ((int64_t)b * T + k0) * stride + h * D;
+#pragma unroll
+    for (int e = 0; e < D / 2; e += 2) {
+        const int r = 64 * wg + 16 * warp + gq + 8 * (e / 2 % 2), col = 8 * (e / 4) + 2 * q;
+        if (k0 + r >= T) continue;
+        bf16* row = rows + (int64_t)r * stride + col;
+        *reinterpret_cast<uint32_t*>(row + nh * D) = pack_bf16x2(c * dk[e], c * dk[e + 1]);
+        *reinterpret_cast<uint32_t*>(row + 2 * nh * D) = pack_bf16x2(dv[e], dv[e + 1]);
+    }
+#endif
+}
+
 // dq of one block of 64 queries (b·h), over the key blocks it sees (s ≤ t), copied one block ahead.
 // Per key block, in this warp's 16 queries:
 //   P = 2^(c·Q K^T − lse) (masked s > t),   dP = dO V^T,   dS = P ⊙ (dP − δ),   dQ += dS K  (times c)
@@ -525,9 +657,22 @@ template <int D>
 void launch_backward(floatX* dqkv, const floatX* dout, const floatX* qkv, const float* lse, const float* delta, int B,
                      int T, int nh, cudaStream_t stream) {
     const dim3 grid((unsigned)ceil_div(T, kRows), B * nh);
-    allow_smem(flash_backward_dkdv_kernel<D>, dkdv_smem<D>());
-    flash_backward_dkdv_kernel<D><<<grid, kThreads, dkdv_smem<D>(), stream>>>(dqkv, dout, qkv, lse, delta, T, nh);
-    CUDA_CHECK_LAUNCH();
+    bool dkdv_on_wgmma = false;
+    if constexpr (D == 64 || D == 128) {
+        if (device_has_wgmma()) {
+            const dim3 key_blocks((unsigned)ceil_div(T, kWgKeyBlock), B * nh);
+            allow_smem(flash_backward_dkdv_wgmma_kernel<D>, wgmma_dkdv_smem<D>());
+            flash_backward_dkdv_wgmma_kernel<D><<<key_blocks, kWgThreads, wgmma_dkdv_smem<D>(), stream>>>(
+                dqkv, dout, qkv, lse, delta, T, nh);
+            CUDA_CHECK_LAUNCH();
+            dkdv_on_wgmma = true;
+        }
+    }
+    if (!dkdv_on_wgmma) {
+        allow_smem(flash_backward_dkdv_kernel<D>, dkdv_smem<D>());
+        flash_backward_dkdv_kernel<D><<<grid, kThreads, dkdv_smem<D>(), stream>>>(dqkv, dout, qkv, lse, delta, T, nh);
+        CUDA_CHECK_LAUNCH();
+    }
     allow_smem(flash_backward_dq_kernel<D>, dq_smem<D>());
     flash_backward_dq_kernel<D><<<grid, kThreads, dq_smem<D>(), stream>>>(dqkv, dout, qkv, lse, delta, T, nh);
     CUDA_CHECK_LAUNCH();
