@@ -22,8 +22,8 @@
 //     as the A operands of the next product, straight from the accumulators (they never leave
 //     registers); every sum is fp32. On Hopper (an sm_90a build, head sizes 64 and 128) the forward
 //     runs on wgmma instead (flash_forward_wgmma_kernel: 128 queries per block, P in the register A
-//     operand of O += P V), and so do dk, dv (flash_backward_dkdv_wgmma_kernel: 128 keys per block,
-//     P^T and dS^T in registers); dq stays on mma.sync.
+//     operand of O += P V), and so does the backward (flash_backward_dkdv_wgmma_kernel: 128 keys per
+//     block, P^T and dS^T in registers; flash_backward_dq_wgmma_kernel: 128 queries per block).
 //   fp32 (the LMOE_FP32 check build): one thread per query (or key) row, plain fp32 loops, so that
 //     the whole model can be checked tightly against the CPU reference.
 // Both read q, k, v in place from the (B, T, 3·C) qkv rows and write (B, T, C) and (B, T, 3·C) rows:
@@ -621,6 +621,113 @@ __global__ void __launch_bounds__(kThreads) flash_backward_dq_kernel(bf16* dqkv,
     store_warp_rows<D>(dqkv + ((int64_t)b * T + q0) * stride + h * D, stride, dq, r0, T - q0, 1.f / sqrtf((float)D));
 }
 
+// dq on wgmma (sm_90a builds, head sizes 64 and 128), one block of two warpgroups per (128 queries,
+// b·h) as in flash_forward_wgmma_kernel, over the key blocks of 64 it sees, two stages of K and V.
+// Per key block, in a warpgroup's 64 queries:
+//   S, dP (64 × 64) = Q K^T, dO V^T     P = 2^(c·S − lse) (masked s > t),  dS = P ⊙ (dP − δ)
+//   dQ += dS K   (dS packed to bf16 into the register A operand, K read MN-major; times c at the end)
+template <int D>
+constexpr int wgmma_dq_smem() { return (2 * kWgQueries + 4 * kWgKeys) * D * 2 + 1024; }
+
+template <int D>
+__global__ void __launch_bounds__(kWgThreads, 1) flash_backward_dq_wgmma_kernel(bf16* dqkv, const bf16* dout,
+                                                                                const bf16* qkv, const float* lse,
+                                                                                const float* delta, int T, int nh) {
+#if defined(LMOE_HAS_WGMMA)
+    static_assert(D == 64 || D == 128, "wgmma attention: head size 64 or 128");
+    constexpr int BQ = kWgQueries, BK = kWgKeys, NT = kWgThreads, q_elems = BQ * D, kv_elems = BK * D;
+    constexpr uint32_t q_block = BQ * 128, kv_block = BK * 128;  // bytes of one 64-column block of a tile
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* Qs = reinterpret_cast<bf16*>(wgmma_align_smem(smem_raw));  // (128, D)
+    bf16* dOs = Qs + q_elems;                                        // (128, D)
+    bf16* Ks = dOs + q_elems;                                        // 2 × (64, D)
+    bf16* Vs = Ks + 2 * kv_elems;                                    // 2 × (64, D)
+    const int qb = gridDim.x - 1 - blockIdx.x;  // the longest rows first
+    const int b = blockIdx.y / nh, h = blockIdx.y % nh, q0 = qb * BQ;
+    const int64_t stride = 3 * nh * D, out_stride = (int64_t)nh * D;
+    const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
+    const float scale = kLog2e / sqrtf((float)D);
+    const auto rows_at = [](int64_t row_stride) { return [row_stride](int r) { return r * row_stride; }; };
+    auto load_keys = [&](int kb) {
+        const int k0 = kb * BK, stage = kb % 2;
+        load_rows_swizzled_async<D, BK, NT>(Ks + stage * kv_elems, qkv_rows(qkv, 1, b, h, k0, T, nh, D), T - k0,
+                                            rows_at(stride));
+        load_rows_swizzled_async<D, BK, NT>(Vs + stage * kv_elems, qkv_rows(qkv, 2, b, h, k0, T, nh, D), T - k0,
+                                            rows_at(stride));
+    };
+    const int last = min(2 * qb + 1, (T - 1) / BK), my_last = min(2 * qb + wg, last);
+
+    load_rows_swizzled_async<D, BQ, NT>(Qs, qkv_rows(qkv, 0, b, h, q0, T, nh, D), T - q0, rows_at(stride));
+    load_rows_swizzled_async<D, BQ, NT>(dOs, dout + ((int64_t)b * T + q0) * out_stride + h * D, T - q0,
+                                        rows_at(out_stride));
+    load_keys(0);
+    cp_async_commit();
+    // lse and δ of this thread's two rows (gq, gq + 8 of its warp); rows past T: P = 0
+    float row_lse[2], row_delta[2];
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int t = q0 + 64 * wg + 16 * warp + gq + 8 * half;
+        row_lse[half] = t < T ? lse[(int64_t)blockIdx.y * T + t] : INFINITY;
+        row_delta[half] = t < T ? delta[(int64_t)blockIdx.y * T + t] : 0.f;
+    }
+    const unsigned char* Qw = reinterpret_cast<const unsigned char*>(Qs) + wg * 64 * 128;  // this warpgroup's rows
+    const unsigned char* dOw = reinterpret_cast<const unsigned char*>(dOs) + wg * 64 * 128;
+    float dq[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) dq[i] = 0.f;
+    for (int kb = 0; kb <= last; kb++) {
+        if (kb < last) load_keys(kb + 1);  // into the stage of block kb − 1
+        cp_async_commit();
+        cp_async_wait<1>();
+        fence_proxy_async();
+        __syncthreads();  // block kb has landed
+        if (kb <= my_last) {
+            const bf16 *Kt = Ks + kb % 2 * kv_elems, *Vt = Vs + kb % 2 * kv_elems;
+            float s[32] = {}, dp[32] = {};  // zeroed, or ptxas waits on the products to copy them
+            wgmma_fence();
+#pragma unroll
+            for (int k = 0; k < D / 16; k++)
+                wgmma_m64n64k16<0>(s, wgmma_desc_kmajor(Qw, q_block, k), wgmma_desc_kmajor(Kt, kv_block, k), k);
+#pragma unroll
+            for (int k = 0; k < D / 16; k++)
+                wgmma_m64n64k16<0>(dp, wgmma_desc_kmajor(dOw, q_block, k), wgmma_desc_kmajor(Vt, kv_block, k), k);
+            wgmma_commit();
+            wgmma_wait<0>();
+            wgmma_fence_operands(s);
+            wgmma_fence_operands(dp);
+            const bool diagonal = kb == 2 * qb + wg;
+#pragma unroll
+            for (int e = 0; e < 32; e++) {
+                const int half = e / 2 % 2, t = q0 + 64 * wg + 16 * warp + gq + 8 * half;
+                float x = exp2f(s[e] * scale - row_lse[half]);
+                if (diagonal && kb * BK + 8 * (e / 4) + 2 * q + e % 2 > t) x = 0.f;
+                s[e] = x * (dp[e] - row_delta[half]);  // dS
+            }
+            uint32_t ds[BK / 16][4];
+            wgmma_accumulators_as_a<BK / 16>(ds, s);
+            wgmma_fence_operands(dq);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; kk++) {
+                if constexpr (D == 128) wgmma_m64n128k16_rs<1>(dq, ds[kk], wgmma_desc_mnmajor(Kt, kv_block, kk), 1);
+                else wgmma_m64n64k16_rs<1>(dq, ds[kk], wgmma_desc_mnmajor(Kt, kv_block, kk), 1);
+            }
+            wgmma_commit();
+            wgmma_wait<0>();
+            wgmma_fence_operands(dq);
+        }
+        __syncthreads();  // both warpgroups are done with this stage, which the next iteration refills
+    }
+    const float c = 1.f / sqrtf((float)D);
+    bf16* rows = dqkv + ((int64_t)b * T + q0) * stride + h * D;
+#pragma unroll
+    for (int e = 0; e < D / 2; e += 2) {
+        const int r = 64 * wg + 16 * warp + gq + 8 * (e / 2 % 2), col = 8 * (e / 4) + 2 * q;
+        if (q0 + r < T) *reinterpret_cast<uint32_t*>(rows + (int64_t)r * stride + col) = pack_bf16x2(c * dq[e], c * dq[e + 1]);
+    }
+#endif
+}
+
 // Dynamic shared memory of each kernel, and the opt-in above 48 KiB (set before every launch: it is
 // cheap, and right for whichever device is current).
 template <int D>
@@ -656,8 +763,6 @@ void launch_forward(floatX* out, float* lse, const floatX* qkv, int B, int T, in
 template <int D>
 void launch_backward(floatX* dqkv, const floatX* dout, const floatX* qkv, const float* lse, const float* delta, int B,
                      int T, int nh, cudaStream_t stream) {
-    const dim3 grid((unsigned)ceil_div(T, kRows), B * nh);
-    bool dkdv_on_wgmma = false;
     if constexpr (D == 64 || D == 128) {
         if (device_has_wgmma()) {
             const dim3 key_blocks((unsigned)ceil_div(T, kWgKeyBlock), B * nh);
@@ -665,14 +770,18 @@ void launch_backward(floatX* dqkv, const floatX* dout, const floatX* qkv, const 
             flash_backward_dkdv_wgmma_kernel<D><<<key_blocks, kWgThreads, wgmma_dkdv_smem<D>(), stream>>>(
                 dqkv, dout, qkv, lse, delta, T, nh);
             CUDA_CHECK_LAUNCH();
-            dkdv_on_wgmma = true;
+            const dim3 query_blocks((unsigned)ceil_div(T, kWgQueries), B * nh);
+            allow_smem(flash_backward_dq_wgmma_kernel<D>, wgmma_dq_smem<D>());
+            flash_backward_dq_wgmma_kernel<D><<<query_blocks, kWgThreads, wgmma_dq_smem<D>(), stream>>>(
+                dqkv, dout, qkv, lse, delta, T, nh);
+            CUDA_CHECK_LAUNCH();
+            return;
         }
     }
-    if (!dkdv_on_wgmma) {
-        allow_smem(flash_backward_dkdv_kernel<D>, dkdv_smem<D>());
-        flash_backward_dkdv_kernel<D><<<grid, kThreads, dkdv_smem<D>(), stream>>>(dqkv, dout, qkv, lse, delta, T, nh);
-        CUDA_CHECK_LAUNCH();
-    }
+    const dim3 grid((unsigned)ceil_div(T, kRows), B * nh);
+    allow_smem(flash_backward_dkdv_kernel<D>, dkdv_smem<D>());
+    flash_backward_dkdv_kernel<D><<<grid, kThreads, dkdv_smem<D>(), stream>>>(dqkv, dout, qkv, lse, delta, T, nh);
+    CUDA_CHECK_LAUNCH();
     allow_smem(flash_backward_dq_kernel<D>, dq_smem<D>());
     flash_backward_dq_kernel<D><<<grid, kThreads, dq_smem<D>(), stream>>>(dqkv, dout, qkv, lse, delta, T, nh);
     CUDA_CHECK_LAUNCH();
