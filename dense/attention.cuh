@@ -476,7 +476,17 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     const bf16* dout_b = dout + (int64_t)b * T * out_stride + h * D;
     const auto rows_at = [](int64_t row_stride) { return [row_stride](int r) { return r * row_stride; }; };
 
-    // Queries of step i: t0 = i·64 ..; rows past T read as lse = +∞ (P = 0) and δ = 0.
+    // Queries of step i: t0 = i·64 ..; rows past T read as lse = +∞ (P = 0) and δ = 0. The first 64
+    // threads hold the next step's lse and δ in registers, loaded one call ahead (calls come in step
+    // order), so that storing them never waits on global memory.
+    float next_lse = 0.f, next_delta = 0.f;
+    auto fetch_row_stats = [&](int i) {
+        const int t = i * BQ + threadIdx.x;
+        if (threadIdx.x < BQ) {
+            next_lse = t < T ? lse_bh[t] : INFINITY;
+            next_delta = t < T ? delta_bh[t] : 0.f;
+        }
+    };
     auto load_step = [&](int i, int stage) {
         const int t0 = i * BQ;
         load_rows_swizzled_async<D, BQ, NT>(Qs + stage * step_elems, qkv_rows(qkv, 0, b, h, t0, T, nh, D), T - t0,
@@ -484,12 +494,13 @@ __global__ void __launch_bounds__(kWgThreads, 1)
         load_rows_swizzled_async<D, BQ, NT>(dOs + stage * step_elems, dout_b + (int64_t)t0 * out_stride, T - t0,
                                             rows_at(out_stride));
         if (threadIdx.x < BQ) {
-            const int t = t0 + threadIdx.x;
-            lse_s[stage * BQ + threadIdx.x] = t < T ? lse_bh[t] : INFINITY;
-            delta_s[stage * BQ + threadIdx.x] = t < T ? delta_bh[t] : 0.f;
+            lse_s[stage * BQ + threadIdx.x] = next_lse;
+            delta_s[stage * BQ + threadIdx.x] = next_delta;
         }
+        fetch_row_stats(i + 1);
     };
     const int first = k0 / BQ, steps = (int)ceil_div(T, BQ);
+    fetch_row_stats(first);
     load_rows_swizzled_async<D, BKEY, NT>(Ks, qkv_rows(qkv, 1, b, h, k0, T, nh, D), T - k0, rows_at(stride));
     load_rows_swizzled_async<D, BKEY, NT>(Vs, qkv_rows(qkv, 2, b, h, k0, T, nh, D), T - k0, rows_at(stride));
     load_step(first, 0);
