@@ -236,29 +236,30 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(bf16* out, floa
 }
 
 // Forward on wgmma (sm_90a builds, head sizes 64 and 128), one block of two warpgroups per (128
-// queries, b·h), warpgroup w owning queries q0 + 64w ..; key blocks of 64, two stages of K and V, every
-// tile 128B-swizzled (tc/wgmma.cuh). Per key block, in a warpgroup's 64 rows: S = Q K^T (64 × 64 fp32
+// queries, b·h), warpgroup w owning queries q0 + 64w ..; key blocks of 64, three stages of K and V,
+// every tile 128B-swizzled (tc/wgmma.cuh); block kb + 1's S is issued before block kb's softmax. Per key block, in a warpgroup's 64 rows: S = Q K^T (64 × 64 fp32
 // in registers, the layout of mma.sync's accumulators per warp, so the row reductions are the same
 // two shuffles), the online softmax as above, P packed to bf16 straight into the register A operand
 // of O += P V. Warpgroup 0 sees one key block fewer than warpgroup 1 (its last is fully masked) and
 // skips its products there. The kernel exists in every build; without wgmma its body is empty and it
 // is never launched.
-constexpr int kWgQueries = 128, kWgKeys = 64, kWgThreads = 256;
+constexpr int kWgQueries = 128, kWgKeys = 64, kWgThreads = 256, kWgForwardStages = 3;
 
 template <int D>
-constexpr int wgmma_forward_smem() { return (kWgQueries + 4 * kWgKeys) * D * 2 + 1024; }
+constexpr int wgmma_forward_smem() { return (kWgQueries + 2 * kWgForwardStages * kWgKeys) * D * 2 + 1024; }
 
 template <int D>
 __global__ void __launch_bounds__(kWgThreads, 1) flash_forward_wgmma_kernel(bf16* out, float* lse, const bf16* qkv,
                                                                             int T, int nh) {
 #if defined(LMOE_HAS_WGMMA)
     static_assert(D == 64 || D == 128, "wgmma attention: head size 64 or 128");
-    constexpr int BQ = kWgQueries, BK = kWgKeys, NT = kWgThreads, q_elems = BQ * D, kv_elems = BK * D;
+    constexpr int BQ = kWgQueries, BK = kWgKeys, NT = kWgThreads, STAGES = kWgForwardStages;
+    constexpr int q_elems = BQ * D, kv_elems = BK * D;
     constexpr uint32_t q_block = BQ * 128, kv_block = BK * 128;  // bytes of one 64-column block of a tile
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16* Qs = reinterpret_cast<bf16*>(wgmma_align_smem(smem_raw));  // (128, D)
-    bf16* Ks = Qs + q_elems;                                         // 2 × (64, D)
-    bf16* Vs = Ks + 2 * kv_elems;                                    // 2 × (64, D)
+    bf16* Ks = Qs + q_elems;                                         // STAGES × (64, D)
+    bf16* Vs = Ks + STAGES * kv_elems;                               // STAGES × (64, D)
     const int qb = gridDim.x - 1 - blockIdx.x;  // the longest rows first: the tail is short blocks
     const int b = blockIdx.y / nh, h = blockIdx.y % nh, q0 = qb * BQ;
     const int64_t stride = 3 * nh * D;
@@ -266,67 +267,72 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_forward_wgmma_kernel(bf16
     const float scale = kLog2e / sqrtf((float)D);
     const auto rows_at = [stride](int r) { return r * stride; };
     auto load_keys = [&](int kb) {
-        const int k0 = kb * BK, stage = kb % 2;
+        const int k0 = kb * BK, stage = kb % STAGES;
         load_rows_swizzled_async<D, BK, NT>(Ks + stage * kv_elems, qkv_rows(qkv, 1, b, h, k0, T, nh, D), T - k0, rows_at);
         load_rows_swizzled_async<D, BK, NT>(Vs + stage * kv_elems, qkv_rows(qkv, 2, b, h, k0, T, nh, D), T - k0, rows_at);
     };
     // key blocks of the block, and of this warpgroup (whose rows end at q0 + 64·wg + 63)
     const int last = min(2 * qb + 1, (T - 1) / BK), my_last = min(2 * qb + wg, last);
-
-    load_rows_swizzled_async<D, BQ, NT>(Qs, qkv_rows(qkv, 0, b, h, q0, T, nh, D), T - q0, rows_at);
-    load_keys(0);
-    cp_async_commit();
     const unsigned char* Qw = reinterpret_cast<const unsigned char*>(Qs) + wg * 64 * 128;  // this warpgroup's rows
+    auto issue_scores = [&](float (&s)[32], int kb) {  // S = Q K_kb^T, without waiting
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < D / 16; k++)
+            wgmma_m64n64k16<0>(s, wgmma_desc_kmajor(Qw, q_block, k),
+                               wgmma_desc_kmajor(Ks + kb % STAGES * kv_elems, kv_block, k), k);
+        wgmma_commit();
+    };
     float o[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; i++) o[i] = 0.f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows gq, gq + 8 of this warp; ℓ over this lane's columns
-    for (int kb = 0; kb <= last; kb++) {
-        if (kb < last) load_keys(kb + 1);  // into the stage of block kb − 1
-        cp_async_commit();
-        cp_async_wait<1>();
-        fence_proxy_async();
-        __syncthreads();  // block kb has landed
-        if (kb <= my_last) {
-            const bf16 *Kt = Ks + kb % 2 * kv_elems, *Vt = Vs + kb % 2 * kv_elems;
-            float s[32];  // no initial values: the first product overwrites them
-            wgmma_fence();
-#pragma unroll
-            for (int k = 0; k < D / 16; k++)
-                wgmma_m64n64k16<0>(s, wgmma_desc_kmajor(Qw, q_block, k), wgmma_desc_kmajor(Kt, kv_block, k), k);
-            wgmma_commit();
-            wgmma_wait<0>();
-            wgmma_fence_operands(s);
-            const bool diagonal = kb == 2 * qb + wg;
+    // Key block kb, whose S is in s. Its row maxima rescale O and ℓ first; then block kb + 1's S goes to
+    // the tensor cores (once its keys have landed; block kb + 2 is fetched into the stage of block
+    // kb − 1), so that it runs while kb's P is worked out. No register of a product in flight is written
+    // (s is only read; O is rescaled before the next product is issued).
+    auto step = [&](int kb, const float (&s)[32], float (&s_next)[32]) {
+        const bool mine = kb <= my_last, diagonal = kb == 2 * qb + wg;
+        const int t0 = q0 + 64 * wg + 16 * warp + gq;  // this thread's rows: t0 and t0 + 8
+        auto score = [&](int e) {  // scaled, −∞ where masked
+            const float x = s[e] * scale;
+            return diagonal && kb * BK + 8 * (e / 4) + 2 * q + e % 2 > t0 + 8 * (e / 2 % 2) ? -INFINITY : x;
+        };
+        if (mine) {
             float rescale[2];
 #pragma unroll
             for (int half = 0; half < 2; half++) {
-                const int t = q0 + 64 * wg + 16 * warp + gq + 8 * half;
                 float row_max = m[half];
 #pragma unroll
-                for (int j = 0; j < 16; j++) {  // this row's accumulators: s[i] with i/2 % 2 == half
-                    float& x = s[4 * (j / 2) + 2 * half + j % 2];
-                    x *= scale;
-                    if (diagonal && kb * BK + 8 * (j / 2) + 2 * q + j % 2 > t) x = -INFINITY;
-                    row_max = fmaxf(row_max, x);
-                }
+                for (int j = 0; j < 16; j++) row_max = fmaxf(row_max, score(4 * (j / 2) + 2 * half + j % 2));
                 row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 1));
                 row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 2));
                 rescale[half] = exp2f(m[half] - row_max);  // key 0 ≤ t is never masked: row_max is finite
                 m[half] = row_max;
                 l[half] *= rescale[half];
-#pragma unroll
-                for (int j = 0; j < 16; j++) {
-                    float& x = s[4 * (j / 2) + 2 * half + j % 2];
-                    x = exp2f(x - row_max);
-                    l[half] += x;
-                }
             }
 #pragma unroll
             for (int i = 0; i < D / 2; i++) o[i] *= rescale[i / 2 % 2];
-            uint32_t p[BK / 16][4];
-            wgmma_accumulators_as_a<BK / 16>(p, s);
-            wgmma_fence_operands(o);
+        }
+        if (kb + 1 <= last) {
+            cp_async_wait<0>();
+            fence_proxy_async();
+            __syncthreads();  // block kb + 1 has landed; both warpgroups are done with block kb − 1
+            if (kb + 2 <= last) load_keys(kb + 2);
+            cp_async_commit();
+            if (kb + 1 <= my_last) issue_scores(s_next, kb + 1);
+        }
+        if (mine) {
+            uint32_t p[BK / 16][4];  // P = 2^(S − m), packed as the A operand of O += P V
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; kk++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int e = 8 * kk + 2 * i, half = i % 2;
+                    const float p0 = exp2f(score(e) - m[half]), p1 = exp2f(score(e + 1) - m[half]);
+                    l[half] += p0 + p1;
+                    p[kk][i] = pack_bf16x2(p0, p1);
+                }
+            const bf16* Vt = Vs + kb % STAGES * kv_elems;
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < BK / 16; kk++) {
@@ -334,10 +340,27 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_forward_wgmma_kernel(bf16
                 else wgmma_m64n64k16_rs<1>(o, p[kk], wgmma_desc_mnmajor(Vt, kv_block, kk), 1);
             }
             wgmma_commit();
-            wgmma_wait<0>();  // p is free again
-            wgmma_fence_operands(o);
         }
-        __syncthreads();  // both warpgroups are done with this stage, which the next iteration refills
+        wgmma_wait<0>();  // block kb + 1's S and block kb's O += P V are done: p and kb's stage are free
+        wgmma_fence_operands(o);
+        wgmma_fence_operands(s_next);
+    };
+
+    load_rows_swizzled_async<D, BQ, NT>(Qs, qkv_rows(qkv, 0, b, h, q0, T, nh, D), T - q0, rows_at);
+    load_keys(0);
+    cp_async_commit();  // the queries and block 0
+    if (last >= 1) load_keys(1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    fence_proxy_async();
+    __syncthreads();  // the queries and block 0 have landed
+    float s0[32] = {}, s1[32] = {};  // S of even and odd key blocks (zeroed, or ptxas waits on the products to copy them)
+    if (0 <= my_last) issue_scores(s0, 0);
+    wgmma_wait<0>();
+    wgmma_fence_operands(s0);
+    for (int kb = 0; kb <= last; kb += 2) {  // two blocks per pass, so that s0, s1 stay in registers
+        step(kb, s0, s1);
+        if (kb + 1 <= last) step(kb + 1, s1, s0);
     }
 
 #pragma unroll
