@@ -11,9 +11,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/device_logs.sh
 export NCCL_NVLS_ENABLE=0
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$logs/gpu.txt"
-cmake_build build "" test_gpu_attention test_gpu_loss_optim test_gpu_model train_latentmoe moe_ep_baseline data_prep
-cmake_build build32 -DLMOE_FP32=ON test_gpu_attention test_gpu_model
-cmake_build build90 -DCMAKE_CUDA_ARCHITECTURES=90 test_gpu_attention  # the mma.sync kernels wgmma replaces here
+(cmake_build build "" test_gpu_attention test_gpu_loss_optim test_gpu_model train_latentmoe moe_ep_baseline data_prep &&
+    touch "$logs/build.ok") &
+(cmake_build build32 -DLMOE_FP32=ON test_gpu_attention test_gpu_model && touch "$logs/build32.ok") &
+# the mma.sync kernels that wgmma replaces in the default build
+(cmake_build build90 -DCMAKE_CUDA_ARCHITECTURES=90 test_gpu_attention && touch "$logs/build90.ok") &
+wait
+for dir in build build32 build90; do [ -f "$logs/$dir.ok" ] || { echo "build of $dir failed"; exit 1; }; done
 echo "build: ${SECONDS} s"
 for test in test_gpu_attention test_gpu_loss_optim test_gpu_model; do ./build/$test >"$logs/$test.log" 2>&1; done
 for test in test_gpu_attention test_gpu_model; do ./build32/$test >"$logs/${test}_fp32.log" 2>&1; done
