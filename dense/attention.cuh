@@ -20,7 +20,10 @@
 //   bf16 (the default build): tensor cores (mma.sync m16n8k16, tc/warp_tile.cuh) on 64-row tiles in
 //     shared memory, filled by cp.async one key (or query) block ahead. P and dS are rounded to bf16
 //     as the A operands of the next product, straight from the accumulators (they never leave
-//     registers); every sum is fp32.
+//     registers); every sum is fp32. On Hopper (an sm_90a build, head sizes 64 and 128) the forward
+//     runs on wgmma instead (flash_forward_wgmma_kernel: 128 queries per block, P in the register A
+//     operand of O += P V), and so does the backward (flash_backward_dkdv_wgmma_kernel: 128 keys per
+//     block, P^T and dS^T in registers; flash_backward_dq_wgmma_kernel: 128 queries per block).
 //   fp32 (the LMOE_FP32 check build): one thread per query (or key) row, plain fp32 loops, so that
 //     the whole model can be checked tightly against the CPU reference.
 // Both read q, k, v in place from the (B, T, 3·C) qkv rows and write (B, T, C) and (B, T, 3·C) rows:
@@ -33,6 +36,7 @@
 #include <type_traits>
 
 #include "tc/warp_tile.cuh"
+#include "tc/wgmma.cuh"
 #include "util/cuda_utils.cuh"
 
 namespace lmoe {
@@ -231,6 +235,153 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(bf16* out, floa
     store_warp_rows<D>(out + ((int64_t)b * T + q0) * nh * D + h * D, (int64_t)nh * D, o, r0, T - q0, 1.f);
 }
 
+// Forward on wgmma (sm_90a builds, head sizes 64 and 128), one block of two warpgroups per (128
+// queries, b·h), warpgroup w owning queries q0 + 64w ..; key blocks of 64, three stages of K and V,
+// every tile 128B-swizzled (tc/wgmma.cuh); block kb + 1's S is issued before block kb's softmax. Per key block, in a warpgroup's 64 rows: S = Q K^T (64 × 64 fp32
+// in registers, the layout of mma.sync's accumulators per warp, so the row reductions are the same
+// two shuffles), the online softmax as above, P packed to bf16 straight into the register A operand
+// of O += P V. Warpgroup 0 sees one key block fewer than warpgroup 1 (its last is fully masked) and
+// skips its products there. The kernel exists in every build; without wgmma its body is empty and it
+// is never launched.
+constexpr int kWgQueries = 128, kWgKeys = 64, kWgThreads = 256, kWgForwardStages = 3;
+
+template <int D>
+constexpr int wgmma_forward_smem() { return (kWgQueries + 2 * kWgForwardStages * kWgKeys) * D * 2 + 1024; }
+
+template <int D>
+__global__ void __launch_bounds__(kWgThreads, 1) flash_forward_wgmma_kernel(bf16* out, float* lse, const bf16* qkv,
+                                                                            int T, int nh) {
+#if defined(LMOE_HAS_WGMMA)
+    static_assert(D == 64 || D == 128, "wgmma attention: head size 64 or 128");
+    constexpr int BQ = kWgQueries, BK = kWgKeys, NT = kWgThreads, STAGES = kWgForwardStages;
+    constexpr int q_elems = BQ * D, kv_elems = BK * D;
+    constexpr uint32_t q_block = BQ * 128, kv_block = BK * 128;  // bytes of one 64-column block of a tile
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* Qs = reinterpret_cast<bf16*>(wgmma_align_smem(smem_raw));  // (128, D)
+    bf16* Ks = Qs + q_elems;                                         // STAGES × (64, D)
+    bf16* Vs = Ks + STAGES * kv_elems;                               // STAGES × (64, D)
+    const int qb = gridDim.x - 1 - blockIdx.x;  // the longest rows first: the tail is short blocks
+    const int b = blockIdx.y / nh, h = blockIdx.y % nh, q0 = qb * BQ;
+    const int64_t stride = 3 * nh * D;
+    const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
+    const float scale = kLog2e / sqrtf((float)D);
+    const auto rows_at = [stride](int r) { return r * stride; };
+    auto load_keys = [&](int kb) {
+        const int k0 = kb * BK, stage = kb % STAGES;
+        load_rows_swizzled_async<D, BK, NT>(Ks + stage * kv_elems, qkv_rows(qkv, 1, b, h, k0, T, nh, D), T - k0, rows_at);
+        load_rows_swizzled_async<D, BK, NT>(Vs + stage * kv_elems, qkv_rows(qkv, 2, b, h, k0, T, nh, D), T - k0, rows_at);
+    };
+    // key blocks of the block, and of this warpgroup (whose rows end at q0 + 64·wg + 63)
+    const int last = min(2 * qb + 1, (T - 1) / BK), my_last = min(2 * qb + wg, last);
+    const unsigned char* Qw = reinterpret_cast<const unsigned char*>(Qs) + wg * 64 * 128;  // this warpgroup's rows
+    auto issue_scores = [&](float (&s)[32], int kb) {  // S = Q K_kb^T, without waiting
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < D / 16; k++)
+            wgmma_m64n64k16<0>(s, wgmma_desc_kmajor(Qw, q_block, k),
+                               wgmma_desc_kmajor(Ks + kb % STAGES * kv_elems, kv_block, k), k);
+        wgmma_commit();
+    };
+    float o[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) o[i] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows gq, gq + 8 of this warp; ℓ over this lane's columns
+    // Key block kb, whose S is in s. Its row maxima rescale O and ℓ first; then block kb + 1's S goes to
+    // the tensor cores (once its keys have landed; block kb + 2 is fetched into the stage of block
+    // kb − 1), so that it runs while kb's P is worked out. No register of a product in flight is written
+    // (s is only read; O is rescaled before the next product is issued).
+    auto step = [&](int kb, const float (&s)[32], float (&s_next)[32]) {
+        const bool mine = kb <= my_last, diagonal = kb == 2 * qb + wg;
+        const int t0 = q0 + 64 * wg + 16 * warp + gq;  // this thread's rows: t0 and t0 + 8
+        auto score = [&](int e) {  // scaled, −∞ where masked
+            const float x = s[e] * scale;
+            return diagonal && kb * BK + 8 * (e / 4) + 2 * q + e % 2 > t0 + 8 * (e / 2 % 2) ? -INFINITY : x;
+        };
+        if (mine) {
+            float rescale[2];
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                float row_max = m[half];
+#pragma unroll
+                for (int j = 0; j < 16; j++) row_max = fmaxf(row_max, score(4 * (j / 2) + 2 * half + j % 2));
+                row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 1));
+                row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 2));
+                rescale[half] = exp2f(m[half] - row_max);  // key 0 ≤ t is never masked: row_max is finite
+                m[half] = row_max;
+                l[half] *= rescale[half];
+            }
+#pragma unroll
+            for (int i = 0; i < D / 2; i++) o[i] *= rescale[i / 2 % 2];
+        }
+        if (kb + 1 <= last) {
+            cp_async_wait<0>();
+            fence_proxy_async();
+            __syncthreads();  // block kb + 1 has landed; both warpgroups are done with block kb − 1
+            if (kb + 2 <= last) load_keys(kb + 2);
+            cp_async_commit();
+            if (kb + 1 <= my_last) issue_scores(s_next, kb + 1);
+        }
+        if (mine) {
+            uint32_t p[BK / 16][4];  // P = 2^(S − m), packed as the A operand of O += P V
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; kk++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int e = 8 * kk + 2 * i, half = i % 2;
+                    const float p0 = exp2f(score(e) - m[half]), p1 = exp2f(score(e + 1) - m[half]);
+                    l[half] += p0 + p1;
+                    p[kk][i] = pack_bf16x2(p0, p1);
+                }
+            const bf16* Vt = Vs + kb % STAGES * kv_elems;
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; kk++) {
+                if constexpr (D == 128) wgmma_m64n128k16_rs<1>(o, p[kk], wgmma_desc_mnmajor(Vt, kv_block, kk), 1);
+                else wgmma_m64n64k16_rs<1>(o, p[kk], wgmma_desc_mnmajor(Vt, kv_block, kk), 1);
+            }
+            wgmma_commit();
+        }
+        wgmma_wait<0>();  // block kb + 1's S and block kb's O += P V are done: p and kb's stage are free
+        wgmma_fence_operands(o);
+        wgmma_fence_operands(s_next);
+    };
+
+    load_rows_swizzled_async<D, BQ, NT>(Qs, qkv_rows(qkv, 0, b, h, q0, T, nh, D), T - q0, rows_at);
+    load_keys(0);
+    cp_async_commit();  // the queries and block 0
+    if (last >= 1) load_keys(1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    fence_proxy_async();
+    __syncthreads();  // the queries and block 0 have landed
+    float s0[32] = {}, s1[32] = {};  // S of even and odd key blocks (zeroed, or ptxas waits on the products to copy them)
+    if (0 <= my_last) issue_scores(s0, 0);
+    wgmma_wait<0>();
+    wgmma_fence_operands(s0);
+    for (int kb = 0; kb <= last; kb += 2) {  // two blocks per pass, so that s0, s1 stay in registers
+        step(kb, s0, s1);
+        if (kb + 1 <= last) step(kb + 1, s1, s0);
+    }
+
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        l[half] += __shfl_xor_sync(0xffffffff, l[half], 1);
+        l[half] += __shfl_xor_sync(0xffffffff, l[half], 2);
+        const int t = q0 + 64 * wg + 16 * warp + gq + 8 * half;
+        if (q == 0 && t < T) lse[(int64_t)blockIdx.y * T + t] = m[half] + log2f(l[half]);
+    }
+    const float inv[2] = {1.f / l[0], 1.f / l[1]};
+    bf16* out_bh = out + ((int64_t)b * T + q0) * nh * D + h * D;
+#pragma unroll
+    for (int i = 0; i < D / 2; i += 2) {
+        const int r = 64 * wg + 16 * warp + gq + 8 * (i / 2 % 2), col = 8 * (i / 4) + 2 * q;
+        if (q0 + r < T)
+            *reinterpret_cast<uint32_t*>(out_bh + (int64_t)r * nh * D + col) =
+                pack_bf16x2(o[i] * inv[i / 2 % 2], o[i + 1] * inv[i / 2 % 2]);
+    }
+#endif
+}
+
 // dk, dv of one block of 64 keys (b·h), over the query blocks that see them (t ≥ s), STEP queries at
 // a time, copied one step ahead with their lse and δ. Per step, in this warp's 16 keys:
 //   P^T = 2^(c·K Q^T − lse)  (masked t < s),   dV += P^T dO,   dP^T = V dO^T,
@@ -307,6 +458,148 @@ __global__ void __launch_bounds__(kThreads) flash_backward_dkdv_kernel(bf16* dqk
     store_warp_rows<D>(dqkv + ((int64_t)b * T + k0) * stride + 2 * nh * D + h * D, stride, dv, r0, T - k0, 1.f);
 }
 
+// dk, dv on wgmma (sm_90a builds, head sizes 64 and 128), one block of two warpgroups per (128 keys,
+// b·h), warpgroup w owning keys k0 + 64w ..; over the queries that see them (t ≥ s) 64 at a time,
+// three stages of Q and dO (with their lse and δ) fetched two ahead. Per step, in a warpgroup's 64 keys:
+//   S^T, dP^T (64 keys × 64 queries) = K_w Q^T, V_w dO^T      (from swizzled shared tiles)
+//   P^T = 2^(c·S^T − lse) (masked t < s),  dS^T = P^T ⊙ (dP^T − δ)      packed to bf16 in registers
+//   dV_w += P^T dO,  dK_w += dS^T Q   (times c at the end; dO, Q read MN-major)
+// Computed transposed so that P^T and dS^T are, as they stand, the register A operands of the last two
+// products (the expert weight gradient of moe/latent/expert_weight_backward.cuh has the same shape).
+constexpr int kWgKeyBlock = 128, kWgQueryStep = 64, kWgDkdvStages = 3;
+
+template <int D>
+constexpr int wgmma_dkdv_smem() {
+    return (2 * kWgKeyBlock + 2 * kWgDkdvStages * kWgQueryStep) * D * 2 + 2 * kWgDkdvStages * kWgQueryStep * 4 + 1024;
+}
+
+template <int D>
+__global__ void __launch_bounds__(kWgThreads, 1)
+    flash_backward_dkdv_wgmma_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
+                                     const float* delta, int T, int nh) {
+#if defined(LMOE_HAS_WGMMA)
+    static_assert(D == 64 || D == 128, "wgmma attention: head size 64 or 128");
+    constexpr int BKEY = kWgKeyBlock, BQ = kWgQueryStep, NT = kWgThreads, STAGES = kWgDkdvStages;
+    constexpr int key_elems = BKEY * D, step_elems = BQ * D;
+    constexpr uint32_t key_block = BKEY * 128, step_block = BQ * 128;  // bytes of one 64-column block of a tile
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* Ks = reinterpret_cast<bf16*>(wgmma_align_smem(smem_raw));  // (128, D)
+    bf16* Vs = Ks + key_elems;                                       // (128, D)
+    bf16* Qs = Vs + key_elems;                                       // STAGES × (64, D)
+    bf16* dOs = Qs + STAGES * step_elems;                            // STAGES × (64, D)
+    float* lse_s = reinterpret_cast<float*>(dOs + STAGES * step_elems);  // STAGES × 64
+    float* delta_s = lse_s + STAGES * BQ;                                // STAGES × 64
+    const int kb = blockIdx.x;  // key block 0 sees every query: the longest first
+    const int b = blockIdx.y / nh, h = blockIdx.y % nh, k0 = kb * BKEY;
+    const int64_t stride = 3 * nh * D, out_stride = (int64_t)nh * D;
+    const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
+    const float scale = kLog2e / sqrtf((float)D);
+    const float* lse_bh = lse + (int64_t)blockIdx.y * T;
+    const float* delta_bh = delta + (int64_t)blockIdx.y * T;
+    const bf16* dout_b = dout + (int64_t)b * T * out_stride + h * D;
+    const auto rows_at = [](int64_t row_stride) { return [row_stride](int r) { return r * row_stride; }; };
+
+    // Queries of step i: t0 = i·64 ..; rows past T read as lse = +∞ (P = 0) and δ = 0. The first 64
+    // threads hold the next step's lse and δ in registers, loaded one call ahead (calls come in step
+    // order), so that storing them never waits on global memory.
+    float next_lse = 0.f, next_delta = 0.f;
+    auto fetch_row_stats = [&](int i) {
+        const int t = i * BQ + threadIdx.x;
+        if (threadIdx.x < BQ) {
+            next_lse = t < T ? lse_bh[t] : INFINITY;
+            next_delta = t < T ? delta_bh[t] : 0.f;
+        }
+    };
+    auto load_step = [&](int i, int stage) {
+        const int t0 = i * BQ;
+        load_rows_swizzled_async<D, BQ, NT>(Qs + stage * step_elems, qkv_rows(qkv, 0, b, h, t0, T, nh, D), T - t0,
+                                            rows_at(stride));
+        load_rows_swizzled_async<D, BQ, NT>(dOs + stage * step_elems, dout_b + (int64_t)t0 * out_stride, T - t0,
+                                            rows_at(out_stride));
+        if (threadIdx.x < BQ) {
+            lse_s[stage * BQ + threadIdx.x] = next_lse;
+            delta_s[stage * BQ + threadIdx.x] = next_delta;
+        }
+        fetch_row_stats(i + 1);
+    };
+    const int first = k0 / BQ, steps = (int)ceil_div(T, BQ);
+    fetch_row_stats(first);
+    load_rows_swizzled_async<D, BKEY, NT>(Ks, qkv_rows(qkv, 1, b, h, k0, T, nh, D), T - k0, rows_at(stride));
+    load_rows_swizzled_async<D, BKEY, NT>(Vs, qkv_rows(qkv, 2, b, h, k0, T, nh, D), T - k0, rows_at(stride));
+    load_step(first, 0);
+    cp_async_commit();
+    if (first + 1 < steps) load_step(first + 1, 1);
+    cp_async_commit();
+
+    const unsigned char* Kw = reinterpret_cast<const unsigned char*>(Ks) + wg * 64 * 128;  // this warpgroup's keys
+    const unsigned char* Vw = reinterpret_cast<const unsigned char*>(Vs) + wg * 64 * 128;
+    float dk[D / 2], dv[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) dk[i] = dv[i] = 0.f;
+    for (int i = first; i < steps; i++) {
+        const int stage = (i - first) % STAGES;
+        cp_async_wait<1>();
+        fence_proxy_async();
+        __syncthreads();  // step i has landed; both warpgroups are done with step i − 1, whose stage is refilled
+        if (i + 2 < steps) load_step(i + 2, (i - first + 2) % STAGES);
+        cp_async_commit();
+        const bf16 *Qt = Qs + stage * step_elems, *dOt = dOs + stage * step_elems;
+        const float *lse_t = lse_s + stage * BQ, *delta_t = delta_s + stage * BQ;
+        float st[32] = {}, dpt[32] = {};  // S^T, dP^T (zeroed, or ptxas waits on the products to copy them)
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < D / 16; k++)
+            wgmma_m64n64k16<0>(st, wgmma_desc_kmajor(Kw, key_block, k), wgmma_desc_kmajor(Qt, step_block, k), k);
+#pragma unroll
+        for (int k = 0; k < D / 16; k++)
+            wgmma_m64n64k16<0>(dpt, wgmma_desc_kmajor(Vw, key_block, k), wgmma_desc_kmajor(dOt, step_block, k), k);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operands(st);
+        wgmma_fence_operands(dpt);
+        const bool diagonal = i * BQ < k0 + BKEY;
+#pragma unroll
+        for (int e = 0; e < 32; e++) {
+            const int col = 8 * (e / 4) + 2 * q + e % 2, s_key = k0 + 64 * wg + 16 * warp + gq + 8 * (e / 2 % 2);
+            float x = exp2f(st[e] * scale - lse_t[col]);
+            if (diagonal && i * BQ + col < s_key) x = 0.f;
+            st[e] = x;
+            dpt[e] = x * (dpt[e] - delta_t[col]);  // dS^T
+        }
+        uint32_t pt[BQ / 16][4], dst[BQ / 16][4];
+        wgmma_accumulators_as_a<BQ / 16>(pt, st);
+        wgmma_accumulators_as_a<BQ / 16>(dst, dpt);
+        wgmma_fence_operands(dv);
+        wgmma_fence_operands(dk);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BQ / 16; kk++) {
+            if constexpr (D == 128) {
+                wgmma_m64n128k16_rs<1>(dv, pt[kk], wgmma_desc_mnmajor(dOt, step_block, kk), 1);
+                wgmma_m64n128k16_rs<1>(dk, dst[kk], wgmma_desc_mnmajor(Qt, step_block, kk), 1);
+            } else {
+                wgmma_m64n64k16_rs<1>(dv, pt[kk], wgmma_desc_mnmajor(dOt, step_block, kk), 1);
+                wgmma_m64n64k16_rs<1>(dk, dst[kk], wgmma_desc_mnmajor(Qt, step_block, kk), 1);
+            }
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+    }
+    wgmma_fence_operands(dv);
+    wgmma_fence_operands(dk);
+    const float c = 1.f / sqrtf((float)D);
+    bf16* rows = dqkv + ((int64_t)b * T + k0) * stride + h * D;
+#pragma unroll
+    for (int e = 0; e < D / 2; e += 2) {
+        const int r = 64 * wg + 16 * warp + gq + 8 * (e / 2 % 2), col = 8 * (e / 4) + 2 * q;
+        if (k0 + r >= T) continue;
+        bf16* row = rows + (int64_t)r * stride + col;
+        *reinterpret_cast<uint32_t*>(row + nh * D) = pack_bf16x2(c * dk[e], c * dk[e + 1]);
+        *reinterpret_cast<uint32_t*>(row + 2 * nh * D) = pack_bf16x2(dv[e], dv[e + 1]);
+    }
+#endif
+}
+
 // dq of one block of 64 queries (b·h), over the key blocks it sees (s ≤ t), copied one block ahead.
 // Per key block, in this warp's 16 queries:
 //   P = 2^(c·Q K^T − lse) (masked s > t),   dP = dO V^T,   dS = P ⊙ (dP − δ),   dQ += dS K  (times c)
@@ -362,6 +655,113 @@ __global__ void __launch_bounds__(kThreads) flash_backward_dq_kernel(bf16* dqkv,
     store_warp_rows<D>(dqkv + ((int64_t)b * T + q0) * stride + h * D, stride, dq, r0, T - q0, 1.f / sqrtf((float)D));
 }
 
+// dq on wgmma (sm_90a builds, head sizes 64 and 128), one block of two warpgroups per (128 queries,
+// b·h) as in flash_forward_wgmma_kernel, over the key blocks of 64 it sees, two stages of K and V.
+// Per key block, in a warpgroup's 64 queries:
+//   S, dP (64 × 64) = Q K^T, dO V^T     P = 2^(c·S − lse) (masked s > t),  dS = P ⊙ (dP − δ)
+//   dQ += dS K   (dS packed to bf16 into the register A operand, K read MN-major; times c at the end)
+template <int D>
+constexpr int wgmma_dq_smem() { return (2 * kWgQueries + 4 * kWgKeys) * D * 2 + 1024; }
+
+template <int D>
+__global__ void __launch_bounds__(kWgThreads, 1) flash_backward_dq_wgmma_kernel(bf16* dqkv, const bf16* dout,
+                                                                                const bf16* qkv, const float* lse,
+                                                                                const float* delta, int T, int nh) {
+#if defined(LMOE_HAS_WGMMA)
+    static_assert(D == 64 || D == 128, "wgmma attention: head size 64 or 128");
+    constexpr int BQ = kWgQueries, BK = kWgKeys, NT = kWgThreads, q_elems = BQ * D, kv_elems = BK * D;
+    constexpr uint32_t q_block = BQ * 128, kv_block = BK * 128;  // bytes of one 64-column block of a tile
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* Qs = reinterpret_cast<bf16*>(wgmma_align_smem(smem_raw));  // (128, D)
+    bf16* dOs = Qs + q_elems;                                        // (128, D)
+    bf16* Ks = dOs + q_elems;                                        // 2 × (64, D)
+    bf16* Vs = Ks + 2 * kv_elems;                                    // 2 × (64, D)
+    const int qb = gridDim.x - 1 - blockIdx.x;  // the longest rows first
+    const int b = blockIdx.y / nh, h = blockIdx.y % nh, q0 = qb * BQ;
+    const int64_t stride = 3 * nh * D, out_stride = (int64_t)nh * D;
+    const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
+    const float scale = kLog2e / sqrtf((float)D);
+    const auto rows_at = [](int64_t row_stride) { return [row_stride](int r) { return r * row_stride; }; };
+    auto load_keys = [&](int kb) {
+        const int k0 = kb * BK, stage = kb % 2;
+        load_rows_swizzled_async<D, BK, NT>(Ks + stage * kv_elems, qkv_rows(qkv, 1, b, h, k0, T, nh, D), T - k0,
+                                            rows_at(stride));
+        load_rows_swizzled_async<D, BK, NT>(Vs + stage * kv_elems, qkv_rows(qkv, 2, b, h, k0, T, nh, D), T - k0,
+                                            rows_at(stride));
+    };
+    const int last = min(2 * qb + 1, (T - 1) / BK), my_last = min(2 * qb + wg, last);
+
+    load_rows_swizzled_async<D, BQ, NT>(Qs, qkv_rows(qkv, 0, b, h, q0, T, nh, D), T - q0, rows_at(stride));
+    load_rows_swizzled_async<D, BQ, NT>(dOs, dout + ((int64_t)b * T + q0) * out_stride + h * D, T - q0,
+                                        rows_at(out_stride));
+    load_keys(0);
+    cp_async_commit();
+    // lse and δ of this thread's two rows (gq, gq + 8 of its warp); rows past T: P = 0
+    float row_lse[2], row_delta[2];
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int t = q0 + 64 * wg + 16 * warp + gq + 8 * half;
+        row_lse[half] = t < T ? lse[(int64_t)blockIdx.y * T + t] : INFINITY;
+        row_delta[half] = t < T ? delta[(int64_t)blockIdx.y * T + t] : 0.f;
+    }
+    const unsigned char* Qw = reinterpret_cast<const unsigned char*>(Qs) + wg * 64 * 128;  // this warpgroup's rows
+    const unsigned char* dOw = reinterpret_cast<const unsigned char*>(dOs) + wg * 64 * 128;
+    float dq[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) dq[i] = 0.f;
+    for (int kb = 0; kb <= last; kb++) {
+        if (kb < last) load_keys(kb + 1);  // into the stage of block kb − 1
+        cp_async_commit();
+        cp_async_wait<1>();
+        fence_proxy_async();
+        __syncthreads();  // block kb has landed
+        if (kb <= my_last) {
+            const bf16 *Kt = Ks + kb % 2 * kv_elems, *Vt = Vs + kb % 2 * kv_elems;
+            float s[32] = {}, dp[32] = {};  // zeroed, or ptxas waits on the products to copy them
+            wgmma_fence();
+#pragma unroll
+            for (int k = 0; k < D / 16; k++)
+                wgmma_m64n64k16<0>(s, wgmma_desc_kmajor(Qw, q_block, k), wgmma_desc_kmajor(Kt, kv_block, k), k);
+#pragma unroll
+            for (int k = 0; k < D / 16; k++)
+                wgmma_m64n64k16<0>(dp, wgmma_desc_kmajor(dOw, q_block, k), wgmma_desc_kmajor(Vt, kv_block, k), k);
+            wgmma_commit();
+            wgmma_wait<0>();
+            wgmma_fence_operands(s);
+            wgmma_fence_operands(dp);
+            const bool diagonal = kb == 2 * qb + wg;
+#pragma unroll
+            for (int e = 0; e < 32; e++) {
+                const int half = e / 2 % 2, t = q0 + 64 * wg + 16 * warp + gq + 8 * half;
+                float x = exp2f(s[e] * scale - row_lse[half]);
+                if (diagonal && kb * BK + 8 * (e / 4) + 2 * q + e % 2 > t) x = 0.f;
+                s[e] = x * (dp[e] - row_delta[half]);  // dS
+            }
+            uint32_t ds[BK / 16][4];
+            wgmma_accumulators_as_a<BK / 16>(ds, s);
+            wgmma_fence_operands(dq);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; kk++) {
+                if constexpr (D == 128) wgmma_m64n128k16_rs<1>(dq, ds[kk], wgmma_desc_mnmajor(Kt, kv_block, kk), 1);
+                else wgmma_m64n64k16_rs<1>(dq, ds[kk], wgmma_desc_mnmajor(Kt, kv_block, kk), 1);
+            }
+            wgmma_commit();
+            wgmma_wait<0>();
+            wgmma_fence_operands(dq);
+        }
+        __syncthreads();  // both warpgroups are done with this stage, which the next iteration refills
+    }
+    const float c = 1.f / sqrtf((float)D);
+    bf16* rows = dqkv + ((int64_t)b * T + q0) * stride + h * D;
+#pragma unroll
+    for (int e = 0; e < D / 2; e += 2) {
+        const int r = 64 * wg + 16 * warp + gq + 8 * (e / 2 % 2), col = 8 * (e / 4) + 2 * q;
+        if (q0 + r < T) *reinterpret_cast<uint32_t*>(rows + (int64_t)r * stride + col) = pack_bf16x2(c * dq[e], c * dq[e + 1]);
+    }
+#endif
+}
+
 // Dynamic shared memory of each kernel, and the opt-in above 48 KiB (set before every launch: it is
 // cheap, and right for whichever device is current).
 template <int D>
@@ -379,6 +779,15 @@ void allow_smem(Kernel kernel, int bytes) {
 // The launches for head size D (attention_forward and attention_backward below choose D).
 template <int D>
 void launch_forward(floatX* out, float* lse, const floatX* qkv, int B, int T, int nh, cudaStream_t stream) {
+    if constexpr (D == 64 || D == 128) {
+        if (device_has_wgmma()) {
+            const dim3 grid((unsigned)ceil_div(T, kWgQueries), B * nh);
+            allow_smem(flash_forward_wgmma_kernel<D>, wgmma_forward_smem<D>());
+            flash_forward_wgmma_kernel<D><<<grid, kWgThreads, wgmma_forward_smem<D>(), stream>>>(out, lse, qkv, T, nh);
+            CUDA_CHECK_LAUNCH();
+            return;
+        }
+    }
     const dim3 grid((unsigned)ceil_div(T, kRows), B * nh);
     allow_smem(flash_forward_kernel<D>, forward_smem<D>());
     flash_forward_kernel<D><<<grid, kThreads, forward_smem<D>(), stream>>>(out, lse, qkv, T, nh);
@@ -388,6 +797,21 @@ void launch_forward(floatX* out, float* lse, const floatX* qkv, int B, int T, in
 template <int D>
 void launch_backward(floatX* dqkv, const floatX* dout, const floatX* qkv, const float* lse, const float* delta, int B,
                      int T, int nh, cudaStream_t stream) {
+    if constexpr (D == 64 || D == 128) {
+        if (device_has_wgmma()) {
+            const dim3 key_blocks((unsigned)ceil_div(T, kWgKeyBlock), B * nh);
+            allow_smem(flash_backward_dkdv_wgmma_kernel<D>, wgmma_dkdv_smem<D>());
+            flash_backward_dkdv_wgmma_kernel<D><<<key_blocks, kWgThreads, wgmma_dkdv_smem<D>(), stream>>>(
+                dqkv, dout, qkv, lse, delta, T, nh);
+            CUDA_CHECK_LAUNCH();
+            const dim3 query_blocks((unsigned)ceil_div(T, kWgQueries), B * nh);
+            allow_smem(flash_backward_dq_wgmma_kernel<D>, wgmma_dq_smem<D>());
+            flash_backward_dq_wgmma_kernel<D><<<query_blocks, kWgThreads, wgmma_dq_smem<D>(), stream>>>(
+                dqkv, dout, qkv, lse, delta, T, nh);
+            CUDA_CHECK_LAUNCH();
+            return;
+        }
+    }
     const dim3 grid((unsigned)ceil_div(T, kRows), B * nh);
     allow_smem(flash_backward_dkdv_kernel<D>, dkdv_smem<D>());
     flash_backward_dkdv_kernel<D><<<grid, kThreads, dkdv_smem<D>(), stream>>>(dqkv, dout, qkv, lse, delta, T, nh);

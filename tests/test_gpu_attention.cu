@@ -234,6 +234,14 @@ int main() {
     test_attention(rng, 1, 4096, 2, 128);
     test_attention(rng, 1, 1000, 3, 64);
     test_attention(rng, 2, 128, 2, 64);    // whole tiles, no tail, at each head size below 128
+    // Hopper's 128-query blocks (two warpgroups of 64): tails of one row, of under 64 rows (the second
+    // warpgroup past T), of exactly 64, and one token, at both head sizes
+    test_attention(rng, 2, 257, 2, 128);
+    test_attention(rng, 2, 65, 2, 64);
+    test_attention(rng, 2, 150, 2, 128);
+    test_attention(rng, 2, 192, 2, 64);
+    test_attention(rng, 1, 1, 2, 128);
+    test_attention(rng, 2, 64, 2, 128);
     test_attention(rng, 2, 64, 3, 32);
     test_attention(rng, 3, 64, 2, 16);
     for (int T : {1024, 4096, 8192}) time_attention(rng, 8192 / T, T, 8, 128);  // the p1 attention, T grown
