@@ -1,8 +1,10 @@
 // Stage benchmark of the routed part of the Multi-Head LatentMoE layer (SPEC §4) at SPEC §6's layer
 // sizes, N = 8192 tokens: the median time of each stage of forward + backward with the expert
-// kernels' achieved rate, then each expert kernel alone. No arguments; without a GPU it exits 77.
+// kernels' achieved rate, then each expert kernel alone. Arguments name shapes to run alone (all
+// without); without a GPU it exits 77.
 #include <cstdint>
 
+#include "bench/bench_shapes.h"
 #include "bench/routing_glue.cuh"
 #include "tests/latentmoe_fixture.cuh"
 
@@ -44,14 +46,16 @@ void bench_shape(const Shape& s, lmoe::Rng& rng) {
                       reps);
 }
 
-int main() {
+int main(int argc, char** argv) {
+    const std::vector<Shape> shapes = {
+        {"p1", 8192, 8, 128, 64, 512, 8},
+        {"p2", 8192, 8, 128, 128, 256, 16},
+        {"p1 crowded", 8192, 8, 128, 64, 512, 8, true},  // the most skewed routing
+        // What one rank of Head Parallel on 8 GPUs computes: H/R = 1 head for the 8 ranks' tokens.
+        {"p1 rank of 8", 65536, 1, 128, 64, 512, 8},
+        {"p1 rank of 8 crowded", 65536, 1, 128, 64, 512, 8, true},
+    };
     gpu_test::skip_without_gpu();
     lmoe::Rng rng(kSeed);
-    bench_shape({"p1", 8192, 8, 128, 64, 512, 8}, rng);
-    bench_shape({"p2", 8192, 8, 128, 128, 256, 16}, rng);
-    bench_shape({"p1 crowded", 8192, 8, 128, 64, 512, 8, true}, rng);  // the most skewed routing
-    // What one rank of Head Parallel on 8 GPUs computes: H/R = 1 head for the 8 ranks' tokens.
-    bench_shape({"p1 rank of 8", 65536, 1, 128, 64, 512, 8}, rng);
-    bench_shape({"p1 rank of 8 crowded", 65536, 1, 128, 64, 512, 8, true}, rng);
-    return 0;
+    return run_bench_shapes(argc, argv, shapes, [&](const Shape& s) { bench_shape(s, rng); });
 }

@@ -1,10 +1,11 @@
 // Stage benchmark of the routed MoE layer of moe_ep_baseline (SPEC §2.2) at SPEC §6's layer sizes,
 // N = 8192 tokens: the median time of every stage of forward + backward, each grouped GEMM kernel
-// alone with its rate, and for comparison the same products through cuBLAS. No arguments; without a
-// GPU it exits 77.
+// alone with its rate, and for comparison the same products through cuBLAS. Arguments name shapes to
+// run alone (all without); without a GPU it exits 77.
 #include <algorithm>
 #include <cstdint>
 
+#include "bench/bench_shapes.h"
 #include "bench/routing_glue.cuh"
 #include "dense/matmul.cuh"
 #include "tests/moe_fixture.cuh"
@@ -131,13 +132,15 @@ void bench_shape(const Shape& s, lmoe::Rng& rng) {
     bench_cublas(s, L, T, reps, unit);
 }
 
-int main() {
+int main(int argc, char** argv) {
+    const std::vector<Shape> shapes = {
+        {"p1", 8192, 1024, 64, 512, 8},
+        {"p2", 8192, 1024, 128, 256, 16},
+        {"p1 crowded", 8192, 1024, 64, 512, 8, false, true},  // the most skewed routing
+        // the experts of one rank of Expert Parallel on 8 GPUs, balanced: 8 experts, 8192 copies each
+        {"p1 rank of 8", 8192, 1024, 8, 512, 8},
+    };
     gpu_test::skip_without_gpu();
     lmoe::Rng rng(kSeed);
-    bench_shape({"p1", 8192, 1024, 64, 512, 8}, rng);
-    bench_shape({"p2", 8192, 1024, 128, 256, 16}, rng);
-    bench_shape({"p1 crowded", 8192, 1024, 64, 512, 8, false, true}, rng);  // the most skewed routing
-    // the experts of one rank of Expert Parallel on 8 GPUs, balanced: 8 experts, 8192 copies each
-    bench_shape({"p1 rank of 8", 8192, 1024, 8, 512, 8}, rng);
-    return 0;
+    return run_bench_shapes(argc, argv, shapes, [&](const Shape& s) { bench_shape(s, rng); });
 }

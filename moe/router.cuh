@@ -122,44 +122,71 @@ __global__ void router_forward_kernel(int* sel, float* gate, const floatX* x, in
     route_row(sel + warp * k, gate + warp * k, s, bias + (int64_t)h * E, E, k);
 }
 
-// Top-k of one row of logits s (in shared memory) by one thread: a list of KB ≥ k entries (score
-// s + b, expert, logit s) in registers, sorted by descending score with ties to the lower expert
-// (SPEC's tie rule). Each expert, in increasing order, is carried down the list, changing places with
-// every entry it beats, so the list stays sorted and its first k entries are the top-k. A NaN score
-// (diverged weights) ranks last, so every entry still names a real expert.
-template <int KB>
-__device__ inline void thread_topk(int (&expert)[KB], float (&logit)[KB], const float* s, const float* bh, int E) {
-    float score[KB];
+// The order the router ranks (score, expert) pairs in: the higher score first, equal scores by the
+// lower expert (SPEC's tie rule). Scores here are never NaN (a NaN score is taken as -inf).
+__device__ inline bool ranks_before(float s, int e, float s2, int e2) { return s > s2 || (s == s2 && e < e2); }
+
+// (s0, e0), (s1, e1) = the pair that ranks first, then the other.
+__device__ inline void order_pair(float& s0, int& e0, float& s1, int& e1) {
+    const bool swap = ranks_before(s1, e1, s0, e0);
+    const float hi_s = swap ? s1 : s0, lo_s = swap ? s0 : s1;
+    const int hi_e = swap ? e1 : e0, lo_e = swap ? e0 : e1;
+    s0 = hi_s, e0 = hi_e, s1 = lo_s, e1 = lo_e;
+}
+
+// Sorting networks over N = 2^n pairs held in one thread's registers (every index is a compile-time
+// constant once unrolled): a fixed sequence of compare-exchanges, no data-dependent branch, and
+// independent exchanges side by side, so a row's top-k is a short chain of instructions rather than
+// one step per expert.
+//   bitonic_merge: a bitonic sequence (rising then falling, or the reverse) into ranked order;
+//   bitonic_sort:  any sequence into ranked order, runs of 2, 4, ... sorted in alternating directions
+//                  and merged.
+template <int N>
+__device__ inline void bitonic_merge(float (&s)[N], int (&e)[N]) {
 #pragma unroll
-    for (int i = 0; i < KB; i++) {
-        score[i] = -INFINITY;
-        expert[i] = INT_MAX;
-        logit[i] = -INFINITY;
-    }
-    for (int e = 0; e < E; e++) {
-        float lg = s[e], sc = lg + bh[e];
-        if (sc != sc) sc = -INFINITY;
-        int ex = e;
+    for (int stride = N / 2; stride > 0; stride /= 2)
 #pragma unroll
-        for (int i = 0; i < KB; i++) {
-            if (sc > score[i] || (sc == score[i] && ex < expert[i])) {
-                const float ts = score[i], tl = logit[i];
-                const int te = expert[i];
-                score[i] = sc, logit[i] = lg, expert[i] = ex;
-                sc = ts, lg = tl, ex = te;
+        for (int i = 0; i < N; i++)
+            if ((i & stride) == 0) order_pair(s[i], e[i], s[i + stride], e[i + stride]);
+}
+template <int N>
+__device__ inline void bitonic_sort(float (&s)[N], int (&e)[N]) {
+#pragma unroll
+    for (int run = 2; run <= N; run *= 2)
+#pragma unroll
+        for (int stride = run / 2; stride > 0; stride /= 2)
+#pragma unroll
+            for (int i = 0; i < N; i++) {
+                if (i & stride) continue;
+                if ((i & run) == 0) order_pair(s[i], e[i], s[i + stride], e[i + stride]);
+                else order_pair(s[i + stride], e[i + stride], s[i], e[i]);  // this run is sorted the other way
             }
+}
+
+// (s, e) = the N best of the two ranked lists (s, e) and (s2, e2), ranked: pairing entry i with the
+// other's entry N − 1 − i and keeping the better of each pair leaves a bitonic sequence holding the
+// N best, which one merge ranks.
+template <int N>
+__device__ inline void keep_best(float (&s)[N], int (&e)[N], const float (&s2)[N], const int (&e2)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i++)
+        if (ranks_before(s2[N - 1 - i], e2[N - 1 - i], s[i], e[i])) {
+            s[i] = s2[N - 1 - i];
+            e[i] = e2[N - 1 - i];
         }
-    }
+    bitonic_merge(s, e);
 }
 
 // bf16 build: a block of four warps takes kRouterRows rows of one head and multiplies them by R_h on
 // tensor cores, kRouterDepth inputs at a time through double-buffered shared memory (X tile [row][i],
 // R tile [i][e], both zero-filled past M, D and E); warp w owns rows 16w..16w+15 and all EP = 32·PER_LANE
-// (padded) expert columns. The (kRouterRows × EP) fp32 logits then go to shared memory, where thread r
-// routes row r (thread_topk over a list of KB, then the softmax over the k chosen logits) or, with
-// KB = 0, each warp routes its 16 rows one lane per expert (route_row): the logits never reach global
-// memory. Needs D, E and ld multiples of 8 (16-byte rows).
-constexpr int kRouterRows = 64, kRouterDepth = 64, kRouterThreads = 128;
+// (padded) expert columns. The (kRouterRows × EP) fp32 logits then go to shared memory, and two
+// threads rank each row: each takes every other run of KB experts (KB, a power of two, at least k),
+// sorts the run and keeps the KB best of it and of its list so far, all on sorting networks in
+// registers; the two lists are then merged across the pair, and the first k entries with the softmax
+// of their logits are the row's choices. The logits never reach global memory. Needs D, E and ld
+// multiples of 8 (16-byte rows).
+constexpr int kRouterRows = 64, kRouterDepth = 64, kRouterThreads = 2 * kRouterRows;
 
 template <int PER_LANE>
 struct RouterSmem {
@@ -176,7 +203,7 @@ __global__ void __launch_bounds__(kRouterThreads)
                               int D, int E, int k) {
     using S = RouterSmem<PER_LANE>;
     constexpr int EP = S::EP;
-    static_assert(kRouterThreads >= kRouterRows, "one thread per row routes it");
+    static_assert(kRouterThreads == 2 * kRouterRows, "two threads rank each row");
     extern __shared__ __align__(16) unsigned char router_smem[];
     bf16* Xs = reinterpret_cast<bf16*>(router_smem);  // 2 × (kRouterRows, kRouterDepth)
     bf16* Rs = Xs + 2 * S::x_elems;                   // 2 × (kRouterDepth, EP)
@@ -223,37 +250,57 @@ __global__ void __launch_bounds__(kRouterThreads)
 #pragma unroll
         for (int i = 0; i < 4; i++)
             logits[(16 * warp + g + 8 * (i / 2)) * S::ldl + nt * 8 + 2 * q + i % 2] = acc[0][nt][i];
-    if constexpr (KB == 0) {  // each warp routes its own 16 rows, one lane per expert
-        __syncwarp();
-        for (int r = 16 * warp; r < 16 * warp + 16 && r0 + r < M; r++) {
-            float s[PER_LANE];
+    __syncthreads();
+
+    // Thread 2r + half ranks row r's runs of experts [c0, c0 + KB) for c0 = KB·half, KB·(half + 2), ...
+    const int r = threadIdx.x / 2, half = threadIdx.x % 2;
+    const float *row = logits + r * S::ldl, *bh = bias + (int64_t)h * E;
+    float best_s[KB];  // scores s + b of the KB best so far, ranked
+    int best_e[KB];    // their experts; INT_MAX: none yet
 #pragma unroll
-            for (int j = 0; j < PER_LANE; j++) s[j] = logits[r * S::ldl + lane + 32 * j];
-            const int64_t slot0 = ((int64_t)h * M + r0 + r) * k;
-            route_row(sel + slot0, gate + slot0, s, bias + (int64_t)h * E, E, k);
+    for (int i = 0; i < KB; i++) best_s[i] = -INFINITY, best_e[i] = INT_MAX;
+    for (int c0 = KB * half; c0 < E; c0 += 2 * KB) {
+        float run_s[KB];
+        int run_e[KB];
+#pragma unroll
+        for (int i = 0; i < KB; i++) {
+            const int e = c0 + i;
+            const float sc = e < E ? row[e] + __ldg(bh + e) : -INFINITY;
+            run_s[i] = sc != sc ? -INFINITY : sc;  // a NaN score (diverged weights) ranks last
+            run_e[i] = e < E ? e : INT_MAX;
         }
-    } else {  // thread r routes row r
-        __syncthreads();
-        const int r = threadIdx.x;
-        if (r >= kRouterRows || r0 + r >= M) return;
-        int expert[KB];
-        float logit[KB];
-        thread_topk(expert, logit, logits + r * S::ldl, bias + (int64_t)h * E, E);
-        float mx = -INFINITY, sum = 0.f;  // the softmax over the k chosen logits
-#pragma unroll
-        for (int j = 0; j < KB; j++)
-            if (j < k) mx = fmaxf(mx, logit[j]);
-#pragma unroll
-        for (int j = 0; j < KB; j++)
-            if (j < k) sum += expf(logit[j] - mx);
-        const int64_t slot0 = ((int64_t)h * M + r0 + r) * k;
-#pragma unroll
-        for (int j = 0; j < KB; j++)
-            if (j < k) {
-                sel[slot0 + j] = expert[j];
-                gate[slot0 + j] = expf(logit[j] - mx) / sum;
-            }
+        bitonic_sort(run_s, run_e);
+        keep_best(best_s, best_e, run_s, run_e);
     }
+    {
+        float other_s[KB];
+        int other_e[KB];
+#pragma unroll
+        for (int i = 0; i < KB; i++) {
+            other_s[i] = __shfl_xor_sync(0xffffffff, best_s[i], 1);
+            other_e[i] = __shfl_xor_sync(0xffffffff, best_e[i], 1);
+        }
+        keep_best(best_s, best_e, other_s, other_e);
+    }
+    if (half == 1 || r0 + r >= M) return;
+    // The gates: the softmax of the k chosen unbiased logits (real experts all, as k ≤ E).
+    float logit[KB], mx = -INFINITY, sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < KB; j++)
+        if (j < k) {
+            logit[j] = row[best_e[j]];
+            mx = fmaxf(mx, logit[j]);
+        }
+#pragma unroll
+    for (int j = 0; j < KB; j++)
+        if (j < k) sum += expf(logit[j] - mx);
+    const int64_t slot0 = ((int64_t)h * M + r0 + r) * k;
+#pragma unroll
+    for (int j = 0; j < KB; j++)
+        if (j < k) {
+            sel[slot0 + j] = best_e[j];
+            gate[slot0 + j] = expf(logit[j] - mx) / sum;
+        }
 }
 
 template <int PER_LANE, int KB>
@@ -274,15 +321,15 @@ void launch_router_forward(const RoutingPlan& plan, const floatX* x, int64_t ld,
     CUDA_CHECK_LAUNCH();
 }
 
-// Who picks the top-k of the tensor-core kernel's rows: one thread per row (thread_topk, a list of 8)
-// up to k = 8, one warp per row (route_row, KB = 0) beyond. The thread's list costs E·KB steps, the
-// warp's k rounds E/32 + a 5-level shuffle each: p1 (E 64, k 8) runs faster by thread, p2 (E 128, k 16)
-// by warp (docs/perf/expert_kernels.md); other shapes were not measured.
+// The tensor-core kernel's list length KB: the smallest of 4, 8, 16, 32 that holds k.
 template <int PER_LANE>
 void launch_router_forward_k(const RoutingPlan& plan, const floatX* x, int64_t ld, const floatX* R, const float* bias,
                              int D, cudaStream_t stream) {
-    if (plan.k <= 8) launch_router_forward<PER_LANE, 8>(plan, x, ld, R, bias, D, stream);
-    else launch_router_forward<PER_LANE, 0>(plan, x, ld, R, bias, D, stream);
+    if (plan.k > plan.E) die("argument", "k must be at most E", "router_forward", __FILE__, __LINE__);
+    if (plan.k <= 4) launch_router_forward<PER_LANE, 4>(plan, x, ld, R, bias, D, stream);
+    else if (plan.k <= 8) launch_router_forward<PER_LANE, 8>(plan, x, ld, R, bias, D, stream);
+    else if (plan.k <= 16) launch_router_forward<PER_LANE, 16>(plan, x, ld, R, bias, D, stream);
+    else launch_router_forward<PER_LANE, 32>(plan, x, ld, R, bias, D, stream);
 }
 
 // plan.sel, plan.gate (H, M, k) from x (M, ld); the rest of the plan is group_copies' work.

@@ -174,20 +174,25 @@ __global__ void plan_groups_kernel(RoutingPlan plan, int H, int E, int chunks) {
 
 // Stable placement: copy (h, t, j) with expert e lands at (its chunk's first slot in group e) + (the
 // number of earlier rows of the chunk that chose e), counted from a bitmap of rows per expert.
-__global__ void place_copies_kernel(RoutingPlan plan, int M, int E, int k) {
+// kPlaceThreadsPerRow threads share a row's k slots (slot j to thread j mod kPlaceThreadsPerRow), so
+// that a block holds enough warps to hide the latency of its loads.
+constexpr int kPlaceThreadsPerRow = 4;
+__global__ void __launch_bounds__(kGroupChunkRows * kPlaceThreadsPerRow)
+    place_copies_kernel(RoutingPlan plan, int M, int E, int k) {
     extern __shared__ unsigned chose[];  // (E, kGroupChunkRows / 32): bit t of expert e: row t chose e
     constexpr int words = kGroupChunkRows / 32;
     const int chunk = blockIdx.x, h = blockIdx.y, chunks = gridDim.x;
     for (int i = threadIdx.x; i < E * words; i += blockDim.x) chose[i] = 0;
     __syncthreads();
-    const int local = threadIdx.x, t = chunk * kGroupChunkRows + local;
+    const int local = threadIdx.x % kGroupChunkRows, first = threadIdx.x / kGroupChunkRows;
+    const int t = chunk * kGroupChunkRows + local;
     const int* my_sel = plan.sel + ((int64_t)h * M + t) * k;
     if (t < M)
-        for (int j = 0; j < k; j++)
+        for (int j = first; j < k; j += kPlaceThreadsPerRow)
             if (my_sel[j] >= 0) atomicOr(&chose[my_sel[j] * words + local / 32], 1u << (local % 32));
     __syncthreads();
     if (t >= M) return;
-    for (int j = 0; j < k; j++) {
+    for (int j = first; j < k; j += kPlaceThreadsPerRow) {
         const int e = my_sel[j];
         if (e < 0) {  // dropped: in no group
             plan.copy_pos[((int64_t)h * M + t) * k + j] = -1;
@@ -212,8 +217,8 @@ inline void group_copies(const RoutingPlan& plan, cudaStream_t stream) {
     CUDA_CHECK_LAUNCH();
     plan_groups_kernel<<<1, 1024, 2 * H * E * sizeof(int), stream>>>(plan, H, E, chunks);
     CUDA_CHECK_LAUNCH();
-    place_copies_kernel<<<grid, kGroupChunkRows, E * (kGroupChunkRows / 32) * sizeof(unsigned), stream>>>(plan, M, E,
-                                                                                                         k);
+    place_copies_kernel<<<grid, kGroupChunkRows * kPlaceThreadsPerRow, E * (kGroupChunkRows / 32) * sizeof(unsigned),
+                          stream>>>(plan, M, E, k);
     CUDA_CHECK_LAUNCH();
 }
 

@@ -3,8 +3,9 @@
 # tree in bf16 (sm_90a, the default) and the EXTRA_BUILDS (default "build32 build90 build80": fp32, sm_90
 # with the mma.sync kernels, and sm_80 alone to see a binary refuse a GPU it was not built for; "" for
 # a first check of a change in a few minutes) and, side by side, the benchmarks of OTHER_TREE; then
-#   - the routed-layer GPU tests (test_gpu_latentmoe, test_gpu_moe, test_gpu_locmoe, test_gpu_model)
-#     in each build and test_gpu_determinism;
+#   - the GPU tests of the routed layers, the model, the loss and optimizer and attention
+#     (test_gpu_latentmoe, test_gpu_moe, test_gpu_locmoe, test_gpu_model, test_gpu_loss_optim,
+#     test_gpu_attention) in each build, and test_gpu_determinism;
 #   - bench_latentmoe and bench_moe of both trees (stages, expert kernels, routing glue);
 #   - the layer benchmark (`--bench-layer 1`, p1 and p2, both trainers) ROUNDS times, alternating trees;
 #   - with KSWEEP=1, the layer benchmark of both trainers over k = 4, 8, 16, 32 at p1's k·fe (and E/k),
@@ -26,7 +27,7 @@ other=$(realpath "$1")
 source scripts/device_logs.sh
 export NCCL_NVLS_ENABLE=0
 rounds=${ROUNDS:-3}
-tests=(test_gpu_latentmoe test_gpu_moe test_gpu_locmoe test_gpu_model test_gpu_loss_optim)
+tests=(test_gpu_latentmoe test_gpu_moe test_gpu_locmoe test_gpu_model test_gpu_loss_optim test_gpu_attention)
 read -r -a extra <<<"${EXTRA_BUILDS-build32 build90 build80}"
 declare -A build_flags=([build32]=-DLMOE_FP32=ON [build90]=-DCMAKE_CUDA_ARCHITECTURES=90
     [build80]=-DCMAKE_CUDA_ARCHITECTURES=80-real)

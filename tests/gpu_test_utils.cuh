@@ -126,7 +126,21 @@ void expect_rerun_identical(const std::string& what, Rerun&& rerun, const Buffer
 }
 
 // ---------------------------------------------------------------------------------------------
-// Benchmark timing: medians over `reps` runs after three warm-up runs, on the default stream.
+// Benchmark timing: medians over `reps` runs after three warm-up runs, on the default stream. Each
+// run starts behind a short busy wait on the GPU, so that the host has queued the whole run before
+// the GPU reaches its first event: the time measured is the GPU's, as in a training step (where the
+// host runs ahead), not the host's launch latency, which would otherwise add some microseconds to
+// every short kernel.
+
+__global__ void busy_wait_kernel(long long cycles) {
+    const long long start = clock64();
+    while (clock64() - start < cycles) {
+    }
+}
+inline void queue_behind_busy_wait() {
+    busy_wait_kernel<<<1, 1>>>(200000);  // some 0.1 ms: longer than queuing a run of launches takes
+    CUDA_CHECK_LAUNCH();
+}
 
 inline float median(std::vector<float> v) {
     std::sort(v.begin(), v.end());
@@ -140,6 +154,7 @@ float time_ms(int reps, Launch&& launch) {
     for (auto& e : ev) CUDA_CHECK(cudaEventCreate(&e));
     std::vector<float> t;
     for (int rep = -3; rep < reps; rep++) {
+        queue_behind_busy_wait();
         CUDA_CHECK(cudaEventRecord(ev[0], 0));
         launch();
         CUDA_CHECK(cudaEventRecord(ev[1], 0));
@@ -160,6 +175,7 @@ std::vector<float> time_stages(int stages, int reps, Run&& run) {
     for (auto& e : ev) CUDA_CHECK(cudaEventCreate(&e));
     std::vector<std::vector<float>> ms(stages + 1);
     for (int rep = -3; rep < reps; rep++) {
+        queue_behind_busy_wait();
         run(ev.data());
         CUDA_CHECK(cudaEventSynchronize(ev[stages]));
         if (rep < 0) continue;

@@ -1,6 +1,7 @@
 // The routed part of the Multi-Head LatentMoE layer on the GPU against the CPU reference (SPEC §4,
 // §8.3): the IO-aware router, the grouping of copies by (head, expert), the IO-aware expert kernels
-// forward and backward, the weighting and the router backward; then bitwise reproducibility.
+// forward and backward, the weighting and the router backward; then bitwise reproducibility; and the
+// router's top-k on exact ties and NaN inputs.
 // The reference runs on exactly the rounded inputs the GPU sees, with the GPU's expert choices held
 // fixed (a near-tie may legitimately flip between fp32 and double; those are counted, not failed).
 #include <algorithm>
@@ -71,9 +72,60 @@ void run_shape(const Shape& s, lmoe::Rng& rng) {
                                      T.du, T.dR, T.dK, T.dV);
 }
 
+// The router's top-k on exact ties and on NaN (SPEC's tie rule: equal scores go to the lower expert).
+// With R = 0 every logit is exactly 0, so the scores are the bias, here full of repeated values, and
+// the choices must be the reference's exactly, in order — for every list length of the tensor-core
+// kernel (k up to 4, 8, 16, 32) and E that is not a whole number of its runs; the gates are all 1/k.
+// Rows with a NaN input have NaN scores, which rank last: they must choose the first k experts.
+void check_router_ties(lmoe::Rng& rng) {
+    struct TieShape { int E, k; };
+    const TieShape shapes[] = {{64, 8}, {128, 16}, {256, 32}, {200, 20}, {40, 3}, {24, 5}, {8, 8}, {16, 2}};
+    const int M = 100, H = 2, dh = 64, HD = H * dh;
+    const std::vector<int> nan_rows = {7, 64, 99};  // of head 1
+    for (const TieShape& ts : shapes) {
+        const int E = ts.E, k = ts.k;
+        std::vector<double> x((size_t)M * HD);
+        for (double& v : x) v = rng.normal();
+        for (int t : nan_rows) x[(size_t)t * HD + dh + 3] = NAN;
+        std::vector<float> bias((size_t)H * E);
+        for (int h = 0; h < H; h++)
+            for (int e = 0; e < E; e++) bias[h * E + e] = (float)((7 * e + 3 * h) % 5);
+        auto xd = gpu_test::upload<floatX>(x);
+        auto Rd = gpu_test::upload<floatX>(std::vector<double>((size_t)H * dh * E, 0.0));
+        lmoe::DeviceBuffer<float> bd;
+        bd.upload(bias);
+        lmoe::RoutingPlans plans = lmoe::RoutingPlans::routed(1, M, H, E, k);
+        plans.poison();
+        const lmoe::RoutingPlan plan = plans[0];
+        lmoe::router_forward(plan, xd.get(), HD, Rd.get(), bd.get(), dh, 0);
+        const auto sel = gpu_test::download(plan.sel, plan.copies());
+        const auto gate = gpu_test::download(plan.gate, plan.copies());
+        int wrong = 0, wrong_gates = 0;
+        std::vector<int> want(k);
+        const std::vector<double> zero_logits(E, 0.0);
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < M; t++) {
+                const bool nan_row = h == 1 && std::find(nan_rows.begin(), nan_rows.end(), t) != nan_rows.end();
+                if (nan_row)
+                    for (int j = 0; j < k; j++) want[j] = j;
+                else
+                    ref::select_topk(want.data(), zero_logits.data(), bias.data() + h * E, E, k);
+                const int64_t slot0 = ((int64_t)h * M + t) * k;
+                wrong += !std::equal(want.begin(), want.end(), sel.begin() + slot0);
+                if (!nan_row)
+                    for (int j = 0; j < k; j++) wrong_gates += std::fabs(gate[slot0 + j] - 1.0 / k) > 1e-6;
+            }
+        std::printf("router ties, E %d, k %d: %d of %d rows chose other experts, %d gates off 1/k\n", E, k, wrong, H * M,
+                    wrong_gates);
+        CHECK_MSG(wrong == 0 && wrong_gates == 0, "router ties (E " + std::to_string(E) + ", k " + std::to_string(k) +
+                                                      "): the tie rule or the NaN ranking is not kept");
+    }
+}
+
 int main() {
     gpu_test::skip_without_gpu();
     lmoe::Rng rng(2026);
+    check_router_ties(rng);
     const Shape shapes[] = {
         {"tiny", 64, 4, 16, 8, 32, 2},
         {"odd rows", 300, 2, 32, 6, 64, 3},
