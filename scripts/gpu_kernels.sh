@@ -16,10 +16,12 @@
 #   - with NCU=1 (default), Nsight Compute's speed-of-light, occupancy, warp-stall and pipe sections, in
 #     detail, of the first p1 launches of the three LatentMoE expert kernels (`ncu --clock-control none`;
 #     machines whose runtime hides the counters only log the refusal).
+#   - with BENCH=0, this tree's builds and tests only (OTHER_TREE is not built).
 #   bash scripts/gpu_kernels.sh OTHER_TREE    e.g. OTHER_TREE from `git archive REV | tar -x -C .before`
 # Logs come back as $OUT/logs.tgz (scripts/device_logs.sh), refreshed after every phase; a short table
-# is printed last. The tests in three builds are its longest phase: with TRAIN=1 as well it does not fit
-# one device call (ROUNDS=1 TRAIN=0 does), so train in a call of its own.
+# is printed last. The tests in three builds are its longest phase (some 8 minutes on an H200): with
+# the benchmarks as well it does not fit one device call, so run the extra builds' tests with BENCH=0
+# in a call of their own, and the benchmarks (and TRAIN=1) with EXTRA_BUILDS="" in another.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [ $# -eq 1 ] && [ -f "$1/CMakeLists.txt" ] || { echo "usage: $0 OTHER_TREE (a source tree with a CMakeLists.txt)" >&2; exit 2; }
@@ -39,9 +41,13 @@ for dir in "${extra[@]}"; do
     if [ "$dir" = build80 ]; then targets=(train_latentmoe); else targets=("${tests[@]}"); fi
     (cmake_build "$dir" "${build_flags[$dir]}" "${targets[@]}" && touch "$logs/$dir.ok") &
 done
-(cmake_build build_other "-S $other" "${benches[@]}" && touch "$logs/build_other.ok") &
+trees=(build "${extra[@]}")
+if [ "${BENCH:-1}" != 0 ]; then
+    (cmake_build build_other "-S $other" "${benches[@]}" && touch "$logs/build_other.ok") &
+    trees+=(build_other)
+fi
 wait
-for dir in build build_other "${extra[@]}"; do [ -f "$logs/$dir.ok" ] || { echo "build of $dir failed"; exit 1; }; done
+for dir in "${trees[@]}"; do [ -f "$logs/$dir.ok" ] || { echo "build of $dir failed"; exit 1; }; done
 echo "build: ${SECONDS} s"
 
 for t in "${tests[@]}"; do
@@ -58,6 +64,11 @@ fi
 bash tests/test_gpu_determinism.sh build >"$logs/determinism.log" 2>&1
 echo "test_gpu_determinism: rc $? $(tail -n 1 "$logs/determinism.log")" >>"$logs/tests.txt"
 pack_logs
+if [ "${BENCH:-1}" = 0 ]; then
+    echo "tests: ${SECONDS} s"
+    echo "== tests"; cat "$logs/tests.txt"
+    exit 0
+fi
 for b in bench_latentmoe bench_moe; do
     ./build/$b >"$logs/$b.log" 2>&1
     ./build_other/$b >"$logs/$b.other.log" 2>&1
