@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "moe/rank_networks.h"
 #include "moe/routing_plan.cuh"
 #include "tc/warp_tile.cuh"
 #include "util/cuda_utils.cuh"
@@ -122,68 +123,13 @@ __global__ void router_forward_kernel(int* sel, float* gate, const floatX* x, in
     route_row(sel + warp * k, gate + warp * k, s, bias + (int64_t)h * E, E, k);
 }
 
-// The order the router ranks (score, expert) pairs in: the higher score first, equal scores by the
-// lower expert (SPEC's tie rule). Scores here are never NaN (a NaN score is taken as -inf).
-__device__ inline bool ranks_before(float s, int e, float s2, int e2) { return s > s2 || (s == s2 && e < e2); }
-
-// (s0, e0), (s1, e1) = the pair that ranks first, then the other.
-__device__ inline void order_pair(float& s0, int& e0, float& s1, int& e1) {
-    const bool swap = ranks_before(s1, e1, s0, e0);
-    const float hi_s = swap ? s1 : s0, lo_s = swap ? s0 : s1;
-    const int hi_e = swap ? e1 : e0, lo_e = swap ? e0 : e1;
-    s0 = hi_s, e0 = hi_e, s1 = lo_s, e1 = lo_e;
-}
-
-// Sorting networks over N = 2^n pairs held in one thread's registers (every index is a compile-time
-// constant once unrolled): a fixed sequence of compare-exchanges, no data-dependent branch, and
-// independent exchanges side by side, so a row's top-k is a short chain of instructions rather than
-// one step per expert.
-//   bitonic_merge: a bitonic sequence (rising then falling, or the reverse) into ranked order;
-//   bitonic_sort:  any sequence into ranked order, runs of 2, 4, ... sorted in alternating directions
-//                  and merged.
-template <int N>
-__device__ inline void bitonic_merge(float (&s)[N], int (&e)[N]) {
-#pragma unroll
-    for (int stride = N / 2; stride > 0; stride /= 2)
-#pragma unroll
-        for (int i = 0; i < N; i++)
-            if ((i & stride) == 0) order_pair(s[i], e[i], s[i + stride], e[i + stride]);
-}
-template <int N>
-__device__ inline void bitonic_sort(float (&s)[N], int (&e)[N]) {
-#pragma unroll
-    for (int run = 2; run <= N; run *= 2)
-#pragma unroll
-        for (int stride = run / 2; stride > 0; stride /= 2)
-#pragma unroll
-            for (int i = 0; i < N; i++) {
-                if (i & stride) continue;
-                if ((i & run) == 0) order_pair(s[i], e[i], s[i + stride], e[i + stride]);
-                else order_pair(s[i + stride], e[i + stride], s[i], e[i]);  // this run is sorted the other way
-            }
-}
-
-// (s, e) = the N best of the two ranked lists (s, e) and (s2, e2), ranked: pairing entry i with the
-// other's entry N − 1 − i and keeping the better of each pair leaves a bitonic sequence holding the
-// N best, which one merge ranks.
-template <int N>
-__device__ inline void keep_best(float (&s)[N], int (&e)[N], const float (&s2)[N], const int (&e2)[N]) {
-#pragma unroll
-    for (int i = 0; i < N; i++)
-        if (ranks_before(s2[N - 1 - i], e2[N - 1 - i], s[i], e[i])) {
-            s[i] = s2[N - 1 - i];
-            e[i] = e2[N - 1 - i];
-        }
-    bitonic_merge(s, e);
-}
-
 // bf16 build: a block of four warps takes kRouterRows rows of one head and multiplies them by R_h on
 // tensor cores, kRouterDepth inputs at a time through double-buffered shared memory (X tile [row][i],
 // R tile [i][e], both zero-filled past M, D and E); warp w owns rows 16w..16w+15 and all EP = 32·PER_LANE
 // (padded) expert columns. The (kRouterRows × EP) fp32 logits then go to shared memory, and two
 // threads rank each row: each takes every other run of KB experts (KB, a power of two, at least k),
 // sorts the run and keeps the KB best of it and of its list so far, all on sorting networks in
-// registers; the two lists are then merged across the pair, and the first k entries with the softmax
+// registers (rank_runs, moe/rank_networks.h); the two lists are then merged across the pair, and the first k entries with the softmax
 // of their logits are the row's choices. The logits never reach global memory. Needs D, E and ld
 // multiples of 8 (16-byte rows).
 constexpr int kRouterRows = 64, kRouterDepth = 64, kRouterThreads = 2 * kRouterRows;
@@ -252,26 +198,12 @@ __global__ void __launch_bounds__(kRouterThreads)
             logits[(16 * warp + g + 8 * (i / 2)) * S::ldl + nt * 8 + 2 * q + i % 2] = acc[0][nt][i];
     __syncthreads();
 
-    // Thread 2r + half ranks row r's runs of experts [c0, c0 + KB) for c0 = KB·half, KB·(half + 2), ...
+    // Thread 2r + half ranks row r's runs half, half + 2, ..., then the pair merges its two lists.
     const int r = threadIdx.x / 2, half = threadIdx.x % 2;
-    const float *row = logits + r * S::ldl, *bh = bias + (int64_t)h * E;
-    float best_s[KB];  // scores s + b of the KB best so far, ranked
-    int best_e[KB];    // their experts; INT_MAX: none yet
-#pragma unroll
-    for (int i = 0; i < KB; i++) best_s[i] = -INFINITY, best_e[i] = INT_MAX;
-    for (int c0 = KB * half; c0 < E; c0 += 2 * KB) {
-        float run_s[KB];
-        int run_e[KB];
-#pragma unroll
-        for (int i = 0; i < KB; i++) {
-            const int e = c0 + i;
-            const float sc = e < E ? row[e] + __ldg(bh + e) : -INFINITY;
-            run_s[i] = sc != sc ? -INFINITY : sc;  // a NaN score (diverged weights) ranks last
-            run_e[i] = e < E ? e : INT_MAX;
-        }
-        bitonic_sort(run_s, run_e);
-        keep_best(best_s, best_e, run_s, run_e);
-    }
+    const float* row = logits + r * S::ldl;
+    float best_s[KB];  // scores s + b of the KB best, ranked
+    int best_e[KB];    // their experts
+    rank_runs(best_s, best_e, row, bias + (int64_t)h * E, E, half, 2);
     {
         float other_s[KB];
         int other_e[KB];

@@ -1,4 +1,5 @@
-// Focused unit tests of the small pieces everything else leans on: top-k routing and its gates, the
+// Focused unit tests of the small pieces everything else leans on: top-k routing and its gates (and
+// the GPU router's ranking networks, run here on the CPU), the
 // gate softmax's backward, AdamW, gradient clipping, the aux-loss-free bias update, the learning-rate
 // schedule, the flat parameter layout with its sharded counter-based init, and flags / presets /
 // validation. Expected values are computed by hand or from the definitions in SPEC §2, never copied
@@ -20,6 +21,7 @@
 #include "model/params.h"
 #include "cpu/reference.h"
 #include "model/locmoe.h"
+#include "moe/rank_networks.h"
 #include "util/rng.h"
 #include "train/schedule.h"
 #include "train/memory_estimate.h"
@@ -130,6 +132,57 @@ static void test_topk() {
         CHECK(sel[0] == 0 && sel[1] == 1);
         // 1/(1+e^-1) = 0.7310585786300049
         CHECK(std::isfinite(gate[0]) && near(gate[0], 0.7310585786300049, 1e-6) && near(gate[0] + gate[1], 1.0, 1e-6));
+    }
+}
+
+// The GPU router's ranking networks (moe/rank_networks.h), run on the CPU exactly as a pair of threads
+// of its kernel runs them: each ranks every other run of KB experts, then the pair's lists are merged.
+// Scores are small integers, so most rows are full of exact ties, and some scores are NaN: the first k
+// of the merged list must be the experts in order of score, ties to the lower index, NaN last — the
+// reference's top-k wherever a row has no NaN — for every list length and E that is not a whole number
+// of runs.
+template <int KB>
+static void check_rank_networks(int E, int k, lmoe::Rng& rng, int& wrong) {
+    std::vector<float> logit(E), bias(E);
+    for (int row = 0; row < 200; row++) {
+        bool has_nan = false;
+        for (int e = 0; e < E; e++) {
+            logit[e] = float(rng.below(5));
+            bias[e] = float(rng.below(3)) * 0.5f;
+            if (row % 10 == 9 && e % 7 == 3) logit[e] = NAN, has_nan = true;
+        }
+        float s[KB], s2[KB];
+        int x[KB], x2[KB];
+        lmoe::rank_runs(s, x, logit.data(), bias.data(), E, 0, 2);
+        lmoe::rank_runs(s2, x2, logit.data(), bias.data(), E, 1, 2);
+        lmoe::keep_best(s, x, s2, x2);
+        std::vector<int> want(E);
+        std::iota(want.begin(), want.end(), 0);
+        auto score = [&](int e) { const float v = logit[e] + bias[e]; return v != v ? -INFINITY : v; };
+        std::stable_sort(want.begin(), want.end(), [&](int a, int b) { return score(a) > score(b); });
+        bool ok = std::equal(want.begin(), want.begin() + k, x);
+        if (!has_nan) {
+            std::vector<double> ld(logit.begin(), logit.end());
+            std::vector<int> ref_sel(k);
+            ref::select_topk(ref_sel.data(), ld.data(), bias.data(), E, k);
+            ok &= std::equal(ref_sel.begin(), ref_sel.end(), x);
+        }
+        wrong += !ok;
+    }
+}
+
+static void test_rank_networks() {
+    lmoe::Rng rng(11);
+    struct Case { int E, k; };
+    const Case cases[] = {{64, 8}, {128, 16}, {256, 32}, {200, 20}, {40, 3}, {24, 5}, {8, 8}, {16, 2}, {33, 4}, {7, 7}};
+    for (const Case& c : cases) {
+        int wrong = 0;
+        if (c.k <= 4) check_rank_networks<4>(c.E, c.k, rng, wrong);
+        else if (c.k <= 8) check_rank_networks<8>(c.E, c.k, rng, wrong);
+        else if (c.k <= 16) check_rank_networks<16>(c.E, c.k, rng, wrong);
+        else check_rank_networks<32>(c.E, c.k, rng, wrong);
+        CHECK_MSG(wrong == 0, "rank networks, E " + std::to_string(c.E) + ", k " + std::to_string(c.k) + ": " +
+                                  std::to_string(wrong) + " of 200 rows ranked wrongly");
     }
 }
 
@@ -968,6 +1021,7 @@ static void run(const char* name, void (*test)()) {
 
 int main() {
     run("topk", test_topk);
+    run("rank_networks", test_rank_networks);
     run("softmax_gates_backward", test_softmax_gates_backward);
     run("adamw", test_adamw);
     run("clip_grad_norm", test_clip_grad_norm);
