@@ -276,10 +276,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_forward_wgmma_kernel(bf16
     const unsigned char* Qw = reinterpret_cast<const unsigned char*>(Qs) + wg * 64 * 128;  // this warpgroup's rows
     auto issue_scores = [&](float (&s)[32], int kb) {  // S = Q K_kb^T, without waiting
         wgmma_fence();
-#pragma unroll
-        for (int k = 0; k < D / 16; k++)
-            wgmma_m64n64k16<0>(s, wgmma_desc_kmajor(Qw, q_block, k),
-                               wgmma_desc_kmajor(Ks + kb % STAGES * kv_elems, kv_block, k), k);
+        wgmma_m64n64_kmajor<D / 16>(s, Qw, q_block, Ks + kb % STAGES * kv_elems, kv_block);
         wgmma_commit();
     };
     float o[D / 2];
@@ -547,12 +544,8 @@ __global__ void __launch_bounds__(kWgThreads, 1)
         const float *lse_t = lse_s + stage * BQ, *delta_t = delta_s + stage * BQ;
         float st[32] = {}, dpt[32] = {};  // S^T, dP^T (zeroed, or ptxas waits on the products to copy them)
         wgmma_fence();
-#pragma unroll
-        for (int k = 0; k < D / 16; k++)
-            wgmma_m64n64k16<0>(st, wgmma_desc_kmajor(Kw, key_block, k), wgmma_desc_kmajor(Qt, step_block, k), k);
-#pragma unroll
-        for (int k = 0; k < D / 16; k++)
-            wgmma_m64n64k16<0>(dpt, wgmma_desc_kmajor(Vw, key_block, k), wgmma_desc_kmajor(dOt, step_block, k), k);
+        wgmma_m64n64_kmajor<D / 16>(st, Kw, key_block, Qt, step_block);
+        wgmma_m64n64_kmajor<D / 16>(dpt, Vw, key_block, dOt, step_block);
         wgmma_commit();
         wgmma_wait<0>();
         wgmma_fence_operands(st);
@@ -719,12 +712,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_backward_dq_wgmma_kernel(
             const bf16 *Kt = Ks + kb % 2 * kv_elems, *Vt = Vs + kb % 2 * kv_elems;
             float s[32] = {}, dp[32] = {};  // zeroed, or ptxas waits on the products to copy them
             wgmma_fence();
-#pragma unroll
-            for (int k = 0; k < D / 16; k++)
-                wgmma_m64n64k16<0>(s, wgmma_desc_kmajor(Qw, q_block, k), wgmma_desc_kmajor(Kt, kv_block, k), k);
-#pragma unroll
-            for (int k = 0; k < D / 16; k++)
-                wgmma_m64n64k16<0>(dp, wgmma_desc_kmajor(dOw, q_block, k), wgmma_desc_kmajor(Vt, kv_block, k), k);
+            wgmma_m64n64_kmajor<D / 16>(s, Qw, q_block, Kt, kv_block);
+            wgmma_m64n64_kmajor<D / 16>(dp, dOw, q_block, Vt, kv_block);
             wgmma_commit();
             wgmma_wait<0>();
             wgmma_fence_operands(s);

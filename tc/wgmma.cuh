@@ -215,6 +215,16 @@ __device__ inline void wgmma_m64n128k16_rs(float (&d)[64], const uint32_t (&a)[4
     wgmma_rs<128, TRANS_B>(d, a, desc_b, accumulate);
 }
 
+// d (64 × 64) = A B^T over K = 16·KSTEPS, A and B K-major tiles of a_block and b_block bytes per
+// 64-column block; issued, not committed (the caller commits once with its other products).
+template <int KSTEPS>
+__device__ inline void wgmma_m64n64_kmajor(float (&d)[32], const void* a, uint32_t a_block, const void* b,
+                                           uint32_t b_block) {
+#pragma unroll
+    for (int k = 0; k < KSTEPS; k++)
+        wgmma_m64n64k16<0>(d, wgmma_desc_kmajor(a, a_block, k), wgmma_desc_kmajor(b, b_block, k), k);
+}
+
 // The A operands of a product's KK k-steps from the fp32 accumulators of a (64 × 16·KK) one:
 // d[8kk .. 8kk + 7] hold rows lane/4 and + 8, columns 16kk + 2·(lane%4) (+1) and + 8, in the order
 // the A operand of k-step kk wants them.

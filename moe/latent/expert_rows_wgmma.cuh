@@ -84,13 +84,9 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
     auto issue_row_products = [&](float (&s)[32], float (&da)[32], int c) {
         const bf16 *Kc = Ks + (c % kStages) * S::chunk_elems, *Vc = Vs + (c % kStages) * S::chunk_elems;
         wgmma_fence();
-#pragma unroll
-        for (int k = 0; k < DH / 16; k++)
-            wgmma_m64n64k16<0>(s, wgmma_desc_kmajor(Xw, tile_block, k), wgmma_desc_kmajor(Kc, chunk_block, k), k);
+        wgmma_m64n64_kmajor<DH / 16>(s, Xw, tile_block, Kc, chunk_block);
         if constexpr (backward) {
-#pragma unroll
-            for (int k = 0; k < DH / 16; k++)
-                wgmma_m64n64k16<0>(da, wgmma_desc_kmajor(dOw, tile_block, k), wgmma_desc_kmajor(Vc, chunk_block, k), k);
+            wgmma_m64n64_kmajor<DH / 16>(da, dOw, tile_block, Vc, chunk_block);
         }
         wgmma_commit();
     };

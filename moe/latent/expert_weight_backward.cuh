@@ -342,12 +342,8 @@ __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const b
         const bf16 *Xt = Xs + stage * rows_elems, *dOt = dOs + stage * rows_elems;
         float st[32] = {}, dat[32] = {};  // S^T, dA^T (zeroed, or ptxas waits on the products to copy them)
         wgmma_fence();
-#pragma unroll
-        for (int k = 0; k < DH / 16; k++)
-            wgmma_m64n64k16<0>(st, wgmma_desc_kmajor(Kw, slice_block, k), wgmma_desc_kmajor(Xt, rows_block, k), k);
-#pragma unroll
-        for (int k = 0; k < DH / 16; k++)
-            wgmma_m64n64k16<0>(dat, wgmma_desc_kmajor(Vw, slice_block, k), wgmma_desc_kmajor(dOt, rows_block, k), k);
+        wgmma_m64n64_kmajor<DH / 16>(st, Kw, slice_block, Xt, rows_block);
+        wgmma_m64n64_kmajor<DH / 16>(dat, Vw, slice_block, dOt, rows_block);
         wgmma_commit();
         // While they run: step it + STAGES − 1 into the stage of step it − 1, once both warpgroups are done with it.
         if (it + STAGES - 1 < steps) {
