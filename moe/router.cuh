@@ -129,9 +129,9 @@ __global__ void router_forward_kernel(int* sel, float* gate, const floatX* x, in
 // (padded) expert columns. The (kRouterRows × EP) fp32 logits then go to shared memory, and two
 // threads rank each row: each takes every other run of KB experts (KB, a power of two, at least k),
 // sorts the run and keeps the KB best of it and of its list so far, all on sorting networks in
-// registers (rank_runs, moe/rank_networks.h); the two lists are then merged across the pair, and the first k entries with the softmax
-// of their logits are the row's choices. The logits never reach global memory. Needs D, E and ld
-// multiples of 8 (16-byte rows).
+// registers (rank_runs, moe/rank_networks.h); the two lists are then merged across the pair, and the
+// first k entries with the softmax of their logits are the row's choices. The logits never reach
+// global memory. Needs D, E and ld multiples of 8 (16-byte rows).
 constexpr int kRouterRows = 64, kRouterDepth = 64, kRouterThreads = 2 * kRouterRows;
 
 template <int PER_LANE>
