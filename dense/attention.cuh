@@ -559,22 +559,8 @@ __global__ void __launch_bounds__(kWgThreads, 1)
             st[e] = x;
             dpt[e] = x * (dpt[e] - delta_t[col]);  // dS^T
         }
-        uint32_t pt[BQ / 16][4], dst[BQ / 16][4];
-        wgmma_accumulators_as_a<BQ / 16>(pt, st);
-        wgmma_accumulators_as_a<BQ / 16>(dst, dpt);
-        wgmma_fence_operands(dv);
-        wgmma_fence_operands(dk);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BQ / 16; kk++) {
-            if constexpr (D == 128) {
-                wgmma_m64n128k16_rs<1>(dv, pt[kk], wgmma_desc_mnmajor(dOt, step_block, kk), 1);
-                wgmma_m64n128k16_rs<1>(dk, dst[kk], wgmma_desc_mnmajor(Qt, step_block, kk), 1);
-            } else {
-                wgmma_m64n64k16_rs<1>(dv, pt[kk], wgmma_desc_mnmajor(dOt, step_block, kk), 1);
-                wgmma_m64n64k16_rs<1>(dk, dst[kk], wgmma_desc_mnmajor(Qt, step_block, kk), 1);
-            }
-        }
+        static_assert(BQ == 64, "the second products take 64 query rows");
+        wgmma_rs_pair_from_accumulators<D>(dv, st, dOt, dk, dpt, Qt, step_block);  // dV += P^T dO, dK += dS^T Q
         wgmma_commit();
         wgmma_wait<0>();
     }

@@ -235,5 +235,26 @@ __device__ inline void wgmma_accumulators_as_a(uint32_t (&a)[KK][4], const float
 #pragma unroll
         for (int i = 0; i < 4; i++) a[kk][i] = pack_bf16x2(d[8 * kk + 2 * i], d[8 * kk + 2 * i + 1]);
 }
+
+// The pair of second products of a transposed backward (attention's dV, dK; the LatentMoE weight
+// gradient's dV, dK): c0 += A0 B0 and c1 += A1 B1, (64 × N) accumulators, over K = 64 rows, with A0, A1
+// the bf16 packing of the (64 × 64) fp32 accumulators a0, a1 taken as register A operands and B0, B1
+// MN-major tiles of b_block bytes per 64-column block; k-steps interleaved, issued, not committed.
+template <int N>
+__device__ inline void wgmma_rs_pair_from_accumulators(float (&c0)[N / 2], const float (&a0)[32], const void* b0,
+                                                       float (&c1)[N / 2], const float (&a1)[32], const void* b1,
+                                                       uint32_t b_block) {
+    uint32_t A0[4][4], A1[4][4];
+    wgmma_accumulators_as_a<4>(A0, a0);
+    wgmma_accumulators_as_a<4>(A1, a1);
+    wgmma_fence_operands(c0);
+    wgmma_fence_operands(c1);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        wgmma_rs<N, 1>(c0, A0[kk], wgmma_desc_mnmajor(b0, b_block, kk), 1);
+        wgmma_rs<N, 1>(c1, A1[kk], wgmma_desc_mnmajor(b1, b_block, kk), 1);
+    }
+}
 }  // namespace lmoe
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

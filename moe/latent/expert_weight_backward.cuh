@@ -330,7 +330,6 @@ __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const b
     fetch_indices(begin);
     for (int step = 0; step < STAGES - 1 && step < steps; step++) fill(step);
 
-    const auto mnmajor = [](const bf16* tile, int k) { return wgmma_desc_mnmajor(tile, rows_block, k); };
     const bf16 *Kw = Ks + wg * 64 * 64, *Vw = Vs + wg * 64 * 64;  // this warpgroup's 64 fe rows (block 0)
     float acc_k[DH / 2], acc_v[DH / 2];
 #pragma unroll
@@ -360,22 +359,9 @@ __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const b
             st[i] = gelu_from_cdf(s, cdf);
             dat[i] *= gelu_grad_from_cdf(s, cdf, e);
         }
-        uint32_t at[BR / 16][4], dst[BR / 16][4];  // A^T, dS^T as the register A operands, k = rows
-        wgmma_accumulators_as_a<BR / 16>(at, st);
-        wgmma_accumulators_as_a<BR / 16>(dst, dat);
-        wgmma_fence_operands(acc_v);
-        wgmma_fence_operands(acc_k);
-        wgmma_fence();
-#pragma unroll
-        for (int k = 0; k < BR / 16; k++) {
-            if constexpr (DH == 128) {
-                wgmma_m64n128k16_rs<1>(acc_v, at[k], mnmajor(dOt, k), 1);
-                wgmma_m64n128k16_rs<1>(acc_k, dst[k], mnmajor(Xt, k), 1);
-            } else {
-                wgmma_m64n64k16_rs<1>(acc_v, at[k], mnmajor(dOt, k), 1);
-                wgmma_m64n64k16_rs<1>(acc_k, dst[k], mnmajor(Xt, k), 1);
-            }
-        }
+        static_assert(BR == 64, "the second products take 64 copies");
+        // A^T, dS^T as the register A operands (k = copies): dV_w += A^T dO, dK_w += dS^T X
+        wgmma_rs_pair_from_accumulators<DH>(acc_v, st, dOt, acc_k, dat, Xt, rows_block);
         wgmma_commit();
         wgmma_wait<0>();  // waiting here, not at the next rows, keeps ptxas from serializing the products
         mbarrier_arrive(empty + stage);
