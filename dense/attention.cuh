@@ -237,10 +237,10 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(bf16* out, floa
 
 // Forward on wgmma (sm_90a builds, head sizes 64 and 128), one block of two warpgroups per (128
 // queries, b·h), warpgroup w owning queries q0 + 64w ..; key blocks of 64, three stages of K and V,
-// every tile 128B-swizzled (tc/wgmma.cuh); block kb + 1's S is issued before block kb's softmax. Per key block, in a warpgroup's 64 rows: S = Q K^T (64 × 64 fp32
-// in registers, the layout of mma.sync's accumulators per warp, so the row reductions are the same
-// two shuffles), the online softmax as above, P packed to bf16 straight into the register A operand
-// of O += P V. Warpgroup 0 sees one key block fewer than warpgroup 1 (its last is fully masked) and
+// every tile 128B-swizzled (tc/wgmma.cuh); block kb + 1's S is issued before block kb's softmax. Per
+// key block, in a warpgroup's 64 rows: S = Q K^T (64 × 64 fp32 in registers, the layout of mma.sync's
+// accumulators per warp, so the row reductions are the same two shuffles), the online softmax as
+// above, P packed to bf16 straight into the register A operand of O += P V. Warpgroup 0 sees one key block fewer than warpgroup 1 (its last is fully masked) and
 // skips its products there. The kernel exists in every build; without wgmma its body is empty and it
 // is never launched.
 constexpr int kWgQueries = 128, kWgKeys = 64, kWgThreads = 256, kWgForwardStages = 3;
