@@ -53,7 +53,10 @@ inline void combine_forward(floatX* y, int64_t ld, const floatX* o, const Routin
 // With gate_softmax false (LocMoE, whose gates are the full softmax's p) dw_j itself is stored.
 // A row is D / kPack packs; when that is under 32 and divides it, the warp splits into segments of
 // that many lanes and takes 32 / packs copies at once (bf16, dh = 128: two at once, 16 lanes each).
-__global__ void combine_backward_kernel(floatX* d_o, float* ds_copy, const floatX* dy, int64_t ld, const floatX* o,
+// A lane reads its AHEAD packs of a copy (all it has when the row is at most AHEAD·seg packs) before
+// it writes any: a write may alias the next read, so each group of reads waits on the one before.
+template <int AHEAD>
+__global__ void __launch_bounds__(256) combine_backward_kernel(floatX* d_o, float* ds_copy, const floatX* dy, int64_t ld, const floatX* o,
                                         const RoutingPlan plan, int M, int H, int D, int k, bool gate_softmax) {
     const int lane = threadIdx.x % 32;
     const int64_t warp = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -64,45 +67,60 @@ __global__ void combine_backward_kernel(floatX* d_o, float* ds_copy, const float
     const int packs = D / kPack;
     const int seg = packs < 32 && 32 % packs == 0 ? packs : 32;  // lanes per copy
     const int per_pass = 32 / seg, jj = lane / seg, v0 = lane % seg;
-    float my_dgate = 0.f, my_gate = 0.f;  // lane j < k holds slot j's
+    // Lane j < k holds slot j's position and gate, all read at once rather than one pass after another.
+    const int64_t lane_pos = lane < k ? plan.copy_pos[slot0 + lane] : -1;
+    const float lane_gate = lane_pos >= 0 ? plan.gate[slot0 + lane] : 0.f;
+    float lane_dgate = 0.f;
     for (int j0 = 0; j0 < k; j0 += per_pass) {
         const int j = j0 + jj;
-        const int64_t pos = j < k ? plan.copy_pos[slot0 + j] : -1;
-        const float w = pos >= 0 ? plan.gate[slot0 + j] : 0.f;
+        const int64_t pos = __shfl_sync(0xffffffff, lane_pos, j < k ? j : 0);
+        const float w = __shfl_sync(0xffffffff, lane_gate, j < k ? j : 0);
         float dot = 0.f;
-        if (pos >= 0)
-            for (int v = v0; v < packs; v += seg) {
-                const Pack g = load_pack(dyt + v * kPack), ov = load_pack(o + pos * D + v * kPack);
-                float scaled[kPack];
+        if (j < k && pos >= 0)
+            for (int v1 = v0; v1 < packs; v1 += AHEAD * seg) {
+                Pack g[AHEAD], ov[AHEAD];
 #pragma unroll
-                for (int i = 0; i < kPack; i++) {
-                    dot += to_float(g.v[i]) * to_float(ov.v[i]);
-                    scaled[i] = w * to_float(g.v[i]);
+                for (int u = 0; u < AHEAD; u++) {
+                    const int v = v1 + u * seg;
+                    if (v < packs) g[u] = load_pack(dyt + v * kPack), ov[u] = load_pack(o + pos * D + v * kPack);
                 }
-                store_pack(d_o + pos * D + v * kPack, scaled);
+#pragma unroll
+                for (int u = 0; u < AHEAD; u++) {
+                    const int v = v1 + u * seg;
+                    if (v >= packs) break;
+                    float scaled[kPack];
+#pragma unroll
+                    for (int i = 0; i < kPack; i++) {
+                        dot += to_float(g[u].v[i]) * to_float(ov[u].v[i]);
+                        scaled[i] = w * to_float(g[u].v[i]);
+                    }
+                    store_pack(d_o + pos * D + v * kPack, scaled);
+                }
             }
         for (int offset = seg / 2; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, offset);
         // slot j0 + i's sum sits in lane i·seg; lane j0 + i takes it
         const int from = lane - j0 >= 0 && lane - j0 < per_pass ? (lane - j0) * seg : 0;
-        const float got = __shfl_sync(0xffffffff, dot, from), got_w = __shfl_sync(0xffffffff, w, from);
-        if (lane >= j0 && lane < j0 + per_pass && lane < k) {
-            my_dgate = got;
-            my_gate = got_w;
-        }
+        const float got = __shfl_sync(0xffffffff, dot, from);
+        if (lane >= j0 && lane < j0 + per_pass && lane < k) lane_dgate = got;
     }
-    float wdw = my_gate * my_dgate;
+    float wdw = lane_gate * lane_dgate;
     for (int offset = 16; offset > 0; offset >>= 1) wdw += __shfl_xor_sync(0xffffffff, wdw, offset);
-    if (lane < k && plan.copy_pos[slot0 + lane] >= 0)
-        ds_copy[plan.copy_pos[slot0 + lane]] = gate_softmax ? my_gate * (my_dgate - wdw) : my_dgate;
+    if (lane_pos >= 0) ds_copy[lane_pos] = gate_softmax ? lane_gate * (lane_dgate - wdw) : lane_dgate;
 }
 
 // d_o (copies, D) and ds_copy (copies) from dy (M, ld).
 inline void combine_backward(floatX* d_o, float* ds_copy, const floatX* dy, int64_t ld, const floatX* o,
                              const RoutingPlan& plan, int D, cudaStream_t stream, bool gate_softmax = true) {
     check_pack_shape(D, ld, "combine_backward");
-    const int warps = 8;
-    combine_backward_kernel<<<(unsigned)ceil_div((int64_t)plan.H * plan.M, warps), warps * 32, 0, stream>>>(
-        d_o, ds_copy, dy, ld, o, plan, plan.M, plan.H, D, plan.k, gate_softmax);
+    const int warps = 8, packs = D / kPack;
+    const int per_lane = packs < 32 ? 1 : (int)ceil_div(packs, 32);  // packs of a copy per lane
+    const dim3 grid((unsigned)ceil_div((int64_t)plan.H * plan.M, warps));
+    if (per_lane == 1)
+        combine_backward_kernel<1><<<grid, warps * 32, 0, stream>>>(d_o, ds_copy, dy, ld, o, plan, plan.M, plan.H, D,
+                                                                   plan.k, gate_softmax);
+    else
+        combine_backward_kernel<4><<<grid, warps * 32, 0, stream>>>(d_o, ds_copy, dy, ld, o, plan, plan.M, plan.H, D,
+                                                                   plan.k, gate_softmax);
     CUDA_CHECK_LAUNCH();
 }
 

@@ -19,9 +19,10 @@
 #   - with BENCH=0, this tree's builds and tests only (OTHER_TREE is not built).
 #   bash scripts/gpu_kernels.sh OTHER_TREE    e.g. OTHER_TREE from `git archive REV | tar -x -C .before`
 # Logs come back as $OUT/logs.tgz (scripts/device_logs.sh), refreshed after every phase; a short table
-# is printed last. The tests in three builds are its longest phase (some 8 minutes on an H200): with
-# the benchmarks as well it does not fit one device call, so run the extra builds' tests with BENCH=0
-# in a call of their own, and the benchmarks (and TRAIN=1) with EXTRA_BUILDS="" in another.
+# is printed last. The tests in three builds are its longest phase (some 4 minutes on an H200 side
+# by side, 8 one after another): with every benchmark and TRAIN=1 as well it does not fit one
+# device call, so run the extra builds' tests with BENCH=0 in a call of their own, and the benchmarks
+# (and TRAIN=1) with EXTRA_BUILDS="" in another.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [ $# -eq 1 ] && [ -f "$1/CMakeLists.txt" ] || { echo "usage: $0 OTHER_TREE (a source tree with a CMakeLists.txt)" >&2; exit 2; }
@@ -50,13 +51,19 @@ wait
 for dir in "${trees[@]}"; do [ -f "$logs/$dir.ok" ] || { echo "build of $dir failed"; exit 1; }; done
 echo "build: ${SECONDS} s"
 
-for t in "${tests[@]}"; do
-    for dir in build "${extra[@]}"; do
-        [ "$dir" = build80 ] && continue
-        name=${build_name[$dir]}
-        ./$dir/$t >"$logs/$t.$name.log" 2>&1; echo "$t $name: rc $? $(tail -n 1 "$logs/$t.$name.log")"
-    done
-done >"$logs/tests.txt"
+run_tests() {  # run_tests DIR: every GPU test of one build, a line each into $logs/tests.NAME.txt
+    local t name=${build_name[$1]}
+    for t in "${tests[@]}"; do
+        ./$1/$t >"$logs/$t.$name.log" 2>&1; echo "$t $name: rc $? $(tail -n 1 "$logs/$t.$name.log")"
+    done >"$logs/tests.$name.txt"
+}
+# With EXTRA_BUILDS the builds' tests run side by side, to fit one device call: the timing lines
+# some tests print are then not measurements (take those from a run with EXTRA_BUILDS="").
+for dir in build "${extra[@]}"; do
+    [ "$dir" = build80 ] || run_tests "$dir" &
+done
+wait
+for dir in build "${extra[@]}"; do [ "$dir" = build80 ] || cat "$logs/tests.${build_name[$dir]}.txt"; done >"$logs/tests.txt"
 if [ -f "$logs/build80.ok" ]; then
     ./build80/train_latentmoe --preset tiny --steps 1 >"$logs/sm80.log" 2>&1
     echo "sm_80-only binary on this GPU: rc $? $(tail -n 1 "$logs/sm80.log")" >>"$logs/tests.txt"

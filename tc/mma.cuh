@@ -106,6 +106,18 @@ __device__ inline void prefetch_l2(const void* p, int rows, int row_bytes, int64
         if (j * 128 < lead + row_bytes) asm volatile("prefetch.L2 [%0];\n" ::"l"(row - lead + j * 128));
     }
 }
+// The reads of an epilogue's N accumulator pairs, all issued before the first write: old[j] = read(j),
+// then write(j, old[j]) for each j. Done pair by pair, each read would wait for the write before it
+// (a store may alias the next load, so neither the compiler nor the hardware moves the load ahead):
+// one memory latency per pair instead of one per N pairs.
+template <int N, class Read, class Write>
+__device__ inline void read_all_then_write(Read read, Write write) {
+    decltype(read(0)) old[N];
+#pragma unroll
+    for (int j = 0; j < N; j++) old[j] = read(j);
+#pragma unroll
+    for (int j = 0; j < N; j++) write(j, old[j]);
+}
 // Closes the group of copies issued since the last commit; cp_async_wait<n> waits until at most n
 // groups are still in flight (the copies of this thread only: follow it with a barrier).
 __device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }

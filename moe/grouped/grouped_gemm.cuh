@@ -103,26 +103,40 @@ __device__ inline void store_rows_output(const RowsGemm<T>& p, int64_t at, float
     }
 }
 
-// The tensor-core kernels' outputs (at, at + 1) of a row GEMM, as store_rows_output with the fast GELU.
+// The tensor-core kernels' outputs (at, at + 1) of a row GEMM, as store_rows_output with the fast GELU:
+// Store and Gelu, which only write.
 template <RowsEpilogue EPI>
 __device__ inline void store_rows_pair(const RowsGemm<bf16>& p, int64_t at, float v0, float v1) {
-    if constexpr (EPI == RowsEpilogue::Store) {
-        *reinterpret_cast<uint32_t*>(p.out + at) = pack_bf16x2(v0, v1);
-    } else if constexpr (EPI == RowsEpilogue::Gelu) {
-        *reinterpret_cast<uint32_t*>(p.out + at) = pack_bf16x2(v0, v1);
+    static_assert(EPI != RowsEpilogue::GeluGrad, "GeluGrad reads pre: store_gelu_grad_pairs");
+    *reinterpret_cast<uint32_t*>(p.out + at) = pack_bf16x2(v0, v1);
+    if constexpr (EPI == RowsEpilogue::Gelu)
         *reinterpret_cast<uint32_t*>(p.hidden + at) = pack_bf16x2(gelu_fast(v0), gelu_fast(v1));
-    } else {
-        const __nv_bfloat162 pre = *reinterpret_cast<const __nv_bfloat162*>(p.pre + at);
-        *reinterpret_cast<uint32_t*>(p.out + at) =
-            pack_bf16x2(v0 * gelu_grad_fast(__low2float(pre)), v1 * gelu_grad_fast(__high2float(pre)));
-    }
 }
 
-// dw[0..1] += (v0, v1): an accumulator pair of the tensor-core weight gradients, one 8-byte read and write.
-__device__ inline void add_pair(float* dw, float v0, float v1) {
-    float2* at = reinterpret_cast<float2*>(dw);
-    const float2 old = *at;
-    *at = make_float2(old.x + v0, old.y + v1);
+// GeluGrad's outputs (at(j), at(j) + 1) for N accumulator pairs value(j) (at(j) < 0: pair j lies outside
+// the output): out = value · GELU'(pre), the N pairs of pre read before any output is written.
+template <int N, class At, class Value>
+__device__ inline void store_gelu_grad_pairs(const RowsGemm<bf16>& p, At at, Value value) {
+    read_all_then_write<N>(
+        [&](int j) { return at(j) >= 0 ? *reinterpret_cast<const __nv_bfloat162*>(p.pre + at(j)) : __nv_bfloat162{}; },
+        [&](int j, __nv_bfloat162 pre) {
+            const float2 v = value(j);
+            if (at(j) >= 0)
+                *reinterpret_cast<uint32_t*>(p.out + at(j)) =
+                    pack_bf16x2(v.x * gelu_grad_fast(__low2float(pre)), v.y * gelu_grad_fast(__high2float(pre)));
+        });
+}
+
+// dw[at(j), at(j) + 1] += value(j) for N accumulator pairs of the tensor-core weight gradients (at(j) < 0:
+// pair j lies outside the gradient), all N 8-byte reads issued before the first write.
+template <int N, class At, class Value>
+__device__ inline void add_pairs(float* dw, At at, Value value) {
+    read_all_then_write<N>(
+        [&](int j) { return at(j) >= 0 ? *reinterpret_cast<const float2*>(dw + at(j)) : float2{}; },
+        [&](int j, float2 old) {
+            const float2 v = value(j);
+            if (at(j) >= 0) *reinterpret_cast<float2*>(dw + at(j)) = make_float2(old.x + v.x, old.y + v.y);
+        });
 }
 
 // The copies [p0, p0 + rows) of part `part` (of `part_rows` rows) of planner tile `tile`, and their
@@ -399,11 +413,22 @@ __global__ void __launch_bounds__(kGemmThreads) rows_gemm_mma_kernel(const RowsG
         for (int half = 0; half < 2; half++) {
             const int r = wm + 16 * mt + gq + 8 * half;
             if (r >= rows) continue;
+            if constexpr (EPI == RowsEpilogue::GeluGrad) {
+                store_gelu_grad_pairs<8>(  // this row's eight pairs, one per n-tile
+                    p,
+                    [&](int nt) {
+                        const int n = n0 + wn + 8 * nt + 2 * q;  // cols is a multiple of 8: n + 1 < cols too
+                        return n < cols ? (int64_t)(p0 + r) * cols + n : int64_t{-1};
+                    },
+                    [&](int nt) { return make_float2(acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]); });
+            } else {
 #pragma unroll
-            for (int nt = 0; nt < 8; nt++) {
-                const int n = n0 + wn + 8 * nt + 2 * q;  // cols is a multiple of 8: n + 1 < cols too
-                if (n >= cols) continue;
-                store_rows_pair<EPI>(p, (int64_t)(p0 + r) * cols + n, acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]);
+                for (int nt = 0; nt < 8; nt++) {
+                    const int n = n0 + wn + 8 * nt + 2 * q;
+                    if (n >= cols) continue;
+                    store_rows_pair<EPI>(p, (int64_t)(p0 + r) * cols + n, acc[mt][nt][2 * half],
+                                         acc[mt][nt][2 * half + 1]);
+                }
             }
         }
 }
@@ -447,12 +472,13 @@ __global__ void __launch_bounds__(kGemmThreads) weight_grad_mma_kernel(const Wei
         for (int half = 0; half < 2; half++) {
             const int m = m0 + wm + 16 * mt + gq + 8 * half;
             if (m >= p.rows_out) continue;
-#pragma unroll
-            for (int nt = 0; nt < 8; nt++) {
-                const int n = n0 + wn + 8 * nt + 2 * q;
-                if (n >= p.cols_out) continue;
-                add_pair(dw + (int64_t)m * p.cols_out + n, acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]);
-            }
+            add_pairs<8>(  // this row's eight pairs, one per n-tile
+                dw,
+                [&](int nt) {
+                    const int n = n0 + wn + 8 * nt + 2 * q;
+                    return n < p.cols_out ? (int64_t)m * p.cols_out + n : int64_t{-1};
+                },
+                [&](int nt) { return make_float2(acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]); });
         }
 }
 
@@ -567,11 +593,29 @@ __global__ void __launch_bounds__(kWgThreads, 1) rows_gemm_wgmma_kernel(const Ro
     wgmma_gemm_mainloop<false, !W_TRANSPOSED>(acc, smem, (int)ceil_div(K, kWgDepth), load);
 
     const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
+    auto pair_at = [&](int i, int& r, int& n) {  // of accumulator pair acc[i, i + 1]
+        r = 64 * wg + 16 * warp + lane / 4 + 8 * (i / 2 % 2);
+        n = n0 + 8 * (i / 4) + 2 * (lane % 4);  // cols is a multiple of 8: n + 1 < cols too
+    };
+    if constexpr (EPI == RowsEpilogue::GeluGrad) {
+        constexpr int chunk = 16;  // pairs whose pre is read at once
 #pragma unroll
-    for (int i = 0; i < kWgTileN / 2; i += 2) {
-        const int r = 64 * wg + 16 * warp + lane / 4 + 8 * (i / 2 % 2);
-        const int n = n0 + 8 * (i / 4) + 2 * (lane % 4);  // cols is a multiple of 8: n + 1 < cols too
-        if (r < rows && n < cols) store_rows_pair<EPI>(p, (int64_t)(p0 + r) * cols + n, acc[i], acc[i + 1]);
+        for (int i0 = 0; i0 < kWgTileN / 2; i0 += 2 * chunk)
+            store_gelu_grad_pairs<chunk>(
+                p,
+                [&](int j) {
+                    int r, n;
+                    pair_at(i0 + 2 * j, r, n);
+                    return r < rows && n < cols ? (int64_t)(p0 + r) * cols + n : int64_t{-1};
+                },
+                [&](int j) { return make_float2(acc[i0 + 2 * j], acc[i0 + 2 * j + 1]); });
+    } else {
+#pragma unroll
+        for (int i = 0; i < kWgTileN / 2; i += 2) {
+            int r, n;
+            pair_at(i, r, n);
+            if (r < rows && n < cols) store_rows_pair<EPI>(p, (int64_t)(p0 + r) * cols + n, acc[i], acc[i + 1]);
+        }
     }
 #endif
 }
@@ -633,11 +677,18 @@ __global__ void __launch_bounds__(kWgThreads, 1) weight_grad_wgmma_kernel(const 
     wgmma_gemm_mainloop<true, true>(acc, smem, (int)ceil_div(end - begin, kWgDepth), load);
 
     const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
+    // Accumulator pair j of a chunk is acc[i0 + 2j, i0 + 2j + 1]; 16 pairs' reads in flight at a time.
+    constexpr int chunk = 16;
 #pragma unroll
-    for (int i = 0; i < kWgTileN / 2; i += 2) {
-        const int m = m0 + 64 * wg + 16 * warp + lane / 4 + 8 * (i / 2 % 2), n = n0 + 8 * (i / 4) + 2 * (lane % 4);
-        if (m < p.rows_out && n < p.cols_out) add_pair(dw + (int64_t)m * p.cols_out + n, acc[i], acc[i + 1]);
-    }
+    for (int i0 = 0; i0 < kWgTileN / 2; i0 += 2 * chunk)
+        add_pairs<chunk>(
+            dw,
+            [&](int j) {
+                const int i = i0 + 2 * j;
+                const int m = m0 + 64 * wg + 16 * warp + lane / 4 + 8 * (i / 2 % 2), n = n0 + 8 * (i / 4) + 2 * (lane % 4);
+                return m < p.rows_out && n < p.cols_out ? (int64_t)m * p.cols_out + n : int64_t{-1};
+            },
+            [&](int j) { return make_float2(acc[i0 + 2 * j], acc[i0 + 2 * j + 1]); });
 #endif
 }
 

@@ -211,18 +211,26 @@ __global__ void __launch_bounds__(kExpertThreads) expert_weight_backward_kernel(
     }
 }
 
-// dK[0..1] (+)= (k0, k1), dV[0..1] (+)= (v0, v1): an accumulator pair of the tensor-core kernels, as
-// one 8-byte read and write each (both read before either is written); += into the gradients, = into
-// a part's slot.
-__device__ inline void write_dk_dv(float* dK, float* dV, bool accumulate, float k0, float k1, float v0, float v1) {
-    float2* dk = reinterpret_cast<float2*>(dK);
-    float2* dv = reinterpret_cast<float2*>(dV);
-    if (accumulate) {
-        const float2 k_old = *dk, v_old = *dv;
-        k0 += k_old.x, k1 += k_old.y, v0 += v_old.x, v1 += v_old.y;
-    }
-    *dk = make_float2(k0, k1);
-    *dv = make_float2(v0, v1);
+// dK[at(j), at(j) + 1] (+)= k(j), dV[...] (+)= v(j) for N accumulator pairs of the tensor-core kernels,
+// each an 8-byte read and write of both, every read issued before the first write; += into the
+// gradients, = into a part's slot.
+template <int N, class At, class K, class V>
+__device__ inline void write_dk_dv_pairs(float* dK, float* dV, bool accumulate, At at, K k, V v) {
+    read_all_then_write<N>(
+        [&](int j) {
+            float4 old{};  // dK's pair, then dV's
+            if (accumulate) {
+                const float2 k_old = *reinterpret_cast<const float2*>(dK + at(j));
+                const float2 v_old = *reinterpret_cast<const float2*>(dV + at(j));
+                old = make_float4(k_old.x, k_old.y, v_old.x, v_old.y);
+            }
+            return old;
+        },
+        [&](int j, float4 old) {
+            const float2 kj = k(j), vj = v(j);
+            *reinterpret_cast<float2*>(dK + at(j)) = make_float2(old.x + kj.x, old.y + kj.y);
+            *reinterpret_cast<float2*>(dV + at(j)) = make_float2(old.z + vj.x, old.w + vj.y);
+        });
 }
 
 constexpr int kWgmmaWeightStages = 4;  // of X, dO in the wgmma weight gradient
@@ -368,12 +376,19 @@ __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const b
     }
     wgmma_fence_operands(acc_v);
     wgmma_fence_operands(acc_k);
+    // Accumulator pair j of a chunk is acc[i0 + 2j, i0 + 2j + 1]; 8 pairs' reads of dK and dV in flight.
+    constexpr int chunk = 8;
 #pragma unroll
-    for (int i = 0; i < DH / 2; i += 2) {
-        const int f = wg * 64 + 16 * warp + gq + 8 * (i / 2 % 2), c = 8 * (i / 4) + 2 * q;
-        const int64_t at = (int64_t)(f0 + f) * DH + c;
-        write_dk_dv(item.dk + at, item.dv + at, item.accumulate, acc_k[i], acc_k[i + 1], acc_v[i], acc_v[i + 1]);
-    }
+    for (int i0 = 0; i0 < DH / 2; i0 += 2 * chunk)
+        write_dk_dv_pairs<chunk>(
+            item.dk, item.dv, item.accumulate,
+            [&](int j) {
+                const int i = i0 + 2 * j;
+                const int f = wg * 64 + 16 * warp + gq + 8 * (i / 2 % 2), c = 8 * (i / 4) + 2 * q;
+                return (int64_t)(f0 + f) * DH + c;
+            },
+            [&](int j) { return make_float2(acc_k[i0 + 2 * j], acc_k[i0 + 2 * j + 1]); },
+            [&](int j) { return make_float2(acc_v[i0 + 2 * j], acc_v[i0 + 2 * j + 1]); });
 }
 #endif  // LMOE_HAS_WGMMA
 
@@ -460,12 +475,11 @@ __global__ void __launch_bounds__(kMmaWeightThreads, 1)
     for (int mt = 0; mt < R_MT; mt++)
 #pragma unroll
         for (int nt = 0; nt < L::r_cols / 8; nt++)
-#pragma unroll
-            for (int half = 0; half < 2; half++) {
-                const int64_t at = (int64_t)(f0 + rf0 + 16 * mt + gq + 8 * half) * DH + rd0 + nt * 8 + 2 * q;
-                write_dk_dv(item.dk + at, item.dv + at, item.accumulate, acc_k[mt][nt][2 * half],
-                            acc_k[mt][nt][2 * half + 1], acc_v[mt][nt][2 * half], acc_v[mt][nt][2 * half + 1]);
-            }
+            write_dk_dv_pairs<2>(  // the pairs of rows gq and gq + 8
+                item.dk, item.dv, item.accumulate,
+                [&](int half) { return (int64_t)(f0 + rf0 + 16 * mt + gq + 8 * half) * DH + rd0 + nt * 8 + 2 * q; },
+                [&](int half) { return make_float2(acc_k[mt][nt][2 * half], acc_k[mt][nt][2 * half + 1]); },
+                [&](int half) { return make_float2(acc_v[mt][nt][2 * half], acc_v[mt][nt][2 * half + 1]); });
 }
 
 // fe slice of the tensor-core weight gradient: the widest, 128, reads the group's X and dO the fewest
