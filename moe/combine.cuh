@@ -53,11 +53,12 @@ inline void combine_forward(floatX* y, int64_t ld, const floatX* o, const Routin
 // With gate_softmax false (LocMoE, whose gates are the full softmax's p) dw_j itself is stored.
 // A row is D / kPack packs; when that is under 32 and divides it, the warp splits into segments of
 // that many lanes and takes 32 / packs copies at once (bf16, dh = 128: two at once, 16 lanes each).
-// A lane reads its AHEAD packs of a copy (all it has when the row is at most AHEAD·seg packs) before
-// it writes any: a write may alias the next read, so each group of reads waits on the one before.
+// A lane reads AHEAD packs of a copy (all it has when the row is at most AHEAD·seg packs) before it
+// writes any: a write may alias the next read, so the reads after a write wait for the reads before it.
 template <int AHEAD>
-__global__ void __launch_bounds__(256) combine_backward_kernel(floatX* d_o, float* ds_copy, const floatX* dy, int64_t ld, const floatX* o,
-                                        const RoutingPlan plan, int M, int H, int D, int k, bool gate_softmax) {
+__global__ void __launch_bounds__(256)
+    combine_backward_kernel(floatX* d_o, float* ds_copy, const floatX* dy, int64_t ld, const floatX* o,
+                            const RoutingPlan plan, int M, int H, int D, int k, bool gate_softmax) {
     const int lane = threadIdx.x % 32;
     const int64_t warp = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (warp >= (int64_t)H * M) return;

@@ -10,7 +10,7 @@
 // following product (FlashAttention-2's trick): hidden activations go from one matmul to the next
 // without leaving registers.
 // Users: the LatentMoE expert kernels (through tc/warp_tile.cuh, tc/wgmma.cuh) and the MoE's grouped
-// GEMMs (moe/grouped/grouped_gemm.cuh).
+// GEMMs (moe/grouped/grouped_gemm.cuh), whose epilogues also read ahead through read_all_then_write.
 #pragma once
 #include <cuda_bf16.h>
 

@@ -685,7 +685,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) weight_grad_wgmma_kernel(const 
             dw,
             [&](int j) {
                 const int i = i0 + 2 * j;
-                const int m = m0 + 64 * wg + 16 * warp + lane / 4 + 8 * (i / 2 % 2), n = n0 + 8 * (i / 4) + 2 * (lane % 4);
+                const int m = m0 + 64 * wg + 16 * warp + lane / 4 + 8 * (i / 2 % 2);
+                const int n = n0 + 8 * (i / 4) + 2 * (lane % 4);
                 return m < p.rows_out && n < p.cols_out ? (int64_t)m * p.cols_out + n : int64_t{-1};
             },
             [&](int j) { return make_float2(acc[i0 + 2 * j], acc[i0 + 2 * j + 1]); });
