@@ -26,14 +26,15 @@
 // The tensor-core kernels fill shared memory through a multistage cp.async pipeline. d and f must be
 // multiples of 8 (16-byte row segments).
 //
-// Known limits (docs/perf/expert_kernels.md has the measurements): the mma.sync kernels' operand traffic leaves them bound by shared-memory and L2 bandwidth, well below
-// the tensor-core ceiling. The wgmma kernels' operands are copied by the warpgroups that compute
-// (cp.async, no TMA, no producer warpgroup, no multicast within a cluster), each block reading its
-// own from L2; their 193 KB of shared memory leave one block per SM, whose epilogue the SM does not
-// overlap with math (the weight gradients of groups of ~1000 copies, 16 steps, run at half the rate of
-// long groups); 256-wide tiles waste tensor work where f or d is not a multiple of 256. In all of them:
-// dW1, whose X rows are gathered, is the slowest; and the weight gradients' fp32 read-modify-write of
-// every dW tile (2 × 268 MB at p1).
+// Known limits (docs/perf/expert_kernels.md has the measurements): the mma.sync kernels' operand
+// traffic leaves them bound by shared-memory and L2 bandwidth, well below the tensor-core ceiling. The
+// wgmma kernels' operands are copied by the warpgroups that compute (cp.async, no TMA, no producer
+// warpgroup, no multicast within a cluster), each block reading its own from L2; their 193 KB of shared
+// memory leave one block per SM, whose epilogue the SM does not overlap with math (the weight gradients
+// of groups of ~1000 copies, 16 steps, run well below the rate of long groups); 256-wide tiles waste
+// tensor work where f or d is not a multiple of 256. In all of them: dW1, whose X rows are gathered, is
+// the slowest; and the weight gradients' fp32 read-modify-write of every dW tile (2 × 268 MB at p1),
+// its reads issued a chunk of pairs ahead of the writes (read_all_then_write).
 //
 // Shared with the LatentMoE kernels (moe/latent/): GELU (moe/gelu.cuh), the launch with a raised
 // shared-memory limit (util/launch.cuh), the ldmatrix fragment loads and paired mma.sync of
