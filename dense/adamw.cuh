@@ -90,38 +90,33 @@ __device__ inline int segment_of(const DecaySegments& s, int64_t e) {
 
 }  // namespace adamw_detail
 
-// Grid-stride over n elements, W at a time (W = 4: 16-byte loads of master, m, v, grad); the n % W
-// elements left over go to the first threads of the grid. A group of W may straddle two segments,
-// so each element looks up its own decay, walking on from the first element's segment.
+// Thread t owns elements [first + W·t, first + W·t + W) of the (n,) buffers, t < (n − first) / W
+// (W = 4: one 16-byte load each of master, m, v, grad). One group per thread over a grid that covers
+// the elements once, not a grid-stride loop over a grid sized to fill the SMs: at 40 registers 3 blocks
+// of 512 fit an SM, not 4, which leaves such a grid a last wave a quarter full, and many short blocks keep
+// more loads in flight (docs/perf/single_gpu.md has the rates). A group may straddle two segments, so
+// each element looks up its own decay, walking on from its first element's.
 template <int W>
 __global__ void __launch_bounds__(adamw_detail::kThreads)
-    adamw_kernel(float* master, floatX* param, float* m, float* v, const float* grad, int64_t n, AdamWStep step,
-                 DecaySegments decay, const float* grad_scale) {
+    adamw_kernel(float* master, floatX* param, float* m, float* v, const float* grad, int64_t first, int64_t n,
+                 AdamWStep step, DecaySegments decay, const float* grad_scale) {
     using adamw_detail::Vec;
+    const int64_t e = first + ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * W;
+    if (e + W > n) return;
+    Vec<float, W> th = *reinterpret_cast<Vec<float, W>*>(master + e), mm = *reinterpret_cast<Vec<float, W>*>(m + e),
+                  vv = *reinterpret_cast<Vec<float, W>*>(v + e), g = *reinterpret_cast<const Vec<float, W>*>(grad + e);
     const float scale = *grad_scale;
-    const int64_t n_vec = n / W, stride = (int64_t)gridDim.x * blockDim.x;
-    const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    for (int64_t i = tid; i < n_vec; i += stride) {
-        Vec<float, W> th = reinterpret_cast<Vec<float, W>*>(master)[i], mm = reinterpret_cast<Vec<float, W>*>(m)[i],
-                      vv = reinterpret_cast<Vec<float, W>*>(v)[i],
-                      g = reinterpret_cast<const Vec<float, W>*>(grad)[i];
-        Vec<floatX, W> p;
-        int j = adamw_detail::segment_of(decay, i * W);
-        for (int k = 0; k < W; k++) {
-            while (i * W + k >= __ldg(decay.end + j)) j++;
-            step(th.v[k], mm.v[k], vv.v[k], g.v[k] * scale, __ldg(decay.weight_decay + j));
-            p.v[k] = from_float<floatX>(th.v[k]);
-        }
-        reinterpret_cast<Vec<float, W>*>(master)[i] = th;
-        reinterpret_cast<Vec<float, W>*>(m)[i] = mm;
-        reinterpret_cast<Vec<float, W>*>(v)[i] = vv;
-        reinterpret_cast<Vec<floatX, W>*>(param)[i] = p;
+    Vec<floatX, W> p;
+    int j = adamw_detail::segment_of(decay, e);
+    for (int k = 0; k < W; k++) {
+        while (e + k >= __ldg(decay.end + j)) j++;
+        step(th.v[k], mm.v[k], vv.v[k], g.v[k] * scale, __ldg(decay.weight_decay + j));
+        p.v[k] = from_float<floatX>(th.v[k]);
     }
-    const int64_t i = n_vec * W + tid;
-    if (i < n) {
-        step(master[i], m[i], v[i], grad[i] * scale, __ldg(decay.weight_decay + adamw_detail::segment_of(decay, i)));
-        param[i] = from_float<floatX>(master[i]);
-    }
+    *reinterpret_cast<Vec<float, W>*>(master + e) = th;
+    *reinterpret_cast<Vec<float, W>*>(m + e) = mm;
+    *reinterpret_cast<Vec<float, W>*>(v + e) = vv;
+    *reinterpret_cast<Vec<floatX, W>*>(param + e) = p;
 }
 
 // master, m, v, grad: (n,) fp32; param: (n,) floatX, written from the new master.
@@ -136,13 +131,18 @@ inline void adamw_update(float* master, floatX* param, float* m, float* v, const
     const AdamWStep step{lr, beta1, beta2, eps, bias_correction1, bias_correction2};
     const bool vectorised = aligned_for<4>(master, 4) && aligned_for<4>(m, 4) && aligned_for<4>(v, 4) &&
                             aligned_for<4>(grad, 4) && aligned_for<4>(param, sizeof(floatX));
-    if (vectorised)
-        adamw_kernel<4><<<grid_stride_blocks(n / 4), kThreads, 0, stream>>>(master, param, m, v, grad, n, step,
-                                                                            decay, grad_scale);
-    else
-        adamw_kernel<1><<<grid_stride_blocks(n), kThreads, 0, stream>>>(master, param, m, v, grad, n, step, decay,
-                                                                        grad_scale);
-    CUDA_CHECK_LAUNCH();
+    // The groups of 4, then the n % 4 elements past them (all n, one at a time, when unaligned).
+    const int64_t grouped = vectorised ? n / 4 * 4 : 0;
+    if (grouped > 0) {
+        adamw_kernel<4><<<ceil_div(grouped / 4, kThreads), kThreads, 0, stream>>>(master, param, m, v, grad, 0, n, step,
+                                                                                 decay, grad_scale);
+        CUDA_CHECK_LAUNCH();
+    }
+    if (grouped < n) {
+        adamw_kernel<1><<<ceil_div(n - grouped, kThreads), kThreads, 0, stream>>>(master, param, m, v, grad, grouped,
+                                                                                 n, step, decay, grad_scale);
+        CUDA_CHECK_LAUNCH();
+    }
 }
 
 // param = floatX(master), elementwise (after loading or initialising the fp32 master weights).

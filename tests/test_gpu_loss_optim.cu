@@ -143,11 +143,11 @@ void check_micro_batch_loss(lmoe::Rng& rng, int parts) {
 // ---------------------------------------------------------------------------------------------
 // AdamW: 3 steps on random state against ref::adamw_update in double, gradients scaled by a clip factor
 // (the reference gets grad · scale), over segments with their own weight decay as the model's tensors
-// have (boundaries inside a 4-wide group, an empty segment). `offset` shifts every buffer by that many
-// floats: 1 takes the unaligned, scalar path.
+// have (boundaries inside a 4-wide group, an empty segment; at n < 4 empty ones at the end too).
+// `offset` shifts every buffer by that many floats: 1 takes the unaligned, scalar path.
 void check_adamw(lmoe::Rng& rng, int64_t n, int offset) {
     std::printf("adamw n=%lld offset=%d\n", (long long)n, offset);
-    const std::vector<int64_t> end = {n / 3 + 1, n / 3 + 1, 2 * n / 3 + 2, n};
+    const std::vector<int64_t> end = {std::min(n / 3 + 1, n), std::min(n / 3 + 1, n), std::min(2 * n / 3 + 2, n), n};
     const std::vector<float> weight_decay = {0.1f, 0.5f, 0.f, 0.25f};
     const lmoe::DecayTable decay(end, weight_decay);
     const ref::AdamW hp;  // β1 0.9, β2 0.95, ε 1e-8 (SPEC §2.4)
@@ -308,6 +308,7 @@ int main() {
 
     check_adamw(rng, 100003, 0);
     check_adamw(rng, 1001, 1);  // unaligned: the scalar path
+    check_adamw(rng, 3, 0);     // fewer elements than one group of 4: the leftovers alone
 
     std::printf("global norm\n");
     for (int64_t n : {10000000LL, 1001LL, 5LL}) {
