@@ -105,9 +105,9 @@ if [ "${TRAIN:-0}" = 1 ] && [ -f data/kjv_train.bin ]; then
             timeout 90 ./$tree/$trainer --preset p1 --steps 12 --log-every 11 --eval-every 0 --eval-batches 1 \
                 --train-data data/kjv_train.bin --val-data data/kjv_val.bin --checkpoint none \
                 >"$logs/train_${trainer}_$tree.log" 2>&1
+            pack_logs
         done
     done
-    pack_logs
 fi
 if [ "${NCU:-1}" = 1 ]; then
     timeout 200 ncu --clock-control none -k 'regex:expert_(rows_wgmma|weight_backward_mma)' -c 3 \

@@ -5,12 +5,16 @@
 // (a near-tie may legitimately flip between fp32 and double; those are counted, not failed).
 // Outputs are poisoned before every run; weight gradients start from random values (they must be
 // accumulated into, not overwritten); a second run must give the same bytes.
+// First, the fast GELU forms of the tensor-core kernels (moe/gelu.cuh) on their own, against exact erf.
 // The layer's stage benchmark is bench/bench_moe.cu.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 
 #include "moe/combine.cuh"
+#include "moe/gelu.cuh"
 #include "moe/grouped/grouped_gemm.cuh"
 #include "moe/router.cuh"
 #include "moe/routing_plan.cuh"
@@ -21,6 +25,73 @@
 
 using lmoe::DeviceBuffer;
 using gpu_test::expect_close;
+
+__global__ void gelu_fast_kernel(float* out, const float* x, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const lmoe::GeluAndGrad both = lmoe::gelu_and_grad_fast(x[i]);
+    out[4 * i] = lmoe::gelu_fast(x[i]);
+    out[4 * i + 1] = lmoe::gelu_grad_fast(x[i]);
+    out[4 * i + 2] = both.value;
+    out[4 * i + 3] = both.grad;
+}
+
+// gelu_fast, gelu_grad_fast and gelu_and_grad_fast on 2^21 + 1 points of [−7, 7] and at special
+// values: within moe/gelu.cuh's stated bounds of exact erf (abs 3.9e-7 for gelu, 1.4e-7 for gelu',
+// checked at 5e-7, 2.5e-7 (the hardware ex2 rounds within 2 ulp) and gelu's relative error at 1e-4 where |gelu| > 1e-3), the joint form
+// bitwise the separate ones, NaN passed on, and under 1.2e-7 from the limits past the fitted range.
+void check_gelu_fast() {
+    std::printf("fast GELU forms\n");
+    const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+    std::vector<float> x;
+    for (int i = -(1 << 20); i <= (1 << 20); i++) x.push_back(7.f * i / (1 << 20));
+    const std::vector<float> special = {0.f, -0.f, 1e-20f, -1e-20f, 5.5f, -5.5f, 8.f,   -8.f,
+                                        100.f, -100.f, 1e30f, -1e30f, inf, -inf, nan};
+    const int n_grid = (int)x.size();
+    x.insert(x.end(), special.begin(), special.end());
+    const int n = (int)x.size();
+    DeviceBuffer<float> x_d(n), out_d(4 * (size_t)n);
+    x_d.upload(x);
+    out_d.poison();
+    gelu_fast_kernel<<<(n + 255) / 256, 256>>>(out_d.get(), x_d.get(), n);
+    CUDA_CHECK_LAUNCH();
+    const std::vector<float> out = out_d.download();
+    double gelu_abs = 0, gelu_rel = 0, grad_abs = 0;
+    bool joint_same = true, finite = true;  // poisoned outputs are NaN, which max() would pass over
+    for (int i = 0; i < n; i++)
+        joint_same &= std::memcmp(&out[4 * i], &out[4 * i + 2], 2 * sizeof(float)) == 0;
+    for (int i = 0; i < n_grid; i++) {
+        const double X = x[i], cdf = 0.5 * std::erfc(-X / std::sqrt(2.0));
+        const double gelu = X * cdf, grad = cdf + X * std::exp(-0.5 * X * X) / std::sqrt(2 * M_PI);
+        finite &= std::isfinite(out[4 * i]) && std::isfinite(out[4 * i + 1]);
+        gelu_abs = std::max(gelu_abs, std::fabs(out[4 * i] - gelu));
+        grad_abs = std::max(grad_abs, std::fabs(out[4 * i + 1] - grad));
+        if (std::fabs(gelu) > 1e-3) gelu_rel = std::max(gelu_rel, std::fabs(out[4 * i] - gelu) / std::fabs(gelu));
+    }
+    std::printf("  on [-7, 7]: gelu abs %.3g, rel %.3g; gelu' abs %.3g\n", gelu_abs, gelu_rel, grad_abs);
+    CHECK(gelu_abs <= 5e-7);
+    CHECK(gelu_rel <= 1e-4);
+    CHECK(grad_abs <= 2.5e-7);
+    CHECK(joint_same);
+    CHECK(finite);
+    for (int j = 0; j < (int)special.size(); j++) {  // specials: exact values within [-7, 7], limits past it
+        const float v = special[j], gelu = out[4 * (n_grid + j)], grad = out[4 * (n_grid + j) + 1];
+        const std::string at = "(" + std::to_string(v) + "): " + std::to_string(gelu) + ", " + std::to_string(grad);
+        if (std::isnan(v)) {
+            CHECK_MSG(std::isnan(gelu) && std::isnan(grad), "NaN in, NaN out" + at);
+        } else if (std::isinf(v)) {  // gelu' is inf · 0 there, as in the exact form
+            CHECK_MSG(v > 0 ? gelu == inf : std::fabs(gelu) <= 1.2e-7, "gelu_fast at infinity" + at);
+        } else if (std::fabs(v) <= 7.f) {
+            const double cdf = 0.5 * std::erfc(-(double)v / std::sqrt(2.0));
+            const double exact_grad = cdf + v * std::exp(-0.5 * (double)v * v) / std::sqrt(2 * M_PI);
+            CHECK_MSG(std::fabs(gelu - v * cdf) <= 5e-7 && std::fabs(grad - exact_grad) <= 2.5e-7, "near zero" + at);
+        } else {
+            const double limit = v > 0 ? v : 0.0;
+            CHECK_MSG(std::fabs(gelu - limit) <= 1.2e-7 * std::max(1.0, limit) && std::fabs(grad - (v > 0)) <= 1.2e-7,
+                      "far out" + at);
+        }
+    }
+}
 
 // got − start, element by element: what a kernel added to an accumulated gradient.
 std::vector<double> increment(const DeviceBuffer<float>& got, const std::vector<float>& start) {
@@ -148,6 +219,7 @@ void run_shape(const Shape& s, lmoe::Rng& rng) {
 
 int main() {
     gpu_test::skip_without_gpu();
+    check_gelu_fast();
     lmoe::Rng rng(2027);
     const Shape shapes[] = {
         {"tiny", 64, 64, 8, 32, 2},

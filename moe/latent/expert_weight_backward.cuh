@@ -362,10 +362,9 @@ __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const b
         wgmma_fence_operands(dat);
 #pragma unroll
         for (int i = 0; i < 32; i++) {
-            float e;
-            const float s = st[i], cdf = normal_cdf(s, e);
-            st[i] = gelu_from_cdf(s, cdf);
-            dat[i] *= gelu_grad_from_cdf(s, cdf, e);
+            const GeluAndGrad g = gelu_and_grad_fast(st[i]);
+            st[i] = g.value;
+            dat[i] *= g.grad;
         }
         static_assert(BR == 64, "the second products take 64 copies");
         // A^T, dS^T as the register A operands (k = copies): dV_w += A^T dO, dK_w += dS^T X
@@ -454,14 +453,11 @@ __global__ void __launch_bounds__(kMmaWeightThreads, 1)
 #pragma unroll
                     for (int half = 0; half < 2; half++) {
                         const int r = sm0 + 16 * mt + gq + 8 * half, c = sn0 + n * 8 + 2 * q;
-                        float e0, e1;
-                        const float s0 = s[mt][n][2 * half], s1 = s[mt][n][2 * half + 1];
-                        const float cdf0 = normal_cdf(s0, e0), cdf1 = normal_cdf(s1, e1);
-                        *reinterpret_cast<uint32_t*>(As + r * L::ld_hidden + c) =
-                            pack_bf16x2(gelu_from_cdf(s0, cdf0), gelu_from_cdf(s1, cdf1));
+                        const GeluAndGrad g0 = gelu_and_grad_fast(s[mt][n][2 * half]),
+                                          g1 = gelu_and_grad_fast(s[mt][n][2 * half + 1]);
+                        *reinterpret_cast<uint32_t*>(As + r * L::ld_hidden + c) = pack_bf16x2(g0.value, g1.value);
                         *reinterpret_cast<uint32_t*>(dSs + r * L::ld_hidden + c) =
-                            pack_bf16x2(da[mt][n][2 * half] * gelu_grad_from_cdf(s0, cdf0, e0),
-                                        da[mt][n][2 * half + 1] * gelu_grad_from_cdf(s1, cdf1, e1));
+                            pack_bf16x2(da[mt][n][2 * half] * g0.grad, da[mt][n][2 * half + 1] * g1.grad);
                     }
         }
         __syncthreads();  // A and dS complete
