@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Derives the polynomial of moe/gelu.cuh's normal_tail and checks the fast GELU forms built on it.
+"""Derives the polynomial of moe/gelu.cuh's gelu_fast and checks the fast GELU forms.
 
 log2 Φ(−a) on [0, 5.5] by a degree-7 polynomial in a, minimising the largest absolute error of
 Φ(−a) = 2^p(a) (Lawson's iteration: weighted least squares whose weights grow where the error is
 largest, converging on the minimax fit). It then evaluates the kernels' arithmetic in float32 —
 coefficients rounded to float, every fma rounded once — and prints the largest errors of gelu and
-gelu' against exact erf on |x| ≤ 7, beside those of the 2-MUFU form it replaced (Abramowitz & Stegun
-7.1.26). Needs mpmath; takes a few minutes.   python3 scripts/fit_normal_tail.py
+gelu' against exact erf on |x| ≤ 7, beside those of Abramowitz & Stegun 7.1.26 (the form of
+gelu_grad_fast and gelu_and_grad_fast). Needs mpmath; takes a minute.
+    python3 scripts/fit_normal_tail.py
 """
 import struct
 

@@ -6,7 +6,8 @@
 #   - the GPU tests of the routed layers, the model, the loss and optimizer and attention
 #     (test_gpu_latentmoe, test_gpu_moe, test_gpu_locmoe, test_gpu_model, test_gpu_loss_optim,
 #     test_gpu_attention) in each build, and test_gpu_determinism;
-#   - bench_latentmoe and bench_moe of both trees (stages, expert kernels, routing glue);
+#   - bench_latentmoe and bench_moe of both trees (stages, expert kernels, routing glue), and the
+#     timing lines of both trees' test_gpu_attention;
 #   - the layer benchmark (`--bench-layer 1`, p1 and p2, both trainers) ROUNDS times, alternating trees;
 #   - with KSWEEP=1, the layer benchmark of both trainers over k = 4, 8, 16, 32 at p1's k·fe (and E/k),
 #     with its peak device memory; with .anchors/pytorch_ep_layer.py (carried), the plain PyTorch EP
@@ -44,7 +45,7 @@ for dir in "${extra[@]}"; do
 done
 trees=(build "${extra[@]}")
 if [ "${BENCH:-1}" != 0 ]; then
-    (cmake_build build_other "-S $other" "${benches[@]}" && touch "$logs/build_other.ok") &
+    (cmake_build build_other "-S $other" "${benches[@]}" test_gpu_attention && touch "$logs/build_other.ok") &
     trees+=(build_other)
 fi
 wait
@@ -80,6 +81,7 @@ for b in bench_latentmoe bench_moe; do
     ./build/$b >"$logs/$b.log" 2>&1
     ./build_other/$b >"$logs/$b.other.log" 2>&1
 done
+./build_other/test_gpu_attention >"$logs/test_gpu_attention.other.log" 2>&1  # for its timing lines
 pack_logs
 layer_bench_rounds "$rounds"
 pack_logs
@@ -124,6 +126,7 @@ for b in bench_latentmoe bench_moe; do
     echo "== $b, this tree"; grep -E "^bench|glue|kernel|route|weight|gather|group|total" "$logs/$b.log" | head -60
     echo "== $b, $other"; grep -E "^bench|route|weight|gather|group|total" "$logs/$b.other.log" | head -40
 done
+echo "== attention, this tree | $other"; grep -h "timing attention" "$logs/test_gpu_attention.bf16.log" "$logs/test_gpu_attention.other.log"
 [ -f "$logs/ncu.txt" ] && { echo "== ncu"; grep -E "^  [a-z_]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|ncu: rc" "$logs/ncu.txt" | head -60; }
 for log in "$logs"/train_*.log; do
     [ -f "$log" ] && echo "$(basename "$log" .log): $(grep '^done' "$log" || tail -n 1 "$log")" && grep "time (ms)" "$log" | tail -n 1

@@ -37,9 +37,10 @@ __global__ void gelu_fast_kernel(float* out, const float* x, int n) {
 }
 
 // gelu_fast, gelu_grad_fast and gelu_and_grad_fast on 2^21 + 1 points of [−7, 7] and at special
-// values: within moe/gelu.cuh's stated bounds of exact erf (abs 3.9e-7 for gelu, 1.4e-7 for gelu',
-// checked at 5e-7, 2.5e-7 (the hardware ex2 rounds within 2 ulp) and gelu's relative error at 1e-4 where |gelu| > 1e-3), the joint form
-// bitwise the separate ones, NaN passed on, and under 1.2e-7 from the limits past the fitted range.
+// values: within moe/gelu.cuh's bounds of exact erf (gelu 3.9e-7, gelu' 2.6e-7 with exact ex2 and
+// rcp; checked at 5e-7 and 4e-7, as the hardware's round within 2 ulp; gelu_fast's relative error at
+// 1e-4 where |gelu| > 1e-3), the joint form's gelu' bitwise gelu_grad_fast's, NaN passed on, and
+// within 1.2e-7 of the limits past the fitted range.
 void check_gelu_fast() {
     std::printf("fast GELU forms\n");
     const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
@@ -56,22 +57,24 @@ void check_gelu_fast() {
     gelu_fast_kernel<<<(n + 255) / 256, 256>>>(out_d.get(), x_d.get(), n);
     CUDA_CHECK_LAUNCH();
     const std::vector<float> out = out_d.download();
-    double gelu_abs = 0, gelu_rel = 0, grad_abs = 0;
+    double gelu_abs = 0, gelu_rel = 0, grad_abs = 0, joint_abs = 0;
     bool joint_same = true, finite = true;  // poisoned outputs are NaN, which max() would pass over
-    for (int i = 0; i < n; i++)
-        joint_same &= std::memcmp(&out[4 * i], &out[4 * i + 2], 2 * sizeof(float)) == 0;
+    for (int i = 0; i < n; i++) joint_same &= std::memcmp(&out[4 * i + 1], &out[4 * i + 3], sizeof(float)) == 0;
     for (int i = 0; i < n_grid; i++) {
         const double X = x[i], cdf = 0.5 * std::erfc(-X / std::sqrt(2.0));
         const double gelu = X * cdf, grad = cdf + X * std::exp(-0.5 * X * X) / std::sqrt(2 * M_PI);
-        finite &= std::isfinite(out[4 * i]) && std::isfinite(out[4 * i + 1]);
+        finite &= std::isfinite(out[4 * i]) && std::isfinite(out[4 * i + 1]) && std::isfinite(out[4 * i + 2]);
         gelu_abs = std::max(gelu_abs, std::fabs(out[4 * i] - gelu));
+        joint_abs = std::max(joint_abs, std::fabs(out[4 * i + 2] - gelu));
         grad_abs = std::max(grad_abs, std::fabs(out[4 * i + 1] - grad));
         if (std::fabs(gelu) > 1e-3) gelu_rel = std::max(gelu_rel, std::fabs(out[4 * i] - gelu) / std::fabs(gelu));
     }
-    std::printf("  on [-7, 7]: gelu abs %.3g, rel %.3g; gelu' abs %.3g\n", gelu_abs, gelu_rel, grad_abs);
+    std::printf("  on [-7, 7]: gelu_fast abs %.3g, rel %.3g; gelu_grad_fast abs %.3g; gelu_and_grad_fast's gelu abs %.3g\n",
+                gelu_abs, gelu_rel, grad_abs, joint_abs);
     CHECK(gelu_abs <= 5e-7);
     CHECK(gelu_rel <= 1e-4);
-    CHECK(grad_abs <= 2.5e-7);
+    CHECK(grad_abs <= 4e-7);
+    CHECK(joint_abs <= 5e-7);
     CHECK(joint_same);
     CHECK(finite);
     for (int j = 0; j < (int)special.size(); j++) {  // specials: exact values within [-7, 7], limits past it
@@ -84,7 +87,7 @@ void check_gelu_fast() {
         } else if (std::fabs(v) <= 7.f) {
             const double cdf = 0.5 * std::erfc(-(double)v / std::sqrt(2.0));
             const double exact_grad = cdf + v * std::exp(-0.5 * (double)v * v) / std::sqrt(2 * M_PI);
-            CHECK_MSG(std::fabs(gelu - v * cdf) <= 5e-7 && std::fabs(grad - exact_grad) <= 2.5e-7, "near zero" + at);
+            CHECK_MSG(std::fabs(gelu - v * cdf) <= 5e-7 && std::fabs(grad - exact_grad) <= 4e-7, "near zero" + at);
         } else {
             const double limit = v > 0 ? v : 0.0;
             CHECK_MSG(std::fabs(gelu - limit) <= 1.2e-7 * std::max(1.0, limit) && std::fabs(grad - (v > 0)) <= 1.2e-7,
