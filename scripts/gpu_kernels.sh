@@ -14,8 +14,8 @@
 #     anchor at p1 and p2 (docs/SPEC.md §9.1) in the same job;
 #   - with TRAIN=1 and the KJV shards in data/ (carried), 12 p1 training steps of both trainers in both
 #     trees;
-#   - with NCU=1 (default), Nsight Compute's speed-of-light, occupancy, warp-stall and pipe sections, in
-#     detail, of the first p1 launches of the three LatentMoE expert kernels (`ncu --clock-control none`;
+#   - with NCU=1 (default), Nsight Compute's speed-of-light, occupancy, warp-stall, pipe, instruction
+#     and scheduler sections, in detail, of the first p1 launches of the three LatentMoE expert kernels (`ncu --clock-control none`;
 #     machines whose runtime hides the counters only log the refusal).
 #   - with BENCH=0, this tree's builds and tests only (OTHER_TREE is not built).
 #   bash scripts/gpu_kernels.sh OTHER_TREE    e.g. OTHER_TREE from `git archive REV | tar -x -C .before`
@@ -114,7 +114,8 @@ fi
 if [ "${NCU:-1}" = 1 ]; then
     timeout 200 ncu --clock-control none -k 'regex:expert_(rows_wgmma|weight_backward_mma)' -c 3 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --print-details all \
+        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section InstructionStats \
+        --section SchedulerStats --print-details all \
         ./build/bench_latentmoe >"$logs/ncu.txt" 2>&1
     echo "ncu: rc $?" >>"$logs/ncu.txt"
     pack_logs

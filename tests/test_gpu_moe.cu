@@ -38,7 +38,7 @@ __global__ void gelu_fast_kernel(float* out, const float* x, int n) {
 
 // gelu_fast, gelu_grad_fast and gelu_and_grad_fast on 2^21 + 1 points of [−7, 7] and at special
 // values: within moe/gelu.cuh's bounds of exact erf (gelu 3.9e-7, gelu' 2.6e-7 with exact ex2 and
-// rcp; checked at 5e-7 and 4e-7, as the hardware's round within 2 ulp; gelu_fast's relative error at
+// rcp; checked at 5e-7 and 4e-7, as the GPU's are approximations; gelu_fast's relative error at
 // 1e-4 where |gelu| > 1e-3), the joint form's gelu' bitwise gelu_grad_fast's, NaN passed on, and
 // within 1.2e-7 of the limits past the fitted range.
 void check_gelu_fast() {
