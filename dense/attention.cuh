@@ -238,12 +238,11 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(bf16* out, floa
 // Forward on wgmma (sm_90a builds, head sizes 64 and 128), one block of two warpgroups per (128
 // queries, b·h), warpgroup w owning queries q0 + 64w ..; key blocks of 64, three stages of K and V,
 // every tile 128B-swizzled (tc/wgmma.cuh); block kb + 1's S is issued before block kb's softmax. Per
-// key block, in a warpgroup's 64 rows: S = Q K^T (Q_w loaded into register A operands once; S 64 × 64
-// fp32 in registers, the layout of mma.sync's accumulators per warp, so the row reductions are the
-// same two shuffles), the online softmax as above, P packed to bf16 straight into the register A
-// operand of O += P V. Warpgroup 0 sees one key block fewer than warpgroup 1 (its last is fully
-// masked) and skips its products there. The kernel exists in every build; without wgmma its body is
-// empty and it is never launched.
+// key block, in a warpgroup's 64 rows: S = Q K^T (64 × 64 fp32 in registers, the layout of mma.sync's
+// accumulators per warp, so the row reductions are the same two shuffles), the online softmax as
+// above, P packed to bf16 straight into the register A operand of O += P V. Warpgroup 0 sees one key block fewer than warpgroup 1 (its last is fully masked) and
+// skips its products there. The kernel exists in every build; without wgmma its body is empty and it
+// is never launched.
 constexpr int kWgQueries = 128, kWgKeys = 64, kWgThreads = 256, kWgForwardStages = 3;
 
 template <int D>
@@ -275,10 +274,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_forward_wgmma_kernel(bf16
     // key blocks of the block, and of this warpgroup (whose rows end at q0 + 64·wg + 63)
     const int last = min(2 * qb + 1, (T - 1) / BK), my_last = min(2 * qb + wg, last);
     const unsigned char* Qw = reinterpret_cast<const unsigned char*>(Qs) + wg * 64 * 128;  // this warpgroup's rows
-    uint32_t qa[D / 16][4];  // Q_w as register A operands, loaded once its tile has landed
     auto issue_scores = [&](float (&s)[32], int kb) {  // S = Q K_kb^T, without waiting
         wgmma_fence();
-        wgmma_m64n64_rs_kmajor<D / 16>(s, qa, Ks + kb % STAGES * kv_elems, kv_block);
+        wgmma_m64n64_kmajor<D / 16>(s, Qw, q_block, Ks + kb % STAGES * kv_elems, kv_block);
         wgmma_commit();
     };
     float o[D / 2];
@@ -353,7 +351,6 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_forward_wgmma_kernel(bf16
     cp_async_wait<1>();
     fence_proxy_async();
     __syncthreads();  // the queries and block 0 have landed
-    wgmma_load_a_kmajor<D / 16>(qa, Qw, q_block);
     float s0[32] = {}, s1[32] = {};  // S of even and odd key blocks (zeroed, or ptxas waits on the products to copy them)
     if (0 <= my_last) issue_scores(s0, 0);
     wgmma_wait<0>();
@@ -641,7 +638,6 @@ __global__ void __launch_bounds__(kThreads) flash_backward_dq_kernel(bf16* dqkv,
 // b·h) as in flash_forward_wgmma_kernel, over the key blocks of 64 it sees, two stages of K and V.
 // Per key block, in a warpgroup's 64 queries:
 //   S, dP (64 × 64) = Q K^T, dO V^T     P = 2^(c·S − lse) (masked s > t),  dS = P ⊙ (dP − δ)
-//   (Q_w and dO_w in register A operands, loaded once)
 //   dQ += dS K   (dS packed to bf16 into the register A operand, K read MN-major; times c at the end)
 template <int D>
 constexpr int wgmma_dq_smem() { return (2 * kWgQueries + 4 * kWgKeys) * D * 2 + 1024; }
@@ -689,7 +685,6 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_backward_dq_wgmma_kernel(
     }
     const unsigned char* Qw = reinterpret_cast<const unsigned char*>(Qs) + wg * 64 * 128;  // this warpgroup's rows
     const unsigned char* dOw = reinterpret_cast<const unsigned char*>(dOs) + wg * 64 * 128;
-    uint32_t qa[D / 16][4], doa[D / 16][4];  // Q_w, dO_w as register A operands, once they have landed
     float dq[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; i++) dq[i] = 0.f;
@@ -698,17 +693,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_backward_dq_wgmma_kernel(
         cp_async_commit();
         cp_async_wait<1>();
         fence_proxy_async();
-        __syncthreads();  // block kb has landed (block 0 with the queries and dO)
-        if (kb == 0) {
-            wgmma_load_a_kmajor<D / 16>(qa, Qw, q_block);
-            wgmma_load_a_kmajor<D / 16>(doa, dOw, q_block);
-        }
+        __syncthreads();  // block kb has landed
         if (kb <= my_last) {
             const bf16 *Kt = Ks + kb % 2 * kv_elems, *Vt = Vs + kb % 2 * kv_elems;
             float s[32] = {}, dp[32] = {};  // zeroed, or ptxas waits on the products to copy them
             wgmma_fence();
-            wgmma_m64n64_rs_kmajor<D / 16>(s, qa, Kt, kv_block);
-            wgmma_m64n64_rs_kmajor<D / 16>(dp, doa, Vt, kv_block);
+            wgmma_m64n64_kmajor<D / 16>(s, Qw, q_block, Kt, kv_block);
+            wgmma_m64n64_kmajor<D / 16>(dp, dOw, q_block, Vt, kv_block);
             wgmma_commit();
             wgmma_wait<0>();
             wgmma_fence_operands(s);

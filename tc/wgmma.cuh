@@ -225,29 +225,6 @@ __device__ inline void wgmma_m64n64_kmajor(float (&d)[32], const void* a, uint32
         wgmma_m64n64k16<0>(d, wgmma_desc_kmajor(a, a_block, k), wgmma_desc_kmajor(b, b_block, k), k);
 }
 
-// The register A operands of KSTEPS k-steps of a warpgroup's 64 rows of a K-major swizzled tile (rows
-// along M, a_block bytes per 64-column block): this warp's rows 16·warp + lane/4 and + 8, by ldmatrix.
-// An A operand used by many products is read from shared memory once this way, not by each product.
-template <int KSTEPS>
-__device__ inline void wgmma_load_a_kmajor(uint32_t (&a)[KSTEPS][4], const void* tile, uint32_t a_block) {
-    const int lane = threadIdx.x % 32, i = lane / 8, row = 16 * (threadIdx.x / 32 % 4) + lane % 8 + (i % 2) * 8;
-#pragma unroll
-    for (int k = 0; k < KSTEPS; k++) {  // matrix i: rows + 8 (i odd), columns + 8 (i ≥ 2) of k-step k
-        const int chunk = 2 * (k % 4) + i / 2;
-        ldmatrix_x4(a[k], reinterpret_cast<const unsigned char*>(tile) + (k / 4) * a_block + row * 128 +
-                              ((chunk ^ (row % 8)) * 16));
-    }
-}
-
-// d (64 × 64) = A B^T over K = 16·KSTEPS, A in registers (wgmma_load_a_kmajor), B a K-major tile of
-// b_block bytes per 64-column block; issued, not committed.
-template <int KSTEPS>
-__device__ inline void wgmma_m64n64_rs_kmajor(float (&d)[32], const uint32_t (&a)[KSTEPS][4], const void* b,
-                                              uint32_t b_block) {
-#pragma unroll
-    for (int k = 0; k < KSTEPS; k++) wgmma_m64n64k16_rs<0>(d, a[k], wgmma_desc_kmajor(b, b_block, k), k);
-}
-
 // The A operands of a product's KK k-steps from the fp32 accumulators of a (64 × 16·KK) one:
 // d[8kk .. 8kk + 7] hold rows lane/4 and + 8, columns 16kk + 2·(lane%4) (+1) and + 8, in the order
 // the A operand of k-step kk wants them.

@@ -7,9 +7,7 @@
 //   input gradient: S = X_w K_c^T,  dA = dO_w V_c^T    A = dA ⊙ GELU'(S)    dX_w += A K_c
 // S and dA are (64 × 64) fp32 in registers, A goes packed to bf16 straight into the register A
 // operand of the last product, and the (64 × dh) result stays in registers until the end: the
-// (rows × fe) hidden activations never leave the registers. X_w, the A operand of every chunk's S,
-// is loaded into registers once (wgmma_load_a_kmajor), so the products of a chunk read only K_c and
-// V_c from shared memory (dO_w's, the input gradient's other A operand, stays shared: no registers). In the forward the products of chunk
+// (rows × fe) hidden activations never leave the registers. In the forward the products of chunk
 // c + 1 are issued before chunk c's GELU is computed, so the tensor cores work while the ALUs do (two
 // sets of S registers, used by even and odd chunks). The kernel exists in every build; without wgmma
 // its body is empty and it is never launched.
@@ -82,13 +80,14 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
     const int wg_rows = wg * 64 * 128;  // byte offset of this warpgroup's rows in a 64-column block
     const unsigned char* Xw = reinterpret_cast<const unsigned char*>(Xs) + wg_rows;
     const unsigned char* dOw = reinterpret_cast<const unsigned char*>(dOs) + wg_rows;
-    uint32_t xa[DH / 16][4];  // X_w as register A operands, once the row tile has landed
     // Issues S = X K_c^T (and dA = dO V_c^T) into s (and da), without waiting.
     auto issue_row_products = [&](float (&s)[32], float (&da)[32], int c) {
         const bf16 *Kc = Ks + (c % kStages) * S::chunk_elems, *Vc = Vs + (c % kStages) * S::chunk_elems;
         wgmma_fence();
-        wgmma_m64n64_rs_kmajor<DH / 16>(s, xa, Kc, chunk_block);
-        if constexpr (backward) wgmma_m64n64_kmajor<DH / 16>(da, dOw, tile_block, Vc, chunk_block);
+        wgmma_m64n64_kmajor<DH / 16>(s, Xw, tile_block, Kc, chunk_block);
+        if constexpr (backward) {
+            wgmma_m64n64_kmajor<DH / 16>(da, dOw, tile_block, Vc, chunk_block);
+        }
         wgmma_commit();
     };
     float acc[DH / 2];
@@ -150,7 +149,6 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
     for (int c = 0; c < kStages - 1; c++)  // chunk 0's barrier also announces the row tiles
         if (c < chunks) fill(c);
     wait_landed(0);
-    wgmma_load_a_kmajor<DH / 16>(xa, Xw, tile_block);
     // S (and dA) of even and odd chunks in the forward, of every chunk in the input gradient; the
     // products overwrite them
     float s0[32], da0[32], s1[32];
