@@ -15,15 +15,17 @@
 #   - with TRAIN=1 and the KJV shards in data/ (carried), 12 p1 training steps of both trainers in both
 #     trees;
 #   - with NCU=1 (default), Nsight Compute's speed-of-light, occupancy, warp-stall, pipe, instruction
-#     and scheduler sections, in detail, of the first p1 launches of the three LatentMoE expert kernels (`ncu --clock-control none`;
-#     machines whose runtime hides the counters only log the refusal).
+#     and scheduler sections, in detail, of the first p1 launches of the three LatentMoE expert
+#     kernels (`ncu --clock-control none`; machines whose runtime hides the counters only log the
+#     refusal).
 #   - with BENCH=0, this tree's builds and tests only (OTHER_TREE is not built).
 #   bash scripts/gpu_kernels.sh OTHER_TREE    e.g. OTHER_TREE from `git archive REV | tar -x -C .before`
 # Logs come back as $OUT/logs.tgz (scripts/device_logs.sh), refreshed after every phase; a short table
 # is printed last. The tests in three builds are its longest phase (some 4 minutes on an H200 side
 # by side, 8 one after another): with every benchmark and TRAIN=1 as well it does not fit one
 # device call, so run the extra builds' tests with BENCH=0 in a call of their own, and the benchmarks
-# (and TRAIN=1) with EXTRA_BUILDS="" in another.
+# (and TRAIN=1) with EXTRA_BUILDS="" in another. Even that second call holds TRAIN=1 with KSWEEP=1 or
+# NCU=1, not both: with both it ran past 580 s in its last training run.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [ $# -eq 1 ] && [ -f "$1/CMakeLists.txt" ] || { echo "usage: $0 OTHER_TREE (a source tree with a CMakeLists.txt)" >&2; exit 2; }
