@@ -1,5 +1,6 @@
 // AdamW on fp32 master weights (SPEC §2.4), writing the floatX working copy the kernels read as it goes.
-// One launch updates every tensor of the flat parameter buffer (each with its own weight decay).
+// One launch updates every tensor of the flat parameter buffer (each with its own weight decay), four
+// elements a thread; the n % 4 past the last group of four take a second launch, one a thread.
 // Purely elementwise, so it is deterministic whatever the grid; it is bound by memory traffic
 // (in bf16: 16 bytes read and 14 written per parameter).
 #pragma once
