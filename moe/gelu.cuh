@@ -9,19 +9,19 @@
 // and since x Φ(x) − max(x, 0) = −|x| q,
 //     gelu(x) = max(x, 0) − a q(a)
 // log2 q is smooth on [0, ∞) (−1 at 0, −a²/(2 ln 2) − log2(a √(2π)) far out), so one polynomial of
-// degree 7 in a gives it on [0, 5.5] and one ex2 the tail: one MUFU operation and ten FMA-pipe
-// instructions (erff alone is ~25). Past a = 5.5 the tail is held at q(5.5) = 1.9e-8, so a q stays
-// under 1.1e-7 for every x. The coefficients are a weighted minimax fit of Φ's absolute error
+// degree 7 in a gives it on [0, 5.5] and one ex2 the tail: one MUFU operation and ten others (erff
+// alone is ~25). Past a = 5.5 the tail is held at q(5.5) = 1.9e-8, so a q stays under 1.1e-7 for
+// every x. The coefficients are a weighted minimax fit of Φ's absolute error
 // (scripts/fit_normal_tail.py derives them and checks the float arithmetic below against exact erf):
 // |Φ error| ≤ 3.6e-8, gelu within 3.9e-7 of exact for |x| ≤ 7 (the rounding of its fp32 result
 // included); bf16 rounds at 4e-3 relative. NaN goes through (min.NaN); gelu_fast(−∞) is −1.1e-7.
 // The forms with gelu' need φ(x) = exp(−x²/2) / √(2π) anyway, and Abramowitz & Stegun 7.1.26 gives
-// the tail from that same exponential and one reciprocal (|erf error| < 1.5e-7): two MUFU operations
-// and fewer instructions than the polynomial and a second exponential would take; gelu' within
-// 2.6e-7 of exact with exact ex2 and rcp (the same script), 3.5e-7 with the GPU's (test_gpu_moe).
-// Kernels that need both values at one x (the LatentMoE weight gradient recomputing A = gelu(S))
-// take gelu_and_grad_fast; its gelu and gelu_fast's, each within 4.3e-7 of exact, may differ in
-// their last bits.
+// the tail from that same exponential and one reciprocal (|erf error| < 1.5e-7): two MUFU operations,
+// and in the backward kernels faster than the polynomial with a second exponential
+// (docs/perf/expert_kernels.md, "GELU on one exponential"); gelu' within 2.6e-7 of exact with exact
+// ex2 and rcp (the same script), 3.5e-7 with the GPU's (test_gpu_moe). Kernels that need both values
+// at one x (the LatentMoE weight gradient recomputing A = gelu(S)) take gelu_and_grad_fast; its gelu
+// and gelu_fast's, each within 4.3e-7 of exact, may differ in their last bits.
 #pragma once
 
 namespace lmoe {
