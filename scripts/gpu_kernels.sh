@@ -5,10 +5,12 @@
 # a first check of a change in a few minutes) and, side by side, the benchmarks of OTHER_TREE; then
 #   - the GPU tests of the routed layers, the model, the loss and optimizer and attention
 #     (test_gpu_latentmoe, test_gpu_moe, test_gpu_locmoe, test_gpu_model, test_gpu_loss_optim,
-#     test_gpu_attention) in each build, and test_gpu_determinism;
+#     test_gpu_attention, or those TESTS names) in each build, each cut off after 300 s (a kernel
+#     that hangs fails its test instead of the whole call), and test_gpu_determinism;
 #   - bench_latentmoe and bench_moe of both trees (stages, expert kernels, routing glue), and the
 #     timing lines of both trees' test_gpu_attention;
-#   - the layer benchmark (`--bench-layer 1`, p1 and p2, both trainers) ROUNDS times, alternating trees;
+#   - the layer benchmark (`--bench-layer 1`, p1 and p2, both trainers) ROUNDS times (default 3; 0 for
+#     none), alternating trees;
 #   - with KSWEEP=1, the layer benchmark of both trainers over k = 4, 8, 16, 32 at p1's k·fe (and E/k),
 #     with its peak device memory; with .anchors/pytorch_ep_layer.py (carried), the plain PyTorch EP
 #     anchor at p1 and p2 (docs/SPEC.md §9.1) in the same job;
@@ -33,7 +35,7 @@ other=$(realpath "$1")
 source scripts/device_logs.sh
 export NCCL_NVLS_ENABLE=0
 rounds=${ROUNDS:-3}
-tests=(test_gpu_latentmoe test_gpu_moe test_gpu_locmoe test_gpu_model test_gpu_loss_optim test_gpu_attention)
+read -r -a tests <<<"${TESTS:-test_gpu_latentmoe test_gpu_moe test_gpu_locmoe test_gpu_model test_gpu_loss_optim test_gpu_attention}"
 read -r -a extra <<<"${EXTRA_BUILDS-build32 build90 build80}"
 declare -A build_flags=([build32]=-DLMOE_FP32=ON [build90]=-DCMAKE_CUDA_ARCHITECTURES=90
     [build80]=-DCMAKE_CUDA_ARCHITECTURES=80-real)
@@ -57,7 +59,7 @@ echo "build: ${SECONDS} s"
 run_tests() {  # run_tests DIR: every GPU test of one build, a line each into $logs/tests.NAME.txt
     local t name=${build_name[$1]}
     for t in "${tests[@]}"; do
-        ./$1/$t >"$logs/$t.$name.log" 2>&1; echo "$t $name: rc $? $(tail -n 1 "$logs/$t.$name.log")"
+        timeout 300 ./$1/$t >"$logs/$t.$name.log" 2>&1; echo "$t $name: rc $? $(tail -n 1 "$logs/$t.$name.log")"
     done >"$logs/tests.$name.txt"
 }
 # With EXTRA_BUILDS the builds' tests run side by side, to fit one device call: the timing lines
@@ -80,12 +82,12 @@ if [ "${BENCH:-1}" = 0 ]; then
     exit 0
 fi
 for b in bench_latentmoe bench_moe; do
-    ./build/$b >"$logs/$b.log" 2>&1
-    ./build_other/$b >"$logs/$b.other.log" 2>&1
+    timeout 120 ./build/$b >"$logs/$b.log" 2>&1
+    timeout 120 ./build_other/$b >"$logs/$b.other.log" 2>&1
 done
-./build_other/test_gpu_attention >"$logs/test_gpu_attention.other.log" 2>&1  # for its timing lines
+timeout 120 ./build_other/test_gpu_attention >"$logs/test_gpu_attention.other.log" 2>&1  # for its timing lines
 pack_logs
-layer_bench_rounds "$rounds"
+[ "$rounds" -gt 0 ] && layer_bench_rounds "$rounds"
 pack_logs
 if [ "${KSWEEP:-0}" = 1 ]; then
     for trainer in train_latentmoe moe_ep_baseline; do
@@ -129,12 +131,14 @@ for b in bench_latentmoe bench_moe; do
     echo "== $b, this tree"; grep -E "^bench|glue|kernel|route|weight|gather|group|total" "$logs/$b.log" | head -60
     echo "== $b, $other"; grep -E "^bench|route|weight|gather|group|total" "$logs/$b.other.log" | head -40
 done
-echo "== attention, this tree | $other"; grep -h "timing attention" "$logs/test_gpu_attention.bf16.log" "$logs/test_gpu_attention.other.log"
+echo "== attention, this tree | $other"; grep -h "timing attention" "$logs/test_gpu_attention.bf16.log" "$logs/test_gpu_attention.other.log" 2>/dev/null
 [ -f "$logs/ncu.txt" ] && { echo "== ncu"; grep -E "^  [a-z_]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|ncu: rc" "$logs/ncu.txt" | head -60; }
 for log in "$logs"/train_*.log; do
     [ -f "$log" ] && echo "$(basename "$log" .log): $(grep '^done' "$log" || tail -n 1 "$log")" && grep "time (ms)" "$log" | tail -n 1
 done
 [ -f "$logs/k_sweep.txt" ] && { echo "== k sweep (p1, k·fe = 4096)"; cat "$logs/k_sweep.txt"; }
 [ -f "$logs/anchor.log" ] && { echo "== PyTorch EP anchor"; grep RESULT "$logs/anchor.log"; }
-echo "== layer benchmark, forward+backward ms, median of $rounds rounds (this tree | other tree)"
-layer_bench_medians
+if [ "$rounds" -gt 0 ]; then
+    echo "== layer benchmark, forward+backward ms, median of $rounds rounds (this tree | other tree)"
+    layer_bench_medians
+fi
