@@ -134,30 +134,21 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
             }
             wgmma_commit();
         };
-        // The products of chunk c + 1 into s_next, da_next, once its K, V have landed.
+        // The products of chunk c + 1 into s_next, da_next, once its K, V have landed; after the last
+        // chunk an empty group, so that every chunk's waits count the same groups.
         auto issue_next = [&](int c, float (&s_next)[32], float (&da_next)[32]) {
-            if (c + 1 >= chunks) return;
-            wait_landed(c + 1);
-            issue_row_products(s_next, da_next, c + 1);
+            if (c + 1 < chunks) {
+                wait_landed(c + 1);
+                issue_row_products(s_next, da_next, c + 1);
+            } else {
+                wgmma_commit();
+            }
         };
-        // Chunk c, whose S (and dA) are in s, da. In the forward the next chunk's products go to the
-        // tensor cores first, so that they run while this chunk's GELU is worked out; the input
-        // gradient, whose two sets of S and dA would not fit the registers beside its accumulators,
-        // issues them after.
-        auto step = [&](int c, float (&s)[32], float (&da)[32], float (&s_next)[32], float (&da_next)[32]) {
-            if constexpr (!backward) issue_next(c, s_next, da_next);
-            // s, da were fenced after their wait; the hidden values go straight into the packed A
-            // operand (no register of a product still in flight is written between its issue and its wait)
+        // Chunk c's second product, O += A V_c (dX += A K_c), its A operand the hidden values h packed
+        // to bf16; committed.
+        auto issue_second_product = [&](int c, const float (&h)[32]) {
             uint32_t a[FC / 16][4];
-#pragma unroll
-            for (int kk = 0; kk < FC / 16; kk++)
-#pragma unroll
-                for (int j4 = 0; j4 < 4; j4++) {
-                    const int j = 8 * kk + 2 * j4;
-                    a[kk][j4] = backward
-                                    ? pack_bf16x2(da[j] * gelu_grad_fast(s[j]), da[j + 1] * gelu_grad_fast(s[j + 1]))
-                                    : pack_bf16x2(gelu_fast(s[j]), gelu_fast(s[j + 1]));
-                }
+            wgmma_accumulators_as_a<FC / 16>(a, h);
             const bf16* B = (backward ? Ks : Vs) + stage(c) * S::chunk_elems;
             wgmma_fence();
 #pragma unroll
@@ -166,18 +157,42 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
                 else wgmma_m64n64k16_rs<1>(acc, a[kk], mnmajor(B, kk), 1);
             }
             wgmma_commit();
+        };
+        // Chunk c, whose S (and dA) are done and fenced in s (and da), with chunk c − 1's second
+        // product perhaps still running: the hidden values h = GELU(S) (dA ⊙ GELU'(S)) are worked out
+        // while the tensor cores run it (and, in the forward, chunk c + 1's S, issued first into the
+        // other register set); they are packed into the A operand, whose registers that product
+        // reads, once it is done. The wait at the end leaves chunk c's second product running into
+        // the next chunk's GELU. The input gradient, with no room for a second set of S and dA beside
+        // its accumulators, issues chunk c + 1's products into s and da once h is packed, ahead of
+        // chunk c's second product, and waits for them alone. (Writing h over s, or packing before
+        // the wait, makes ptxas serialise the products.)
+        auto step = [&](int c, float (&s)[32], float (&da)[32], float (&s_next)[32]) {
+            if constexpr (!backward) issue_next(c, s_next, da);
+            float h[32];
+#pragma unroll
+            for (int j = 0; j < 32; j++) h[j] = backward ? da[j] * gelu_grad_fast(s[j]) : gelu_fast(s[j]);
+            if constexpr (backward) wgmma_wait<0>();  // chunk c − 1's second product is done
+            else wgmma_wait<1>();                     // ... and in the forward chunk c + 1's S runs on
+            if (c > 0) mbarrier_arrive(empty + stage(c - 1));
             if constexpr (backward) {
-                wgmma_wait<0>();  // a is free
-                wgmma_fence_operands(acc);
-                issue_next(c, s_next, da_next);
+                uint32_t a[FC / 16][4];
+                wgmma_accumulators_as_a<FC / 16>(a, h);
+                issue_next(c, s, da);
+                const bf16* B = Ks + stage(c) * S::chunk_elems;
+                wgmma_fence();
+#pragma unroll
+                for (int kk = 0; kk < FC / 16; kk++) {
+                    if constexpr (DH == 128) wgmma_m64n128k16_rs<1>(acc, a[kk], mnmajor(B, kk), 1);
+                    else wgmma_m64n64k16_rs<1>(acc, a[kk], mnmajor(B, kk), 1);
+                }
+                wgmma_commit();
+            } else {
+                issue_second_product(c, h);
             }
-            wgmma_wait<0>();  // the next chunk's S (dA) and this chunk's products are done: chunk c's stage is free
-            mbarrier_arrive(empty + stage(c));
-            wgmma_fence_operands(acc);
-            if (c + 1 < chunks) {
-                wgmma_fence_operands(s_next);
-                if constexpr (backward) wgmma_fence_operands(da_next);
-            }
+            wgmma_wait<1>();  // chunk c + 1's products
+            wgmma_fence_operands(backward ? s : s_next);
+            if constexpr (backward) wgmma_fence_operands(da);
         };
 
 #pragma unroll
@@ -188,13 +203,16 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
         wgmma_fence_operands(s0);
         if constexpr (backward) {
             wgmma_fence_operands(da0);
-            for (int c = 0; c < chunks; c++) step(c, s0, da0, s0, da0);
+            for (int c = 0; c < chunks; c++) step(c, s0, da0, s0);
         } else {
             for (int c = 0; c < chunks; c += 2) {  // two chunks per pass, so that s0, s1 stay in registers
-                step(c, s0, da0, s1, da0);
-                if (c + 1 < chunks) step(c + 1, s1, da0, s0, da0);
+                step(c, s0, da0, s1);
+                if (c + 1 < chunks) step(c + 1, s1, da0, s0);
             }
         }
+        wgmma_wait<0>();  // the last chunk's second product
+        mbarrier_arrive(empty + stage(chunks - 1));
+        wgmma_fence_operands(acc);
         mbarrier_arrive(buffer_free + i % 2);  // every product of the tile is done
 #pragma unroll
         for (int j = 0; j < DH / 2; j += 2) {
