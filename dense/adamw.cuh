@@ -9,7 +9,6 @@
 #include <vector>
 
 #include "util/cuda_utils.cuh"
-#include "util/launch.cuh"
 
 namespace lmoe {
 
@@ -25,7 +24,10 @@ constexpr int kThreads = 512;
 
 // Blocks for a grid-stride loop over `work` items: enough to fill every SM, no more than the work needs.
 inline int grid_stride_blocks(int64_t work) {
-    const int64_t full = (int64_t)device_sm_count() * (2048 / kThreads);
+    int device = 0, sms = 0;
+    CUDA_CHECK(cudaGetDevice(&device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    const int64_t full = (int64_t)sms * (2048 / kThreads);
     return (int)std::max<int64_t>(1, std::min<int64_t>(full, ceil_div(work, kThreads)));
 }
 

@@ -107,19 +107,6 @@ __device__ inline void wgmma_fence_operands(float (&d)[N]) {
 // Shared-memory writes of ordinary stores (and cp.async) become visible to wgmma's reads.
 __device__ inline void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-// Warp specialisation: a warpgroup gives registers back to the block's pool (dec) or takes them from
-// it (inc), every warp of the warpgroup executing the call. The kernel is compiled for a known
-// register count at entry (__launch_bounds__(threads, 1)), and the warpgroups' new counts add up to no
-// more than the block holds; ptxas allocates each role's code within its count.
-template <int REGS>
-__device__ inline void setmaxnreg_dec() {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS));
-}
-template <int REGS>
-__device__ inline void setmaxnreg_inc() {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
-}
-
 // mbarriers in shared memory, for pipelines whose stages are handed on without a block barrier: a
 // barrier initialised for `count` arrivals completes a phase when that many have arrived, and a
 // waiter names the phase by its parity (0, 1, 0, ...).

@@ -137,9 +137,6 @@ int main() {
         {"crowded, one head: busy groups cut in four, dh 64", 2000, 1, 64, 64, 128, 8, true},
         {"starved expert, rows not whole tiles", 333, 2, 64, 16, 128, 4, false, true},
         {"p2 shape (the router's warp-per-row top-k at k 16)", 160, 8, 128, 128, 256, 16},
-        // more tiles than SMs several times over: the persistent row kernels' stage ring and tile
-        // buffers go round many times, and two chunks a tile leave the ring out of step with the tiles
-        {"many tiles a block", 4096, 4, 128, 16, 128, 4},
     };
     for (const Shape& s : shapes) run_shape(s, rng);
     return check::summary();

@@ -1,7 +1,6 @@
 // Launching a kernel that needs more dynamic shared memory than the default 48 KB: the kernel's
 // limit is raised to what this launch asks for first (a launch over the limit fails), then the
 // launch is checked like every other CUDA call. Used by the expert kernels of both MoE families.
-// And the current device's SM count, which persistent and grid-stride grids are sized by.
 #pragma once
 #include "util/cuda_utils.cuh"
 
@@ -12,13 +11,6 @@ void launch_with_smem(Kernel kernel, dim3 grid, int threads, size_t smem_bytes, 
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes));
     kernel<<<grid, threads, smem_bytes, stream>>>(args...);
     CUDA_CHECK_LAUNCH();
-}
-
-inline int device_sm_count() {
-    int device = 0, sms = 0;
-    CUDA_CHECK(cudaGetDevice(&device));
-    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    return sms;
 }
 
 }  // namespace lmoe
