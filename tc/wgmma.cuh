@@ -106,6 +106,8 @@ __device__ inline void wgmma_fence_operands(float (&d)[N]) {
 }
 // Shared-memory writes of ordinary stores (and cp.async) become visible to wgmma's reads.
 __device__ inline void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// A barrier among the 128 threads of warpgroup w alone (named barrier 1 + w; __syncthreads is 0).
+__device__ inline void warpgroup_barrier(int w) { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + w) : "memory"); }
 
 // mbarriers in shared memory, for pipelines whose stages are handed on without a block barrier: a
 // barrier initialised for `count` arrivals completes a phase when that many have arrived, and a

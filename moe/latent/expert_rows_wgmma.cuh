@@ -164,10 +164,26 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
             if (c + 1 < chunks) step(c + 1, s1, da0, s0, da0);
         }
     }
+    // The result leaves through shared memory: each warpgroup packs its (64 × dh) accumulators into
+    // its own rows of the X tile, which its products no longer read (swizzled like the operand tiles,
+    // so neither these writes nor the reads below conflict), then stores those rows with 16-byte
+    // writes, two whole rows per warp instruction: a quarter of the stores of writing each pair from
+    // its accumulators, and whole lines.
+    unsigned char* Ow = reinterpret_cast<unsigned char*>(Xs) + wg_rows;
 #pragma unroll
     for (int i = 0; i < DH / 2; i += 2) {
-        const int r = 64 * wg + 16 * warp + gq + 8 * (i / 2 % 2), col = 8 * (i / 4) + 2 * q;
-        if (r < rows) *reinterpret_cast<uint32_t*>(out + (int64_t)(p0 + r) * DH + col) = pack_bf16x2(acc[i], acc[i + 1]);
+        const int r = 16 * warp + gq + 8 * (i / 2 % 2), col = 8 * (i / 4) + 2 * q;
+        *reinterpret_cast<uint32_t*>(Ow + col / 64 * tile_block + r * 128 + ((col % 64 / 8) ^ (r % 8)) * 16 + 4 * q) =
+            pack_bf16x2(acc[i], acc[i + 1]);
+    }
+    warpgroup_barrier(wg);
+    constexpr int vecs = DH / 8;  // 16-byte pieces of a row
+#pragma unroll
+    for (int j = 0; j < 64 * vecs / 128; j++) {
+        const int v = threadIdx.x % 128 + 128 * j, r = v / vecs, c = v % vecs;
+        if (64 * wg + r < rows)
+            *reinterpret_cast<uint4*>(out + (int64_t)(p0 + 64 * wg + r) * DH + 8 * c) =
+                *reinterpret_cast<const uint4*>(Ow + c / 8 * tile_block + r * 128 + ((c % 8) ^ (r % 8)) * 16);
     }
 #endif
 }
