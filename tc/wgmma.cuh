@@ -106,8 +106,41 @@ __device__ inline void wgmma_fence_operands(float (&d)[N]) {
 }
 // Shared-memory writes of ordinary stores (and cp.async) become visible to wgmma's reads.
 __device__ inline void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-// A barrier among the 128 threads of warpgroup w alone (named barrier 1 + w; __syncthreads is 0).
-__device__ inline void warpgroup_barrier(int w) { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + w) : "memory"); }
+// A barrier among the 128 threads of warpgroup w (0 or 1) alone: named barrier 1 + w (__syncthreads
+// is 0), spelled out so that ptxas sees which barriers the kernel uses.
+__device__ inline void warpgroup_barrier(int w) {
+    if (w == 0) asm volatile("bar.sync 1, 128;\n" ::: "memory");
+    else asm volatile("bar.sync 2, 128;\n" ::: "memory");
+}
+
+// Epilogues through shared memory. Straight from the accumulators, each thread's stores are 4-byte
+// pairs spread over 16 rows; instead a warpgroup packs its (64 × N) accumulators into a 128B-swizzled
+// tile of its own (rows 0..63, 64-column blocks block_bytes apart: the 8 rows one store instruction
+// touches sit in 8 different 16-byte chunks, so it is conflict-free), passes a warpgroup_barrier, and
+// reads the tile back in 16-byte pieces, each warp's 32 pieces whole 128-byte row segments (4
+// wavefronts): a quarter of the global stores, and whole lines.
+// This thread's accumulator fragments, each value mapped by f, packed to bf16 into the tile.
+template <int N, class F>
+__device__ inline void wgmma_accumulators_to_tile(unsigned char* tile, uint32_t block_bytes, const float (&d)[N / 2],
+                                                  F f) {
+    const int warp = threadIdx.x / 32 % 4, gq = threadIdx.x % 32 / 4, q = threadIdx.x % 4;
+#pragma unroll
+    for (int i = 0; i < N / 2; i += 2) {
+        const int r = 16 * warp + gq + 8 * (i / 2 % 2), col = 8 * (i / 4) + 2 * q;
+        *reinterpret_cast<uint32_t*>(tile + col / 64 * block_bytes + r * 128 + ((col % 64 / 8) ^ (r % 8)) * 16 + 4 * q) =
+            pack_bf16x2(f(d[i]), f(d[i + 1]));
+    }
+}
+// Then this thread's pieces of the tile: piece(r, c, v) gets v = row r's columns 8c .. 8c + 7.
+template <int N, class Piece>
+__device__ inline void for_each_tile_piece(const unsigned char* tile, uint32_t block_bytes, Piece piece) {
+    constexpr int vecs = N / 8;  // pieces of a row
+#pragma unroll
+    for (int j = 0; j < 64 * vecs / 128; j++) {
+        const int v = threadIdx.x % 128 + 128 * j, r = v / vecs, c = v % vecs;
+        piece(r, c, *reinterpret_cast<const uint4*>(tile + c / 8 * block_bytes + r * 128 + ((c % 8) ^ (r % 8)) * 16));
+    }
+}
 
 // mbarriers in shared memory, for pipelines whose stages are handed on without a block barrier: a
 // barrier initialised for `count` arrivals completes a phase when that many have arrived, and a

@@ -593,12 +593,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) rows_gemm_wgmma_kernel(const Ro
     for (int i = 0; i < kWgTileN / 2; i++) acc[i] = 0.f;
     wgmma_gemm_mainloop<false, !W_TRANSPOSED>(acc, smem, (int)ceil_div(K, kWgDepth), load);
 
-    const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
-    auto pair_at = [&](int i, int& r, int& n) {  // of accumulator pair acc[i, i + 1]
-        r = 64 * wg + 16 * warp + lane / 4 + 8 * (i / 2 % 2);
-        n = n0 + 8 * (i / 4) + 2 * (lane % 4);  // cols is a multiple of 8: n + 1 < cols too
-    };
+    const int wg = threadIdx.x / 128;
     if constexpr (EPI == RowsEpilogue::GeluGrad) {
+        const int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
+        auto pair_at = [&](int i, int& r, int& n) {  // of accumulator pair acc[i, i + 1]
+            r = 64 * wg + 16 * warp + lane / 4 + 8 * (i / 2 % 2);
+            n = n0 + 8 * (i / 4) + 2 * (lane % 4);  // cols is a multiple of 8: n + 1 < cols too
+        };
         constexpr int chunk = 16;  // pairs whose pre is read at once
 #pragma unroll
         for (int i0 = 0; i0 < kWgTileN / 2; i0 += 2 * chunk)
@@ -611,12 +612,25 @@ __global__ void __launch_bounds__(kWgThreads, 1) rows_gemm_wgmma_kernel(const Ro
                 },
                 [&](int j) { return make_float2(acc[i0 + 2 * j], acc[i0 + 2 * j + 1]); });
     } else {
-#pragma unroll
-        for (int i = 0; i < kWgTileN / 2; i += 2) {
-            int r, n;
-            pair_at(i, r, n);
-            if (r < rows && n < cols) store_rows_pair<EPI>(p, (int64_t)(p0 + r) * cols + n, acc[i], acc[i + 1]);
-        }
+        // Through shared memory (tc/wgmma.cuh's epilogue): the stages are free once both warpgroups'
+        // last products are done, and each warpgroup's 64 rows leave through 32 KB of them (the
+        // hidden values of the Gelu epilogue through 32 KB more).
+        __syncthreads();
+        constexpr uint32_t block_bytes = 64 * 128;
+        constexpr int tile_bytes = kWgTileN / 64 * block_bytes;
+        unsigned char* tile = reinterpret_cast<unsigned char*>(smem) + wg * 2 * tile_bytes;
+        wgmma_accumulators_to_tile<kWgTileN>(tile, block_bytes, acc, [](float v) { return v; });
+        if constexpr (EPI == RowsEpilogue::Gelu)
+            wgmma_accumulators_to_tile<kWgTileN>(tile + tile_bytes, block_bytes, acc, [](float v) { return gelu_fast(v); });
+        warpgroup_barrier(wg);
+        auto store = [&](bf16* to, const unsigned char* from) {
+            for_each_tile_piece<kWgTileN>(from, block_bytes, [&](int r, int c, uint4 v) {
+                const int n = n0 + 8 * c;
+                if (64 * wg + r < rows && n < cols) *reinterpret_cast<uint4*>(to + (int64_t)(p0 + 64 * wg + r) * cols + n) = v;
+            });
+        };
+        store(p.out, tile);
+        if constexpr (EPI == RowsEpilogue::Gelu) store(p.hidden, tile + tile_bytes);
     }
 #endif
 }

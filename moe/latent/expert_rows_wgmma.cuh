@@ -6,11 +6,12 @@
 //   forward:        S = X_w K_c^T                      A = GELU(S)          O_w  += A V_c
 //   input gradient: S = X_w K_c^T,  dA = dO_w V_c^T    A = dA ⊙ GELU'(S)    dX_w += A K_c
 // S and dA are (64 × 64) fp32 in registers, A goes packed to bf16 straight into the register A
-// operand of the last product, and the (64 × dh) result stays in registers until the end: the
-// (rows × fe) hidden activations never leave the registers. In the forward the products of chunk
-// c + 1 are issued before chunk c's GELU is computed, so the tensor cores work while the ALUs do (two
-// sets of S registers, used by even and odd chunks). The kernel exists in every build; without wgmma
-// its body is empty and it is never launched.
+// operand of the last product, and the (64 × dh) result stays in registers until the end, when it
+// leaves through shared memory (tc/wgmma.cuh's epilogue): the (rows × fe) hidden activations never
+// leave the registers. In the forward the products of chunk c + 1 are issued before chunk c's GELU
+// is computed, so the tensor cores work while the ALUs do (two sets of S registers, used by even and
+// odd chunks). The kernel exists in every build; without wgmma its body is empty and it is never
+// launched.
 #pragma once
 #include "moe/latent/expert_tiles.cuh"
 #include "tc/wgmma.cuh"
@@ -65,7 +66,7 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
     const int g = t.g, h = t.h, p0 = t.p0, rows = t.rows;
     const bf16 *Kg = K + (int64_t)g * F * DH, *Vg = V + (int64_t)g * F * DH;
     const int chunks = F / FC;
-    const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
+    const int wg = threadIdx.x / 128;
     const auto contiguous = [](int i) { return (int64_t)i * DH; };
     auto fill = [&](int c) {  // chunk c into its stage, announced on the stage's full barrier
         load_rows_swizzled_async<DH, FC, NT>(Ks + (c % kStages) * S::chunk_elems, Kg + (int64_t)c * FC * DH, FC, contiguous);
@@ -164,27 +165,13 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
             if (c + 1 < chunks) step(c + 1, s1, da0, s0, da0);
         }
     }
-    // The result leaves through shared memory: each warpgroup packs its (64 × dh) accumulators into
-    // its own rows of the X tile, which its products no longer read (swizzled like the operand tiles,
-    // so neither these writes nor the reads below conflict), then stores those rows with 16-byte
-    // writes, two whole rows per warp instruction: a quarter of the stores of writing each pair from
-    // its accumulators, and whole lines.
+    // The result leaves through this warpgroup's rows of the X tile, which its products no longer read.
     unsigned char* Ow = reinterpret_cast<unsigned char*>(Xs) + wg_rows;
-#pragma unroll
-    for (int i = 0; i < DH / 2; i += 2) {
-        const int r = 16 * warp + gq + 8 * (i / 2 % 2), col = 8 * (i / 4) + 2 * q;
-        *reinterpret_cast<uint32_t*>(Ow + col / 64 * tile_block + r * 128 + ((col % 64 / 8) ^ (r % 8)) * 16 + 4 * q) =
-            pack_bf16x2(acc[i], acc[i + 1]);
-    }
+    wgmma_accumulators_to_tile<DH>(Ow, tile_block, acc, [](float v) { return v; });
     warpgroup_barrier(wg);
-    constexpr int vecs = DH / 8;  // 16-byte pieces of a row
-#pragma unroll
-    for (int j = 0; j < 64 * vecs / 128; j++) {
-        const int v = threadIdx.x % 128 + 128 * j, r = v / vecs, c = v % vecs;
-        if (64 * wg + r < rows)
-            *reinterpret_cast<uint4*>(out + (int64_t)(p0 + 64 * wg + r) * DH + 8 * c) =
-                *reinterpret_cast<const uint4*>(Ow + c / 8 * tile_block + r * 128 + ((c % 8) ^ (r % 8)) * 16);
-    }
+    for_each_tile_piece<DH>(Ow, tile_block, [&](int r, int c, uint4 v) {
+        if (64 * wg + r < rows) *reinterpret_cast<uint4*>(out + (int64_t)(p0 + 64 * wg + r) * DH + 8 * c) = v;
+    });
 #endif
 }
 
