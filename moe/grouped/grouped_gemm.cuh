@@ -23,8 +23,10 @@
 //     tiles, 128 × 128 output tiles; bf16 builds everywhere else (sm_90 builds, other GPUs);
 //   SIMT (rows_gemm_simt_kernel, weight_grad_simt_kernel): the fp32 build (LMOE_FP32), a plain
 //     shared-memory tiled kernel, so the math can be checked tightly against the CPU reference.
-// The tensor-core kernels fill shared memory through a multistage cp.async pipeline. d and f must be
-// multiples of 8 (16-byte row segments).
+// The tensor-core kernels fill shared memory through a multistage cp.async pipeline; the wgmma row
+// GEMMs' Store and Gelu results leave through it as well, in 16-byte pieces of whole rows (GeluGrad,
+// which reads pre, writes its pairs from the accumulators). d and f must be multiples of 8 (16-byte
+// row segments).
 //
 // Known limits (docs/perf/expert_kernels.md has the measurements): the mma.sync kernels' operand
 // traffic leaves them bound by shared-memory and L2 bandwidth, well below the tensor-core ceiling. The
@@ -38,7 +40,7 @@
 //
 // Shared with the LatentMoE kernels (moe/latent/): GELU (moe/gelu.cuh), the launch with a raised
 // shared-memory limit (util/launch.cuh), the ldmatrix fragment loads and paired mma.sync of
-// tc/mma.cuh, and the swizzled tile copies, descriptors and wgmma wrappers of tc/wgmma.cuh. The
+// tc/mma.cuh, and the swizzled tile copies, descriptors, wgmma wrappers and epilogue of tc/wgmma.cuh. The
 // mma.sync main loop is this file's own: it loads a whole 16-deep slice of fragments one slice ahead
 // into registers, where tc/warp_tile.cuh's loops load one B pair next to its products.
 #pragma once
@@ -104,7 +106,7 @@ __device__ inline void store_rows_output(const RowsGemm<T>& p, int64_t at, float
     }
 }
 
-// The tensor-core kernels' outputs (at, at + 1) of a row GEMM, as store_rows_output with the fast GELU:
+// The mma.sync kernels' outputs (at, at + 1) of a row GEMM, as store_rows_output with the fast GELU:
 // Store and Gelu, which only write.
 template <RowsEpilogue EPI>
 __device__ inline void store_rows_pair(const RowsGemm<bf16>& p, int64_t at, float v0, float v1) {
