@@ -8,7 +8,7 @@
 #     test_gpu_attention, or those TESTS names) in each build, each cut off after 300 s (a kernel
 #     that hangs fails its test instead of the whole call), and test_gpu_determinism;
 #   - bench_latentmoe and bench_moe of both trees (stages, expert kernels, routing glue), and the
-#     timing lines of both trees' test_gpu_attention;
+#     timing lines of both trees' test_gpu_attention, each cut off after 120 s;
 #   - the layer benchmark (`--bench-layer 1`, p1 and p2, both trainers) ROUNDS times (default 3; 0 for
 #     none), alternating trees;
 #   - with KSWEEP=1, the layer benchmark of both trainers over k = 4, 8, 16, 32 at p1's k·fe (and E/k),

@@ -42,6 +42,9 @@ inline bool device_has_wgmma() {
 
 namespace lmoe {
 
+// Byte offset of 16-byte chunk `chunk` (0..7) of row r within a 64-column block of a 128B-swizzled tile.
+__device__ inline int swizzled_chunk(int r, int chunk) { return r * 128 + (chunk ^ (r % 8)) * 16; }
+
 // This thread's share of the cp.async copies of a (ROWS × COLS) bf16 tile into its 128B-swizzled
 // shared layout: NT threads, each copying 16 bytes at tile column col() of rows row(j), j < passes.
 template <int ROWS, int COLS, int NT>
@@ -113,21 +116,24 @@ __device__ inline void warpgroup_barrier(int w) {
     else asm volatile("bar.sync 2, 128;\n" ::: "memory");
 }
 
-// Epilogues through shared memory. Straight from the accumulators, each thread's stores are 4-byte
-// pairs spread over 16 rows; instead a warpgroup packs its (64 × N) accumulators into a 128B-swizzled
-// tile of its own (rows 0..63, 64-column blocks block_bytes apart: the 8 rows one store instruction
-// touches sit in 8 different 16-byte chunks, so it is conflict-free), passes a warpgroup_barrier, and
-// reads the tile back in 16-byte pieces, each warp's 32 pieces whole 128-byte row segments (4
-// wavefronts): a quarter of the global stores, and whole lines.
+// Epilogues through shared memory. Straight from the accumulators, each store instruction of a warp
+// writes 4-byte pairs, 16 bytes into each of 8 rows; instead a warpgroup packs its (64 × N)
+// accumulators into a 128B-swizzled tile of its own (rows 0..63, 64-column blocks block_bytes apart:
+// the 8 rows one store instruction touches sit in 8 different 16-byte chunks, so it is conflict-free),
+// passes a warpgroup_barrier, and reads the tile back in 16-byte pieces, each warp's 32 pieces whole
+// 128-byte row segments (4 wavefronts): a quarter of the global stores, and whole lines.
+struct Unchanged {
+    __device__ float operator()(float v) const { return v; }
+};
 // This thread's accumulator fragments, each value mapped by f, packed to bf16 into the tile.
-template <int N, class F>
+template <int N, class F = Unchanged>
 __device__ inline void wgmma_accumulators_to_tile(unsigned char* tile, uint32_t block_bytes, const float (&d)[N / 2],
-                                                  F f) {
+                                                  F f = {}) {
     const int warp = threadIdx.x / 32 % 4, gq = threadIdx.x % 32 / 4, q = threadIdx.x % 4;
 #pragma unroll
     for (int i = 0; i < N / 2; i += 2) {
         const int r = 16 * warp + gq + 8 * (i / 2 % 2), col = 8 * (i / 4) + 2 * q;
-        *reinterpret_cast<uint32_t*>(tile + col / 64 * block_bytes + r * 128 + ((col % 64 / 8) ^ (r % 8)) * 16 + 4 * q) =
+        *reinterpret_cast<uint32_t*>(tile + col / 64 * block_bytes + swizzled_chunk(r, col % 64 / 8) + 4 * q) =
             pack_bf16x2(f(d[i]), f(d[i + 1]));
     }
 }
@@ -138,7 +144,7 @@ __device__ inline void for_each_tile_piece(const unsigned char* tile, uint32_t b
 #pragma unroll
     for (int j = 0; j < 64 * vecs / 128; j++) {
         const int v = threadIdx.x % 128 + 128 * j, r = v / vecs, c = v % vecs;
-        piece(r, c, *reinterpret_cast<const uint4*>(tile + c / 8 * block_bytes + r * 128 + ((c % 8) ^ (r % 8)) * 16));
+        piece(r, c, *reinterpret_cast<const uint4*>(tile + c / 8 * block_bytes + swizzled_chunk(r, c % 8)));
     }
 }
 

@@ -615,13 +615,12 @@ __global__ void __launch_bounds__(kWgThreads, 1) rows_gemm_wgmma_kernel(const Ro
                 [&](int j) { return make_float2(acc[i0 + 2 * j], acc[i0 + 2 * j + 1]); });
     } else {
         // Through shared memory (tc/wgmma.cuh's epilogue): the stages are free once both warpgroups'
-        // last products are done, and each warpgroup's 64 rows leave through 32 KB of them (the
-        // hidden values of the Gelu epilogue through 32 KB more).
+        // last products are done. Each warpgroup has 64 KB of them: its 64 rows leave through the
+        // first 32 KB, the Gelu epilogue's hidden values through the second.
         __syncthreads();
-        constexpr uint32_t block_bytes = 64 * 128;
-        constexpr int tile_bytes = kWgTileN / 64 * block_bytes;
+        constexpr uint32_t block_bytes = 64 * 128, tile_bytes = kWgTileN / 64 * block_bytes;
         unsigned char* tile = reinterpret_cast<unsigned char*>(smem) + wg * 2 * tile_bytes;
-        wgmma_accumulators_to_tile<kWgTileN>(tile, block_bytes, acc, [](float v) { return v; });
+        wgmma_accumulators_to_tile<kWgTileN>(tile, block_bytes, acc);
         if constexpr (EPI == RowsEpilogue::Gelu)
             wgmma_accumulators_to_tile<kWgTileN>(tile + tile_bytes, block_bytes, acc, [](float v) { return gelu_fast(v); });
         warpgroup_barrier(wg);

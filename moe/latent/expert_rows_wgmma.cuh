@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
     }
     // The result leaves through this warpgroup's rows of the X tile, which its products no longer read.
     unsigned char* Ow = reinterpret_cast<unsigned char*>(Xs) + wg_rows;
-    wgmma_accumulators_to_tile<DH>(Ow, tile_block, acc, [](float v) { return v; });
+    wgmma_accumulators_to_tile<DH>(Ow, tile_block, acc);
     warpgroup_barrier(wg);
     for_each_tile_piece<DH>(Ow, tile_block, [&](int r, int c, uint4 v) {
         if (64 * wg + r < rows) *reinterpret_cast<uint4*>(out + (int64_t)(p0 + 64 * wg + r) * DH + 8 * c) = v;
