@@ -148,6 +148,37 @@ __device__ inline void for_each_tile_piece(const unsigned char* tile, uint32_t b
     }
 }
 
+// The same in fp32, for the epilogues that read global memory before they write (a weight gradient's
+// +=, GeluGrad's pre): the tile holds 32-column blocks of 64 rows × 128 bytes, 8 KB apart, row r's
+// 16-byte chunk c (4 floats) at chunk c ^ 2·(r % 4). One float2 store instruction of a warp (rows r0
+// .. r0 + 7, r0 % 8 = 0, two chunks each) then touches each bank twice, the fewest 256 bytes allow,
+// and each half-warp (rows r0 .. r0 + 3, r0 + 4 .. r0 + 7) every bank once; the float4 reads of
+// TilePiecesF32 take, per quarter-warp, the 8 chunks of one row in one block.
+__device__ inline int swizzled_f32_at(int r, int col) {
+    return col / 32 * (64 * 128) + r * 128 + ((col % 32 / 4) ^ (2 * (r % 4))) * 16 + col % 4 * 4;
+}
+template <int N>
+__device__ inline void wgmma_accumulators_to_tile_f32(unsigned char* tile, const float (&d)[N / 2]) {
+    const int warp = threadIdx.x / 32 % 4, gq = threadIdx.x % 32 / 4, q = threadIdx.x % 4;
+#pragma unroll
+    for (int i = 0; i < N / 2; i += 2) {
+        const int r = 16 * warp + gq + 8 * (i / 2 % 2), col = 8 * (i / 4) + 2 * q;
+        *reinterpret_cast<float2*>(tile + swizzled_f32_at(r, col)) = make_float2(d[i], d[i + 1]);
+    }
+}
+// This thread's pieces of such a tile: piece j (j < count) is row row(j)'s columns col(j) .. col(j) + 3,
+// and a warp's 32 consecutive pieces lie along rows (512 bytes of one row for N = 128, 256).
+template <int N>
+struct TilePiecesF32 {
+    static constexpr int per_row = N / 4, count = 64 * per_row / 128;
+    const unsigned char* tile;
+    __device__ int row(int j) const { return (threadIdx.x % 128 + 128 * j) / per_row; }
+    __device__ int col(int j) const { return (threadIdx.x % 128 + 128 * j) % per_row * 4; }
+    __device__ float4 value(int j) const {
+        return *reinterpret_cast<const float4*>(tile + swizzled_f32_at(row(j), col(j)));
+    }
+};
+
 // mbarriers in shared memory, for pipelines whose stages are handed on without a block barrier: a
 // barrier initialised for `count` arrivals completes a phase when that many have arrived, and a
 // waiter names the phase by its parity (0, 1, 0, ...).

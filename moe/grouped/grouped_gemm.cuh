@@ -23,10 +23,10 @@
 //     tiles, 128 × 128 output tiles; bf16 builds everywhere else (sm_90 builds, other GPUs);
 //   SIMT (rows_gemm_simt_kernel, weight_grad_simt_kernel): the fp32 build (LMOE_FP32), a plain
 //     shared-memory tiled kernel, so the math can be checked tightly against the CPU reference.
-// The tensor-core kernels fill shared memory through a multistage cp.async pipeline; the wgmma row
-// GEMMs' Store and Gelu results leave through it as well, in 16-byte pieces of whole rows (GeluGrad,
-// which reads pre, writes its pairs from the accumulators). d and f must be multiples of 8 (16-byte
-// row segments).
+// The tensor-core kernels fill shared memory through a multistage cp.async pipeline; the wgmma
+// kernels' results leave through it as well, in 16-byte pieces along rows: bf16 for Store and Gelu,
+// fp32 for the epilogues that read before they write (GeluGrad's pre, the weight gradients' +=). d
+// and f must be multiples of 8 (16-byte row segments).
 //
 // Known limits (docs/perf/expert_kernels.md has the measurements): the mma.sync kernels' operand
 // traffic leaves them bound by shared-memory and L2 bandwidth, well below the tensor-core ceiling. The
@@ -36,7 +36,7 @@
 // of groups of ~1000 copies, 16 steps, run well below the rate of long groups); 256-wide tiles waste
 // tensor work where f or d is not a multiple of 256. In all of them: dW1, whose X rows are gathered, is
 // the slowest; and the weight gradients' fp32 read-modify-write of every dW tile (2 × 268 MB at p1),
-// its reads issued a chunk of pairs ahead of the writes (read_all_then_write).
+// its reads issued a batch of pieces ahead of the writes (read_all_then_write).
 //
 // Shared with the LatentMoE kernels (moe/latent/): GELU (moe/gelu.cuh), the launch with a raised
 // shared-memory limit (util/launch.cuh), the ldmatrix fragment loads and paired mma.sync of
@@ -116,8 +116,9 @@ __device__ inline void store_rows_pair(const RowsGemm<bf16>& p, int64_t at, floa
         *reinterpret_cast<uint32_t*>(p.hidden + at) = pack_bf16x2(gelu_fast(v0), gelu_fast(v1));
 }
 
-// GeluGrad's outputs (at(j), at(j) + 1) for N accumulator pairs value(j) (at(j) < 0: pair j lies outside
-// the output): out = value · GELU'(pre), the N pairs of pre read before any output is written.
+// The mma.sync kernel's GeluGrad outputs (at(j), at(j) + 1) for N accumulator pairs value(j) (at(j) < 0:
+// pair j lies outside the output): out = value · GELU'(pre), the N pairs of pre read before any
+// output is written.
 template <int N, class At, class Value>
 __device__ inline void store_gelu_grad_pairs(const RowsGemm<bf16>& p, At at, Value value) {
     read_all_then_write<N>(
@@ -130,7 +131,7 @@ __device__ inline void store_gelu_grad_pairs(const RowsGemm<bf16>& p, At at, Val
         });
 }
 
-// dw[at(j), at(j) + 1] += value(j) for N accumulator pairs of the tensor-core weight gradients (at(j) < 0:
+// dw[at(j), at(j) + 1] += value(j) for N accumulator pairs of the mma.sync weight gradient (at(j) < 0:
 // pair j lies outside the gradient), all N 8-byte reads issued before the first write.
 template <int N, class At, class Value>
 __device__ inline void add_pairs(float* dw, At at, Value value) {
@@ -595,31 +596,37 @@ __global__ void __launch_bounds__(kWgThreads, 1) rows_gemm_wgmma_kernel(const Ro
     for (int i = 0; i < kWgTileN / 2; i++) acc[i] = 0.f;
     wgmma_gemm_mainloop<false, !W_TRANSPOSED>(acc, smem, (int)ceil_div(K, kWgDepth), load);
 
+    // Through shared memory (tc/wgmma.cuh's epilogues): the stages are free once both warpgroups'
+    // last products are done, 64 KB of them for each warpgroup's 64 rows: two bf16 tiles (the Store
+    // and Gelu results; Gelu's hidden values in the second) or one fp32 tile (GeluGrad, whose
+    // accumulators meet pre in fp32).
     const int wg = threadIdx.x / 128;
+    __syncthreads();
+    constexpr uint32_t block_bytes = 64 * 128, tile_bytes = kWgTileN / 64 * block_bytes;
+    unsigned char* tile = reinterpret_cast<unsigned char*>(smem) + wg * 2 * tile_bytes;
     if constexpr (EPI == RowsEpilogue::GeluGrad) {
-        const int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
-        auto pair_at = [&](int i, int& r, int& n) {  // of accumulator pair acc[i, i + 1]
-            r = 64 * wg + 16 * warp + lane / 4 + 8 * (i / 2 % 2);
-            n = n0 + 8 * (i / 4) + 2 * (lane % 4);  // cols is a multiple of 8: n + 1 < cols too
+        wgmma_accumulators_to_tile_f32<kWgTileN>(tile, acc);
+        warpgroup_barrier(wg);
+        const TilePiecesF32<kWgTileN> pieces{tile};
+        auto at = [&](int j) {  // of piece j in out and pre; −1 outside (cols % 8 == 0: whole pieces)
+            const int r = 64 * wg + pieces.row(j), n = n0 + pieces.col(j);
+            return r < rows && n < cols ? (int64_t)(p0 + r) * cols + n : int64_t{-1};
         };
-        constexpr int chunk = 16;  // pairs whose pre is read at once
+        constexpr int batch = 16;  // pieces whose pre is read at once
 #pragma unroll
-        for (int i0 = 0; i0 < kWgTileN / 2; i0 += 2 * chunk)
-            store_gelu_grad_pairs<chunk>(
-                p,
-                [&](int j) {
-                    int r, n;
-                    pair_at(i0 + 2 * j, r, n);
-                    return r < rows && n < cols ? (int64_t)(p0 + r) * cols + n : int64_t{-1};
-                },
-                [&](int j) { return make_float2(acc[i0 + 2 * j], acc[i0 + 2 * j + 1]); });
+        for (int j0 = 0; j0 < pieces.count; j0 += batch)
+            read_all_then_write<batch>(
+                [&](int j) { return at(j0 + j) >= 0 ? *reinterpret_cast<const uint2*>(p.pre + at(j0 + j)) : uint2{}; },
+                [&](int j, uint2 pre) {
+                    if (at(j0 + j) < 0) return;
+                    const float4 v = pieces.value(j0 + j);
+                    const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&pre.x));
+                    const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&pre.y));
+                    *reinterpret_cast<uint2*>(p.out + at(j0 + j)) =
+                        make_uint2(pack_bf16x2(v.x * gelu_grad_fast(lo.x), v.y * gelu_grad_fast(lo.y)),
+                                   pack_bf16x2(v.z * gelu_grad_fast(hi.x), v.w * gelu_grad_fast(hi.y)));
+                });
     } else {
-        // Through shared memory (tc/wgmma.cuh's epilogue): the stages are free once both warpgroups'
-        // last products are done. Each warpgroup has 64 KB of them: its 64 rows leave through the
-        // first 32 KB, the Gelu epilogue's hidden values through the second.
-        __syncthreads();
-        constexpr uint32_t block_bytes = 64 * 128, tile_bytes = kWgTileN / 64 * block_bytes;
-        unsigned char* tile = reinterpret_cast<unsigned char*>(smem) + wg * 2 * tile_bytes;
         wgmma_accumulators_to_tile<kWgTileN>(tile, block_bytes, acc);
         if constexpr (EPI == RowsEpilogue::Gelu)
             wgmma_accumulators_to_tile<kWgTileN>(tile + tile_bytes, block_bytes, acc, [](float v) { return gelu_fast(v); });
@@ -692,20 +699,29 @@ __global__ void __launch_bounds__(kWgThreads, 1) weight_grad_wgmma_kernel(const 
     for (int i = 0; i < kWgTileN / 2; i++) acc[i] = 0.f;
     wgmma_gemm_mainloop<true, true>(acc, smem, (int)ceil_div(end - begin, kWgDepth), load);
 
-    const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
-    // Accumulator pair j of a chunk is acc[i0 + 2j, i0 + 2j + 1]; 16 pairs' reads in flight at a time.
-    constexpr int chunk = 16;
+    // dw += acc through an fp32 tile (tc/wgmma.cuh) in the freed stages, 64 KB a warpgroup: the
+    // read-modify-write in float4 pieces along dw's rows, 16 pieces' reads in flight at a time.
+    const int wg = threadIdx.x / 128;
+    __syncthreads();
+    unsigned char* tile = reinterpret_cast<unsigned char*>(smem) + wg * kWgTileN / 32 * (64 * 128);
+    wgmma_accumulators_to_tile_f32<kWgTileN>(tile, acc);
+    warpgroup_barrier(wg);
+    const TilePiecesF32<kWgTileN> pieces{tile};
+    auto at = [&](int j) {  // of piece j in dw; −1 outside (cols_out % 8 == 0: whole pieces)
+        const int m = m0 + 64 * wg + pieces.row(j), n = n0 + pieces.col(j);
+        return m < p.rows_out && n < p.cols_out ? (int64_t)m * p.cols_out + n : int64_t{-1};
+    };
+    constexpr int batch = 16;
 #pragma unroll
-    for (int i0 = 0; i0 < kWgTileN / 2; i0 += 2 * chunk)
-        add_pairs<chunk>(
-            dw,
-            [&](int j) {
-                const int i = i0 + 2 * j;
-                const int m = m0 + 64 * wg + 16 * warp + lane / 4 + 8 * (i / 2 % 2);
-                const int n = n0 + 8 * (i / 4) + 2 * (lane % 4);
-                return m < p.rows_out && n < p.cols_out ? (int64_t)m * p.cols_out + n : int64_t{-1};
-            },
-            [&](int j) { return make_float2(acc[i0 + 2 * j], acc[i0 + 2 * j + 1]); });
+    for (int j0 = 0; j0 < pieces.count; j0 += batch)
+        read_all_then_write<batch>(
+            [&](int j) { return at(j0 + j) >= 0 ? *reinterpret_cast<const float4*>(dw + at(j0 + j)) : float4{}; },
+            [&](int j, float4 old) {
+                if (at(j0 + j) < 0) return;
+                const float4 v = pieces.value(j0 + j);
+                *reinterpret_cast<float4*>(dw + at(j0 + j)) =
+                    make_float4(old.x + v.x, old.y + v.y, old.z + v.z, old.w + v.w);
+            });
 #endif
 }
 

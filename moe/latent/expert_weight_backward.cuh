@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(kExpertThreads) expert_weight_backward_kernel(
     }
 }
 
-// dK[at(j), at(j) + 1] (+)= k(j), dV[...] (+)= v(j) for N accumulator pairs of the tensor-core kernels,
+// dK[at(j), at(j) + 1] (+)= k(j), dV[...] (+)= v(j) for N accumulator pairs of the mma.sync kernel,
 // each an 8-byte read and write of both, every read issued before the first write; += into the
 // gradients, = into a part's slot.
 template <int N, class At, class K, class V>
@@ -285,7 +285,7 @@ __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const b
     bf16* dOs = Xs + STAGES * rows_elems;       // STAGES × (64, dh)
     const int g = item.g, h = g / E, f0 = blockIdx.x * FC, begin = item.begin, end = item.end;
     const int64_t wofs = ((int64_t)g * F + f0) * DH;  // this slice of expert g's K, V
-    const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
+    const int wg = threadIdx.x / 128;
     if (item.accumulate) {  // the slices of dK, dV the epilogue adds to (contiguous rows f0..f0 + FC)
         prefetch_l2<NT>(item.dk + (int64_t)f0 * DH, 1, FC * DH * (int)sizeof(float), 0);
         prefetch_l2<NT>(item.dv + (int64_t)f0 * DH, 1, FC * DH * (int)sizeof(float), 0);
@@ -375,19 +375,39 @@ __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const b
     }
     wgmma_fence_operands(acc_v);
     wgmma_fence_operands(acc_k);
-    // Accumulator pair j of a chunk is acc[i0 + 2j, i0 + 2j + 1]; 8 pairs' reads of dK and dV in flight.
-    constexpr int chunk = 8;
+    // dK, dV (+)= acc through fp32 tiles (tc/wgmma.cuh) in the freed shared memory, 2 × 64 × dh × 4
+    // bytes a warpgroup: read-modify-writes of float4 pieces along the rows of the slice, 8 pieces'
+    // reads of dK and dV in flight at a time.
+    __syncthreads();  // both warpgroups are done with every stage and with K, V
+    constexpr int tile_bytes = 64 * DH * 4;
+    unsigned char* tile_k = smem + wg * 2 * tile_bytes;
+    unsigned char* tile_v = tile_k + tile_bytes;
+    wgmma_accumulators_to_tile_f32<DH>(tile_k, acc_k);
+    wgmma_accumulators_to_tile_f32<DH>(tile_v, acc_v);
+    warpgroup_barrier(wg);
+    const TilePiecesF32<DH> pieces_k{tile_k}, pieces_v{tile_v};
+    auto at = [&](int j) { return (int64_t)(f0 + 64 * wg + pieces_k.row(j)) * DH + pieces_k.col(j); };
+    struct Old {
+        float4 k, v;
+    };
+    constexpr int batch = 8;
 #pragma unroll
-    for (int i0 = 0; i0 < DH / 2; i0 += 2 * chunk)
-        write_dk_dv_pairs<chunk>(
-            item.dk, item.dv, item.accumulate,
+    for (int j0 = 0; j0 < pieces_k.count; j0 += batch)
+        read_all_then_write<batch>(
             [&](int j) {
-                const int i = i0 + 2 * j;
-                const int f = wg * 64 + 16 * warp + gq + 8 * (i / 2 % 2), c = 8 * (i / 4) + 2 * q;
-                return (int64_t)(f0 + f) * DH + c;
+                Old old{};  // zeros when a part's slot is written, not added to
+                if (item.accumulate)
+                    old = {*reinterpret_cast<const float4*>(item.dk + at(j0 + j)),
+                           *reinterpret_cast<const float4*>(item.dv + at(j0 + j))};
+                return old;
             },
-            [&](int j) { return make_float2(acc_k[i0 + 2 * j], acc_k[i0 + 2 * j + 1]); },
-            [&](int j) { return make_float2(acc_v[i0 + 2 * j], acc_v[i0 + 2 * j + 1]); });
+            [&](int j, Old old) {
+                const float4 k = pieces_k.value(j0 + j), v = pieces_v.value(j0 + j);
+                *reinterpret_cast<float4*>(item.dk + at(j0 + j)) =
+                    make_float4(old.k.x + k.x, old.k.y + k.y, old.k.z + k.z, old.k.w + k.w);
+                *reinterpret_cast<float4*>(item.dv + at(j0 + j)) =
+                    make_float4(old.v.x + v.x, old.v.y + v.y, old.v.z + v.z, old.v.w + v.w);
+            });
 }
 #endif  // LMOE_HAS_WGMMA
 
