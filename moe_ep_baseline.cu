@@ -101,7 +101,7 @@ class MoeFfn {
     }
 
     // dx (N, d) from dout (N, d); weight gradients accumulated into g (the expert ones from the
-    // copies of every rank).
+    // copies of every rank, written instead where !ctx.accumulate_expert_grads).
     void backward(int l, floatX* dx, const floatX* dout, const floatX* x, const Layer& w, const GradLayer& g, Ctx& ctx) {
         const Config& c = c_;
         const RoutingPlan p = plans_[l];
@@ -113,12 +113,14 @@ class MoeFfn {
         combine_backward(d_o_.get(), ds_copy_.get(), dout, c.d, o, p, c.d, ctx.stream, !c.locmoe());
         // combine (backward): d_o to the experts' owners
         const floatX* d_o_experts = to_owners(l, d_o_.get(), ctx);
-        // compute:  dpre (rows, f) = (d_o W2_e) ⊙ GELU'(pre);  dW2_e += d_o^T h
-        expert_down_backward(dpre_.get(), g.expert_out, d_o_experts, h, pre, w.expert_out, in.plan, c.d, c.fe,
+        // compute:  dpre (rows, f) = (d_o W2_e) ⊙ GELU'(pre);  dW2_e (+)= d_o^T h
+        const bool add = ctx.accumulate_expert_grads;
+        expert_down_backward(dpre_.get(), g.expert_out, add, d_o_experts, h, pre, w.expert_out, in.plan, c.d, c.fe,
                              ctx.stream);
-        //           dx_copy (rows, d) = dpre W1_e;  dW1_e += dpre^T X_e   (over d_o_experts, read by now)
+        //           dx_copy (rows, d) = dpre W1_e;  dW1_e (+)= dpre^T X_e   (over d_o_experts, read by now)
         floatX* dx_experts = expert_output(dx_copy_.get());
-        expert_up_backward(dx_experts, g.expert_in, dpre_.get(), in.x, c.d, w.expert_in, in.plan, c.d, c.fe, ctx.stream);
+        expert_up_backward(dx_experts, g.expert_in, add, dpre_.get(), in.x, c.d, w.expert_in, in.plan, c.d, c.fe,
+                           ctx.stream);
         // dispatch (backward): each copy's dx back to its token's rank            (N·k, d) group order
         to_sources(l, dx_copy_.get(), dx_experts, ctx);
         if (c.locmoe()) {

@@ -90,7 +90,7 @@ class LatentMoeFfn {
     }
 
     // dx (N, d) from dout (N, d); weight gradients accumulated into g (the expert ones from the
-    // tokens of every rank).
+    // tokens of every rank, written instead where !ctx.accumulate_expert_grads).
     void backward(int l, floatX* dx, const floatX* dout, const floatX* x, const Layer& w, const GradLayer& g, Ctx& ctx) {
         const Config& c = c_;
         const RoutingPlan p = plans_[l];
@@ -104,9 +104,9 @@ class LatentMoeFfn {
         if (!single) to_head_owners(dY, dy, ctx);
         // weight:   d_o (copies, dh) = gate · dY;  ds (copies) = gate-softmax backward of dY · o
         combine_backward(d_o_.get(), ds_copy_.get(), dY, ldU_, o, p, c.dh, ctx.stream);
-        // compute:  dx_copy (copies, dh); dK, dV += (hidden recomputed per tile)
-        expert_backward(dx_copy_.get(), g.expert_in, g.expert_out, d_o_.get(), U, ldU_, w.expert_in, w.expert_out, p,
-                        weight_parts_.view(), c.dh, c.fe, ctx.stream);
+        // compute:  dx_copy (copies, dh); dK, dV (+)= (hidden recomputed per tile)
+        expert_backward(dx_copy_.get(), g.expert_in, g.expert_out, ctx.accumulate_expert_grads, d_o_.get(), U, ldU_,
+                        w.expert_in, w.expert_out, p, weight_parts_.view(), c.dh, c.fe, ctx.stream);
         // route:    dR_h[:, e] += Σ_{copies of e} U · ds   (k chosen columns only)
         router_weight_backward(g.router, router_grad_scratch_.get(), U, ldU_, ds_copy_.get(), p, c.dh, ctx.stream);
         // group:    dU[t, h] = Σ_j dx_copy + Σ_j R_h[:, e_j] ds_j                floatX (R·N, W)

@@ -1,7 +1,8 @@
 // Stage benchmark of the routed part of the Multi-Head LatentMoE layer (SPEC §4) at SPEC §6's layer
-// sizes, N = 8192 tokens: the median time of each stage of forward + backward with the expert
-// kernels' achieved rate, then each expert kernel alone. Arguments name shapes to run alone (all
-// without); without a GPU it exits 77.
+// sizes, N = 8192 tokens: the median time of each stage of forward + backward (as a step's first
+// micro-batch: the expert weight gradients written) with the expert kernels' achieved rate, then each
+// expert kernel alone, the weight gradient both adding and writing. Arguments name shapes to run
+// alone (all without); without a GPU it exits 77.
 #include <cstdint>
 
 #include "bench/bench_shapes.h"
@@ -20,7 +21,7 @@ void bench_shape(const Shape& s, lmoe::Rng& rng) {
     for (auto* g : {&T.dR, &T.dK, &T.dV}) CUDA_CHECK(cudaMemset(g->get(), 0, g->size() * sizeof(float)));
     RoutedLayer L(s);
     const int reps = 20;
-    const std::vector<float> ms = gpu_test::time_stages(kStages, reps, [&](cudaEvent_t* ev) { routed_layer(L, T, ev); });
+    const std::vector<float> ms = gpu_test::time_stages(kStages, reps, [&](cudaEvent_t* ev) { routed_layer(L, T, false, ev); });
     const double unit = 2.0 * s.H * s.M * s.k * s.dh * s.fe;  // FLOPs of one (copies × dh × fe) matmul
     const double flops[kStages] = {0, 2 * unit, 0, 0, 7 * unit, 0};
     std::printf("bench %s (M %d tokens, H %d, dh %d, E %d, fe %d, k %d%s), median of %d:\n", s.name, s.M, s.H, s.dh,
@@ -36,10 +37,11 @@ void bench_shape(const Shape& s, lmoe::Rng& rng) {
     gpu_test::time_kernel("expert input backward", reps, 3 * unit, [&] {
         lmoe::expert_input_backward(L.dx_copy.get(), L.d_o.get(), T.u.get(), HD, T.K.get(), T.V.get(), L.plan, dh, F, 0);
     });
-    gpu_test::time_kernel("expert weight backward", reps, 4 * unit, [&] {
-        lmoe::expert_weight_backward(T.dK.get(), T.dV.get(), L.d_o.get(), T.u.get(), HD, T.K.get(), T.V.get(), L.plan,
-                                     L.weight_parts.view(), dh, F, 0);
-    });
+    for (const bool accumulate : {true, false})
+        gpu_test::time_kernel(accumulate ? "expert weight backward" : "expert weight backward, =", reps, 4 * unit, [&] {
+            lmoe::expert_weight_backward(T.dK.get(), T.dV.get(), accumulate, L.d_o.get(), T.u.get(), HD, T.K.get(),
+                                         T.V.get(), L.plan, L.weight_parts.view(), dh, F, 0);
+        });
     time_routing_glue({L.plan, T.u.get(), T.R.get(), T.bias.get(), HD, dh, L.o.get(), T.y.get(), T.dy.get(), L.d_o.get(),
                        L.dx_copy.get(), T.du.get(), L.router_t.get(), L.ds_copy.get(), T.dR.get(),
                        L.router_grad_scratch.get()},

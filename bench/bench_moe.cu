@@ -1,6 +1,7 @@
 // Stage benchmark of the routed MoE layer of moe_ep_baseline (SPEC §2.2) at SPEC §6's layer sizes,
-// N = 8192 tokens: the median time of every stage of forward + backward, each grouped GEMM kernel
-// alone with its rate, and for comparison the same products through cuBLAS. Arguments name shapes to
+// N = 8192 tokens: the median time of every stage of forward + backward (as a step's first
+// micro-batch: the expert weight gradients written), each grouped GEMM kernel alone with its rate
+// (the weight gradients both adding and writing), and for comparison the same products through cuBLAS. Arguments name shapes to
 // run alone (all without); without a GPU it exits 77.
 #include <algorithm>
 #include <cstdint>
@@ -83,7 +84,7 @@ void bench_shape(const Shape& s, lmoe::Rng& rng) {
     for (auto* g : {&T.dR, &T.dW1, &T.dW2}) CUDA_CHECK(cudaMemset(g->get(), 0, g->size() * sizeof(float)));
     MoeLayer L(s);
     const int reps = 20;
-    const std::vector<float> ms = gpu_test::time_stages(kStages, reps, [&](cudaEvent_t* ev) { routed_layer(L, T, ev); });
+    const std::vector<float> ms = gpu_test::time_stages(kStages, reps, [&](cudaEvent_t* ev) { routed_layer(L, T, false, ev); });
     auto offset = gpu_test::download(L.plan.group_offset, L.plan.groups() + 1);
     int most = 0;
     for (int e = 0; e < s.E; e++) most = std::max(most, offset[e + 1] - offset[e]);
@@ -117,14 +118,16 @@ void bench_shape(const Shape& s, lmoe::Rng& rng) {
         lmoe::grouped_rows_gemm<RowsEpilogue::Store, false, floatX>(
             {L.dx_copy.get(), nullptr, nullptr, {L.dpre.get(), f, nullptr}, T.W1.get(), f, d, L.plan}, 0);
     });
-    time_kernel("dW2 += dO^T h", reps, unit, [&] {
-        lmoe::grouped_weight_grad<floatX>({T.dW2.get(), {L.d_o.get(), d, nullptr}, {L.h.get(), f, nullptr}, d, f,
-                                           L.plan.group_offset}, s.E, 0);
-    });
-    time_kernel("dW1 += dpre^T X", reps, unit, [&] {
-        lmoe::grouped_weight_grad<floatX>({T.dW1.get(), {L.dpre.get(), f, nullptr}, {T.x.get(), d, L.plan.copy_row}, f,
-                                           d, L.plan.group_offset}, s.E, 0);
-    });
+    for (const bool accumulate : {true, false}) {
+        time_kernel(accumulate ? "dW2 += dO^T h" : "dW2 = dO^T h", reps, unit, [&] {
+            lmoe::grouped_weight_grad<floatX>({T.dW2.get(), {L.d_o.get(), d, nullptr}, {L.h.get(), f, nullptr}, d, f,
+                                               L.plan.group_offset, accumulate}, s.E, 0);
+        });
+        time_kernel(accumulate ? "dW1 += dpre^T X" : "dW1 = dpre^T X", reps, unit, [&] {
+            lmoe::grouped_weight_grad<floatX>({T.dW1.get(), {L.dpre.get(), f, nullptr}, {T.x.get(), d, L.plan.copy_row},
+                                               f, d, L.plan.group_offset, accumulate}, s.E, 0);
+        });
+    }
     time_routing_glue({L.plan, T.x.get(), T.R.get(), T.bias.get(), d, d, L.o.get(), T.y.get(), T.dy.get(), L.d_o.get(),
                        L.dx_copy.get(), T.dx.get(), L.router_t.get(), L.ds_copy.get(), T.dR.get(),
                        L.router_grad_scratch.get()},

@@ -109,6 +109,14 @@ void expect_close(const std::string& what, const lmoe::DeviceBuffer<T>& got, con
     expect_close(what, to_double(got.download()), ref, tolerance);
 }
 
+// got − start, element by element: what a kernel added to an accumulated gradient.
+inline std::vector<double> increment(const lmoe::DeviceBuffer<float>& got, const std::vector<float>& start) {
+    const std::vector<float> g = got.download();
+    std::vector<double> out(g.size());
+    for (size_t i = 0; i < g.size(); i++) out[i] = (double)g[i] - (double)start[i];
+    return out;
+}
+
 // The same bytes: for "a second run is bitwise identical".
 template <class A, class B>
 bool same_bytes(const A& a, const B& b) {

@@ -56,9 +56,9 @@ inline const char* const kStageNames[kStages] = {"route + group", "expert forwar
                                                  "weight backward", "expert backward (dX, dK, dV)",
                                                  "router backward + gather"};
 
-// Forward and backward of the routed part, stage by stage; with events, events[0] marks the start and
-// events[i + 1] the end of stage i.
-inline void routed_layer(RoutedLayer& L, LayerTensors& T, cudaEvent_t* events = nullptr) {
+// Forward and backward of the routed part, stage by stage, the expert weight gradients added to
+// (accumulate) or written; with events, events[0] marks the start and events[i + 1] the end of stage i.
+inline void routed_layer(RoutedLayer& L, LayerTensors& T, bool accumulate, cudaEvent_t* events = nullptr) {
     const Shape& s = L.s;
     const int HD = s.H * s.dh;
     cudaStream_t st = 0;
@@ -73,8 +73,8 @@ inline void routed_layer(RoutedLayer& L, LayerTensors& T, cudaEvent_t* events = 
     mark(2);
     lmoe::combine_backward(L.d_o.get(), L.ds_copy.get(), T.dy.get(), HD, L.o.get(), L.plan, s.dh, st);
     mark(3);
-    lmoe::expert_backward(L.dx_copy.get(), T.dK.get(), T.dV.get(), L.d_o.get(), T.u.get(), HD, T.K.get(), T.V.get(),
-                          L.plan, L.weight_parts.view(), s.dh, s.fe, st);
+    lmoe::expert_backward(L.dx_copy.get(), T.dK.get(), T.dV.get(), accumulate, L.d_o.get(), T.u.get(), HD, T.K.get(),
+                          T.V.get(), L.plan, L.weight_parts.view(), s.dh, s.fe, st);
     mark(4);
     lmoe::router_weight_backward(T.dR.get(), L.router_grad_scratch.get(), T.u.get(), HD, L.ds_copy.get(), L.plan, s.dh,
                                  st);

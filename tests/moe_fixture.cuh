@@ -55,9 +55,9 @@ inline const char* const kStageNames[kStages] = {
     "route",           "group",           "up forward (W1, GELU)", "down forward (W2)", "weight + merge",
     "weight backward", "down backward (dpre, dW2)", "up backward (dX, dW1)", "router backward", "gather input grad"};
 
-// Forward and backward of the routed layer, the stages of MoeFfn; with events, events[0] marks the
-// start and events[i + 1] the end of stage i.
-inline void routed_layer(MoeLayer& L, LayerTensors& T, cudaEvent_t* events = nullptr) {
+// Forward and backward of the routed layer, the stages of MoeFfn, the expert weight gradients added to
+// (accumulate) or written; with events, events[0] marks the start and events[i + 1] the end of stage i.
+inline void routed_layer(MoeLayer& L, LayerTensors& T, bool accumulate, cudaEvent_t* events = nullptr) {
     const Shape& s = L.s;
     cudaStream_t st = 0;
     auto mark = [&](int i) { if (events) CUDA_CHECK(cudaEventRecord(events[i + 1], st)); };
@@ -74,11 +74,11 @@ inline void routed_layer(MoeLayer& L, LayerTensors& T, cudaEvent_t* events = nul
     mark(4);
     lmoe::combine_backward(L.d_o.get(), L.ds_copy.get(), T.dy.get(), s.d, L.o.get(), L.plan, s.d, st);
     mark(5);
-    lmoe::expert_down_backward(L.dpre.get(), T.dW2.get(), L.d_o.get(), L.h.get(), L.pre.get(), T.W2.get(), L.plan, s.d,
-                               s.f, st);
+    lmoe::expert_down_backward(L.dpre.get(), T.dW2.get(), accumulate, L.d_o.get(), L.h.get(), L.pre.get(), T.W2.get(),
+                               L.plan, s.d, s.f, st);
     mark(6);
-    lmoe::expert_up_backward(L.dx_copy.get(), T.dW1.get(), L.dpre.get(), T.x.get(), s.d, T.W1.get(), L.plan, s.d, s.f,
-                             st);
+    lmoe::expert_up_backward(L.dx_copy.get(), T.dW1.get(), accumulate, L.dpre.get(), T.x.get(), s.d, T.W1.get(), L.plan,
+                             s.d, s.f, st);
     mark(7);
     lmoe::router_weight_backward(T.dR.get(), L.router_grad_scratch.get(), T.x.get(), s.d, L.ds_copy.get(), L.plan, s.d,
                                  st);

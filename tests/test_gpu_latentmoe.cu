@@ -1,7 +1,9 @@
 // The routed part of the Multi-Head LatentMoE layer on the GPU against the CPU reference (SPEC §4,
 // §8.3): the IO-aware router, the grouping of copies by (head, expert), the IO-aware expert kernels
-// forward and backward, the weighting and the router backward; then bitwise reproducibility; and the
-// router's top-k on exact ties and NaN inputs.
+// forward and backward, the weighting and the router backward, the expert weight gradients both
+// added to random starting values and written over poisoned ones (a step's first micro-batch: every
+// element, zeros for an empty group); then bitwise reproducibility; and the router's top-k on exact
+// ties and NaN inputs.
 // The reference runs on exactly the rounded inputs the GPU sees, with the GPU's expert choices held
 // fixed (a near-tie may legitimately flip between fp32 and double; those are counted, not failed).
 #include <algorithm>
@@ -17,6 +19,7 @@
 #include "tests/routing_checks.cuh"
 
 using gpu_test::expect_close;
+using gpu_test::increment;
 
 void run_shape(const Shape& s, lmoe::Rng& rng) {
     std::printf("%s: M %d, H %d, dh %d, E %d, fe %d, k %d\n", s.name, s.M, s.H, s.dh, s.E, s.fe, s.k);
@@ -26,15 +29,28 @@ void run_shape(const Shape& s, lmoe::Rng& rng) {
     const auto& [u, R, K, V, dy, bias] = in;
     LayerTensors T = upload_layer(s, in);
     RoutedLayer L(s);
-    auto run_layer = [&] {
+    auto start = [&](size_t n) {
+        std::vector<float> v(n);
+        for (float& g : v) g = float(rng.normal());
+        return v;
+    };
+    const std::vector<float> dK0 = start(K.size()), dV0 = start(V.size());
+    auto run_layer = [&](bool accumulate) {
         L.poison_all();
         T.y.poison();
         T.du.poison();
-        for (auto* g : {&T.dR, &T.dK, &T.dV}) CUDA_CHECK(cudaMemset(g->get(), 0, g->size() * sizeof(float)));
-        routed_layer(L, T);
+        CUDA_CHECK(cudaMemset(T.dR.get(), 0, T.dR.size() * sizeof(float)));
+        if (accumulate) {
+            T.dK.upload(dK0);
+            T.dV.upload(dV0);
+        } else {
+            T.dK.poison();
+            T.dV.poison();
+        }
+        routed_layer(L, T, accumulate);
         CUDA_CHECK(cudaDeviceSynchronize());
     };
-    run_layer();
+    run_layer(true);
 
     // Router: the reference's top-k (near-ties counted, not failed); then a stable grouping.
     auto sel = gpu_test::download(L.plan.sel, L.copies);
@@ -64,12 +80,15 @@ void run_shape(const Shape& s, lmoe::Rng& rng) {
     expect_close("y = sum_j w_j expert_j(u)", T.y, ref_y);
     expect_close("du (experts + router)", T.du, ref_du);
     expect_close("dR (router)", T.dR, dR);
-    expect_close("dK (expert_in)", T.dK, dK);
-    expect_close("dV (expert_out)", T.dV, dV);
+    expect_close("dK (expert_in, increment)", increment(T.dK, dK0), dK);
+    expect_close("dV (expert_out, increment)", increment(T.dV, dV0), dV);
+    run_layer(false);
+    expect_close("dK (expert_in, written)", T.dK, dK);
+    expect_close("dV (expert_out, written)", T.dV, dV);
 
-    // Bitwise reproducible: a second run gives the same bytes everywhere.
-    gpu_test::expect_rerun_identical(std::string(s.name) + ": a second run is not bitwise identical", run_layer, T.y,
-                                     T.du, T.dR, T.dK, T.dV);
+    // Bitwise reproducible: another run gives the same bytes everywhere.
+    gpu_test::expect_rerun_identical(std::string(s.name) + ": a rerun is not bitwise identical",
+                                     [&] { run_layer(false); }, T.y, T.du, T.dR, T.dK, T.dV);
 }
 
 // The router's top-k on exact ties and on NaN (SPEC's tie rule: equal scores go to the lower expert).

@@ -1,7 +1,8 @@
 // The whole model of each trainer (train_latentmoe, moe_ep_baseline) on the GPU against the CPU
 // reference at step 0 (SPEC §8.3): the same weights (the GPU's fp32 master weights, copied into the reference), the same batch, the
 // same expert choices (the GPU's, so a near-tie that rounds the other way cannot fail the test):
-// the loss and the gradient of every parameter tensor. Tight in the fp32 build; in bf16 it shows
+// the loss and the gradient of every parameter tensor, from a gradient buffer poisoned before
+// zero_grad (which clears all but the expert weights' gradients, the backward writing those). Tight in the fp32 build; in bf16 it shows
 // how far mixed precision moves them. With --dump DIR it also writes the GPU's step as a model dump
 // for the independent PyTorch oracle (tests/torch_oracle.py), LocMoE's with its capacity, the copies
 // it kept, L_aux and L_loc.
@@ -30,6 +31,7 @@ void check_model(const char* name, Config c, lmoe::Rng& rng, const std::string& 
     for (int i = 0; i < N; i++) { tokens[i] = rng.below(c.V); targets[i] = rng.below(c.V); }
 
     GpuModel<Ffn> gpu(c, Comm{});
+    gpu.grads.poison();  // every gradient either cleared by zero_grad or written by the backward, or NaN
     gpu.zero_grad();
     gpu.forward(tokens.data(), targets.data(), 1.f);
     gpu.backward();

@@ -4,7 +4,9 @@
 // backward against ref::routed_forward / routed_backward with the GPU's expert choices held fixed
 // (a near-tie may legitimately flip between fp32 and double; those are counted, not failed).
 // Outputs are poisoned before every run; weight gradients start from random values (they must be
-// accumulated into, not overwritten); a second run must give the same bytes.
+// accumulated into, not overwritten), and in a second run the expert ones start poisoned (a step's
+// first micro-batch writes them: every element, zeros for a starved expert); a third run must give
+// the same bytes as the second.
 // First, the fast GELU forms of the tensor-core kernels (moe/gelu.cuh) on their own, against exact erf.
 // The layer's stage benchmark is bench/bench_moe.cu.
 #include <algorithm>
@@ -25,6 +27,7 @@
 
 using lmoe::DeviceBuffer;
 using gpu_test::expect_close;
+using gpu_test::increment;
 
 __global__ void gelu_fast_kernel(float* out, const float* x, int n) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -94,14 +97,6 @@ void check_gelu_fast() {
                       "far out" + at);
         }
     }
-}
-
-// got − start, element by element: what a kernel added to an accumulated gradient.
-std::vector<double> increment(const DeviceBuffer<float>& got, const std::vector<float>& start) {
-    std::vector<float> g = got.download();
-    std::vector<double> out(g.size());
-    for (size_t i = 0; i < g.size(); i++) out[i] = (double)g[i] - (double)start[i];
-    return out;
 }
 
 // Each grouped GEMM against the reference in double, on the GPU's own inputs to that GEMM.
@@ -177,17 +172,22 @@ void run_shape(const Shape& s, lmoe::Rng& rng) {
     const std::vector<float> dR0 = start(R.size()), dW10 = start(W1.size()), dW20 = start(W2.size());
     LayerTensors T = upload_layer(s, in);
     MoeLayer L(s);
-    auto run_layer = [&] {
+    auto run_layer = [&](bool accumulate) {
         L.poison_all();
         T.y.poison();
         T.dx.poison();
         T.dR.upload(dR0);
-        T.dW1.upload(dW10);
-        T.dW2.upload(dW20);
-        routed_layer(L, T);
+        if (accumulate) {
+            T.dW1.upload(dW10);
+            T.dW2.upload(dW20);
+        } else {
+            T.dW1.poison();
+            T.dW2.poison();
+        }
+        routed_layer(L, T, accumulate);
         CUDA_CHECK(cudaDeviceSynchronize());
     };
-    run_layer();
+    run_layer(true);
 
     // Router: the reference's top-k (near-ties counted, not failed); then a stable grouping.
     auto sel = gpu_test::download(L.plan.sel, L.copies);
@@ -215,9 +215,15 @@ void run_shape(const Shape& s, lmoe::Rng& rng) {
     expect_close("dW1 (expert_in, increment)", increment(T.dW1, dW10), dW1);
     expect_close("dW2 (expert_out, increment)", increment(T.dW2, dW20), dW2);
 
-    // Bitwise reproducible: a second run gives the same bytes everywhere.
-    gpu_test::expect_rerun_identical(std::string(s.name) + ": a second run is not bitwise identical", run_layer, T.y,
-                                     T.dx, L.pre, L.h, L.dpre, L.dx_copy, T.dR, T.dW1, T.dW2);
+    // The same layer as a step's first micro-batch: the expert weight gradients written.
+    run_layer(false);
+    expect_close("dW1 (expert_in, written)", T.dW1, dW1);
+    expect_close("dW2 (expert_out, written)", T.dW2, dW2);
+
+    // Bitwise reproducible: another run gives the same bytes everywhere.
+    gpu_test::expect_rerun_identical(std::string(s.name) + ": a rerun is not bitwise identical",
+                                     [&] { run_layer(false); }, T.y, T.dx, L.pre, L.h, L.dpre, L.dx_copy, T.dR, T.dW1,
+                                     T.dW2);
 }
 
 int main() {

@@ -16,7 +16,8 @@
 //       Ffn(const Config&, int N, const Comm&);        // N tokens per micro-batch; allocates activations
 //       void forward(int l, floatX* out, const floatX* x, const Layer& w, const float* bias, Ctx&);
 //       void backward(int l, floatX* dx, const floatX* dout, const floatX* x, const Layer& w, const GradLayer& g,
-//                     Ctx&);                         // dx written; weight gradients accumulated
+//                     Ctx&);                         // dx written; weight gradients accumulated (the
+//                                                    // expert ones written: !ctx.accumulate_expert_grads)
 //       RoutingPlan plan(int l) const;                 // layer l's routing plan of its last forward
 //       int64_t take_bytes_sent();                     // bytes sent to other ranks since the last call
 //       RouterStats take_router_stats(const Comm&, cudaStream_t);  // LocMoE's (zero for top-k routers)
@@ -29,6 +30,7 @@
 #include <cstdio>
 #include <memory>
 #include <stdexcept>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -62,6 +64,9 @@ struct Ctx {
     const Comm* comm;
     StepProfile* profile = nullptr;  // null: no timing
     float loss_scale = 1;            // d(objective)/d(loss) of this micro-batch: 1/grad_accum in training
+    // false: the expert weight gradients are written, not added to (the first micro-batch of a step,
+    // whose zero_grad does not clear them)
+    bool accumulate_expert_grads = true;
 };
 
 using Layer = ModelTensors<floatX>::Layer;
@@ -90,6 +95,23 @@ inline DecayTable decay_table(const ParamLayout& layout, float weight_decay) {
         decay.push_back(t.decay ? weight_decay : 0.f);
     }
     return DecayTable(end, decay);
+}
+
+// The gradients zero_grad clears, as (offset, count) runs of the flat buffer: every tensor's but the
+// expert weights', which a step's first backward writes whole (Ctx::accumulate_expert_grads).
+inline std::vector<std::pair<int64_t, int64_t>> cleared_gradient_runs(const ParamLayout& layout) {
+    auto written = [](const std::string& name) {
+        for (const std::string tail : {".expert_in", ".expert_out"})
+            if (name.size() > tail.size() && name.compare(name.size() - tail.size(), tail.size(), tail) == 0) return true;
+        return false;
+    };
+    std::vector<std::pair<int64_t, int64_t>> runs;
+    for (const TensorSpec& t : layout.tensors) {
+        if (written(t.name)) continue;
+        if (!runs.empty() && runs.back().first + runs.back().second == t.offset) runs.back().second += t.numel;
+        else runs.push_back({t.offset, t.numel});
+    }
+    return runs;
 }
 
 // The model on one GPU: fp32 master weights, their floatX working copy, fp32 gradients and AdamW
@@ -214,8 +236,9 @@ class GpuModel {
     }
     const float* mean_loss_device() const { return mean_loss_.get(); }
 
-    // Backward of the last forward (which must have had dloss > 0); accumulates into grads and
-    // adds the micro-batch's routed slots to expert_counts.
+    // Backward of the last forward (which must have had dloss > 0); accumulates into grads (the first
+    // after zero_grad writes the expert weights') and adds the micro-batch's routed slots to
+    // expert_counts.
     void backward() {
         const Config& c = cfg;
         const int d = c.d, C = c.n_head * c.d_attn();
@@ -245,12 +268,16 @@ class GpuModel {
             balance.count(l, ffn_.plan(l), st);
         }
         embedding_backward(g.wte, dresid_.get(), tokens_.get(), N, d, c.Vp(), embedding_scratch_.get(), st);
+        ctx.accumulate_expert_grads = true;  // the step's later micro-batches add
     }
 
-    // A step begins: its gradients and its loss start from zero.
+    // A step begins: its gradients and its loss start from zero; the expert weights' gradients,
+    // most of them, are not cleared but written by the step's first backward.
     void zero_grad() {
-        CUDA_CHECK(cudaMemsetAsync(grads.get(), 0, grads.size() * sizeof(float), ctx.stream));
+        for (const auto& [offset, count] : cleared_grads_)
+            CUDA_CHECK(cudaMemsetAsync(grads.get() + offset, 0, count * sizeof(float), ctx.stream));
         CUDA_CHECK(cudaMemsetAsync(loss_norm_.get(), 0, sizeof(float), ctx.stream));
+        ctx.accumulate_expert_grads = false;
     }
 
     // Data parallel: average the step's loss and the replicated gradients over the ranks (the
@@ -405,6 +432,7 @@ class GpuModel {
 
   private:
     std::unique_ptr<StepProfile> profile_;
+    const std::vector<std::pair<int64_t, int64_t>> cleared_grads_ = cleared_gradient_runs(layout);
     Ffn ffn_;
     DeviceBuffer<int> tokens_, targets_;
     // Two pinned staging buffers (inputs then targets), used in turn, each with an event recorded after

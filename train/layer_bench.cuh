@@ -1,6 +1,7 @@
 // The layer benchmark behind --bench-layer (SPEC §6, §9): one FFN layer of either trainer timed on its
 // own, so the two methods' routed layers are compared without the dense model around them. Forward +
-// backward on B·T random tokens with freshly initialised weights, median of 20 after 3 warm-ups; FLOP
+// backward on B·T random tokens with freshly initialised weights, median of 20 after 3 warm-ups, each
+// run as a step's first micro-batch (the expert weight gradients written, not added to); FLOP
 // rate by the model's own count (recomputation not counted); memory = what the layer's weights,
 // gradients, activations and scratch hold on the device. One GPU.
 #pragma once
@@ -38,6 +39,7 @@ int bench_ffn_layer(const Config& config) {
     CUDA_CHECK(cudaStreamCreate(&ctx.stream));
     ctx.cublas = make_cublas_handle();
     ctx.comm = &one_rank;
+    ctx.accumulate_expert_grads = false;  // every run as the first (at --grad-accum 1 the only) micro-batch
     copy_master_to_param(params.get(), master.get(), layout.total, ctx.stream);
     lmoe::Rng rng(c.seed);
     std::vector<floatX> xs((size_t)N * c.d);

@@ -2,10 +2,11 @@
 // (moe/routing_plan.cuh's RoutingPlan with H = 1), go through their expert's two matrices:
 //     pre = X_e W1_e^T      h = GELU(pre)      o = h W2_e^T                 forward (pre and h are kept)
 //     dpre = (dO W2_e) ⊙ GELU'(pre)            dX = dpre W1_e               backward, per copy
-//     dW2_e += dO^T h                          dW1_e += dpre^T X_e          backward, per expert
+//     dW2_e (+)= dO^T h                        dW1_e (+)= dpre^T X_e        backward, per expert
 // X_e are the token rows the expert's copies came from, read straight from the token matrix through
 // copy_row: the permuted copy of x is never written. W1: (E, f, d), W2: (E, d, f) floatX; dW1, dW2
-// fp32, accumulated (+=). This is the standard MoE, not the IO-aware one: the (copies × f) hidden
+// fp32, added to (+=, `accumulate`) or written (=, the first micro-batch of a step: every element,
+// zeros for an expert without copies, so the gradients need no clearing before). This is the standard MoE, not the IO-aware one: the (copies × f) hidden
 // activations pre and h go to global memory in the forward and are read back in the backward.
 //
 // Two kinds of kernels, both driven by device-side tile lists, so no count ever goes to the host:
@@ -84,7 +85,7 @@ struct RowsGemm {
     RoutingPlan plan;
 };
 
-// One weight-gradient GEMM: dw_e (rows_out, cols_out) += Σ over copies p of expert e of
+// One weight-gradient GEMM: dw_e (rows_out, cols_out) (+)= Σ over copies p of expert e of
 // a[p, :]^T b[p, :], a (copies, rows_out), b (copies, cols_out), copies in group order.
 template <class T>
 struct WeightGradGemm {
@@ -92,6 +93,7 @@ struct WeightGradGemm {
     Rows<T> a, b;
     int rows_out, cols_out;
     const int* group_offset;  // (E + 1)
+    bool accumulate;          // dw += the sums, or dw = them (an expert without copies: zeros)
 };
 
 template <RowsEpilogue EPI, class T>
@@ -131,12 +133,12 @@ __device__ inline void store_gelu_grad_pairs(const RowsGemm<bf16>& p, At at, Val
         });
 }
 
-// dw[at(j), at(j) + 1] += value(j) for N accumulator pairs of the mma.sync weight gradient (at(j) < 0:
+// dw[at(j), at(j) + 1] (+)= value(j) for N accumulator pairs of the mma.sync weight gradient (at(j) < 0:
 // pair j lies outside the gradient), all N 8-byte reads issued before the first write.
 template <int N, class At, class Value>
-__device__ inline void add_pairs(float* dw, At at, Value value) {
+__device__ inline void add_pairs(float* dw, bool accumulate, At at, Value value) {
     read_all_then_write<N>(
-        [&](int j) { return at(j) >= 0 ? *reinterpret_cast<const float2*>(dw + at(j)) : float2{}; },
+        [&](int j) { return accumulate && at(j) >= 0 ? *reinterpret_cast<const float2*>(dw + at(j)) : float2{}; },
         [&](int j, float2 old) {
             const float2 v = value(j);
             if (at(j) >= 0) *reinterpret_cast<float2*>(dw + at(j)) = make_float2(old.x + v.x, old.y + v.y);
@@ -225,7 +227,7 @@ __global__ void __launch_bounds__(kSimtGemmThreads) weight_grad_simt_kernel(cons
     const int g = blockIdx.y, tiles_n = (int)ceil_div(p.cols_out, kSimtGemmTile);
     const int m0 = blockIdx.x / tiles_n * kSimtGemmTile, n0 = blockIdx.x % tiles_n * kSimtGemmTile;
     const int begin = p.group_offset[g], end = p.group_offset[g + 1];
-    if (begin == end) return;
+    if (begin == end && p.accumulate) return;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     float acc[4][4] = {};
     for (int k0 = begin; k0 < end; k0 += kSimtGemmDepth) {
@@ -256,7 +258,10 @@ __global__ void __launch_bounds__(kSimtGemmThreads) weight_grad_simt_kernel(cons
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             const int m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
-            if (m < p.rows_out && n < p.cols_out) dw[(int64_t)m * p.cols_out + n] += acc[i][j];
+            if (m < p.rows_out && n < p.cols_out) {
+                float& out = dw[(int64_t)m * p.cols_out + n];
+                out = p.accumulate ? out + acc[i][j] : acc[i][j];
+            }
         }
 }
 
@@ -444,7 +449,7 @@ __global__ void __launch_bounds__(kGemmThreads) weight_grad_mma_kernel(const Wei
     const int g = blockIdx.y, tiles_n = (int)ceil_div(p.cols_out, kGemmTile);
     const int m0 = blockIdx.x / tiles_n * kGemmTile, n0 = blockIdx.x % tiles_n * kGemmTile;
     const int begin = p.group_offset[g], end = p.group_offset[g + 1];
-    if (begin == end) return;
+    if (begin == end && p.accumulate) return;
     // Storage rows of this thread's tile rows for the next load step (negative: past the group),
     // read one step ahead so that the index lookup (copy_row, for the gathered X) is off the
     // critical path.
@@ -477,7 +482,7 @@ __global__ void __launch_bounds__(kGemmThreads) weight_grad_mma_kernel(const Wei
             const int m = m0 + wm + 16 * mt + gq + 8 * half;
             if (m >= p.rows_out) continue;
             add_pairs<8>(  // this row's eight pairs, one per n-tile
-                dw,
+                dw, p.accumulate,
                 [&](int nt) {
                     const int n = n0 + wn + 8 * nt + 2 * q;
                     return n < p.cols_out ? (int64_t)m * p.cols_out + n : int64_t{-1};
@@ -653,11 +658,12 @@ __global__ void __launch_bounds__(kWgThreads, 1) weight_grad_wgmma_kernel(const 
     const int g = blockIdx.y, tiles_n = (int)ceil_div(p.cols_out, kWgTileN);
     const int m0 = blockIdx.x / tiles_n * kWgTileM, n0 = blockIdx.x % tiles_n * kWgTileN;
     const int begin = p.group_offset[g], end = p.group_offset[g + 1];
-    if (begin == end) return;
+    if (begin == end && p.accumulate) return;
     float* dw = p.dw + (int64_t)g * p.rows_out * p.cols_out;
     // The dW tile the epilogue adds to, into L2 while the products run.
-    prefetch_l2<kWgThreads>(dw + (int64_t)m0 * p.cols_out + n0, min(kWgTileM, p.rows_out - m0),
-                            min(kWgTileN, p.cols_out - n0) * (int)sizeof(float), (int64_t)p.cols_out * sizeof(float));
+    if (p.accumulate)
+        prefetch_l2<kWgThreads>(dw + (int64_t)m0 * p.cols_out + n0, min(kWgTileM, p.rows_out - m0),
+                                min(kWgTileN, p.cols_out - n0) * (int)sizeof(float), (int64_t)p.cols_out * sizeof(float));
     using ACopy = SwizzledTileCopy<kWgDepth, kWgTileM, kWgThreads>;
     using BCopy = SwizzledTileCopy<kWgDepth, kWgTileN, kWgThreads>;
     const ACopy a_copy;
@@ -699,7 +705,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) weight_grad_wgmma_kernel(const 
     for (int i = 0; i < kWgTileN / 2; i++) acc[i] = 0.f;
     wgmma_gemm_mainloop<true, true>(acc, smem, (int)ceil_div(end - begin, kWgDepth), load);
 
-    // dw += acc through an fp32 tile (tc/wgmma.cuh) in the freed stages, 64 KB a warpgroup: the
+    // dw (+)= acc through an fp32 tile (tc/wgmma.cuh) in the freed stages, 64 KB a warpgroup: the
     // read-modify-write in float4 pieces along dw's rows, 16 pieces' reads in flight at a time.
     const int wg = threadIdx.x / 128;
     __syncthreads();
@@ -715,7 +721,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) weight_grad_wgmma_kernel(const 
 #pragma unroll
     for (int j0 = 0; j0 < pieces.count; j0 += batch)
         read_all_then_write<batch>(
-            [&](int j) { return at(j0 + j) >= 0 ? *reinterpret_cast<const float4*>(dw + at(j0 + j)) : float4{}; },
+            [&](int j) {
+                return p.accumulate && at(j0 + j) >= 0 ? *reinterpret_cast<const float4*>(dw + at(j0 + j)) : float4{};
+            },
             [&](int j, float4 old) {
                 if (at(j0 + j) < 0) return;
                 const float4 v = pieces.value(j0 + j);
@@ -754,7 +762,7 @@ void grouped_rows_gemm(const RowsGemm<T>& p, cudaStream_t stream) {
     }
 }
 
-// dw (E, rows_out, cols_out) += per-expert a^T b; the kernel picked as for grouped_rows_gemm.
+// dw (E, rows_out, cols_out) (+)= per-expert a^T b (p.accumulate); the kernel picked as for grouped_rows_gemm.
 template <class T>
 void grouped_weight_grad(const WeightGradGemm<T>& p, int E, cudaStream_t stream) {
     if constexpr (std::is_same<T, bf16>::value) {
@@ -788,20 +796,24 @@ inline void expert_down_forward(floatX* o, const floatX* h, const floatX* W2, co
 }
 
 // Backward of expert_down_forward and of the GELU: dpre (copies, f) = (d_o W2_e) ⊙ GELU'(pre);
-// dW2_e (d, f) += d_o^T h.
-inline void expert_down_backward(floatX* dpre, float* dW2, const floatX* d_o, const floatX* h, const floatX* pre,
-                                 const floatX* W2, const RoutingPlan& plan, int d, int f, cudaStream_t stream) {
+// dW2_e (d, f) += d_o^T h, or = with accumulate false.
+inline void expert_down_backward(floatX* dpre, float* dW2, bool accumulate, const floatX* d_o, const floatX* h,
+                                 const floatX* pre, const floatX* W2, const RoutingPlan& plan, int d, int f,
+                                 cudaStream_t stream) {
     grouped_rows_gemm<RowsEpilogue::GeluGrad, false, floatX>({dpre, nullptr, pre, {d_o, d, nullptr}, W2, d, f, plan},
                                                              stream);
-    grouped_weight_grad<floatX>({dW2, {d_o, d, nullptr}, {h, f, nullptr}, d, f, plan.group_offset}, plan.E, stream);
+    grouped_weight_grad<floatX>({dW2, {d_o, d, nullptr}, {h, f, nullptr}, d, f, plan.group_offset, accumulate}, plan.E,
+                                stream);
 }
 
-// Backward of expert_up_forward: dx_copy (copies, d) = dpre W1_e;  dW1_e (f, d) += dpre^T X_e.
-inline void expert_up_backward(floatX* dx_copy, float* dW1, const floatX* dpre, const floatX* x, int64_t ld,
-                               const floatX* W1, const RoutingPlan& plan, int d, int f, cudaStream_t stream) {
+// Backward of expert_up_forward: dx_copy (copies, d) = dpre W1_e;  dW1_e (f, d) += dpre^T X_e, or = with
+// accumulate false.
+inline void expert_up_backward(floatX* dx_copy, float* dW1, bool accumulate, const floatX* dpre, const floatX* x,
+                               int64_t ld, const floatX* W1, const RoutingPlan& plan, int d, int f, cudaStream_t stream) {
     grouped_rows_gemm<RowsEpilogue::Store, false, floatX>({dx_copy, nullptr, nullptr, {dpre, f, nullptr}, W1, f, d, plan},
                                                           stream);
-    grouped_weight_grad<floatX>({dW1, {dpre, f, nullptr}, {x, ld, plan.copy_row}, f, d, plan.group_offset}, plan.E, stream);
+    grouped_weight_grad<floatX>({dW1, {dpre, f, nullptr}, {x, ld, plan.copy_row}, f, d, plan.group_offset, accumulate},
+                                plan.E, stream);
 }
 
 }  // namespace lmoe

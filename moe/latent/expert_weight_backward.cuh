@@ -1,6 +1,8 @@
 // Weight gradients of the LatentMoE experts (SPEC §4), per expert g = (head, e), over all its copies p
 // (with s = K_g x_p, a = GELU(s), ds = GELU'(s) ⊙ V_g do_p as in the input gradient):
-//     dV_g += Σ_p a do_p^T        dK_g += Σ_p ds x_p^T          (fe × dh, fp32, accumulated)
+//     dV_g (+)= Σ_p a do_p^T      dK_g (+)= Σ_p ds x_p^T        (fe × dh, fp32)
+// added to the gradients, or written (the first micro-batch of a step: every element, zeros for an
+// expert without copies, so the gradients need no clearing before).
 // A block owns a slice of fe of one expert and walks the expert's copies in order, a tile of rows at
 // a time, recomputing S = X K_c^T, dA = dO V_c^T, A = GELU(S) and dS = dA ⊙ GELU'(S) per tile; so
 // each gradient element has one owner and a fixed summation order (no atomics, bitwise
@@ -8,7 +10,7 @@
 // Crowded routing (every copy of a head on the same few experts, as in the first steps of training,
 // or one head per rank at R = H) would leave the work to as few blocks as there are busy groups. So a
 // group of more than WeightGradParts::rows copies is cut into parts of that many: part 0's block adds
-// into dK, dV as above, each later part's block writes its sums to a scratch slot, and
+// into (or writes) dK, dV as above, each later part's block writes its sums to a scratch slot, and
 // add_weight_partials then adds the slots into dK, dV in part order — still one fixed order. The part
 // size is at least twice the mean group size, so balanced routing is never cut, and no smaller than
 // the scratch allows (kWeightPartialsBytes).
@@ -108,14 +110,16 @@ __global__ void list_weight_parts_kernel(WeightGradParts parts, const int* group
 }
 
 // The copies and the (fe, dh) sums of block `item` of the weight gradient: items below G are the groups
-// (their first part, summed into dK, dV), the rest the listed later parts (written to their slots).
+// (their first part, added to dK, dV or, with accumulate false, written), the rest the listed later
+// parts (written to their slots).
 struct WeightGradItem {
     int g, begin, end;
     float *dk, *dv;  // this group's (fe, dh) dK, dV, or the part's slot
-    bool accumulate;  // += into dK, dV, or = into the slot
+    bool accumulate;  // += into dK, dV, or = into them or the slot
 };
 __device__ inline bool weight_grad_item(WeightGradItem& it, int item, const RoutingPlan& plan,
-                                        const WeightGradParts& parts, float* dK, float* dV, int F, int DH) {
+                                        const WeightGradParts& parts, float* dK, float* dV, bool accumulate, int F,
+                                        int DH) {
     const int G = plan.H * plan.E;
     const int64_t matrix = (int64_t)F * DH;
     int j = 0;
@@ -123,7 +127,7 @@ __device__ inline bool weight_grad_item(WeightGradItem& it, int item, const Rout
         it.g = item;
         it.dk = dK + item * matrix;
         it.dv = dV + item * matrix;
-        it.accumulate = true;
+        it.accumulate = accumulate;
     } else {
         const int slot = item - G;
         if (parts.rows == 0 || slot >= *parts.num_extra) return false;
@@ -160,18 +164,16 @@ __global__ void add_weight_partials_kernel(float* dK, float* dV, const WeightGra
 //   S = X K_c^T,  dA = dO V_c^T,  A = GELU(S), dS = dA ⊙ GELU'(S) → shared,
 //   dV_c += A^T dO,  dK_c += dS^T X.
 template <int DH>
-__global__ void __launch_bounds__(kExpertThreads) expert_weight_backward_kernel(float* dK, float* dV, const floatX* d_o,
-                                                                                const floatX* x, int64_t ld,
-                                                                                const floatX* K, const floatX* V,
-                                                                                const RoutingPlan plan,
-                                                                                const WeightGradParts parts, int E,
-                                                                                int F) {
+__global__ void __launch_bounds__(kExpertThreads)
+    expert_weight_backward_kernel(float* dK, float* dV, bool accumulate, const floatX* d_o, const floatX* x, int64_t ld,
+                                  const floatX* K, const floatX* V, const RoutingPlan plan, const WeightGradParts parts,
+                                  int E, int F) {
     using S = ExpertTileSmem<DH>;
     extern __shared__ float smem[];
     float *Xs = smem, *dOs = Xs + S::rows_floats, *Ks = dOs + S::rows_floats, *Vs = Ks + S::chunk_floats;
     float *As = Vs + S::chunk_floats, *dSs = As + S::hidden_floats;
     WeightGradItem it;
-    if (!weight_grad_item(it, blockIdx.y, plan, parts, dK, dV, F, DH)) return;
+    if (!weight_grad_item(it, blockIdx.y, plan, parts, dK, dV, accumulate, F, DH)) return;
     const int g = it.g, h = g / E, f0 = blockIdx.x * kExpertChunk;
     const int64_t wofs = ((int64_t)g * F + f0) * DH;  // this chunk of expert g's K, V
     const int r = threadIdx.x / 4, cg = threadIdx.x % 4;          // for the (rows × chunk) products
@@ -417,14 +419,15 @@ __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const b
 // dV_c += A^T dO,  dK_c += dS^T X, the (FC × dh) accumulators in registers.
 template <int DH, int FC>
 __global__ void __launch_bounds__(kMmaWeightThreads, 1)
-    expert_weight_backward_mma_kernel(float* dK, float* dV, const bf16* d_o, const bf16* x, int64_t ld, const bf16* K,
-                                      const bf16* V, const RoutingPlan plan, const WeightGradParts parts, int E, int F) {
+    expert_weight_backward_mma_kernel(float* dK, float* dV, bool accumulate, const bf16* d_o, const bf16* x, int64_t ld,
+                                      const bf16* K, const bf16* V, const RoutingPlan plan, const WeightGradParts parts,
+                                      int E, int F) {
     using L = MmaWeightLayout<DH, FC>;
     constexpr int BR = kMmaWeightRows, NT = kMmaWeightThreads;
     constexpr int S_MT = L::s_rows / 16, R_MT = L::r_rows / 16;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     WeightGradItem item;
-    if (!weight_grad_item(item, blockIdx.y, plan, parts, dK, dV, F, DH)) return;
+    if (!weight_grad_item(item, blockIdx.y, plan, parts, dK, dV, accumulate, F, DH)) return;
 #if defined(LMOE_HAS_WGMMA)
     if constexpr (MmaWeightLayout<DH, FC>::on_wgmma) {
         weight_backward_wgmma<DH, FC>(item, d_o, x, ld, K, V, plan, E, F, smem_raw);
@@ -502,10 +505,10 @@ __global__ void __launch_bounds__(kMmaWeightThreads, 1)
 // times and is the shape the wgmma version covers.
 constexpr int kWeightBackwardSlice = 128;
 
-// dK, dV (H, E, fe, dh) fp32, accumulated, from d_o (copies, dh); `parts` (the plan's shape's
-// WeightGradScratch) says how crowded groups are cut.
-inline void expert_weight_backward(float* dK, float* dV, const floatX* d_o, const floatX* x, int64_t ld,
-                                   const floatX* K, const floatX* V, const RoutingPlan& plan,
+// dK, dV (H, E, fe, dh) fp32, added to (accumulate) or written, from d_o (copies, dh); `parts` (the
+// plan's shape's WeightGradScratch) says how crowded groups are cut.
+inline void expert_weight_backward(float* dK, float* dV, bool accumulate, const floatX* d_o, const floatX* x,
+                                   int64_t ld, const floatX* K, const floatX* V, const RoutingPlan& plan,
                                    const WeightGradParts& parts, int dh, int F, cudaStream_t stream) {
     const int E = plan.E, G = plan.H * plan.E, items = G + parts.max_extra;
     if (parts.rows) {
@@ -517,12 +520,12 @@ inline void expert_weight_backward(float* dK, float* dV, const floatX* d_o, cons
         [&](auto head_dim, auto slice) {
             constexpr int DH = decltype(head_dim)::value, FC = decltype(slice)::value;
             launch_with_smem(expert_weight_backward_mma_kernel<DH, FC>, dim3(F / FC, items), kMmaWeightThreads,
-                             MmaWeightLayout<DH, FC>::bytes, stream, dK, dV, d_o, x, ld, K, V, plan, parts, E, F);
+                             MmaWeightLayout<DH, FC>::bytes, stream, dK, dV, accumulate, d_o, x, ld, K, V, plan, parts, E, F);
         },
         [&](auto head_dim) {
             constexpr int DH = decltype(head_dim)::value;
             launch_with_smem(expert_weight_backward_kernel<DH>, dim3(F / kExpertChunk, items), kExpertThreads,
-                             ExpertTileSmem<DH>::bytes(2, 2), stream, dK, dV, d_o, x, ld, K, V, plan, parts, E, F);
+                             ExpertTileSmem<DH>::bytes(2, 2), stream, dK, dV, accumulate, d_o, x, ld, K, V, plan, parts, E, F);
         });
     if (parts.max_extra) {
         const int64_t matrix = (int64_t)F * dh;

@@ -3,7 +3,7 @@
 // loops over the expert's hidden size in chunks:
 //     A = GELU(X K_c^T)        O += A V_c
 // and the (rows × fe) hidden activations never reach global memory. The backward recomputes them
-// per tile. Expert weights K, V are (H, E, fe, dh) floatX; gradients fp32, accumulated.
+// per tile. Expert weights K, V are (H, E, fe, dh) floatX; gradients fp32, added to or written.
 //
 // Two implementations of the same tiles: in the default bf16 build the tile products run on tensor
 // cores, the hidden activations passed between products in registers (wgmma where the build targets
@@ -36,12 +36,13 @@ inline bool expert_shape_supported(int dh, int fe) {
     return (dh == 16 || dh == 32 || dh == 64 || dh == 128) && fe > 0 && fe % kExpertChunk == 0;
 }
 
-// Both gradients: dx_copy (copies, dh), and dK, dV (H, E, fe, dh) fp32 accumulated, from d_o (copies, dh).
-inline void expert_backward(floatX* dx_copy, float* dK, float* dV, const floatX* d_o, const floatX* x, int64_t ld,
-                            const floatX* K, const floatX* V, const RoutingPlan& plan, const WeightGradParts& parts,
-                            int dh, int F, cudaStream_t stream) {
+// Both gradients: dx_copy (copies, dh), and dK, dV (H, E, fe, dh) fp32, added to (accumulate) or
+// written, from d_o (copies, dh).
+inline void expert_backward(floatX* dx_copy, float* dK, float* dV, bool accumulate, const floatX* d_o, const floatX* x,
+                            int64_t ld, const floatX* K, const floatX* V, const RoutingPlan& plan,
+                            const WeightGradParts& parts, int dh, int F, cudaStream_t stream) {
     expert_input_backward(dx_copy, d_o, x, ld, K, V, plan, dh, F, stream);
-    expert_weight_backward(dK, dV, d_o, x, ld, K, V, plan, parts, dh, F, stream);
+    expert_weight_backward(dK, dV, accumulate, d_o, x, ld, K, V, plan, parts, dh, F, stream);
 }
 
 }  // namespace lmoe
