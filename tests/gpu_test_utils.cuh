@@ -109,6 +109,18 @@ void expect_close(const std::string& what, const lmoe::DeviceBuffer<T>& got, con
     expect_close(what, to_double(got.download()), ref, tolerance);
 }
 
+// Random starting values of a gradient the kernels must add to (N(0, 1) in fp32).
+inline std::vector<float> random_gradient_start(lmoe::Rng& rng, size_t n) {
+    std::vector<float> v(n);
+    for (float& g : v) g = float(rng.normal());
+    return v;
+}
+// A weight gradient before a run: `start` where the run adds to it, poisoned where it writes it (then
+// every element it fails to write reads NaN).
+inline void prepare_gradient(lmoe::DeviceBuffer<float>& g, const std::vector<float>& start, bool accumulate) {
+    if (accumulate) g.upload(start);
+    else g.poison();
+}
 // got − start, element by element: what a kernel added to an accumulated gradient.
 inline std::vector<double> increment(const lmoe::DeviceBuffer<float>& got, const std::vector<float>& start) {
     const std::vector<float> g = got.download();

@@ -29,24 +29,15 @@ void run_shape(const Shape& s, lmoe::Rng& rng) {
     const auto& [u, R, K, V, dy, bias] = in;
     LayerTensors T = upload_layer(s, in);
     RoutedLayer L(s);
-    auto start = [&](size_t n) {
-        std::vector<float> v(n);
-        for (float& g : v) g = float(rng.normal());
-        return v;
-    };
-    const std::vector<float> dK0 = start(K.size()), dV0 = start(V.size());
+    const std::vector<float> dK0 = gpu_test::random_gradient_start(rng, K.size()),
+                             dV0 = gpu_test::random_gradient_start(rng, V.size());
     auto run_layer = [&](bool accumulate) {
         L.poison_all();
         T.y.poison();
         T.du.poison();
         CUDA_CHECK(cudaMemset(T.dR.get(), 0, T.dR.size() * sizeof(float)));
-        if (accumulate) {
-            T.dK.upload(dK0);
-            T.dV.upload(dV0);
-        } else {
-            T.dK.poison();
-            T.dV.poison();
-        }
+        gpu_test::prepare_gradient(T.dK, dK0, accumulate);
+        gpu_test::prepare_gradient(T.dV, dV0, accumulate);
         routed_layer(L, T, accumulate);
         CUDA_CHECK(cudaDeviceSynchronize());
     };
@@ -82,6 +73,8 @@ void run_shape(const Shape& s, lmoe::Rng& rng) {
     expect_close("dR (router)", T.dR, dR);
     expect_close("dK (expert_in, increment)", increment(T.dK, dK0), dK);
     expect_close("dV (expert_out, increment)", increment(T.dV, dV0), dV);
+
+    // The same layer as a step's first micro-batch: the expert weight gradients written.
     run_layer(false);
     expect_close("dK (expert_in, written)", T.dK, dK);
     expect_close("dV (expert_out, written)", T.dV, dV);

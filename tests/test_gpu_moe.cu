@@ -164,12 +164,9 @@ void run_shape(const Shape& s, lmoe::Rng& rng) {
     const LayerInputs in = random_inputs(s, rng, check_scales(s));
     const auto& [x, R, W1, W2, dy, bias] = in;
     // gradients start from random values: the kernels must add to them
-    auto start = [&](size_t n) {
-        std::vector<float> v(n);
-        for (float& g : v) g = float(rng.normal());
-        return v;
-    };
-    const std::vector<float> dR0 = start(R.size()), dW10 = start(W1.size()), dW20 = start(W2.size());
+    using gpu_test::random_gradient_start;
+    const std::vector<float> dR0 = random_gradient_start(rng, R.size()), dW10 = random_gradient_start(rng, W1.size()),
+                             dW20 = random_gradient_start(rng, W2.size());
     LayerTensors T = upload_layer(s, in);
     MoeLayer L(s);
     auto run_layer = [&](bool accumulate) {
@@ -177,13 +174,8 @@ void run_shape(const Shape& s, lmoe::Rng& rng) {
         T.y.poison();
         T.dx.poison();
         T.dR.upload(dR0);
-        if (accumulate) {
-            T.dW1.upload(dW10);
-            T.dW2.upload(dW20);
-        } else {
-            T.dW1.poison();
-            T.dW2.poison();
-        }
+        gpu_test::prepare_gradient(T.dW1, dW10, accumulate);
+        gpu_test::prepare_gradient(T.dW2, dW20, accumulate);
         routed_layer(L, T, accumulate);
         CUDA_CHECK(cudaDeviceSynchronize());
     };
