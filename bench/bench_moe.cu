@@ -1,8 +1,8 @@
 // Stage benchmark of the routed MoE layer of moe_ep_baseline (SPEC §2.2) at SPEC §6's layer sizes,
 // N = 8192 tokens: the median time of every stage of forward + backward (as a step's first
 // micro-batch: the expert weight gradients written), each grouped GEMM kernel alone with its rate
-// (the weight gradients both adding and writing), and for comparison the same products through cuBLAS. Arguments name shapes to
-// run alone (all without); without a GPU it exits 77.
+// (the weight gradients both adding and writing), and for comparison the same products through
+// cuBLAS. Arguments name shapes to run alone (all without); without a GPU it exits 77.
 #include <algorithm>
 #include <cstdint>
 

@@ -25,6 +25,7 @@ struct TensorSpec {
     double init_std = 0;          // 0: constant 1 (RMSNorm gains)
     bool decay = false;           // AdamW weight decay applies (matrices only)
     bool expert = false;          // sharded over ranks; every other tensor is replicated
+    bool gradient_written = false;  // the expert weights: a step's first backward writes the whole gradient
 };
 
 struct ParamLayout {
@@ -98,6 +99,8 @@ inline ParamLayout build_param_layout(const Config& c, int rank = 0, int world =
             add(pre + "expert_in", {c.E, c.fe, d}, std_base, true);          // W1_e
             add(pre + "expert_out", {c.E, d, c.fe}, std_resid, true);        // W2_e
         }
+        // the two just added, expert_in and expert_out: a step's first backward writes their gradients
+        for (size_t i = p.tensors.size() - 2; i < p.tensors.size(); i++) p.tensors[i].gradient_written = true;
     }
     // Only the first V rows of the embedding and LM head are real; padded rows stay zero.
     for (TensorSpec& t : p.tensors)

@@ -159,6 +159,7 @@ __device__ inline int swizzled_f32_at(int r, int col) {
 }
 template <int N>
 __device__ inline void wgmma_accumulators_to_tile_f32(unsigned char* tile, const float (&d)[N / 2]) {
+    static_assert(N % 32 == 0, "whole 32-column blocks");
     const int warp = threadIdx.x / 32 % 4, gq = threadIdx.x % 32 / 4, q = threadIdx.x % 4;
 #pragma unroll
     for (int i = 0; i < N / 2; i += 2) {
@@ -170,6 +171,7 @@ __device__ inline void wgmma_accumulators_to_tile_f32(unsigned char* tile, const
 // and a warp's 32 consecutive pieces lie along rows (512 bytes of one row for N = 128, 256).
 template <int N>
 struct TilePiecesF32 {
+    static_assert(N >= 32 && N % 32 == 0, "whole 32-column blocks, a quarter-warp's pieces in one row");
     static constexpr int per_row = N / 4, count = 64 * per_row / 128;
     const unsigned char* tile;
     __device__ int row(int j) const { return (threadIdx.x % 128 + 128 * j) / per_row; }

@@ -2,7 +2,8 @@
 // One global batch of B_global sequences; rank r trains on its slice, exchanges sub-tokens with the
 // head owners (or copies with the expert owners), and syncs gradients; rank 0 then compares the loss
 // and every gradient (replicated ones from any rank, expert shards gathered from their owners) with a
-// one-GPU model on the whole batch. Head Parallel's bytes must equal SPEC §3's 4·N·H·dh·(R−1)/R·2 per
+// one-GPU model on the whole batch; both start from gradient buffers poisoned before zero_grad (each
+// gradient element cleared there or written by the backward). Head Parallel's bytes must equal SPEC §3's 4·N·H·dh·(R−1)/R·2 per
 // layer exactly; Expert Parallel's must equal what the rank's routing implies (four crossings per copy
 // bound for another rank, plus the counts), printed next to SPEC §3's balanced estimate.
 #define LMOE_NO_MAIN
@@ -29,6 +30,7 @@ void check_parallel(const char* name, Config global, const Comm& comm) {
     for (int i = 0; i < Ng; i++) { tokens[i] = rng.below(global.V); targets[i] = rng.below(global.V); }
 
     GpuModel<Ffn> model(local, comm);
+    model.grads.poison();
     model.zero_grad();
     model.forward(tokens.data() + comm.rank * Nl, targets.data() + comm.rank * Nl, 1.f);
     model.backward();
@@ -63,6 +65,7 @@ void check_parallel(const char* name, Config global, const Comm& comm) {
 
     std::printf("%s, R = %d: %d tokens per rank, %d in the global batch\n", name, comm.world, Nl, Ng);
     GpuModel<Ffn> one(global, Comm{});
+    one.grads.poison();
     one.zero_grad();
     one.forward(tokens.data(), targets.data(), 1.f);
     one.backward();

@@ -98,16 +98,12 @@ inline DecayTable decay_table(const ParamLayout& layout, float weight_decay) {
 }
 
 // The gradients zero_grad clears, as (offset, count) runs of the flat buffer: every tensor's but the
-// expert weights', which a step's first backward writes whole (Ctx::accumulate_expert_grads).
+// expert weights', which a step's first backward writes whole (TensorSpec::gradient_written,
+// Ctx::accumulate_expert_grads).
 inline std::vector<std::pair<int64_t, int64_t>> cleared_gradient_runs(const ParamLayout& layout) {
-    auto written = [](const std::string& name) {
-        for (const std::string tail : {".expert_in", ".expert_out"})
-            if (name.size() > tail.size() && name.compare(name.size() - tail.size(), tail.size(), tail) == 0) return true;
-        return false;
-    };
     std::vector<std::pair<int64_t, int64_t>> runs;
     for (const TensorSpec& t : layout.tensors) {
-        if (written(t.name)) continue;
+        if (t.gradient_written) continue;
         if (!runs.empty() && runs.back().first + runs.back().second == t.offset) runs.back().second += t.numel;
         else runs.push_back({t.offset, t.numel});
     }
@@ -271,8 +267,9 @@ class GpuModel {
         ctx.accumulate_expert_grads = true;  // the step's later micro-batches add
     }
 
-    // A step begins: its gradients and its loss start from zero; the expert weights' gradients,
-    // most of them, are not cleared but written by the step's first backward.
+    // A step begins: its gradients and its loss start from zero. The expert weights' gradients
+    // (`*.expert_in`, `*.expert_out`: most of the buffer) are not cleared but written by the step's
+    // first backward.
     void zero_grad() {
         for (const auto& [offset, count] : cleared_grads_)
             CUDA_CHECK(cudaMemsetAsync(grads.get() + offset, 0, count * sizeof(float), ctx.stream));

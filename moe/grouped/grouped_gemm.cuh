@@ -6,8 +6,9 @@
 // X_e are the token rows the expert's copies came from, read straight from the token matrix through
 // copy_row: the permuted copy of x is never written. W1: (E, f, d), W2: (E, d, f) floatX; dW1, dW2
 // fp32, added to (+=, `accumulate`) or written (=, the first micro-batch of a step: every element,
-// zeros for an expert without copies, so the gradients need no clearing before). This is the standard MoE, not the IO-aware one: the (copies × f) hidden
-// activations pre and h go to global memory in the forward and are read back in the backward.
+// zeros for an expert without copies, so the gradients need no clearing before). This is the
+// standard MoE, not the IO-aware one: the (copies × f) hidden activations pre and h go to global
+// memory in the forward and are read back in the backward.
 //
 // Two kinds of kernels, both driven by device-side tile lists, so no count ever goes to the host:
 //   row GEMMs (the four per-copy products): one block per (128 copies of one planner tile, all of one
@@ -25,9 +26,10 @@
 //   SIMT (rows_gemm_simt_kernel, weight_grad_simt_kernel): the fp32 build (LMOE_FP32), a plain
 //     shared-memory tiled kernel, so the math can be checked tightly against the CPU reference.
 // The tensor-core kernels fill shared memory through a multistage cp.async pipeline; the wgmma
-// kernels' results leave through it as well, in 16-byte pieces along rows: bf16 for Store and Gelu,
-// fp32 for the epilogues that read before they write (GeluGrad's pre, the weight gradients' +=). d
-// and f must be multiples of 8 (16-byte row segments).
+// kernels' results leave through it as well, read back in 16-byte pieces along rows: bf16 for Store
+// and Gelu; fp32 for the epilogues that read global memory before they write (GeluGrad, whose
+// 8-byte stores meet 8 bytes of pre, and the weight gradients, whose (+)= moves 16 bytes). d and f
+// must be multiples of 8 (16-byte row segments).
 //
 // Known limits (docs/perf/expert_kernels.md has the measurements): the mma.sync kernels' operand
 // traffic leaves them bound by shared-memory and L2 bandwidth, well below the tensor-core ceiling. The
@@ -36,8 +38,9 @@
 // memory leave one block per SM, whose epilogue the SM does not overlap with math (the weight gradients
 // of groups of ~1000 copies, 16 steps, run well below the rate of long groups); 256-wide tiles waste
 // tensor work where f or d is not a multiple of 256. In all of them: dW1, whose X rows are gathered, is
-// the slowest; and the weight gradients' fp32 read-modify-write of every dW tile (2 × 268 MB at p1),
-// its reads issued a batch of pieces ahead of the writes (read_all_then_write).
+// the slowest; and the weight gradients' fp32 traffic: every dW tile written (134 MB per matrix at
+// p1), and read as well where they add (+=, the later micro-batches of a step), those reads issued a
+// batch of pieces ahead of the writes (read_all_then_write).
 //
 // Shared with the LatentMoE kernels (moe/latent/): GELU (moe/gelu.cuh), the launch with a raised
 // shared-memory limit (util/launch.cuh), the ldmatrix fragment loads and paired mma.sync of
@@ -510,6 +513,8 @@ constexpr int kWgAElems = kWgTileM * kWgDepth, kWgBElems = kWgTileN * kWgDepth;
 // the stages, and 1 KB to align them (wgmma_align_smem)
 constexpr size_t kWgSmemBytes = (size_t)kWgStages * (kWgAElems + kWgBElems) * sizeof(bf16) + 1024;
 static_assert(kWgTileM == 2 * 64 && kWgThreads == 2 * 128, "two warpgroups of 64 rows per tile");
+static_assert(2 * 64 * kWgTileN * sizeof(float) <= (size_t)kWgStages * (kWgAElems + kWgBElems) * sizeof(bf16),
+              "the epilogues' fp32 tiles of both warpgroups fit in the stages");
 
 #if defined(LMOE_HAS_WGMMA)
 // The pipelined reduction of one block over `steps` steps: acc (this warpgroup's 64 × 256) += A B.
@@ -618,6 +623,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) rows_gemm_wgmma_kernel(const Ro
             return r < rows && n < cols ? (int64_t)(p0 + r) * cols + n : int64_t{-1};
         };
         constexpr int batch = 16;  // pieces whose pre is read at once
+        static_assert(pieces.count % batch == 0, "whole batches of pieces");
 #pragma unroll
         for (int j0 = 0; j0 < pieces.count; j0 += batch)
             read_all_then_write<batch>(
@@ -649,7 +655,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) rows_gemm_wgmma_kernel(const Ro
 }
 
 // Weight gradient on wgmma: block (128 × 256 output tile, expert), the expert's copies in group
-// order, 64 a step: dw_e[m0.., n0..] += a[copies, m0..]^T b[copies, n0..], both tiles MN-major
+// order, 64 a step: dw_e[m0.., n0..] (+)= a[copies, m0..]^T b[copies, n0..], both tiles MN-major
 // (64 copies × 128 or 256 columns).
 __global__ void __launch_bounds__(kWgThreads, 1) weight_grad_wgmma_kernel(const WeightGradGemm<bf16> p) {
 #if defined(LMOE_HAS_WGMMA)
@@ -718,6 +724,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) weight_grad_wgmma_kernel(const 
         return m < p.rows_out && n < p.cols_out ? (int64_t)m * p.cols_out + n : int64_t{-1};
     };
     constexpr int batch = 16;
+    static_assert(pieces.count % batch == 0, "whole batches of pieces");
 #pragma unroll
     for (int j0 = 0; j0 < pieces.count; j0 += batch)
         read_all_then_write<batch>(

@@ -214,8 +214,8 @@ __global__ void __launch_bounds__(kExpertThreads)
 }
 
 // dK[at(j), at(j) + 1] (+)= k(j), dV[...] (+)= v(j) for N accumulator pairs of the mma.sync kernel,
-// each an 8-byte read and write of both, every read issued before the first write; += into the
-// gradients, = into a part's slot.
+// each an 8-byte read and write of both, every read issued before the first write; += with
+// accumulate, = without (a part's slot, or dK, dV in a step's first micro-batch).
 template <int N, class At, class K, class V>
 __device__ inline void write_dk_dv_pairs(float* dK, float* dV, bool accumulate, At at, K k, V v) {
     read_all_then_write<N>(
@@ -382,6 +382,8 @@ __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const b
     // reads of dK and dV in flight at a time.
     __syncthreads();  // both warpgroups are done with every stage and with K, V
     constexpr int tile_bytes = 64 * DH * 4;
+    static_assert(2 * 2 * tile_bytes <= 2 * kWgmmaWeightStages * BR * DH * sizeof(bf16) + 2 * slice_elems * sizeof(bf16),
+                  "both warpgroups' dK, dV tiles fit in the stages and K, V");
     unsigned char* tile_k = smem + wg * 2 * tile_bytes;
     unsigned char* tile_v = tile_k + tile_bytes;
     wgmma_accumulators_to_tile_f32<DH>(tile_k, acc_k);
@@ -393,11 +395,12 @@ __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const b
         float4 k, v;
     };
     constexpr int batch = 8;
+    static_assert(pieces_k.count % batch == 0, "whole batches of pieces");
 #pragma unroll
     for (int j0 = 0; j0 < pieces_k.count; j0 += batch)
         read_all_then_write<batch>(
             [&](int j) {
-                Old old{};  // zeros when a part's slot is written, not added to
+                Old old{};  // zeros where the sums are written, not added
                 if (item.accumulate)
                     old = {*reinterpret_cast<const float4*>(item.dk + at(j0 + j)),
                            *reinterpret_cast<const float4*>(item.dv + at(j0 + j))};
