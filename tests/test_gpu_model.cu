@@ -21,34 +21,47 @@ constexpr double kModelTolerance = 5e-2;
 #endif
 
 template <class Ffn>
-void check_model(const char* name, Config c, lmoe::Rng& rng, const std::string& dump_dir) {
-    std::printf("%s (%s): T %d d %d L %d n_head %d | H %d dh %d E %d fe %d k %d | B %d\n", name, ffn_name(c.ffn), c.T,
-                c.d, c.L, c.n_head, c.H, c.dh, c.E, c.fe, c.k, c.B);
+void check_model(const char* name, Config c, lmoe::Rng& rng, const std::string& dump_dir, int micro_batches = 1) {
+    std::printf("%s (%s): T %d d %d L %d n_head %d | H %d dh %d E %d fe %d k %d | B %d%s\n", name, ffn_name(c.ffn), c.T,
+                c.d, c.L, c.n_head, c.H, c.dh, c.E, c.fe, c.k, c.B,
+                micro_batches > 1 ? (" | " + std::to_string(micro_batches) + " micro-batches").c_str() : "");
     validate(c, 1);
     lmoe::check_gpu_supported<Ffn>(c);
     const int N = c.B * c.T;
     std::vector<int32_t> tokens(N), targets(N);
-    for (int i = 0; i < N; i++) { tokens[i] = rng.below(c.V); targets[i] = rng.below(c.V); }
 
     GpuModel<Ffn> gpu(c, Comm{});
     gpu.grads.poison();  // every gradient either cleared by zero_grad or written by the backward, or NaN
     gpu.zero_grad();
-    gpu.forward(tokens.data(), targets.data(), 1.f);
-    gpu.backward();
-    float gpu_loss;
-    CUDA_CHECK(cudaMemcpy(&gpu_loss, gpu.mean_loss_device(), sizeof(float), cudaMemcpyDeviceToHost));
-    std::vector<float> master = gpu.master.download(), grads = gpu.grads.download();
-    const RouterStats router = gpu.take_router_stats();  // LocMoE's L_aux, L_loc (over the layers), drops
-
+    const std::vector<float> master = gpu.master.download();
     ref::Model<double> cpu(c);
     for (size_t i = 0; i < master.size(); i++) cpu.params[i] = to_float(from_float<floatX>(master[i]));
-    cpu.forward(tokens.data(), targets.data(), c.B);  // allocates the routing caches
-    for (int l = 0; l < c.L; l++) cpu.ffn[l].sel = gpu.ffn().selection(l);
-    cpu.forward(tokens.data(), targets.data(), c.B, true);
-    const double cpu_loss = cpu.cross_entropy;  // the GPU's mean loss is the cross-entropy alone
-    cpu.backward();
+    // Each micro-batch on both, the reference with the GPU's expert choices; the gradients of the
+    // step are their sums, each micro-batch's loss weighted 1/micro_batches (the first writes the
+    // GPU's expert weight gradients, the others add to them).
+    float gpu_loss = 0;
+    double cpu_loss = 0;
+    RouterStats router;
+    for (int m = 0; m < micro_batches; m++) {
+        for (int i = 0; i < N; i++) { tokens[i] = rng.below(c.V); targets[i] = rng.below(c.V); }
+        gpu.forward(tokens.data(), targets.data(), 1.f / micro_batches);
+        gpu.backward();
+        CUDA_CHECK(cudaMemcpy(&gpu_loss, gpu.mean_loss_device(), sizeof(float), cudaMemcpyDeviceToHost));
+        router = gpu.take_router_stats();  // LocMoE's L_aux, L_loc (over the layers), drops
+        cpu.forward(tokens.data(), targets.data(), c.B);  // allocates the routing caches
+        for (int l = 0; l < c.L; l++) cpu.ffn[l].sel = gpu.ffn().selection(l);
+        cpu.forward(tokens.data(), targets.data(), c.B, true);
+        cpu_loss = cpu.cross_entropy;  // the GPU's mean loss is the cross-entropy alone
+        cpu.backward(1.0 / micro_batches);
+        if (m + 1 < micro_batches) {
+            const double err = std::abs(gpu_loss - cpu_loss) / std::abs(cpu_loss);
+            CHECK_MSG(err < kModelTolerance, std::string(name) + ": the loss of micro-batch " + std::to_string(m) +
+                                                 " differs from the reference");
+        }
+    }
+    const std::vector<float> grads = gpu.grads.download();
 
-    if (!dump_dir.empty()) {
+    if (!dump_dir.empty() && micro_batches == 1) {
         ModelDump dump;
         dump.cfg = c;
         dump.tensors = gpu.layout.tensors;
@@ -108,6 +121,7 @@ int main(int argc, char** argv) {
     wider.d = 128; wider.T = 64; wider.B = 2; wider.n_head = 4; wider.H = 4; wider.dh = 32; wider.E = 16;
     wider.fe = 64; wider.k = 4; wider.V = 300;  // a vocabulary that needs padding
     check_model<LatentMoeFfn>("wider", wider, rng, dump_dir);
+    check_model<LatentMoeFfn>("tiny, two micro-batches", tiny, rng, dump_dir, 2);
 
     Config moe_tiny;
     moe_tiny.ffn = FfnKind::MoE;
@@ -118,6 +132,7 @@ int main(int argc, char** argv) {
     moe_wider.d = 144; moe_wider.dh = 144; moe_wider.T = 64; moe_wider.B = 2; moe_wider.n_head = 9; moe_wider.E = 12;
     moe_wider.fe = 88; moe_wider.k = 3; moe_wider.V = 300;  // sizes off the 32/128 grid, a padded vocabulary
     check_model<MoeFfn>("wider", moe_wider, rng, dump_dir);
+    check_model<MoeFfn>("tiny, two micro-batches", moe_tiny, rng, dump_dir, 2);
     Config locmoe = moe_tiny;  // SPEC §2.6: top-1, a capacity that drops copies, losses weighted up
     locmoe.router = "locmoe";
     locmoe.bias_rate = 0;
