@@ -1,7 +1,8 @@
 // GPU tests of dense/matmul.cuh (the cuBLAS dense matmuls) and dense/attention.cuh (causal flash
 // attention), each against the CPU reference in double on exactly the rounded inputs the GPU sees:
 // outputs poisoned before every call, odd sizes next to realistic ones, and every result computed
-// twice and compared byte for byte (determinism). Prints median timings of the realistic sizes.
+// twice and compared byte for byte (determinism). Prints median timings of the realistic sizes (the
+// attention's not in the fp32 check build).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -244,7 +245,12 @@ int main() {
     test_attention(rng, 2, 64, 2, 128);
     test_attention(rng, 2, 64, 3, 32);
     test_attention(rng, 3, 64, 2, 16);
+#ifdef LMOE_FP32
+    // the check build's SIMT kernels are not what a run measures, and timing them is slow
+    std::printf("  timing attention skipped in the fp32 build\n");
+#else
     for (int T : {1024, 4096, 8192}) time_attention(rng, 8192 / T, T, 8, 128);  // the p1 attention, T grown
+#endif
 
     CUBLAS_CHECK(cublasDestroy(handle));
     return check::summary();
