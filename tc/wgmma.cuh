@@ -125,17 +125,22 @@ __device__ inline void warpgroup_barrier(int w) {
 struct Unchanged {
     __device__ float operator()(float v) const { return v; }
 };
+// pair(r, col, a, b) for each of this thread's accumulator pairs (d[i], d[i + 1]) of a (64 × N)
+// product: row r, columns col and col + 1 (the fragment layout at the top of this file).
+template <int N, class Pair>
+__device__ inline void for_each_accumulator_pair(const float (&d)[N / 2], Pair pair) {
+    const int warp = threadIdx.x / 32 % 4, gq = threadIdx.x % 32 / 4, q = threadIdx.x % 4;
+#pragma unroll
+    for (int i = 0; i < N / 2; i += 2) pair(16 * warp + gq + 8 * (i / 2 % 2), 8 * (i / 4) + 2 * q, d[i], d[i + 1]);
+}
 // This thread's accumulator fragments, each value mapped by f, packed to bf16 into the tile.
 template <int N, class F = Unchanged>
 __device__ inline void wgmma_accumulators_to_tile(unsigned char* tile, uint32_t block_bytes, const float (&d)[N / 2],
                                                   F f = {}) {
-    const int warp = threadIdx.x / 32 % 4, gq = threadIdx.x % 32 / 4, q = threadIdx.x % 4;
-#pragma unroll
-    for (int i = 0; i < N / 2; i += 2) {
-        const int r = 16 * warp + gq + 8 * (i / 2 % 2), col = 8 * (i / 4) + 2 * q;
-        *reinterpret_cast<uint32_t*>(tile + col / 64 * block_bytes + swizzled_chunk(r, col % 64 / 8) + 4 * q) =
-            pack_bf16x2(f(d[i]), f(d[i + 1]));
-    }
+    for_each_accumulator_pair<N>(d, [&](int r, int col, float a, float b) {
+        *reinterpret_cast<uint32_t*>(tile + col / 64 * block_bytes + swizzled_chunk(r, col % 64 / 8) + col % 8 * 2) =
+            pack_bf16x2(f(a), f(b));
+    });
 }
 // Then this thread's pieces of the tile: piece(r, c, v) gets v = row r's columns 8c .. 8c + 7.
 template <int N, class Piece>
@@ -160,12 +165,9 @@ __device__ inline int swizzled_f32_at(int r, int col) {
 template <int N>
 __device__ inline void wgmma_accumulators_to_tile_f32(unsigned char* tile, const float (&d)[N / 2]) {
     static_assert(N % 32 == 0, "whole 32-column blocks");
-    const int warp = threadIdx.x / 32 % 4, gq = threadIdx.x % 32 / 4, q = threadIdx.x % 4;
-#pragma unroll
-    for (int i = 0; i < N / 2; i += 2) {
-        const int r = 16 * warp + gq + 8 * (i / 2 % 2), col = 8 * (i / 4) + 2 * q;
-        *reinterpret_cast<float2*>(tile + swizzled_f32_at(r, col)) = make_float2(d[i], d[i + 1]);
-    }
+    for_each_accumulator_pair<N>(d, [&](int r, int col, float a, float b) {
+        *reinterpret_cast<float2*>(tile + swizzled_f32_at(r, col)) = make_float2(a, b);
+    });
 }
 // This thread's pieces of such a tile: piece j (j < count) is row row(j)'s columns col(j) .. col(j) + 3,
 // and a warp's 32 consecutive pieces lie along rows (512 bytes of one row for N = 128, 256).
