@@ -115,6 +115,20 @@ __device__ inline void warpgroup_barrier(int w) {
     if (w == 0) asm volatile("bar.sync 1, 128;\n" ::: "memory");
     else asm volatile("bar.sync 2, 128;\n" ::: "memory");
 }
+// Turns of two warpgroups that take the tensor cores in alternation (ping-pong): warpgroup w waits
+// for its turn, issues its products, and hands the turn to the other, so that one warpgroup's
+// elementwise work runs while the other's products do. Named barriers 3 + w, each completed by the
+// 128 threads that wait on it and the 128 of the other warpgroup that arrive: warpgroup 0 takes its
+// first turn without waiting, and warpgroup 1 does not hand on after its last, so that the waits of
+// each barrier equal its arrivals.
+__device__ inline void warpgroup_wait_turn(int w) {
+    if (w == 0) asm volatile("bar.sync 3, 256;\n" ::: "memory");
+    else asm volatile("bar.sync 4, 256;\n" ::: "memory");
+}
+__device__ inline void warpgroup_pass_turn(int w) {
+    if (w == 0) asm volatile("bar.arrive 4, 256;\n" ::: "memory");
+    else asm volatile("bar.arrive 3, 256;\n" ::: "memory");
+}
 
 // Epilogues through shared memory. Straight from the accumulators, each store instruction of a warp
 // writes 4-byte pairs, 16 bytes into each of 8 rows; instead a warpgroup packs its (64 × N)
@@ -273,15 +287,7 @@ __device__ inline void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint6
 #undef LMOE_WGMMA_SS
 #undef LMOE_WGMMA_RS
 
-// The shapes the LatentMoE kernels use, by name (A K-major).
-template <int TRANS_B>
-__device__ inline void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-    wgmma_ss<64, 0, TRANS_B>(d, desc_a, desc_b, accumulate);
-}
-template <int TRANS_B>
-__device__ inline void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-    wgmma_ss<128, 0, TRANS_B>(d, desc_a, desc_b, accumulate);
-}
+// The register-A shapes the LatentMoE kernels use, by name.
 template <int TRANS_B>
 __device__ inline void wgmma_m64n64k16_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
     wgmma_rs<64, TRANS_B>(d, a, desc_b, accumulate);
@@ -291,14 +297,20 @@ __device__ inline void wgmma_m64n128k16_rs(float (&d)[64], const uint32_t (&a)[4
     wgmma_rs<128, TRANS_B>(d, a, desc_b, accumulate);
 }
 
-// d (64 × 64) = A B^T over K = 16·KSTEPS, A and B K-major tiles of a_block and b_block bytes per
-// 64-column block; issued, not committed (the caller commits once with its other products).
+// d (64 × N) = A B^T over K = 16·KSTEPS, A (64 rows) and B (N rows) K-major tiles of a_block and
+// b_block bytes per 64-column block; issued, not committed (the caller commits once with its other
+// products).
+template <int N, int KSTEPS>
+__device__ inline void wgmma_kmajor(float (&d)[N / 2], const void* a, uint32_t a_block, const void* b,
+                                    uint32_t b_block) {
+#pragma unroll
+    for (int k = 0; k < KSTEPS; k++)
+        wgmma_ss<N, 0, 0>(d, wgmma_desc_kmajor(a, a_block, k), wgmma_desc_kmajor(b, b_block, k), k);
+}
 template <int KSTEPS>
 __device__ inline void wgmma_m64n64_kmajor(float (&d)[32], const void* a, uint32_t a_block, const void* b,
                                            uint32_t b_block) {
-#pragma unroll
-    for (int k = 0; k < KSTEPS; k++)
-        wgmma_m64n64k16<0>(d, wgmma_desc_kmajor(a, a_block, k), wgmma_desc_kmajor(b, b_block, k), k);
+    wgmma_kmajor<64, KSTEPS>(d, a, a_block, b, b_block);
 }
 
 // The A operands of a product's KK k-steps from the fp32 accumulators of a (64 × 16·KK) one:

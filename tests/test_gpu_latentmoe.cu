@@ -152,6 +152,9 @@ int main() {
         {"crowded, one head: busy groups cut in four, dh 64", 2000, 1, 64, 64, 128, 8, true},
         {"starved expert, rows not whole tiles", 333, 2, 64, 16, 128, 4, false, true},
         {"p2 shape (the router's warp-per-row top-k at k 16)", 160, 8, 128, 128, 256, 16},
+        // odd numbers of fe chunks: 3 and 3 of 64 (fe 192), 3 of 128 and 6 of 64 (fe 384)
+        {"fe 192, dh 128", 300, 2, 128, 8, 192, 2},
+        {"fe 384, dh 64", 300, 2, 64, 8, 384, 2},
     };
     for (const Shape& s : shapes) run_shape(s, rng);
     return check::summary();

@@ -1,17 +1,18 @@
-// The row-tile expert kernels on Hopper's wgmma (sm_90a builds), dh 64 or 128, fe in chunks of 64:
-// the forward and the input gradient, which walk a planner tile's rows through the expert's fe the
-// same way (moe/latent/expert_forward.cuh and expert_input_backward.cuh have their math and launch
-// them when device_has_wgmma()). One block of two warpgroups per planner tile, warpgroup w owning
-// rows 64w..64w+63; per chunk c (four stages of K_c, V_c, fetched three ahead; every tile 128B-swizzled):
+// The row-tile expert kernels on Hopper's wgmma (sm_90a builds), dh 64 or 128: the forward and the
+// input gradient, which walk a planner tile's rows through the expert's fe the same way, in chunks
+// of FC = 128 (the forward, where 128 divides fe) or 64 (moe/latent/expert_forward.cuh and
+// expert_input_backward.cuh have their math and launch them when device_has_wgmma()). One block of
+// two warpgroups per planner tile, warpgroup w owning rows 64w..64w+63; per chunk c (three or four
+// stages of K_c, V_c, WgmmaRows; every tile 128B-swizzled):
 //   forward:        S = X_w K_c^T                      A = GELU(S)          O_w  += A V_c
 //   input gradient: S = X_w K_c^T,  dA = dO_w V_c^T    A = dA ⊙ GELU'(S)    dX_w += A K_c
-// S and dA are (64 × 64) fp32 in registers, A goes packed to bf16 straight into the register A
+// S and dA are (64 × FC) fp32 in registers, A goes packed to bf16 straight into the register A
 // operand of the last product, and the (64 × dh) result stays in registers until the end, when it
 // leaves through shared memory (tc/wgmma.cuh's epilogue): the (rows × fe) hidden activations never
-// leave the registers. In the forward the products of chunk c + 1 are issued before chunk c's GELU
-// is computed, so the tensor cores work while the ALUs do (two sets of S registers, used by even and
-// odd chunks). The kernel exists in every build; without wgmma its body is empty and it is never
-// launched.
+// leave the registers. Chunk c's elementwise work overlaps two sets of products: its warpgroup's
+// last product of chunk c − 1, issued behind chunk c's S, and the other warpgroup's, as the two
+// take the tensor cores in turns (tc/wgmma.cuh's ping-pong). The kernel exists in every build;
+// without wgmma its body is empty and it is never launched.
 #pragma once
 #include "moe/latent/expert_tiles.cuh"
 #include "tc/wgmma.cuh"
@@ -20,39 +21,47 @@ namespace lmoe {
 
 enum class RowsPass { Forward, InputGrad };
 
-constexpr int kWgmmaRowsChunk = 64, kWgmmaRowsThreads = 256, kWgmmaRowsStages = 4;
+constexpr int kWgmmaRowsThreads = 256;
 
-// Shared memory: the X tile (and the dO tile), then kWgmmaRowsStages stages of K_c and V_c, two
-// mbarriers per stage; 1 KB to align the tiles to 1024 bytes.
-template <int DH, RowsPass PASS>
-struct WgmmaRowsSmem {
+// A kernel's chunk of fe, FC, and its stages of K_c, V_c: as many as fit beside the row tiles. FC =
+// 128 fits the forward's registers (S, two sets of A and the result), not the input gradient's (dA too).
+template <int DH, RowsPass PASS, int FC>
+struct WgmmaRows {
     static constexpr int row_tiles = PASS == RowsPass::InputGrad ? 2 : 1;
-    static constexpr int tile_elems = kExpertTileRows * DH, chunk_elems = kWgmmaRowsChunk * DH;
-    static constexpr size_t bytes = (row_tiles * tile_elems + 2 * kWgmmaRowsStages * chunk_elems) * sizeof(bf16) +
-                                    2 * kWgmmaRowsStages * sizeof(uint64_t) + 1024;
+    static constexpr int tile_elems = kExpertTileRows * DH, chunk_elems = FC * DH;
+    static constexpr int stages = (DH == 128 && FC == 128) ? 3 : 4;
+    // the X tile (and the dO tile), the stages of K_c and V_c, two mbarriers per stage; 1 KB to
+    // align the tiles to 1024 bytes
+    static constexpr size_t smem_bytes = (row_tiles * tile_elems + 2 * stages * chunk_elems) * sizeof(bf16) +
+                                         2 * stages * sizeof(uint64_t) + 1024;
 };
+// The widest chunk for the pass that divides F, 0 when none does.
+template <RowsPass PASS>
+constexpr int wgmma_rows_chunk(int F) {
+    return PASS == RowsPass::Forward && F % 128 == 0 ? 128 : F % 64 == 0 ? 64 : 0;
+}
 
 // out (copies, dh): o (forward) or dx_copy (input gradient, from d_o).
-template <int DH, RowsPass PASS>
+template <int DH, RowsPass PASS, int FC>
 __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
     expert_rows_wgmma_kernel(bf16* out, const bf16* d_o, const bf16* x, int64_t ld, const bf16* K, const bf16* V,
                              const RoutingPlan plan, int E, int F) {
 #if defined(LMOE_HAS_WGMMA)
     static_assert(DH == 64 || DH == 128, "wgmma row tiles: dh 64 or 128");
+    static_assert(FC == 64 || FC == 128, "wgmma row tiles: chunks of 64 or 128");
     static_assert(kExpertTileRows == 2 * 64 && kWgmmaRowsThreads == 2 * 128, "two warpgroups of 64 rows per tile");
-    constexpr int FC = kWgmmaRowsChunk, BR = kExpertTileRows, NT = kWgmmaRowsThreads, kStages = kWgmmaRowsStages;
+    using S = WgmmaRows<DH, PASS, FC>;
+    constexpr int BR = kExpertTileRows, NT = kWgmmaRowsThreads, kStages = S::stages;
     constexpr bool backward = PASS == RowsPass::InputGrad;
-    using S = WgmmaRowsSmem<DH, PASS>;
     constexpr uint32_t tile_block = BR * 128, chunk_block = FC * 128;  // bytes of one 64-column block
     extern __shared__ __align__(16) unsigned char smem_raw[];
     unsigned char* smem = wgmma_align_smem(smem_raw);
     bf16* Xs = reinterpret_cast<bf16*>(smem);  // (128, dh)
     bf16* dOs = Xs + S::tile_elems;             // (128, dh), the input gradient's
-    bf16* Ks = Xs + S::row_tiles * S::tile_elems;  // kStages × (64, dh)
-    bf16* Vs = Ks + kStages * S::chunk_elems;      // kStages × (64, dh)
+    bf16* Ks = Xs + S::row_tiles * S::tile_elems;  // kStages × (FC, dh)
+    bf16* Vs = Ks + kStages * S::chunk_elems;      // kStages × (FC, dh)
     // A stage's full mbarrier: its chunk has landed (each thread arrives when its copies have); its
-    // empty one: both warpgroups are done with it. No block barrier in the loop, so a warpgroup may
-    // run ahead of the other and its GELU overlap the other's products.
+    // empty one: both warpgroups are done with it.
     uint64_t* full = reinterpret_cast<uint64_t*>(Vs + kStages * S::chunk_elems);
     uint64_t* empty = full + kStages;
     if ((int)blockIdx.x >= *plan.num_tiles) return;
@@ -68,9 +77,11 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
     const int chunks = F / FC;
     const int wg = threadIdx.x / 128;
     const auto contiguous = [](int i) { return (int64_t)i * DH; };
+    const auto stage_k = [&](int c) { return Ks + (c % kStages) * S::chunk_elems; };
+    const auto stage_v = [&](int c) { return Vs + (c % kStages) * S::chunk_elems; };
     auto fill = [&](int c) {  // chunk c into its stage, announced on the stage's full barrier
-        load_rows_swizzled_async<DH, FC, NT>(Ks + (c % kStages) * S::chunk_elems, Kg + (int64_t)c * FC * DH, FC, contiguous);
-        load_rows_swizzled_async<DH, FC, NT>(Vs + (c % kStages) * S::chunk_elems, Vg + (int64_t)c * FC * DH, FC, contiguous);
+        load_rows_swizzled_async<DH, FC, NT>(stage_k(c), Kg + (int64_t)c * FC * DH, FC, contiguous);
+        load_rows_swizzled_async<DH, FC, NT>(stage_v(c), Vg + (int64_t)c * FC * DH, FC, contiguous);
         cp_async_mbarrier_arrive(full + c % kStages);
     };
     auto wait_landed = [&](int c) {
@@ -81,38 +92,30 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
     const int wg_rows = wg * 64 * 128;  // byte offset of this warpgroup's rows in a 64-column block
     const unsigned char* Xw = reinterpret_cast<const unsigned char*>(Xs) + wg_rows;
     const unsigned char* dOw = reinterpret_cast<const unsigned char*>(dOs) + wg_rows;
-    // Issues S = X K_c^T (and dA = dO V_c^T) into s (and da), without waiting.
-    auto issue_row_products = [&](float (&s)[32], float (&da)[32], int c) {
-        const bf16 *Kc = Ks + (c % kStages) * S::chunk_elems, *Vc = Vs + (c % kStages) * S::chunk_elems;
-        wgmma_fence();
-        wgmma_m64n64_kmajor<DH / 16>(s, Xw, tile_block, Kc, chunk_block);
-        if constexpr (backward) {
-            wgmma_m64n64_kmajor<DH / 16>(da, dOw, tile_block, Vc, chunk_block);
-        }
-        wgmma_commit();
-    };
+
+    load_rows_swizzled_async<DH, BR, NT>(Xs, x, rows, GatheredRows<DH>{plan, ld, p0, h});
+    if constexpr (backward) load_rows_swizzled_async<DH, BR, NT>(dOs, d_o + (int64_t)p0 * DH, rows, contiguous);
+#pragma unroll
+    for (int c = 0; c < kStages; c++)  // chunk 0's barrier also announces the row tiles
+        if (c < chunks) fill(c);
     float acc[DH / 2];
 #pragma unroll
     for (int i = 0; i < DH / 2; i++) acc[i] = 0.f;
-    // The products of chunk c + 1 into s_next, da_next, once its K, V have landed.
-    auto issue_next = [&](int c, float (&s_next)[32], float (&da_next)[32]) {
-        if (c + 1 >= chunks) return;
-        wait_landed(c + 1);
-        issue_row_products(s_next, da_next, c + 1);
+    float s[FC / 2], da[FC / 2];  // S (and dA) of the chunk in hand
+    const auto issue_first = [&](int c) {  // chunk c's S (and dA), committed
+        wgmma_kmajor<FC, DH / 16>(s, Xw, tile_block, stage_k(c), chunk_block);
+        if constexpr (backward) wgmma_kmajor<FC, DH / 16>(da, dOw, tile_block, stage_v(c), chunk_block);
+        wgmma_commit();
     };
-    auto refill = [&](int c) {  // chunk c + 3 into the stage of chunk c − 1, once both warpgroups are done with it
-        if (c + 3 >= chunks) return;
-        if (c > 0) mbarrier_wait(empty + (c - 1) % kStages, (c - 1) / kStages % 2);
-        fill(c + 3);
+    const auto issue_last = [&](int c, const uint32_t (&a)[FC / 16][4]) {  // acc += A_c V_c (A_c K_c), committed
+        const bf16* B = backward ? stage_k(c) : stage_v(c);
+#pragma unroll
+        for (int kk = 0; kk < FC / 16; kk++) wgmma_rs<DH, 1>(acc, a[kk], mnmajor(B, kk), 1);
+        wgmma_commit();
     };
-    // Chunk c, whose S (and dA) are in s, da. In the forward the next chunk's products go to the tensor
-    // cores first, so that they run while this chunk's GELU is worked out; the input gradient, whose
-    // two sets of S and dA would not fit the registers beside its accumulators, issues them after.
-    auto step = [&](int c, float (&s)[32], float (&da)[32], float (&s_next)[32], float (&da_next)[32]) {
-        if constexpr (!backward) issue_next(c, s_next, da_next);
-        // s, da were fenced after their wait; the hidden values go straight into the packed A operand
-        // (no register of a product still in flight is written between its issue and its wait)
-        uint32_t a[FC / 16][4];
+    const auto hidden = [&](uint32_t (&a)[FC / 16][4]) {  // A = GELU(S) or dA ⊙ GELU'(S), packed
+        wgmma_fence_operands(s);
+        if constexpr (backward) wgmma_fence_operands(da);
 #pragma unroll
         for (int kk = 0; kk < FC / 16; kk++)
 #pragma unroll
@@ -121,50 +124,55 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
                 a[kk][i] = backward ? pack_bf16x2(da[j] * gelu_grad_fast(s[j]), da[j + 1] * gelu_grad_fast(s[j + 1]))
                                     : pack_bf16x2(gelu_fast(s[j]), gelu_fast(s[j + 1]));
             }
-        const bf16* B = backward ? Ks + (c % kStages) * S::chunk_elems : Vs + (c % kStages) * S::chunk_elems;
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < FC / 16; kk++) {
-            if constexpr (DH == 128) wgmma_m64n128k16_rs<1>(acc, a[kk], mnmajor(B, kk), 1);
-            else wgmma_m64n64k16_rs<1>(acc, a[kk], mnmajor(B, kk), 1);
-        }
-        wgmma_commit();
-        if constexpr (backward) {
-            wgmma_wait<0>();  // a is free
-            wgmma_fence_operands(acc);
-            issue_next(c, s_next, da_next);
-        }
-        refill(c);  // with this chunk's products in flight, so that waiting for the other warpgroup costs little
-        wgmma_wait<0>();  // the next chunk's S (dA) and this chunk's products are done: chunk c's stage is free
-        mbarrier_arrive(empty + c % kStages);
-        wgmma_fence_operands(acc);
-        if (c + 1 < chunks) {
-            wgmma_fence_operands(s_next);
-            if constexpr (backward) wgmma_fence_operands(da_next);
-        }
     };
-
-    load_rows_swizzled_async<DH, BR, NT>(Xs, x, rows, GatheredRows<DH>{plan, ld, p0, h});
-    if constexpr (backward) load_rows_swizzled_async<DH, BR, NT>(dOs, d_o + (int64_t)p0 * DH, rows, contiguous);
-#pragma unroll
-    for (int c = 0; c < kStages - 1; c++)  // chunk 0's barrier also announces the row tiles
-        if (c < chunks) fill(c);
-    wait_landed(0);
-    // S (and dA) of even and odd chunks in the forward, of every chunk in the input gradient; the
-    // products overwrite them
-    float s0[32], da0[32], s1[32];
-    issue_row_products(s0, da0, 0);
-    wgmma_wait<0>();
-    wgmma_fence_operands(s0);
-    if constexpr (backward) {
-        wgmma_fence_operands(da0);
-        for (int c = 0; c < chunks; c++) step(c, s0, da0, s0, da0);
-    } else {
-        for (int c = 0; c < chunks; c += 2) {  // two chunks per pass, so that s0, s1 stay in registers
-            step(c, s0, da0, s1, da0);
-            if (c + 1 < chunks) step(c + 1, s1, da0, s0, da0);
+    // Turn c (0 < c < chunks) issues chunk c's S (and dA), then chunk c − 1's last product from its
+    // packed A (a_prev); once S is done it works out chunk c's A (into a_next) while that product and
+    // the other warpgroup's turn keep the tensor cores busy. Two sets of A registers, used by even and
+    // odd chunks, as a register operand in flight must not be overwritten before its wait.
+    const auto turn = [&](int c, const uint32_t (&a_prev)[FC / 16][4], uint32_t (&a_next)[FC / 16][4]) {
+        wait_landed(c);
+        warpgroup_wait_turn(wg);
+        wgmma_fence();
+        issue_first(c);
+        issue_last(c - 1, a_prev);
+        warpgroup_pass_turn(wg);
+        // chunk c + kStages − 2 into the stage of chunk c − 2, once both warpgroups are done with it
+        // (the other warpgroup's last product of chunk c − 2 was issued before this turn)
+        if (c >= 2 && c + kStages - 2 < chunks) {
+            mbarrier_wait(empty + (c - 2) % kStages, (c - 2) / kStages % 2);
+            fill(c + kStages - 2);
         }
+        wgmma_wait<1>();  // S (dA): the last product may still run
+        hidden(a_next);
+        wgmma_wait<0>();
+        wgmma_fence_operands(acc);
+        mbarrier_arrive(empty + (c - 1) % kStages);
+    };
+    uint32_t a0[FC / 16][4], a1[FC / 16][4];
+    // turn 0: chunk 0's S alone (warpgroup 0 takes it without waiting)
+    wait_landed(0);
+    if (wg == 1) warpgroup_wait_turn(wg);
+    wgmma_fence();
+    issue_first(0);
+    warpgroup_pass_turn(wg);
+    wgmma_wait<0>();
+    hidden(a0);
+    for (int c = 1; c < chunks; c += 2) {
+        turn(c, a0, a1);
+        if (c + 1 < chunks) turn(c + 1, a1, a0);
     }
+    // turn `chunks`: the last chunk's last product alone (warpgroup 1 hands on no turn after it)
+    uint32_t a_last[FC / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < FC / 16; kk++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) a_last[kk][i] = chunks % 2 ? a0[kk][i] : a1[kk][i];
+    warpgroup_wait_turn(wg);
+    wgmma_fence();
+    issue_last(chunks - 1, a_last);
+    if (wg == 0) warpgroup_pass_turn(wg);
+    wgmma_wait<0>();
+    wgmma_fence_operands(acc);
     // The result leaves through this warpgroup's rows of the X tile, which its products no longer read.
     unsigned char* Ow = reinterpret_cast<unsigned char*>(Xs) + wg_rows;
     wgmma_accumulators_to_tile<DH>(Ow, tile_block, acc);
@@ -175,11 +183,19 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
 #endif
 }
 
+// Launches the kernel with the widest chunk that divides F (wgmma_rows_chunk<PASS>(F) != 0).
 template <int DH, RowsPass PASS>
 void launch_rows_wgmma(bf16* out, const bf16* d_o, const bf16* x, int64_t ld, const bf16* K, const bf16* V,
                        const RoutingPlan& plan, int F, cudaStream_t stream) {
-    launch_with_smem(expert_rows_wgmma_kernel<DH, PASS>, dim3(plan.max_tiles), kWgmmaRowsThreads,
-                     WgmmaRowsSmem<DH, PASS>::bytes, stream, out, d_o, x, ld, K, V, plan, plan.E, F);
+    const auto launch = [&](auto chunk) {
+        constexpr int FC = decltype(chunk)::value;
+        launch_with_smem(expert_rows_wgmma_kernel<DH, PASS, FC>, dim3(plan.max_tiles), kWgmmaRowsThreads,
+                         WgmmaRows<DH, PASS, FC>::smem_bytes, stream, out, d_o, x, ld, K, V, plan, plan.E, F);
+    };
+    if constexpr (wgmma_rows_chunk<PASS>(128) == 128) {
+        if (F % 128 == 0) return launch(std::integral_constant<int, 128>{});
+    }
+    launch(std::integral_constant<int, 64>{});
 }
 
 }  // namespace lmoe
