@@ -35,10 +35,13 @@ struct WgmmaRows {
     static constexpr size_t smem_bytes = (row_tiles * tile_elems + 2 * stages * chunk_elems) * sizeof(bf16) +
                                          2 * stages * sizeof(uint64_t) + 1024;
 };
-// The widest chunk for the pass that divides F, 0 when none does.
+// The widest chunk a pass takes, and the widest of its chunks that divides F (0 when none does).
+template <RowsPass PASS>
+constexpr int kWgmmaRowsWidestChunk = PASS == RowsPass::Forward ? 128 : 64;
 template <RowsPass PASS>
 constexpr int wgmma_rows_chunk(int F) {
-    return PASS == RowsPass::Forward && F % 128 == 0 ? 128 : F % 64 == 0 ? 64 : 0;
+    constexpr int widest = kWgmmaRowsWidestChunk<PASS>;
+    return F % widest == 0 ? widest : F % 64 == 0 ? 64 : 0;
 }
 
 // out (copies, dh): o (forward) or dx_copy (input gradient, from d_o).
@@ -192,7 +195,7 @@ void launch_rows_wgmma(bf16* out, const bf16* d_o, const bf16* x, int64_t ld, co
         launch_with_smem(expert_rows_wgmma_kernel<DH, PASS, FC>, dim3(plan.max_tiles), kWgmmaRowsThreads,
                          WgmmaRows<DH, PASS, FC>::smem_bytes, stream, out, d_o, x, ld, K, V, plan, plan.E, F);
     };
-    if constexpr (wgmma_rows_chunk<PASS>(128) == 128) {
+    if constexpr (kWgmmaRowsWidestChunk<PASS> == 128) {
         if (F % 128 == 0) return launch(std::integral_constant<int, 128>{});
     }
     launch(std::integral_constant<int, 64>{});
