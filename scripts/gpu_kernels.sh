@@ -20,7 +20,11 @@
 #     and scheduler sections, in detail, of the first p1 launches of the three LatentMoE expert
 #     kernels (`ncu --clock-control none`; machines whose runtime hides the counters only log the
 #     refusal).
-#   - with BENCH=0, this tree's builds and tests only (OTHER_TREE is not built).
+#   - with BENCH=0, this tree's builds and tests only (OTHER_TREE is not built);
+#   - with VARIANTS="DIR ..." (source trees, e.g. copies of this one with a kernel changed; not with
+#     BENCH=0), each variant's bf16 build of bench_latentmoe, bench_moe and test_gpu_latentmoe: its
+#     test and its stage benchmarks run after this tree's, and its "kernel ..." lines are printed
+#     beside theirs.
 #   bash scripts/gpu_kernels.sh OTHER_TREE    e.g. OTHER_TREE from `git archive REV | tar -x -C .before`
 # Logs come back as $OUT/logs.tgz (scripts/device_logs.sh), refreshed after every phase; a short table
 # is printed last. The tests in three builds are its longest phase (some 4 minutes on an H200 side
@@ -52,6 +56,14 @@ if [ "${BENCH:-1}" != 0 ]; then
     (cmake_build build_other "-S $other" "${benches[@]}" test_gpu_attention && touch "$logs/build_other.ok") &
     trees+=(build_other)
 fi
+variants=()
+[ "${BENCH:-1}" != 0 ] && read -r -a variants <<<"${VARIANTS:-}"
+for i in "${!variants[@]}"; do
+    [ -f "${variants[$i]}/CMakeLists.txt" ] || { echo "VARIANTS: ${variants[$i]} has no CMakeLists.txt" >&2; exit 2; }
+    (cmake_build "build_variant$i" "-S $(realpath "${variants[$i]}")" bench_latentmoe bench_moe test_gpu_latentmoe &&
+        touch "$logs/build_variant$i.ok") &
+    trees+=("build_variant$i")
+done
 wait
 for dir in "${trees[@]}"; do [ -f "$logs/$dir.ok" ] || { echo "build of $dir failed"; exit 1; }; done
 echo "build: ${SECONDS} s"
@@ -86,6 +98,11 @@ for b in bench_latentmoe bench_moe; do
     timeout 120 ./build_other/$b >"$logs/$b.other.log" 2>&1
 done
 timeout 120 ./build_other/test_gpu_attention >"$logs/test_gpu_attention.other.log" 2>&1  # for its timing lines
+for i in "${!variants[@]}"; do
+    timeout 300 "./build_variant$i/test_gpu_latentmoe" >"$logs/test_gpu_latentmoe.variant$i.log" 2>&1
+    echo "test_gpu_latentmoe variant $i (${variants[$i]}): rc $? $(tail -n 1 "$logs/test_gpu_latentmoe.variant$i.log")" >>"$logs/tests.txt"
+    for b in bench_latentmoe bench_moe; do timeout 120 "./build_variant$i/$b" >"$logs/$b.variant$i.log" 2>&1; done
+done
 pack_logs
 [ "$rounds" -gt 0 ] && layer_bench_rounds "$rounds"
 pack_logs
@@ -130,6 +147,13 @@ echo "== tests"; cat "$logs/tests.txt"
 for b in bench_latentmoe bench_moe; do
     echo "== $b, this tree"; grep -E "^bench|glue|kernel|route|weight|gather|group|total" "$logs/$b.log" | head -60
     echo "== $b, $other"; grep -E "^bench|route|weight|gather|group|total" "$logs/$b.other.log" | head -40
+done
+for i in "${!variants[@]}"; do
+    for b in bench_latentmoe bench_moe; do
+        echo "== $b kernels, this tree | variant $i (${variants[$i]})"
+        paste -d '|' <(grep -E "^bench|kernel" "$logs/$b.log") <(grep -E "^bench|kernel" "$logs/$b.variant$i.log") |
+            sed -E 's/ +/ /g'
+    done
 done
 echo "== attention, this tree | $other"; grep -h "timing attention" "$logs/test_gpu_attention.bf16.log" "$logs/test_gpu_attention.other.log" 2>/dev/null
 [ -f "$logs/ncu.txt" ] && { echo "== ncu"; grep -E "^  [a-z_]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|ncu: rc" "$logs/ncu.txt" | head -60; }
