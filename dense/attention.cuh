@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_forward_wgmma_kernel(bf16
     const unsigned char* Qw = reinterpret_cast<const unsigned char*>(Qs) + wg * 64 * 128;  // this warpgroup's rows
     auto issue_scores = [&](float (&s)[32], int kb) {  // S = Q K_kb^T, without waiting
         wgmma_fence();
-        wgmma_m64n64_kmajor<D / 16>(s, Qw, q_block, Ks + kb % STAGES * kv_elems, kv_block);
+        wgmma_kmajor<64, D / 16>(s, Qw, q_block, Ks + kb % STAGES * kv_elems, kv_block);
         wgmma_commit();
     };
     float o[D / 2];
@@ -333,8 +333,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_forward_wgmma_kernel(bf16
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < BK / 16; kk++) {
-                if constexpr (D == 128) wgmma_m64n128k16_rs<1>(o, p[kk], wgmma_desc_mnmajor(Vt, kv_block, kk), 1);
-                else wgmma_m64n64k16_rs<1>(o, p[kk], wgmma_desc_mnmajor(Vt, kv_block, kk), 1);
+                wgmma_rs<D, 1>(o, p[kk], wgmma_desc_mnmajor(Vt, kv_block, kk), 1);
             }
             wgmma_commit();
         }
@@ -544,8 +543,8 @@ __global__ void __launch_bounds__(kWgThreads, 1)
         const float *lse_t = lse_s + stage * BQ, *delta_t = delta_s + stage * BQ;
         float st[32] = {}, dpt[32] = {};  // S^T, dP^T (zeroed, or ptxas waits on the products to copy them)
         wgmma_fence();
-        wgmma_m64n64_kmajor<D / 16>(st, Kw, key_block, Qt, step_block);
-        wgmma_m64n64_kmajor<D / 16>(dpt, Vw, key_block, dOt, step_block);
+        wgmma_kmajor<64, D / 16>(st, Kw, key_block, Qt, step_block);
+        wgmma_kmajor<64, D / 16>(dpt, Vw, key_block, dOt, step_block);
         wgmma_commit();
         wgmma_wait<0>();
         wgmma_fence_operands(st);
@@ -698,8 +697,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_backward_dq_wgmma_kernel(
             const bf16 *Kt = Ks + kb % 2 * kv_elems, *Vt = Vs + kb % 2 * kv_elems;
             float s[32] = {}, dp[32] = {};  // zeroed, or ptxas waits on the products to copy them
             wgmma_fence();
-            wgmma_m64n64_kmajor<D / 16>(s, Qw, q_block, Kt, kv_block);
-            wgmma_m64n64_kmajor<D / 16>(dp, dOw, q_block, Vt, kv_block);
+            wgmma_kmajor<64, D / 16>(s, Qw, q_block, Kt, kv_block);
+            wgmma_kmajor<64, D / 16>(dp, dOw, q_block, Vt, kv_block);
             wgmma_commit();
             wgmma_wait<0>();
             wgmma_fence_operands(s);
@@ -718,8 +717,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) flash_backward_dq_wgmma_kernel(
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < BK / 16; kk++) {
-                if constexpr (D == 128) wgmma_m64n128k16_rs<1>(dq, ds[kk], wgmma_desc_mnmajor(Kt, kv_block, kk), 1);
-                else wgmma_m64n64k16_rs<1>(dq, ds[kk], wgmma_desc_mnmajor(Kt, kv_block, kk), 1);
+                wgmma_rs<D, 1>(dq, ds[kk], wgmma_desc_mnmajor(Kt, kv_block, kk), 1);
             }
             wgmma_commit();
             wgmma_wait<0>();

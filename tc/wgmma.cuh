@@ -9,7 +9,7 @@
 // one (transposed) when its rows do.
 // Accumulator fragments: d[i] is (row 16·warp + lane/4 + 8·((i/2) % 2), col 8·(i/4) + 2·(lane%4) + i%2).
 // Users: moe/latent/expert_weight_backward.cuh, moe/latent/expert_rows_wgmma.cuh,
-// moe/grouped/grouped_gemm.cuh.
+// moe/grouped/grouped_gemm.cuh, dense/attention.cuh.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -287,16 +287,6 @@ __device__ inline void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint6
 #undef LMOE_WGMMA_SS
 #undef LMOE_WGMMA_RS
 
-// The register-A shapes the LatentMoE kernels use, by name.
-template <int TRANS_B>
-__device__ inline void wgmma_m64n64k16_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
-    wgmma_rs<64, TRANS_B>(d, a, desc_b, accumulate);
-}
-template <int TRANS_B>
-__device__ inline void wgmma_m64n128k16_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
-    wgmma_rs<128, TRANS_B>(d, a, desc_b, accumulate);
-}
-
 // d (64 × N) = A B^T over K = 16·KSTEPS, A (64 rows) and B (N rows) K-major tiles of a_block and
 // b_block bytes per 64-column block; issued, not committed (the caller commits once with its other
 // products).
@@ -306,11 +296,6 @@ __device__ inline void wgmma_kmajor(float (&d)[N / 2], const void* a, uint32_t a
 #pragma unroll
     for (int k = 0; k < KSTEPS; k++)
         wgmma_ss<N, 0, 0>(d, wgmma_desc_kmajor(a, a_block, k), wgmma_desc_kmajor(b, b_block, k), k);
-}
-template <int KSTEPS>
-__device__ inline void wgmma_m64n64_kmajor(float (&d)[32], const void* a, uint32_t a_block, const void* b,
-                                           uint32_t b_block) {
-    wgmma_kmajor<64, KSTEPS>(d, a, a_block, b, b_block);
 }
 
 // The A operands of a product's KK k-steps from the fp32 accumulators of a (64 × 16·KK) one:

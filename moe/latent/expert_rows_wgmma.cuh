@@ -3,7 +3,7 @@
 // of FC = 128 (the forward, where 128 divides fe) or 64 (moe/latent/expert_forward.cuh and
 // expert_input_backward.cuh have their math and launch them when device_has_wgmma()). One block of
 // two warpgroups per planner tile, warpgroup w owning rows 64w..64w+63; per chunk c (three or four
-// stages of K_c, V_c, WgmmaRows; every tile 128B-swizzled):
+// stages of K_c, V_c (WgmmaRows); every tile 128B-swizzled):
 //   forward:        S = X_w K_c^T                      A = GELU(S)          O_w  += A V_c
 //   input gradient: S = X_w K_c^T,  dA = dO_w V_c^T    A = dA ⊙ GELU'(S)    dX_w += A K_c
 // S and dA are (64 × FC) fp32 in registers, A goes packed to bf16 straight into the register A
@@ -23,8 +23,9 @@ enum class RowsPass { Forward, InputGrad };
 
 constexpr int kWgmmaRowsThreads = 256;
 
-// A kernel's chunk of fe, FC, and its stages of K_c, V_c: as many as fit beside the row tiles. FC =
-// 128 fits the forward's registers (S, two sets of A and the result), not the input gradient's (dA too).
+// A kernel's chunk of fe, FC, and its stages of K_c, V_c: four, or three where four do not fit beside
+// the row tiles (dh 128 with FC 128). FC = 128 fits the forward's registers (S, two sets of A and the
+// result), not the input gradient's (dA too).
 template <int DH, RowsPass PASS, int FC>
 struct WgmmaRows {
     static constexpr int row_tiles = PASS == RowsPass::InputGrad ? 2 : 1;
@@ -149,7 +150,7 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
         hidden(a_next);
         wgmma_wait<0>();
         wgmma_fence_operands(acc);
-        mbarrier_arrive(empty + (c - 1) % kStages);
+        mbarrier_arrive(empty + (c - 1) % kStages);  // chunk c − 1's products are done: its stage is free
     };
     uint32_t a0[FC / 16][4], a1[FC / 16][4];
     // turn 0: chunk 0's S alone (warpgroup 0 takes it without waiting)
@@ -196,7 +197,7 @@ void launch_rows_wgmma(bf16* out, const bf16* d_o, const bf16* x, int64_t ld, co
                          WgmmaRows<DH, PASS, FC>::smem_bytes, stream, out, d_o, x, ld, K, V, plan, plan.E, F);
     };
     if constexpr (kWgmmaRowsWidestChunk<PASS> == 128) {
-        if (F % 128 == 0) return launch(std::integral_constant<int, 128>{});
+        if (wgmma_rows_chunk<PASS>(F) == 128) return launch(std::integral_constant<int, 128>{});
     }
     launch(std::integral_constant<int, 64>{});
 }

@@ -351,8 +351,8 @@ __device__ inline void weight_backward_wgmma(const WeightGradItem& item, const b
         const bf16 *Xt = Xs + stage * rows_elems, *dOt = dOs + stage * rows_elems;
         float st[32] = {}, dat[32] = {};  // S^T, dA^T (zeroed, or ptxas waits on the products to copy them)
         wgmma_fence();
-        wgmma_m64n64_kmajor<DH / 16>(st, Kw, slice_block, Xt, rows_block);
-        wgmma_m64n64_kmajor<DH / 16>(dat, Vw, slice_block, dOt, rows_block);
+        wgmma_kmajor<64, DH / 16>(st, Kw, slice_block, Xt, rows_block);
+        wgmma_kmajor<64, DH / 16>(dat, Vw, slice_block, dOt, rows_block);
         wgmma_commit();
         // While they run: step it + STAGES − 1 into the stage of step it − 1, once both warpgroups are done with it.
         if (it + STAGES - 1 < steps) {
