@@ -152,9 +152,13 @@ int main() {
         {"crowded, one head: busy groups cut in four, dh 64", 2000, 1, 64, 64, 128, 8, true},
         {"starved expert, rows not whole tiles", 333, 2, 64, 16, 128, 4, false, true},
         {"p2 shape (the router's warp-per-row top-k at k 16)", 160, 8, 128, 128, 256, 16},
-        // odd numbers of fe chunks: 3 and 3 of 64 (fe 192), 3 of 128 and 6 of 64 (fe 384)
-        {"fe 192, dh 128", 300, 2, 128, 8, 192, 2},
-        {"fe 384, dh 64", 300, 2, 64, 8, 384, 2},
+        // the wgmma row kernels' chunk counts (forward | input gradient): odd ones, and enough to reuse
+        // every stage (four stages, three in the forward at dh 128)
+        {"fe 192, dh 128: 3 | 3 chunks of 64", 300, 2, 128, 8, 192, 2},
+        {"fe 384, dh 64: 3 of 128 | 6 of 64", 300, 2, 64, 8, 384, 2},
+        {"fe 384, dh 128: 3 of 128 | 6 of 64", 200, 2, 128, 4, 384, 2},
+        {"fe 896, dh 128: 7 of 128 | 14 of 64", 200, 2, 128, 4, 896, 2},
+        {"fe 1152, dh 64: 9 of 128 | 18 of 64", 200, 2, 64, 4, 1152, 2},
     };
     for (const Shape& s : shapes) run_shape(s, rng);
     return check::summary();
