@@ -99,7 +99,7 @@ inline void expert_forward(floatX* o, const floatX* x, int64_t ld, const floatX*
         [&](auto head_dim, auto chunk) {
             constexpr int DH = decltype(head_dim)::value, FC = decltype(chunk)::value;
             if constexpr (DH == 64 || DH == 128) {
-                if (wgmma_rows_chunk<RowsPass::Forward>(F) != 0 && device_has_wgmma()) {
+                if (F % kWgmmaRowsChunk == 0 && device_has_wgmma()) {
                     launch_rows_wgmma<DH, RowsPass::Forward>(o, nullptr, x, ld, K, V, plan, F, stream);
                     return;
                 }

@@ -108,7 +108,7 @@ inline void expert_input_backward(floatX* dx_copy, const floatX* d_o, const floa
         [&](auto head_dim, auto chunk) {
             constexpr int DH = decltype(head_dim)::value, FC = decltype(chunk)::value;
             if constexpr (DH == 64 || DH == 128) {
-                if (wgmma_rows_chunk<RowsPass::InputGrad>(F) != 0 && device_has_wgmma()) {
+                if (F % kWgmmaRowsChunk == 0 && device_has_wgmma()) {
                     launch_rows_wgmma<DH, RowsPass::InputGrad>(dx_copy, d_o, x, ld, K, V, plan, F, stream);
                     return;
                 }

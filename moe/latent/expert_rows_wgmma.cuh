@@ -21,7 +21,7 @@ namespace lmoe {
 
 enum class RowsPass { Forward, InputGrad };
 
-constexpr int kWgmmaRowsThreads = 256;
+constexpr int kWgmmaRowsChunk = 64, kWgmmaRowsThreads = 256;  // the narrowest chunk: the kernels need fe % 64 == 0
 
 // A kernel's chunk of fe, FC, and its stages of K_c, V_c: four, or three where four do not fit beside
 // the row tiles (dh 128 with FC 128). FC = 128 fits the forward's registers (S, two sets of A and the
@@ -36,14 +36,6 @@ struct WgmmaRows {
     static constexpr size_t smem_bytes = (row_tiles * tile_elems + 2 * stages * chunk_elems) * sizeof(bf16) +
                                          2 * stages * sizeof(uint64_t) + 1024;
 };
-// The widest chunk a pass takes, and the widest of its chunks that divides F (0 when none does).
-template <RowsPass PASS>
-constexpr int kWgmmaRowsWidestChunk = PASS == RowsPass::Forward ? 128 : 64;
-template <RowsPass PASS>
-constexpr int wgmma_rows_chunk(int F) {
-    constexpr int widest = kWgmmaRowsWidestChunk<PASS>;
-    return F % widest == 0 ? widest : F % 64 == 0 ? 64 : 0;
-}
 
 // out (copies, dh): o (forward) or dx_copy (input gradient, from d_o).
 template <int DH, RowsPass PASS, int FC>
@@ -187,7 +179,7 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
 #endif
 }
 
-// Launches the kernel with the widest chunk that divides F (wgmma_rows_chunk<PASS>(F) != 0).
+// Launches the kernel with chunks of 128 (the forward, where 128 divides F) or of kWgmmaRowsChunk.
 template <int DH, RowsPass PASS>
 void launch_rows_wgmma(bf16* out, const bf16* d_o, const bf16* x, int64_t ld, const bf16* K, const bf16* V,
                        const RoutingPlan& plan, int F, cudaStream_t stream) {
@@ -196,10 +188,10 @@ void launch_rows_wgmma(bf16* out, const bf16* d_o, const bf16* x, int64_t ld, co
         launch_with_smem(expert_rows_wgmma_kernel<DH, PASS, FC>, dim3(plan.max_tiles), kWgmmaRowsThreads,
                          WgmmaRows<DH, PASS, FC>::smem_bytes, stream, out, d_o, x, ld, K, V, plan, plan.E, F);
     };
-    if constexpr (kWgmmaRowsWidestChunk<PASS> == 128) {
-        if (wgmma_rows_chunk<PASS>(F) == 128) return launch(std::integral_constant<int, 128>{});
+    if constexpr (PASS == RowsPass::Forward) {
+        if (F % 128 == 0) return launch(std::integral_constant<int, 128>{});
     }
-    launch(std::integral_constant<int, 64>{});
+    launch(std::integral_constant<int, kWgmmaRowsChunk>{});
 }
 
 }  // namespace lmoe
