@@ -9,19 +9,22 @@
 // and since x Φ(x) − max(x, 0) = −|x| q,
 //     gelu(x) = max(x, 0) − a q(a)
 // log2 q is smooth on [0, ∞) (−1 at 0, −a²/(2 ln 2) − log2(a √(2π)) far out), so one polynomial of
-// degree 7 in a gives it on [0, 5.5] and one ex2 the tail: one MUFU operation and ten others (erff
-// alone is ~25). Past a = 5.5 the tail is held at q(5.5) = 1.9e-8, so a q stays under 1.1e-7 for
-// every x. The coefficients are a weighted minimax fit of Φ's absolute error
-// (scripts/fit_normal_tail.py derives them and checks the float arithmetic below against exact erf):
-// |Φ error| ≤ 3.6e-8, gelu within 3.9e-7 of exact for |x| ≤ 7 (the rounding of its fp32 result
-// included); bf16 rounds at 4e-3 relative. NaN goes through (min.NaN); gelu_fast(−∞) is −1.1e-7.
+// degree 5 in a gives it on [0, 5.5] and one ex2 the tail: one MUFU operation and eight others (erff
+// alone is ~25). The forward kernels spend most of their issue slots here, so the degree is the
+// lowest whose error stays well under bf16's rounding: each degree less bought 2% of the LatentMoE
+// forward (docs/perf/expert_kernels.md, "The GELU polynomial's degree"). Past a = 5.5 the tail is
+// held at q(5.5) = 1.9e-8, so a q stays under 1.1e-7 for every x. The coefficients are a weighted
+// minimax fit of Φ's absolute error (scripts/fit_normal_tail.py derives them and checks the float
+// arithmetic below against exact erf): |Φ error| ≤ 2.9e-7, gelu within 1.2e-6 of exact for |x| ≤ 7
+// (the rounding of its fp32 result included) and within 1e-3 relative where |gelu| > 1e-3, against
+// bf16's rounding at 4e-3 relative. NaN goes through (min.NaN); gelu_fast(−∞) is −1.1e-7.
 // The forms with gelu' need φ(x) = exp(−x²/2) / √(2π) anyway, and Abramowitz & Stegun 7.1.26 gives
 // the tail from that same exponential and one reciprocal (|erf error| < 1.5e-7): two MUFU operations,
 // and in the backward kernels faster than the polynomial with a second exponential
 // (docs/perf/expert_kernels.md, "GELU on one exponential"); gelu' within 2.6e-7 of exact with exact
 // ex2 and rcp (the same script), 3.5e-7 with the GPU's (test_gpu_moe). Kernels that need both values
 // at one x (the LatentMoE weight gradient recomputing A = gelu(S)) take gelu_and_grad_fast; its gelu
-// and gelu_fast's, each within 4.3e-7 of exact, may differ in their last bits.
+// (within 4.3e-7 of exact) and gelu_fast's differ by at most 1.6e-6.
 #pragma once
 
 namespace lmoe {
@@ -53,14 +56,12 @@ constexpr float kNormalTailEnd = 5.5f;  // where the fitted range of the tail en
 // max(x, 0) − a q(a), a = min(|x|, 5.5), q = Φ(−a) = 2^p(a).
 __device__ inline float gelu_fast(float x) {
     const float a = min_nan(fabsf(x), kNormalTailEnd);
-    float p = 8.47005413e-06f;  // log2 Φ(−a), Horner from a⁷
-    p = fmaf(p, a, -5.39026987e-05f);
-    p = fmaf(p, a, -0.000421239558f);
-    p = fmaf(p, a, 0.00738927862f);
-    p = fmaf(p, a, -0.0526911169f);
-    p = fmaf(p, a, -0.459153146f);
-    p = fmaf(p, a, -1.15111089f);
-    p = fmaf(p, a, -0.999999881f);
+    float p = -0.000518861692f;  // log2 Φ(−a), Horner from a^5
+    p = fmaf(p, a, 0.0073872176f);
+    p = fmaf(p, a, -0.0525380485f);
+    p = fmaf(p, a, -0.459276676f);
+    p = fmaf(p, a, -1.15108311f);
+    p = fmaf(p, a, -1.00000083f);
     return fmaf(-a, ex2_approx(p), fmaxf(x, 0.f));
 }
 

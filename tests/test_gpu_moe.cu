@@ -40,10 +40,10 @@ __global__ void gelu_fast_kernel(float* out, const float* x, int n) {
 }
 
 // gelu_fast, gelu_grad_fast and gelu_and_grad_fast on 2^21 + 1 points of [−7, 7] and at special
-// values: within moe/gelu.cuh's bounds of exact erf (gelu 3.9e-7, gelu' 2.6e-7 with exact ex2 and
-// rcp; checked at 5e-7 and 4e-7, as the GPU's are approximations; gelu_fast's relative error at
-// 1e-4 where |gelu| > 1e-3), the joint form's gelu' bitwise gelu_grad_fast's, NaN passed on, and
-// within 1.2e-7 of the limits past the fitted range.
+// values: within moe/gelu.cuh's bounds of exact erf (gelu_fast 1.2e-6, the joint form's gelu 4.3e-7,
+// gelu' 2.6e-7 with exact ex2 and rcp; checked at 1.5e-6, 5e-7 and 4e-7, as the GPU's are
+// approximations; gelu_fast's relative error at 1e-3 where |gelu| > 1e-3), the joint form's gelu'
+// bitwise gelu_grad_fast's, NaN passed on, and within 1.2e-7 of the limits past the fitted range.
 void check_gelu_fast() {
     std::printf("fast GELU forms\n");
     const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
@@ -74,8 +74,8 @@ void check_gelu_fast() {
     }
     std::printf("  on [-7, 7]: gelu_fast abs %.3g, rel %.3g; gelu_grad_fast abs %.3g; gelu_and_grad_fast's gelu abs %.3g\n",
                 gelu_abs, gelu_rel, grad_abs, joint_abs);
-    CHECK(gelu_abs <= 5e-7);
-    CHECK(gelu_rel <= 1e-4);
+    CHECK(gelu_abs <= 1.5e-6);
+    CHECK(gelu_rel <= 1e-3);
     CHECK(grad_abs <= 4e-7);
     CHECK(joint_abs <= 5e-7);
     CHECK(joint_same);
@@ -90,7 +90,7 @@ void check_gelu_fast() {
         } else if (std::fabs(v) <= 7.f) {
             const double cdf = 0.5 * std::erfc(-(double)v / std::sqrt(2.0));
             const double exact_grad = cdf + v * std::exp(-0.5 * (double)v * v) / std::sqrt(2 * M_PI);
-            CHECK_MSG(std::fabs(gelu - v * cdf) <= 5e-7 && std::fabs(grad - exact_grad) <= 4e-7, "near zero" + at);
+            CHECK_MSG(std::fabs(gelu - v * cdf) <= 1.5e-6 && std::fabs(grad - exact_grad) <= 4e-7, "near zero" + at);
         } else {
             const double limit = v > 0 ? v : 0.0;
             CHECK_MSG(std::fabs(gelu - limit) <= 1.2e-7 * std::max(1.0, limit) && std::fabs(grad - (v > 0)) <= 1.2e-7,

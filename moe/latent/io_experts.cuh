@@ -9,9 +9,11 @@
 // cores, the hidden activations passed between products in registers (wgmma where the build targets
 // sm_90a and the GPU is a Hopper, mma.sync m16n8k16 elsewhere); the fp32 build (LMOE_FP32) does them
 // with fp32 FMAs on CUDA cores, so the math can be checked tightly. All are deterministic: every output
-// element has one owner and a fixed summation order. Both tensor-core forms are bound by latency, not
-// by the tensor pipe: with 185–255 registers they hold two warps per scheduler, and every chunk or
-// 64-row step ends in a block barrier (docs/perf/expert_kernels.md has the measurements).
+// element has one owner and a fixed summation order. Both tensor-core forms are bound by issue and
+// latency, not by the tensor pipe: the wgmma forward issues more instructions a chunk than its
+// products take cycles, over half of them the GELU's; with 185–255 registers the kernels hold two
+// warps per scheduler, and the mma.sync ones end every chunk or 64-row step in a block barrier
+// (docs/perf/expert_kernels.md has the measurements).
 //
 // This is the header a trainer includes. The kernels are cut by stage, not by implementation: each
 // stage's file has its math, the fp32 kernel that spells it out, the tensor-core kernel and the
