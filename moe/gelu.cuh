@@ -10,9 +10,9 @@
 //     gelu(x) = max(x, 0) − a q(a)
 // log2 q is smooth on [0, ∞) (−1 at 0, −a²/(2 ln 2) − log2(a √(2π)) far out), so one polynomial of
 // degree 5 in a gives it on [0, 5.5] and one ex2 the tail: one MUFU operation and eight others (erff
-// alone is ~25). The forward kernels spend most of their issue slots here, so the degree is the
+// alone is ~25). The forward kernels spend over half of their issue slots here, so the degree is the
 // lowest whose error stays well under bf16's rounding: each degree less bought 2% of the LatentMoE
-// forward (docs/perf/expert_kernels.md, "The GELU polynomial's degree"). Past a = 5.5 the tail is
+// forward (docs/perf/expert_kernels.md, "What limits the row kernels"). Past a = 5.5 the tail is
 // held at q(5.5) = 1.9e-8, so a q stays under 1.1e-7 for every x. The coefficients are a weighted
 // minimax fit of Φ's absolute error (scripts/fit_normal_tail.py derives them and checks the float
 // arithmetic below against exact erf): |Φ error| ≤ 2.9e-7, gelu within 1.2e-6 of exact for |x| ≤ 7
@@ -56,7 +56,7 @@ constexpr float kNormalTailEnd = 5.5f;  // where the fitted range of the tail en
 // max(x, 0) − a q(a), a = min(|x|, 5.5), q = Φ(−a) = 2^p(a).
 __device__ inline float gelu_fast(float x) {
     const float a = min_nan(fabsf(x), kNormalTailEnd);
-    float p = -0.000518861692f;  // log2 Φ(−a), Horner from a^5
+    float p = -0.000518861692f;  // log2 Φ(−a), Horner from a⁵
     p = fmaf(p, a, 0.0073872176f);
     p = fmaf(p, a, -0.0525380485f);
     p = fmaf(p, a, -0.459276676f);
