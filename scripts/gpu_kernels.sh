@@ -18,8 +18,9 @@
 #     trees;
 #   - with NCU=1 (default), Nsight Compute's speed-of-light, occupancy, warp-stall, pipe, instruction
 #     and scheduler sections, in detail, of the first p1 launches of the three LatentMoE expert
-#     kernels (`ncu --clock-control none`; machines whose runtime hides the counters only log the
-#     refusal).
+#     kernels, and the summary sections of the first six grouped-GEMM launches of bench_moe (p1's
+#     four row GEMMs and two weight gradients; `ncu --clock-control none`; machines whose runtime
+#     hides the counters only log the refusal).
 #   - with BENCH=0, this tree's builds and tests only (OTHER_TREE is not built);
 #   - with VARIANTS="DIR ..." (source trees, e.g. copies of this one with a kernel changed; not with
 #     BENCH=0), each variant's bf16 build of bench_latentmoe, bench_moe and test_gpu_latentmoe: its
@@ -139,6 +140,10 @@ if [ "${NCU:-1}" = 1 ]; then
         --section SchedulerStats --print-details all \
         ./build/bench_latentmoe >"$logs/ncu.txt" 2>&1
     echo "ncu: rc $?" >>"$logs/ncu.txt"
+    timeout 150 ncu --clock-control none -k 'regex:(rows_gemm|weight_grad)_wgmma' -c 6 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section MemoryWorkloadAnalysis --section InstructionStats ./build/bench_moe >"$logs/ncu_moe.txt" 2>&1
+    echo "ncu: rc $?" >>"$logs/ncu_moe.txt"
     pack_logs
 fi
 echo "tests and benchmarks: ${SECONDS} s"
@@ -156,7 +161,9 @@ for i in "${!variants[@]}"; do
     done
 done
 echo "== attention, this tree | $other"; grep -h "timing attention" "$logs/test_gpu_attention.bf16.log" "$logs/test_gpu_attention.other.log" 2>/dev/null
-[ -f "$logs/ncu.txt" ] && { echo "== ncu"; grep -E "^  [a-z_]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|ncu: rc" "$logs/ncu.txt" | head -60; }
+for f in ncu ncu_moe; do
+    [ -f "$logs/$f.txt" ] && { echo "== $f"; grep -E "^  [a-z_]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|Registers Per|Achieved Occupancy|ncu: rc" "$logs/$f.txt" | head -60; }
+done
 for log in "$logs"/train_*.log; do
     [ -f "$log" ] && echo "$(basename "$log" .log): $(grep '^done' "$log" || tail -n 1 "$log")" && grep "time (ms)" "$log" | tail -n 1
 done

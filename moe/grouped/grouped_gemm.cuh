@@ -55,6 +55,7 @@
 #include "moe/gelu.cuh"
 #include "moe/routing_plan.cuh"
 #include "tc/mma.cuh"
+#include "tc/tma.cuh"
 #include "tc/wgmma.cuh"
 
 namespace lmoe {
@@ -160,18 +161,18 @@ __device__ inline TilePart tile_part(const RoutingPlan& plan, int tile, int part
 }
 
 // The block of a row GEMM: the copies [p0, p0 + rows) of part blockIdx.z (of `part_rows` copies) of
-// planner tile blockIdx.y, its output columns from n0 = blockIdx.x · tile_cols on, and its expert's
-// matrix w; false when the tile is past the plan's or the part past the tile's last copy.
+// planner tile blockIdx.y, its output columns from n0 = blockIdx.x · tile_cols on, and its expert g and
+// g's matrix w; false when the tile is past the plan's or the part past the tile's last copy.
 template <class T>
 struct RowsBlock {
-    int p0, rows, n0;
+    int g, p0, rows, n0;
     const T* w;
 };
 template <class T>
 __device__ inline bool rows_block(RowsBlock<T>& b, const RowsGemm<T>& p, int part_rows, int tile_cols) {
     if ((int)blockIdx.y >= *p.plan.num_tiles) return false;
     const TilePart part = tile_part(p.plan, blockIdx.y, blockIdx.z, part_rows);
-    b = {part.p0, part.rows, (int)blockIdx.x * tile_cols, p.w + (int64_t)part.g * p.K * p.cols};
+    b = {part.g, part.p0, part.rows, (int)blockIdx.x * tile_cols, p.w + (int64_t)part.g * p.K * p.cols};
     return part.rows > 0;
 }
 
@@ -499,53 +500,69 @@ __global__ void __launch_bounds__(kGemmThreads) weight_grad_mma_kernel(const Wei
 // 128 × 256 output tiles. A block of two warpgroups, warpgroup w owning tile rows 64w..64w+63
 // (64 × 256 fp32 accumulators: 128 a thread), steps kWgDepth = 64 deep along the reduction; per
 // step each warpgroup issues four m64n256k16 products and waits for them one step later
-// (wgmma_wait<1>), so the tensor cores always have a step queued while the next one's copies are
-// issued. Operands sit in 128B-swizzled tiles, A (16 KB) and B (32 KB) in each of kWgStages = 4
-// stages; cp.async runs two steps ahead, not three, as the products of step s − 1 may still be
-// reading their stage while step s is issued. A tile is K-major when its rows run along M or N (the
-// copies' rows in the row GEMMs, W's rows in the forward) and MN-major when they run along k (W in
-// the backward, both operands of the weight gradients, whose reduction runs over copies), which
-// wgmma reads transposed. Zero-filled rows and columns make partial tiles and partial steps exact,
-// so the kernels take every shape the launchers accept. They exist in every build; without wgmma
-// their bodies are empty and they are never launched.
+// (wgmma_wait<1>), so the tensor cores always have a step queued. Operands sit in 128B-swizzled
+// tiles, A (16 KB) and B (32 KB) in each of kWgStages = 4 stages, handed on by mbarriers: a stage's
+// full barrier completes when its copies have landed, its empty one when both warpgroups' products
+// of it are done, and the copies of step s + 3 go into the stage of step s − 1 as soon as that one
+// is empty, so three steps are in flight behind the one computed. The weight matrices come by TMA
+// (tc/tma.cuh: one thread, whole boxes, zeros past the matrix's edges), the copies' rows by cp.async
+// from every thread (they are gathered through copy_row, which TMA cannot follow). A tile is K-major
+// when its rows run along M or N (the copies' rows in the row GEMMs, W's rows in the forward) and
+// MN-major when they run along k (W in the backward, both operands of the weight gradients, whose
+// reduction runs over copies), which wgmma reads transposed. Zero-filled rows and columns make
+// partial tiles and partial steps exact, so the kernels take every shape the launchers accept. They
+// exist in every build; without wgmma their bodies are empty and they are never launched.
 constexpr int kWgTileM = 128, kWgTileN = 256, kWgDepth = 64, kWgStages = 4, kWgThreads = 256;
 constexpr int kWgAElems = kWgTileM * kWgDepth, kWgBElems = kWgTileN * kWgDepth;
-// the stages, and 1 KB to align them (wgmma_align_smem)
-constexpr size_t kWgSmemBytes = (size_t)kWgStages * (kWgAElems + kWgBElems) * sizeof(bf16) + 1024;
+constexpr size_t kWgStageBytes = (size_t)kWgStages * (kWgAElems + kWgBElems) * sizeof(bf16);
+// the stages, their full and empty barriers, and 1 KB to align the stages (wgmma_align_smem)
+constexpr size_t kWgSmemBytes = kWgStageBytes + 2 * kWgStages * sizeof(uint64_t) + 1024;
 static_assert(kWgTileM == 2 * 64 && kWgThreads == 2 * 128, "two warpgroups of 64 rows per tile");
-static_assert(2 * 64 * kWgTileN * sizeof(float) <= (size_t)kWgStages * (kWgAElems + kWgBElems) * sizeof(bf16),
-              "the epilogues' fp32 tiles of both warpgroups fit in the stages");
+static_assert(2 * 64 * kWgTileN * sizeof(float) <= kWgStageBytes, "the epilogues' fp32 tiles of both warpgroups fit in the stages");
 
 #if defined(LMOE_HAS_WGMMA)
+// The stages of a wgmma GEMM block and their barriers, set up by the whole block: every thread
+// arrives on a full barrier once its copies of the stage have landed, and with `tma` thread 0 once
+// more, announcing the bytes of its TMA copies.
+struct WgmmaStages {
+    bf16* smem;  // kWgStages × (A, B), 1024-byte aligned
+    uint64_t* full;
+    uint64_t* empty;
+    __device__ WgmmaStages(unsigned char* smem_raw, bool tma) {
+        smem = reinterpret_cast<bf16*>(wgmma_align_smem(smem_raw));
+        full = reinterpret_cast<uint64_t*>(reinterpret_cast<unsigned char*>(smem) + kWgStageBytes);
+        empty = full + kWgStages;
+        if (threadIdx.x == 0) {
+            for (int s = 0; s < kWgStages; s++) {
+                mbarrier_init(full + s, kWgThreads + (tma ? 1 : 0));
+                mbarrier_init(empty + s, kWgThreads);
+            }
+            fence_mbarrier_init();
+        }
+        __syncthreads();  // initialised before anyone arrives
+    }
+    __device__ bf16* a(int step) const { return smem + step % kWgStages * (kWgAElems + kWgBElems); }
+    __device__ bf16* b(int step) const { return a(step) + kWgAElems; }
+    __device__ uint64_t* full_bar(int step) const { return full + step % kWgStages; }
+};
+
 // The pipelined reduction of one block over `steps` steps: acc (this warpgroup's 64 × 256) += A B.
-// load(a, b, step) issues step's copies into the stage's A and B tiles and is called for steps
-// 0, 1, 2, ... in order; smem is 1024-byte aligned.
+// load(step) issues step's copies into stages.a(step), stages.b(step) and arrives on
+// stages.full_bar(step); it is called for steps 0, 1, 2, ... in order.
 template <bool A_MN_MAJOR, bool B_MN_MAJOR, class Load>
-__device__ inline void wgmma_gemm_mainloop(float (&acc)[kWgTileN / 2], bf16* smem, int steps, Load load) {
-    constexpr int ahead = kWgStages - 2;  // steps whose copies are in flight
+__device__ inline void wgmma_gemm_mainloop(float (&acc)[kWgTileN / 2], const WgmmaStages& stages, int steps, Load load) {
     // bytes between the tiles' 64-column blocks: rows · 128
     constexpr uint32_t a_block = (A_MN_MAJOR ? kWgDepth : kWgTileM) * 128;
     constexpr uint32_t b_block = (B_MN_MAJOR ? kWgDepth : kWgTileN) * 128;
-    auto stage = [&](int step) { return smem + step % kWgStages * (kWgAElems + kWgBElems); };
     // This warpgroup's 64 rows of A: rows 64w.. of a K-major tile, 64-column block w of an MN-major
     // one; 8 KB in either way.
     const int a_offset = threadIdx.x / 128 * 64 * 64;
-#pragma unroll
-    for (int s = 0; s < ahead; s++) {
-        if (s < steps) load(stage(s), stage(s) + kWgAElems, s);
-        cp_async_commit();
-    }
+    for (int s = 0; s < kWgStages - 1 && s < steps; s++) load(s);
     wgmma_fence_operands(acc);
     for (int step = 0; step < steps; step++) {
-        cp_async_wait<ahead - 1>();
-        fence_proxy_async();
-        // Step has landed, and both warpgroups are done with step − 2 (their wgmma_wait<1> in step − 1),
-        // whose stage is refilled now.
-        __syncthreads();
-        const int fill = step + ahead;
-        if (fill < steps) load(stage(fill), stage(fill) + kWgAElems, fill);
-        cp_async_commit();
-        const bf16 *a = stage(step) + a_offset, *b = stage(step) + kWgAElems;
+        mbarrier_wait(stages.full_bar(step), step / kWgStages % 2);
+        fence_proxy_async();  // the cp.async copies of the stage, visible to wgmma
+        const bf16 *a = stages.a(step) + a_offset, *b = stages.b(step);
         wgmma_fence();
 #pragma unroll
         for (int k = 0; k < kWgDepth / 16; k++) {
@@ -555,6 +572,14 @@ __device__ inline void wgmma_gemm_mainloop(float (&acc)[kWgTileN / 2], bf16* sme
         }
         wgmma_commit();
         wgmma_wait<1>();  // step − 1's products are done
+        // step + kWgStages − 1 into the stage of step − 1 (at step 0, the one stage not yet filled)
+        // once both warpgroups are done with it
+        const int fill = step + kWgStages - 1;
+        if (step > 0) mbarrier_arrive(stages.empty + (step - 1) % kWgStages);
+        if (fill < steps) {
+            if (step > 0) mbarrier_wait(stages.empty + (step - 1) % kWgStages, (step - 1) / kWgStages % 2);
+            load(fill);
+        }
     }
     wgmma_wait<0>();
     wgmma_fence_operands(acc);
@@ -563,48 +588,50 @@ __device__ inline void wgmma_gemm_mainloop(float (&acc)[kWgTileN / 2], bf16* sme
 
 // Row GEMM on wgmma: block (256-column tile, planner tile, 128-row part of the planner tile):
 // out[copies, n0..] = A B_e through the epilogue EPI, per 64-deep step A = the copies' rows
-// (128 × 64, K-major) and B_e = W_e^T, W's rows n0.. (256 × 64, K-major), or W_e, 64 of W's rows
-// (64 × 256, MN-major).
+// (128 × 64, K-major) and B_e = W_e^T, W's rows n0.. (256 × 64, K-major: one TMA box), or W_e, 64 of
+// W's rows (64 × 256, MN-major: four boxes of 64 columns). w_map is W's tensor map
+// (rows_gemm_weight_map).
 template <RowsEpilogue EPI, bool W_TRANSPOSED>
-__global__ void __launch_bounds__(kWgThreads, 1) rows_gemm_wgmma_kernel(const RowsGemm<bf16> p) {
+__global__ void __launch_bounds__(kWgThreads, 1)
+    rows_gemm_wgmma_kernel(const RowsGemm<bf16> p, const __grid_constant__ CUtensorMap w_map) {
 #if defined(LMOE_HAS_WGMMA)
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* smem = reinterpret_cast<bf16*>(wgmma_align_smem(smem_raw));
     RowsBlock<bf16> block;
     if (!rows_block(block, p, kWgTileM, kWgTileN)) return;
+    const WgmmaStages stages(smem_raw, true);
     const int p0 = block.p0, rows = block.rows, n0 = block.n0, K = p.K, cols = p.cols;
-    const bf16* w = block.w;
     using ACopy = SwizzledTileCopy<kWgTileM, kWgDepth, kWgThreads>;
-    using BCopy = SwizzledTileCopy<W_TRANSPOSED ? kWgTileN : kWgDepth, W_TRANSPOSED ? kWgDepth : kWgTileN, kWgThreads>;
     const ACopy a_copy;
-    const BCopy b_copy;
     const bf16* a_row[ACopy::passes];  // this thread's rows of the A tile, the same every step
 #pragma unroll
     for (int j = 0; j < ACopy::passes; j++) {
         const int r = a_copy.row(j);
         a_row[j] = r < rows ? p.a.row(p0 + r) : nullptr;
     }
-    auto load = [&](bf16* sa, bf16* sb, int step) {
+    auto load = [&](int step) {
         const int k0 = step * kWgDepth;
+        uint64_t* full = stages.full_bar(step);
+        if (threadIdx.x == 0) {
+            mbarrier_arrive_expect_tx(full, kWgBElems * sizeof(bf16));
+            if constexpr (W_TRANSPOSED) {
+                tma_load_3d(stages.b(step), w_map, k0, n0, block.g, full);
+            } else {
+#pragma unroll
+                for (int j = 0; j < kWgTileN / 64; j++) tma_load_3d(stages.b(step) + j * 64 * kWgDepth, w_map, n0 + 64 * j, k0, block.g, full);
+            }
+        }
 #pragma unroll
         for (int j = 0; j < ACopy::passes; j++) {
             const int k = k0 + a_copy.col();
             const bool valid = a_row[j] != nullptr && k < K;
-            a_copy.issue(sa, j, valid ? a_row[j] + k : w, valid);
+            a_copy.issue(stages.a(step), j, valid ? a_row[j] + k : p.a.base, valid);
         }
-#pragma unroll
-        for (int j = 0; j < BCopy::passes; j++) {
-            const int n = n0 + (W_TRANSPOSED ? b_copy.row(j) : b_copy.col());
-            const int k = k0 + (W_TRANSPOSED ? b_copy.col() : b_copy.row(j));
-            const bool valid = n < cols && k < K;
-            const int64_t at = W_TRANSPOSED ? (int64_t)n * K + k : (int64_t)k * cols + n;
-            b_copy.issue(sb, j, valid ? w + at : w, valid);
-        }
+        cp_async_mbarrier_arrive(full);
     };
     float acc[kWgTileN / 2];
 #pragma unroll
     for (int i = 0; i < kWgTileN / 2; i++) acc[i] = 0.f;
-    wgmma_gemm_mainloop<false, !W_TRANSPOSED>(acc, smem, (int)ceil_div(K, kWgDepth), load);
+    wgmma_gemm_mainloop<false, !W_TRANSPOSED>(acc, stages, (int)ceil_div(K, kWgDepth), load);
 
     // Through shared memory (tc/wgmma.cuh's epilogues): the stages are free once both warpgroups'
     // last products are done, 64 KB of them for each warpgroup's 64 rows: two bf16 tiles (the Store
@@ -613,7 +640,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) rows_gemm_wgmma_kernel(const Ro
     const int wg = threadIdx.x / 128;
     __syncthreads();
     constexpr uint32_t block_bytes = 64 * 128, tile_bytes = kWgTileN / 64 * block_bytes;
-    unsigned char* tile = reinterpret_cast<unsigned char*>(smem) + wg * 2 * tile_bytes;
+    unsigned char* tile = reinterpret_cast<unsigned char*>(stages.smem) + wg * 2 * tile_bytes;
     if constexpr (EPI == RowsEpilogue::GeluGrad) {
         wgmma_accumulators_to_tile_f32<kWgTileN>(tile, acc);
         warpgroup_barrier(wg);
@@ -660,11 +687,11 @@ __global__ void __launch_bounds__(kWgThreads, 1) rows_gemm_wgmma_kernel(const Ro
 __global__ void __launch_bounds__(kWgThreads, 1) weight_grad_wgmma_kernel(const WeightGradGemm<bf16> p) {
 #if defined(LMOE_HAS_WGMMA)
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* smem = reinterpret_cast<bf16*>(wgmma_align_smem(smem_raw));
     const int g = blockIdx.y, tiles_n = (int)ceil_div(p.cols_out, kWgTileN);
     const int m0 = blockIdx.x / tiles_n * kWgTileM, n0 = blockIdx.x % tiles_n * kWgTileN;
     const int begin = p.group_offset[g], end = p.group_offset[g + 1];
     if (begin == end && p.accumulate) return;
+    const WgmmaStages stages(smem_raw, false);
     float* dw = p.dw + (int64_t)g * p.rows_out * p.cols_out;
     // The dW tile the epilogue adds to, into L2 while the products run.
     if (p.accumulate)
@@ -693,29 +720,30 @@ __global__ void __launch_bounds__(kWgThreads, 1) weight_grad_wgmma_kernel(const 
     };
     fetch_rows(0);
     const int a_col = m0 + a_copy.col(), b_col = n0 + b_copy.col();
-    auto load = [&](bf16* sa, bf16* sb, int step) {
+    auto load = [&](int step) {
 #pragma unroll
         for (int j = 0; j < ACopy::passes; j++) {
             const bool valid = a_rows[j] >= 0 && a_col < p.rows_out;
-            a_copy.issue(sa, j, valid ? p.a.base + (int64_t)a_rows[j] * p.a.ld + a_col : p.a.base, valid);
+            a_copy.issue(stages.a(step), j, valid ? p.a.base + (int64_t)a_rows[j] * p.a.ld + a_col : p.a.base, valid);
         }
 #pragma unroll
         for (int j = 0; j < BCopy::passes; j++) {
             const bool valid = b_rows[j] >= 0 && b_col < p.cols_out;
-            b_copy.issue(sb, j, valid ? p.b.base + (int64_t)b_rows[j] * p.b.ld + b_col : p.b.base, valid);
+            b_copy.issue(stages.b(step), j, valid ? p.b.base + (int64_t)b_rows[j] * p.b.ld + b_col : p.b.base, valid);
         }
+        cp_async_mbarrier_arrive(stages.full_bar(step));
         fetch_rows(step + 1);
     };
     float acc[kWgTileN / 2];
 #pragma unroll
     for (int i = 0; i < kWgTileN / 2; i++) acc[i] = 0.f;
-    wgmma_gemm_mainloop<true, true>(acc, smem, (int)ceil_div(end - begin, kWgDepth), load);
+    wgmma_gemm_mainloop<true, true>(acc, stages, (int)ceil_div(end - begin, kWgDepth), load);
 
     // dw (+)= acc through an fp32 tile (tc/wgmma.cuh) in the freed stages, 64 KB a warpgroup: the
     // read-modify-write in float4 pieces along dw's rows, 16 pieces' reads in flight at a time.
     const int wg = threadIdx.x / 128;
     __syncthreads();
-    unsigned char* tile = reinterpret_cast<unsigned char*>(smem) + wg * kWgTileN / 32 * (64 * 128);
+    unsigned char* tile = reinterpret_cast<unsigned char*>(stages.smem) + wg * kWgTileN / 32 * (64 * 128);
     wgmma_accumulators_to_tile_f32<kWgTileN>(tile, acc);
     warpgroup_barrier(wg);
     const TilePiecesF32<kWgTileN> pieces{tile};
@@ -745,6 +773,15 @@ __global__ void __launch_bounds__(kWgThreads, 1) weight_grad_wgmma_kernel(const 
 
 inline bool grouped_gemm_shape_supported(int d, int f) { return d % 8 == 0 && f % 8 == 0; }
 
+// W's tensor map for rows_gemm_wgmma_kernel, per expert: boxes of 64 along W's contiguous dimension
+// by 256 of W's rows (W_e^T, K-major) or 64 (W_e, MN-major).
+template <bool W_TRANSPOSED>
+CUtensorMap rows_gemm_weight_map(const RowsGemm<bf16>& p) {
+    const uint64_t inner = W_TRANSPOSED ? p.K : p.cols, outer = W_TRANSPOSED ? p.cols : p.K;
+    return make_tensor_map(p.w, {inner, outer, (uint64_t)p.plan.groups()}, {inner, inner * outer}, 64,
+                           W_TRANSPOSED ? kWgTileN : kWgDepth);
+}
+
 // out (copies, cols) for every tile of the plan. The element type and the device pick the
 // implementation: for bf16 wgmma where device_has_wgmma() (it takes every shape), mma.sync elsewhere;
 // the SIMT kernel for fp32.
@@ -755,7 +792,8 @@ void grouped_rows_gemm(const RowsGemm<T>& p, cudaStream_t stream) {
         if (device_has_wgmma()) {
             const dim3 grid((unsigned)ceil_div(p.cols, kWgTileN), max_tiles,
                             (unsigned)ceil_div(kExpertTileRows, kWgTileM));
-            launch_with_smem(rows_gemm_wgmma_kernel<EPI, W_TRANSPOSED>, grid, kWgThreads, kWgSmemBytes, stream, p);
+            launch_with_smem(rows_gemm_wgmma_kernel<EPI, W_TRANSPOSED>, grid, kWgThreads, kWgSmemBytes, stream, p,
+                             rows_gemm_weight_map<W_TRANSPOSED>(p));
         } else {
             const dim3 grid((unsigned)ceil_div(p.cols, kGemmTile), max_tiles,
                             (unsigned)ceil_div(kExpertTileRows, kGemmTile));

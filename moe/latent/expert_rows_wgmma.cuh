@@ -9,12 +9,14 @@
 // S and dA are (64 × FC) fp32 in registers, A goes packed to bf16 straight into the register A
 // operand of the last product, and the (64 × dh) result stays in registers until the end, when it
 // leaves through shared memory (tc/wgmma.cuh's epilogue): the (rows × fe) hidden activations never
-// leave the registers. Chunk c's elementwise work overlaps two sets of products: its warpgroup's
+// leave the registers. K_c and V_c come by TMA (tc/tma.cuh), issued by one thread; the tile's rows,
+// gathered through copy_row, by cp.async from every thread. Chunk c's elementwise work overlaps two sets of products: its warpgroup's
 // last product of chunk c − 1, issued behind chunk c's S, and the other warpgroup's, as the two
 // take the tensor cores in turns (tc/wgmma.cuh's ping-pong). The kernel exists in every build;
 // without wgmma its body is empty and it is never launched.
 #pragma once
 #include "moe/latent/expert_tiles.cuh"
+#include "tc/tma.cuh"
 #include "tc/wgmma.cuh"
 
 namespace lmoe {
@@ -31,16 +33,18 @@ struct WgmmaRows {
     static constexpr int row_tiles = PASS == RowsPass::InputGrad ? 2 : 1;
     static constexpr int tile_elems = kExpertTileRows * DH, chunk_elems = FC * DH;
     static constexpr int stages = (DH == 128 && FC == 128) ? 3 : 4;
-    // the X tile (and the dO tile), the stages of K_c and V_c, two mbarriers per stage; 1 KB to
-    // align the tiles to 1024 bytes
+    // the X tile (and the dO tile), the stages of K_c and V_c, two mbarriers per stage and one for
+    // the row tiles; 1 KB to align the tiles to 1024 bytes
     static constexpr size_t smem_bytes = (row_tiles * tile_elems + 2 * stages * chunk_elems) * sizeof(bf16) +
-                                         2 * stages * sizeof(uint64_t) + 1024;
+                                         (2 * stages + 1) * sizeof(uint64_t) + 1024;
 };
 
-// out (copies, dh): o (forward) or dx_copy (input gradient, from d_o).
+// out (copies, dh): o (forward) or dx_copy (input gradient, from d_o); K_map and V_map are the
+// tensor maps of K and V (rows_wgmma_chunk_map).
 template <int DH, RowsPass PASS, int FC>
 __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
-    expert_rows_wgmma_kernel(bf16* out, const bf16* d_o, const bf16* x, int64_t ld, const bf16* K, const bf16* V,
+    expert_rows_wgmma_kernel(bf16* out, const bf16* d_o, const bf16* x, int64_t ld,
+                             const __grid_constant__ CUtensorMap K_map, const __grid_constant__ CUtensorMap V_map,
                              const RoutingPlan plan, int E, int F) {
 #if defined(LMOE_HAS_WGMMA)
     static_assert(DH == 64 || DH == 128, "wgmma row tiles: dh 64 or 128");
@@ -56,44 +60,56 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
     bf16* dOs = Xs + S::tile_elems;             // (128, dh), the input gradient's
     bf16* Ks = Xs + S::row_tiles * S::tile_elems;  // kStages × (FC, dh)
     bf16* Vs = Ks + kStages * S::chunk_elems;      // kStages × (FC, dh)
-    // A stage's full mbarrier: its chunk has landed (each thread arrives when its copies have); its
-    // empty one: both warpgroups are done with it.
+    // A stage's full mbarrier: its chunk has landed (the TMA copies' bytes); its empty one: both
+    // warpgroups are done with it; rows_landed: every thread's copies of the row tiles have.
     uint64_t* full = reinterpret_cast<uint64_t*>(Vs + kStages * S::chunk_elems);
     uint64_t* empty = full + kStages;
+    uint64_t* rows_landed = empty + kStages;
     if ((int)blockIdx.x >= *plan.num_tiles) return;
-    if (threadIdx.x == 0)
+    if (threadIdx.x == 0) {
         for (int s = 0; s < kStages; s++) {
-            mbarrier_init(full + s, NT);
+            mbarrier_init(full + s, 1);
             mbarrier_init(empty + s, NT);
         }
+        mbarrier_init(rows_landed, NT);
+        fence_mbarrier_init();
+    }
     __syncthreads();  // initialised before anyone arrives
     const ExpertRowTile t = expert_row_tile<kExpertTileRows>(plan, blockIdx.x, 0, E);
     const int g = t.g, h = t.h, p0 = t.p0, rows = t.rows;
-    const bf16 *Kg = K + (int64_t)g * F * DH, *Vg = V + (int64_t)g * F * DH;
     const int chunks = F / FC;
     const int wg = threadIdx.x / 128;
     const auto contiguous = [](int i) { return (int64_t)i * DH; };
     const auto stage_k = [&](int c) { return Ks + (c % kStages) * S::chunk_elems; };
     const auto stage_v = [&](int c) { return Vs + (c % kStages) * S::chunk_elems; };
-    auto fill = [&](int c) {  // chunk c into its stage, announced on the stage's full barrier
-        load_rows_swizzled_async<DH, FC, NT>(stage_k(c), Kg + (int64_t)c * FC * DH, FC, contiguous);
-        load_rows_swizzled_async<DH, FC, NT>(stage_v(c), Vg + (int64_t)c * FC * DH, FC, contiguous);
-        cp_async_mbarrier_arrive(full + c % kStages);
+    auto fill = [&](int c) {  // thread 0: chunk c into its stage, its bytes counted on the stage's full barrier
+        uint64_t* bar = full + c % kStages;
+        mbarrier_arrive_expect_tx(bar, 2 * S::chunk_elems * sizeof(bf16));
+#pragma unroll
+        for (int j = 0; j < DH / 64; j++) {  // a box per 64-column block
+            tma_load_3d(stage_k(c) + j * FC * 64, K_map, 64 * j, c * FC, g, bar);
+            tma_load_3d(stage_v(c) + j * FC * 64, V_map, 64 * j, c * FC, g, bar);
+        }
     };
     auto wait_landed = [&](int c) {
         mbarrier_wait(full + c % kStages, c / kStages % 2);
-        fence_proxy_async();
+        if (c == 0) {  // and the row tiles, copied by every thread through the generic proxy
+            mbarrier_wait(rows_landed, 0);
+            fence_proxy_async();
+        }
     };
     const auto mnmajor = [](const void* tile, int k) { return wgmma_desc_mnmajor(tile, chunk_block, k); };
     const int wg_rows = wg * 64 * 128;  // byte offset of this warpgroup's rows in a 64-column block
     const unsigned char* Xw = reinterpret_cast<const unsigned char*>(Xs) + wg_rows;
     const unsigned char* dOw = reinterpret_cast<const unsigned char*>(dOs) + wg_rows;
 
+    if (threadIdx.x == 0)
+#pragma unroll
+        for (int c = 0; c < kStages; c++)
+            if (c < chunks) fill(c);
     load_rows_swizzled_async<DH, BR, NT>(Xs, x, rows, GatheredRows<DH>{plan, ld, p0, h});
     if constexpr (backward) load_rows_swizzled_async<DH, BR, NT>(dOs, d_o + (int64_t)p0 * DH, rows, contiguous);
-#pragma unroll
-    for (int c = 0; c < kStages; c++)  // chunk 0's barrier also announces the row tiles
-        if (c < chunks) fill(c);
+    cp_async_mbarrier_arrive(rows_landed);
     float acc[DH / 2];
 #pragma unroll
     for (int i = 0; i < DH / 2; i++) acc[i] = 0.f;
@@ -134,7 +150,7 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
         warpgroup_pass_turn(wg);
         // chunk c + kStages − 2 into the stage of chunk c − 2, once both warpgroups are done with it
         // (the other warpgroup's last product of chunk c − 2 was issued before this turn)
-        if (c >= 2 && c + kStages - 2 < chunks) {
+        if (threadIdx.x == 0 && c >= 2 && c + kStages - 2 < chunks) {
             mbarrier_wait(empty + (c - 2) % kStages, (c - 2) / kStages % 2);
             fill(c + kStages - 2);
         }
@@ -179,6 +195,12 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
 #endif
 }
 
+// The tensor map of K or V (groups, F, DH) for chunks of FC rows: boxes of 64 columns by FC rows.
+inline CUtensorMap rows_wgmma_chunk_map(const bf16* KV, const RoutingPlan& plan, int F, int DH, int FC) {
+    return make_tensor_map(KV, {(uint64_t)DH, (uint64_t)F, (uint64_t)plan.groups()}, {(uint64_t)DH, (uint64_t)F * DH},
+                           64, FC);
+}
+
 // Launches the kernel with chunks of 128 (the forward, where 128 divides F) or of kWgmmaRowsChunk.
 template <int DH, RowsPass PASS>
 void launch_rows_wgmma(bf16* out, const bf16* d_o, const bf16* x, int64_t ld, const bf16* K, const bf16* V,
@@ -186,7 +208,9 @@ void launch_rows_wgmma(bf16* out, const bf16* d_o, const bf16* x, int64_t ld, co
     const auto launch = [&](auto chunk) {
         constexpr int FC = decltype(chunk)::value;
         launch_with_smem(expert_rows_wgmma_kernel<DH, PASS, FC>, dim3(plan.max_tiles), kWgmmaRowsThreads,
-                         WgmmaRows<DH, PASS, FC>::smem_bytes, stream, out, d_o, x, ld, K, V, plan, plan.E, F);
+                         WgmmaRows<DH, PASS, FC>::smem_bytes, stream, out, d_o, x, ld,
+                         rows_wgmma_chunk_map(K, plan, F, DH, FC), rows_wgmma_chunk_map(V, plan, F, DH, FC), plan,
+                         plan.E, F);
     };
     if constexpr (PASS == RowsPass::Forward) {
         if (F % 128 == 0) return launch(std::integral_constant<int, 128>{});
