@@ -10,9 +10,9 @@
 // operand of the last product, and the (64 × dh) result stays in registers until the end, when it
 // leaves through shared memory (tc/wgmma.cuh's epilogue): the (rows × fe) hidden activations never
 // leave the registers. K_c and V_c come by TMA (tc/tma.cuh), issued by one thread; the tile's rows,
-// gathered through copy_row, by cp.async from every thread. Chunk c's elementwise work overlaps two sets of products: its warpgroup's
-// last product of chunk c − 1, issued behind chunk c's S, and the other warpgroup's, as the two
-// take the tensor cores in turns (tc/wgmma.cuh's ping-pong). The kernel exists in every build;
+// gathered through copy_row, by cp.async from every thread. Chunk c's elementwise work overlaps two
+// sets of products: its warpgroup's last product of chunk c − 1, issued behind chunk c's S, and the
+// other warpgroup's, as the two take the tensor cores in turns (tc/wgmma.cuh's ping-pong). The kernel exists in every build;
 // without wgmma its body is empty and it is never launched.
 #pragma once
 #include "moe/latent/expert_tiles.cuh"
