@@ -33,8 +33,9 @@
 //
 // Known limits (docs/perf/expert_kernels.md has the measurements): the mma.sync kernels' operand
 // traffic leaves them bound by shared-memory and L2 bandwidth, well below the tensor-core ceiling. The
-// wgmma kernels' operands are copied by the warpgroups that compute (cp.async, no TMA, no producer
-// warpgroup, no multicast within a cluster), each block reading its own from L2; their 193 KB of shared
+// wgmma kernels' operands are copied by the warpgroups that compute (W by TMA from one of their
+// threads, the copies' rows by cp.async from all; no producer warpgroup, no multicast within a
+// cluster), each block reading its own from L2; their 193 KB of shared
 // memory leave one block per SM, whose epilogue the SM does not overlap with math (the weight gradients
 // of groups of ~1000 copies, 16 steps, run well below the rate of long groups); 256-wide tiles waste
 // tensor work where f or d is not a multiple of 256. In all of them: dW1, whose X rows are gathered, is
@@ -617,7 +618,8 @@ __global__ void __launch_bounds__(kWgThreads, 1)
                 tma_load_3d(stages.b(step), w_map, k0, n0, block.g, full);
             } else {
 #pragma unroll
-                for (int j = 0; j < kWgTileN / 64; j++) tma_load_3d(stages.b(step) + j * 64 * kWgDepth, w_map, n0 + 64 * j, k0, block.g, full);
+                for (int j = 0; j < kWgTileN / 64; j++)
+                    tma_load_3d(stages.b(step) + j * 64 * kWgDepth, w_map, n0 + 64 * j, k0, block.g, full);
             }
         }
 #pragma unroll
