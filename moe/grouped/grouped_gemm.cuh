@@ -522,20 +522,22 @@ static_assert(kWgTileM == 2 * 64 && kWgThreads == 2 * 128, "two warpgroups of 64
 static_assert(2 * 64 * kWgTileN * sizeof(float) <= kWgStageBytes, "the epilogues' fp32 tiles of both warpgroups fit in the stages");
 
 #if defined(LMOE_HAS_WGMMA)
-// The stages of a wgmma GEMM block and their barriers, set up by the whole block: every thread
-// arrives on a full barrier once its copies of the stage have landed, and with `tma` thread 0 once
-// more, announcing the bytes of its TMA copies.
+// The stages of a wgmma GEMM block and their barriers, set up by the whole block. A stage's full
+// barrier expects `full_arrivals`: one from every thread that copies by cp.async, once its copies
+// have landed, and one from thread 0 announcing the bytes of its TMA copies; with tma_only, thread 0
+// alone copies (and waits for stages to empty), and the others only compute.
 struct WgmmaStages {
     bf16* smem;  // kWgStages × (A, B), 1024-byte aligned
     uint64_t* full;
     uint64_t* empty;
-    __device__ WgmmaStages(unsigned char* smem_raw, bool tma) {
+    bool tma_only;
+    __device__ WgmmaStages(unsigned char* smem_raw, int full_arrivals, bool tma_only_) : tma_only(tma_only_) {
         smem = reinterpret_cast<bf16*>(wgmma_align_smem(smem_raw));
         full = reinterpret_cast<uint64_t*>(reinterpret_cast<unsigned char*>(smem) + kWgStageBytes);
         empty = full + kWgStages;
         if (threadIdx.x == 0) {
             for (int s = 0; s < kWgStages; s++) {
-                mbarrier_init(full + s, kWgThreads + (tma ? 1 : 0));
+                mbarrier_init(full + s, full_arrivals);
                 mbarrier_init(empty + s, kWgThreads);
             }
             fence_mbarrier_init();
@@ -545,24 +547,38 @@ struct WgmmaStages {
     __device__ bf16* a(int step) const { return smem + step % kWgStages * (kWgAElems + kWgBElems); }
     __device__ bf16* b(int step) const { return a(step) + kWgAElems; }
     __device__ uint64_t* full_bar(int step) const { return full + step % kWgStages; }
+    __device__ uint64_t* empty_bar(int step) const { return empty + step % kWgStages; }
 };
 
-// The pipelined reduction of one block over `steps` steps: acc (this warpgroup's 64 × 256) += A B.
-// load(step) issues step's copies into stages.a(step), stages.b(step) and arrives on
-// stages.full_bar(step); it is called for steps 0, 1, 2, ... in order.
-template <bool A_MN_MAJOR, bool B_MN_MAJOR, class Load>
+// The pipelined reduction of one block over `steps` steps: acc (this warpgroup's 64 × 256) += A B,
+// with the copies of AHEAD steps in flight behind the one computed. load(step) issues step's copies
+// into stages.a(step), stages.b(step) and arrives on stages.full_bar(step); it is called for steps
+// 0, 1, 2, ... in order, each once the stage's products of kWgStages steps before are done. With
+// AHEAD = kWgStages − 1 the copies of step s + AHEAD go into the stage of step s − 1, after s's
+// products are issued and s − 1's done; with AHEAD = kWgStages − 2, into the stage of step s − 2,
+// done since step s − 1, before s's products are issued (the weight gradients' cp.async copies from
+// every thread keep pace better so).
+template <int AHEAD, bool A_MN_MAJOR, bool B_MN_MAJOR, class Load>
 __device__ inline void wgmma_gemm_mainloop(float (&acc)[kWgTileN / 2], const WgmmaStages& stages, int steps, Load load) {
+    static_assert(AHEAD == kWgStages - 1 || AHEAD == kWgStages - 2, "a stage is refilled one or two steps after its products");
     // bytes between the tiles' 64-column blocks: rows · 128
     constexpr uint32_t a_block = (A_MN_MAJOR ? kWgDepth : kWgTileM) * 128;
     constexpr uint32_t b_block = (B_MN_MAJOR ? kWgDepth : kWgTileN) * 128;
     // This warpgroup's 64 rows of A: rows 64w.. of a K-major tile, 64-column block w of an MN-major
     // one; 8 KB in either way.
     const int a_offset = threadIdx.x / 128 * 64 * 64;
-    for (int s = 0; s < kWgStages - 1 && s < steps; s++) load(s);
+    const bool loads = !stages.tma_only || threadIdx.x == 0;
+    auto refill = [&](int fill) {
+        if (!loads || fill >= steps) return;
+        if (fill >= kWgStages) mbarrier_wait(stages.empty_bar(fill), (fill / kWgStages - 1) % 2);
+        load(fill);
+    };
+    for (int s = 0; s < AHEAD; s++) refill(s);
     wgmma_fence_operands(acc);
     for (int step = 0; step < steps; step++) {
         mbarrier_wait(stages.full_bar(step), step / kWgStages % 2);
         fence_proxy_async();  // the cp.async copies of the stage, visible to wgmma
+        if constexpr (AHEAD == kWgStages - 2) refill(step + AHEAD);
         const bf16 *a = stages.a(step) + a_offset, *b = stages.b(step);
         wgmma_fence();
 #pragma unroll
@@ -573,14 +589,8 @@ __device__ inline void wgmma_gemm_mainloop(float (&acc)[kWgTileN / 2], const Wgm
         }
         wgmma_commit();
         wgmma_wait<1>();  // step − 1's products are done
-        // step + kWgStages − 1 into the stage of step − 1 (at step 0, the one stage not yet filled)
-        // once both warpgroups are done with it
-        const int fill = step + kWgStages - 1;
-        if (step > 0) mbarrier_arrive(stages.empty + (step - 1) % kWgStages);
-        if (fill < steps) {
-            if (step > 0) mbarrier_wait(stages.empty + (step - 1) % kWgStages, (step - 1) / kWgStages % 2);
-            load(fill);
-        }
+        if (step > 0) mbarrier_arrive(stages.empty_bar(step - 1));
+        if constexpr (AHEAD == kWgStages - 1) refill(step + AHEAD);
     }
     wgmma_wait<0>();
     wgmma_fence_operands(acc);
@@ -590,30 +600,35 @@ __device__ inline void wgmma_gemm_mainloop(float (&acc)[kWgTileN / 2], const Wgm
 // Row GEMM on wgmma: block (256-column tile, planner tile, 128-row part of the planner tile):
 // out[copies, n0..] = A B_e through the epilogue EPI, per 64-deep step A = the copies' rows
 // (128 × 64, K-major) and B_e = W_e^T, W's rows n0.. (256 × 64, K-major: one TMA box), or W_e, 64 of
-// W's rows (64 × 256, MN-major: four boxes of 64 columns). w_map is W's tensor map
-// (rows_gemm_weight_map).
+// W's rows (64 × 256, MN-major: four boxes of 64 columns). w_map is W's tensor map, a_map A's where
+// A's rows are not gathered (rows_gemm_maps): then thread 0 copies everything by TMA, A's box
+// reaching past the tile's rows into the next tile's, whose outputs are never stored; gathered
+// rows (copy_row) come by cp.async from every thread.
 template <RowsEpilogue EPI, bool W_TRANSPOSED>
 __global__ void __launch_bounds__(kWgThreads, 1)
-    rows_gemm_wgmma_kernel(const RowsGemm<bf16> p, const __grid_constant__ CUtensorMap w_map) {
+    rows_gemm_wgmma_kernel(const RowsGemm<bf16> p, const __grid_constant__ CUtensorMap w_map,
+                           const __grid_constant__ CUtensorMap a_map) {
 #if defined(LMOE_HAS_WGMMA)
     extern __shared__ __align__(16) unsigned char smem_raw[];
     RowsBlock<bf16> block;
     if (!rows_block(block, p, kWgTileM, kWgTileN)) return;
-    const WgmmaStages stages(smem_raw, true);
+    const bool a_by_tma = p.a.index == nullptr;
+    const WgmmaStages stages(smem_raw, a_by_tma ? 1 : kWgThreads + 1, a_by_tma);
     const int p0 = block.p0, rows = block.rows, n0 = block.n0, K = p.K, cols = p.cols;
     using ACopy = SwizzledTileCopy<kWgTileM, kWgDepth, kWgThreads>;
     const ACopy a_copy;
-    const bf16* a_row[ACopy::passes];  // this thread's rows of the A tile, the same every step
+    const bf16* a_row[ACopy::passes];  // this thread's rows of a gathered A tile, the same every step
 #pragma unroll
     for (int j = 0; j < ACopy::passes; j++) {
         const int r = a_copy.row(j);
-        a_row[j] = r < rows ? p.a.row(p0 + r) : nullptr;
+        a_row[j] = !a_by_tma && r < rows ? p.a.row(p0 + r) : nullptr;
     }
     auto load = [&](int step) {
         const int k0 = step * kWgDepth;
         uint64_t* full = stages.full_bar(step);
         if (threadIdx.x == 0) {
-            mbarrier_arrive_expect_tx(full, kWgBElems * sizeof(bf16));
+            mbarrier_arrive_expect_tx(full, (kWgBElems + (a_by_tma ? kWgAElems : 0)) * (int)sizeof(bf16));
+            if (a_by_tma) tma_load_3d(stages.a(step), a_map, k0, p0, 0, full);
             if constexpr (W_TRANSPOSED) {
                 tma_load_3d(stages.b(step), w_map, k0, n0, block.g, full);
             } else {
@@ -622,6 +637,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
                     tma_load_3d(stages.b(step) + j * 64 * kWgDepth, w_map, n0 + 64 * j, k0, block.g, full);
             }
         }
+        if (a_by_tma) return;
 #pragma unroll
         for (int j = 0; j < ACopy::passes; j++) {
             const int k = k0 + a_copy.col();
@@ -633,7 +649,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     float acc[kWgTileN / 2];
 #pragma unroll
     for (int i = 0; i < kWgTileN / 2; i++) acc[i] = 0.f;
-    wgmma_gemm_mainloop<false, !W_TRANSPOSED>(acc, stages, (int)ceil_div(K, kWgDepth), load);
+    wgmma_gemm_mainloop<kWgStages - 1, false, !W_TRANSPOSED>(acc, stages, (int)ceil_div(K, kWgDepth), load);
 
     // Through shared memory (tc/wgmma.cuh's epilogues): the stages are free once both warpgroups'
     // last products are done, 64 KB of them for each warpgroup's 64 rows: two bf16 tiles (the Store
@@ -693,7 +709,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) weight_grad_wgmma_kernel(const 
     const int m0 = blockIdx.x / tiles_n * kWgTileM, n0 = blockIdx.x % tiles_n * kWgTileN;
     const int begin = p.group_offset[g], end = p.group_offset[g + 1];
     if (begin == end && p.accumulate) return;
-    const WgmmaStages stages(smem_raw, false);
+    const WgmmaStages stages(smem_raw, kWgThreads, false);
     float* dw = p.dw + (int64_t)g * p.rows_out * p.cols_out;
     // The dW tile the epilogue adds to, into L2 while the products run.
     if (p.accumulate)
@@ -739,7 +755,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) weight_grad_wgmma_kernel(const 
     float acc[kWgTileN / 2];
 #pragma unroll
     for (int i = 0; i < kWgTileN / 2; i++) acc[i] = 0.f;
-    wgmma_gemm_mainloop<true, true>(acc, stages, (int)ceil_div(end - begin, kWgDepth), load);
+    wgmma_gemm_mainloop<kWgStages - 2, true, true>(acc, stages, (int)ceil_div(end - begin, kWgDepth), load);
 
     // dw (+)= acc through an fp32 tile (tc/wgmma.cuh) in the freed stages, 64 KB a warpgroup: the
     // read-modify-write in float4 pieces along dw's rows, 16 pieces' reads in flight at a time.
@@ -783,6 +799,14 @@ CUtensorMap rows_gemm_weight_map(const RowsGemm<bf16>& p) {
     return make_tensor_map(p.w, {inner, outer, (uint64_t)p.plan.groups()}, {inner, inner * outer}, 64,
                            W_TRANSPOSED ? kWgTileN : kWgDepth);
 }
+// A's tensor map where its rows are not gathered (the plan's copies, K of each, ld apart), in boxes
+// of 64 × 128 rows; with gathered rows no map (the kernel does not read it).
+inline CUtensorMap rows_gemm_a_map(const RowsGemm<bf16>& p) {
+    if (p.a.index != nullptr) return CUtensorMap{};
+    const uint64_t copies = (uint64_t)p.plan.copies();
+    return make_tensor_map(p.a.base, {(uint64_t)p.K, copies, 1}, {(uint64_t)p.a.ld, (uint64_t)p.a.ld * copies}, 64,
+                           kWgTileM);
+}
 
 // out (copies, cols) for every tile of the plan. The element type and the device pick the
 // implementation: for bf16 wgmma where device_has_wgmma() (it takes every shape), mma.sync elsewhere;
@@ -795,7 +819,7 @@ void grouped_rows_gemm(const RowsGemm<T>& p, cudaStream_t stream) {
             const dim3 grid((unsigned)ceil_div(p.cols, kWgTileN), max_tiles,
                             (unsigned)ceil_div(kExpertTileRows, kWgTileM));
             launch_with_smem(rows_gemm_wgmma_kernel<EPI, W_TRANSPOSED>, grid, kWgThreads, kWgSmemBytes, stream, p,
-                             rows_gemm_weight_map<W_TRANSPOSED>(p));
+                             rows_gemm_weight_map<W_TRANSPOSED>(p), rows_gemm_a_map(p));
         } else {
             const dim3 grid((unsigned)ceil_div(p.cols, kGemmTile), max_tiles,
                             (unsigned)ceil_div(kExpertTileRows, kGemmTile));
