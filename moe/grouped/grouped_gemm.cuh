@@ -33,9 +33,10 @@
 //
 // Known limits (docs/perf/expert_kernels.md has the measurements): the mma.sync kernels' operand
 // traffic leaves them bound by shared-memory and L2 bandwidth, well below the tensor-core ceiling. The
-// wgmma kernels' operands are copied by the warpgroups that compute (W by TMA from one of their
-// threads, the copies' rows by cp.async from all; no producer warpgroup, no multicast within a
-// cluster), each block reading its own from L2; their 193 KB of shared
+// wgmma kernels' operands are copied by the warpgroups that compute (by TMA from one of their
+// threads, or by cp.async from all where rows are gathered or end with a group; a producer warpgroup
+// copying by cp.async measured slower; no multicast within a cluster), each block reading its own
+// from L2; their 193 KB of shared
 // memory leave one block per SM, whose epilogue the SM does not overlap with math (the weight gradients
 // of groups of ~1000 copies, 16 steps, run well below the rate of long groups); 256-wide tiles waste
 // tensor work where f or d is not a multiple of 256. In all of them: dW1, whose X rows are gathered, is
@@ -504,10 +505,12 @@ __global__ void __launch_bounds__(kGemmThreads) weight_grad_mma_kernel(const Wei
 // (wgmma_wait<1>), so the tensor cores always have a step queued. Operands sit in 128B-swizzled
 // tiles, A (16 KB) and B (32 KB) in each of kWgStages = 4 stages, handed on by mbarriers: a stage's
 // full barrier completes when its copies have landed, its empty one when both warpgroups' products
-// of it are done, and the copies of step s + 3 go into the stage of step s − 1 as soon as that one
-// is empty, so three steps are in flight behind the one computed. The weight matrices come by TMA
-// (tc/tma.cuh: one thread, whole boxes, zeros past the matrix's edges), the copies' rows by cp.async
-// from every thread (they are gathered through copy_row, which TMA cannot follow). A tile is K-major
+// of it are done, and a stage is refilled as soon as it is empty: three steps in flight behind the
+// one computed in the row GEMMs, two in the weight gradients. The weight matrices come by TMA
+// (tc/tma.cuh: one thread, whole boxes, zeros past the matrix's edges), and so do the row GEMMs'
+// copies' rows where they lie in group order; rows gathered through copy_row (which TMA cannot
+// follow) and the weight gradients' rows (a group's end is no tensor edge) by cp.async from every
+// thread. A tile is K-major
 // when its rows run along M or N (the copies' rows in the row GEMMs, W's rows in the forward) and
 // MN-major when they run along k (W in the backward, both operands of the weight gradients, whose
 // reduction runs over copies), which wgmma reads transposed. Zero-filled rows and columns make
