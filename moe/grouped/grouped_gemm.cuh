@@ -25,7 +25,7 @@
 //     tiles, 128 × 128 output tiles; bf16 builds everywhere else (sm_90 builds, other GPUs);
 //   SIMT (rows_gemm_simt_kernel, weight_grad_simt_kernel): the fp32 build (LMOE_FP32), a plain
 //     shared-memory tiled kernel, so the math can be checked tightly against the CPU reference.
-// The tensor-core kernels fill shared memory through a multistage cp.async pipeline; the wgmma
+// The tensor-core kernels fill shared memory through a multistage pipeline (cp.async, TMA); the wgmma
 // kernels' results leave through it as well, read back in 16-byte pieces along rows: bf16 for Store
 // and Gelu; fp32 for the epilogues that read global memory before they write (GeluGrad, whose
 // 8-byte stores meet 8 bytes of pre, and the weight gradients, whose (+)= moves 16 bytes). d and f
@@ -604,7 +604,7 @@ __device__ inline void wgmma_gemm_mainloop(float (&acc)[kWgTileN / 2], const Wgm
 // out[copies, n0..] = A B_e through the epilogue EPI, per 64-deep step A = the copies' rows
 // (128 × 64, K-major) and B_e = W_e^T, W's rows n0.. (256 × 64, K-major: one TMA box), or W_e, 64 of
 // W's rows (64 × 256, MN-major: four boxes of 64 columns). w_map is W's tensor map, a_map A's where
-// A's rows are not gathered (rows_gemm_maps): then thread 0 copies everything by TMA, A's box
+// A's rows are not gathered (rows_gemm_a_map): then thread 0 copies everything by TMA, A's box
 // reaching past the tile's rows into the next tile's, whose outputs are never stored; gathered
 // rows (copy_row) come by cp.async from every thread.
 template <RowsEpilogue EPI, bool W_TRANSPOSED>
@@ -803,7 +803,9 @@ CUtensorMap rows_gemm_weight_map(const RowsGemm<bf16>& p) {
                            W_TRANSPOSED ? kWgTileN : kWgDepth);
 }
 // A's tensor map where its rows are not gathered (the plan's copies, K of each, ld apart), in boxes
-// of 64 × 128 rows; with gathered rows no map (the kernel does not read it).
+// of 64 × 128 rows; with gathered rows no map (the kernel does not read it). A must hold
+// plan.copies() rows (the worst case, for plans whose copies are counted on the device): a tile's
+// box reads up to 127 rows past the tile, zeros past the last.
 inline CUtensorMap rows_gemm_a_map(const RowsGemm<bf16>& p) {
     if (p.a.index != nullptr) return CUtensorMap{};
     const uint64_t copies = (uint64_t)p.plan.copies();
