@@ -12,8 +12,8 @@
 // leave the registers. K_c and V_c come by TMA (tc/tma.cuh), issued by one thread; the tile's rows,
 // gathered through copy_row, by cp.async from every thread. Chunk c's elementwise work overlaps two
 // sets of products: its warpgroup's last product of chunk c − 1, issued behind chunk c's S, and the
-// other warpgroup's, as the two take the tensor cores in turns (tc/wgmma.cuh's ping-pong). The kernel exists in every build;
-// without wgmma its body is empty and it is never launched.
+// other warpgroup's, as the two take the tensor cores in turns (tc/wgmma.cuh's ping-pong). The
+// kernel exists in every build; without wgmma its body is empty and it is never launched.
 #pragma once
 #include "moe/latent/expert_tiles.cuh"
 #include "tc/tma.cuh"
