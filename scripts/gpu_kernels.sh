@@ -23,9 +23,9 @@
 #     hides the counters only log the refusal).
 #   - with BENCH=0, this tree's builds and tests only (OTHER_TREE is not built);
 #   - with VARIANTS="DIR ..." (source trees, e.g. copies of this one with a kernel changed; not with
-#     BENCH=0), each variant's bf16 build of bench_latentmoe, bench_moe and test_gpu_latentmoe: its
-#     test and its stage benchmarks run after this tree's, and its "kernel ..." lines are printed
-#     beside theirs.
+#     BENCH=0), each variant's bf16 build of bench_latentmoe, bench_moe and the VARIANT_TESTS
+#     (default test_gpu_latentmoe test_gpu_moe): its tests and its stage benchmarks run after this
+#     tree's, and its "kernel ..." lines are printed beside theirs.
 #   bash scripts/gpu_kernels.sh OTHER_TREE    e.g. OTHER_TREE from `git archive REV | tar -x -C .before`
 # Logs come back as $OUT/logs.tgz (scripts/device_logs.sh), refreshed after every phase; a short table
 # is printed last. The tests in three builds are its longest phase (some 4 minutes on an H200 side
@@ -59,9 +59,10 @@ if [ "${BENCH:-1}" != 0 ]; then
 fi
 variants=()
 [ "${BENCH:-1}" != 0 ] && read -r -a variants <<<"${VARIANTS:-}"
+read -r -a variant_tests <<<"${VARIANT_TESTS:-test_gpu_latentmoe test_gpu_moe}"
 for i in "${!variants[@]}"; do
     [ -f "${variants[$i]}/CMakeLists.txt" ] || { echo "VARIANTS: ${variants[$i]} has no CMakeLists.txt" >&2; exit 2; }
-    (cmake_build "build_variant$i" "-S $(realpath "${variants[$i]}")" bench_latentmoe bench_moe test_gpu_latentmoe &&
+    (cmake_build "build_variant$i" "-S $(realpath "${variants[$i]}")" bench_latentmoe bench_moe "${variant_tests[@]}" &&
         touch "$logs/build_variant$i.ok") &
     trees+=("build_variant$i")
 done
@@ -100,8 +101,10 @@ for b in bench_latentmoe bench_moe; do
 done
 timeout 120 ./build_other/test_gpu_attention >"$logs/test_gpu_attention.other.log" 2>&1  # for its timing lines
 for i in "${!variants[@]}"; do
-    timeout 300 "./build_variant$i/test_gpu_latentmoe" >"$logs/test_gpu_latentmoe.variant$i.log" 2>&1
-    echo "test_gpu_latentmoe variant $i (${variants[$i]}): rc $? $(tail -n 1 "$logs/test_gpu_latentmoe.variant$i.log")" >>"$logs/tests.txt"
+    for t in "${variant_tests[@]}"; do
+        timeout 300 "./build_variant$i/$t" >"$logs/$t.variant$i.log" 2>&1
+        echo "$t variant $i (${variants[$i]}): rc $? $(tail -n 1 "$logs/$t.variant$i.log")" >>"$logs/tests.txt"
+    done
     for b in bench_latentmoe bench_moe; do timeout 120 "./build_variant$i/$b" >"$logs/$b.variant$i.log" 2>&1; done
 done
 pack_logs

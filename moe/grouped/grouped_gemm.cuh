@@ -36,9 +36,10 @@
 // wgmma kernels' operands are copied by the warpgroups that compute (by TMA from one of their
 // threads, or by cp.async from all where rows are gathered or end with a group; a producer warpgroup
 // copying by cp.async measured slower; no multicast within a cluster), each block reading its own
-// from L2; their 193 KB of shared
-// memory leave one block per SM, whose epilogue the SM does not overlap with math (the weight gradients
-// of groups of ~1000 copies, 16 steps, run well below the rate of long groups); 256-wide tiles waste
+// from L2; their 193 KB of shared memory leave one block per SM, whose epilogue the SM does not
+// overlap with math (the weight gradients of groups of ~1000 copies, 16 steps, run well below the rate
+// of long groups; 128-wide tiles at two blocks per SM, and a persistent grid whose next tile's copies
+// land during the epilogue, measured slower, docs/perf/expert_kernels.md); 256-wide tiles waste
 // tensor work where f or d is not a multiple of 256. In all of them: dW1, whose X rows are gathered, is
 // the slowest; and the weight gradients' fp32 traffic: every dW tile written (134 MB per matrix at
 // p1), and read as well where they add (+=, the later micro-batches of a step), those reads issued a
