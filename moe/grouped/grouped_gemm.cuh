@@ -511,12 +511,12 @@ __global__ void __launch_bounds__(kGemmThreads) weight_grad_mma_kernel(const Wei
 // (tc/tma.cuh: one thread, whole boxes, zeros past the matrix's edges), and so do the row GEMMs'
 // copies' rows where they lie in group order; rows gathered through copy_row (which TMA cannot
 // follow) and the weight gradients' rows (a group's end is no tensor edge) by cp.async from every
-// thread. A tile is K-major
-// when its rows run along M or N (the copies' rows in the row GEMMs, W's rows in the forward) and
-// MN-major when they run along k (W in the backward, both operands of the weight gradients, whose
-// reduction runs over copies), which wgmma reads transposed. Zero-filled rows and columns make
-// partial tiles and partial steps exact, so the kernels take every shape the launchers accept. They
-// exist in every build; without wgmma their bodies are empty and they are never launched.
+// thread. A tile is K-major when its rows run along M or N (the copies' rows in the row GEMMs, W's
+// rows in the forward) and MN-major when they run along k (W in the backward, both operands of the
+// weight gradients, whose reduction runs over copies), which wgmma reads transposed. Zero-filled rows
+// and columns make partial tiles and partial steps exact, so the kernels take every shape the
+// launchers accept. They exist in every build; without wgmma their bodies are empty and they are
+// never launched.
 constexpr int kWgTileM = 128, kWgTileN = 256, kWgDepth = 64, kWgStages = 4, kWgThreads = 256;
 constexpr int kWgAElems = kWgTileM * kWgDepth, kWgBElems = kWgTileN * kWgDepth;
 constexpr size_t kWgStageBytes = (size_t)kWgStages * (kWgAElems + kWgBElems) * sizeof(bf16);
