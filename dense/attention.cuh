@@ -35,6 +35,7 @@
 #include <cstdlib>
 #include <type_traits>
 
+#include "tc/tma.cuh"
 #include "tc/warp_tile.cuh"
 #include "tc/wgmma.cuh"
 #include "util/cuda_utils.cuh"
@@ -235,135 +236,172 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(bf16* out, floa
     store_warp_rows<D>(out + ((int64_t)b * T + q0) * nh * D + h * D, (int64_t)nh * D, o, r0, T - q0, 1.f);
 }
 
-// Forward on wgmma (sm_90a builds, head sizes 64 and 128), one block of two warpgroups per (128
-// queries, b·h), warpgroup w owning queries q0 + 64w ..; key blocks of 64, three stages of K and V,
-// every tile 128B-swizzled (tc/wgmma.cuh); block kb + 1's S is issued before block kb's softmax. Per
-// key block, in a warpgroup's 64 rows: S = Q K^T (64 × 64 fp32 in registers, the layout of mma.sync's
-// accumulators per warp, so the row reductions are the same two shuffles), the online softmax as
-// above, P packed to bf16 straight into the register A operand of O += P V. Warpgroup 0 sees one key block fewer than warpgroup 1 (its last is fully masked) and
-// skips its products there. The kernel exists in every build; without wgmma its body is empty and it
-// is never launched.
-constexpr int kWgQueries = 128, kWgKeys = 64, kWgThreads = 256, kWgForwardStages = 3;
+// Forward on wgmma (sm_90a builds, head sizes 64 and 128), on FlashAttention-3's schedule: one block
+// per (128 queries, b·h) of two consumer warpgroups, warpgroup w owning queries q0 + 64w .., and a
+// producer warpgroup (its registers given to the consumers) whose one thread copies Q once and K, V
+// by TMA, 128 keys a block, into three stages handed on by mbarriers (full: a block has landed;
+// empty: both consumers are done with it), so that no barrier stops the block. Per key block j, in a warpgroup's 64 rows and at its turn on the
+// tensor cores (ping-pong: one warpgroup's softmax runs under the other's products):
+//   issue S_{j+1} = Q K_{j+1}^T;   O ← O·2^(m_{j−1} − m_j);   issue O += P_j V_j
+// then out of turn: S_{j+1} awaited, masked where it is the diagonal block (s > t), its row maxima
+// m_{j+1} = max(m_j, c·max_s S), ℓ ← ℓ·2^(m_j − m_{j+1}) + Σ_s P, P_{j+1} = 2^(c·S − m_{j+1}) in
+// place (one FFMA and one exp2 an element); O += P_j V_j awaited and block j released; P_{j+1} packed
+// to bf16 as the register A operand of its product. The kernel exists in every build; without wgmma
+// its body is empty and it is never launched.
+constexpr int kWgQueries = 128, kWgKeys = 64, kWgThreads = 256;
+constexpr int kWgForwardKeys = 128, kWgForwardStages = 3, kWgForwardThreads = kWgThreads + 128;
 
 template <int D>
-constexpr int wgmma_forward_smem() { return (kWgQueries + 2 * kWgForwardStages * kWgKeys) * D * 2 + 1024; }
+constexpr int wgmma_forward_smem() {
+    return (kWgQueries + 2 * kWgForwardStages * kWgForwardKeys) * D * 2 + 1024 + (1 + 2 * kWgForwardStages) * 8;
+}
+
+// The tensor map of qkv (B, T, 3C) for the TMA copies of the forward: boxes of 64 columns × 128 rows
+// of one batch row, zeros past T.
+inline CUtensorMap qkv_tensor_map(const bf16* qkv, int B, int T, int nh, int D) {
+    const uint64_t row = 3ull * nh * D;
+    return make_tensor_map(qkv, {row, (uint64_t)T, (uint64_t)B}, {row, row * T}, 64, kWgQueries);
+}
 
 template <int D>
-__global__ void __launch_bounds__(kWgThreads, 1) flash_forward_wgmma_kernel(bf16* out, float* lse, const bf16* qkv,
-                                                                            int T, int nh) {
+__global__ void __launch_bounds__(kWgForwardThreads, 1)
+    flash_forward_wgmma_kernel(bf16* out, float* lse, const __grid_constant__ CUtensorMap qkv_map, int T, int nh) {
 #if defined(LMOE_HAS_WGMMA)
     static_assert(D == 64 || D == 128, "wgmma attention: head size 64 or 128");
-    constexpr int BQ = kWgQueries, BK = kWgKeys, NT = kWgThreads, STAGES = kWgForwardStages;
+    constexpr int BQ = kWgQueries, BK = kWgForwardKeys, STAGES = kWgForwardStages;
+    static_assert(BK == BQ, "query block qb sees key blocks 0..qb, the last on its diagonal");
     constexpr int q_elems = BQ * D, kv_elems = BK * D;
     constexpr uint32_t q_block = BQ * 128, kv_block = BK * 128;  // bytes of one 64-column block of a tile
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16* Qs = reinterpret_cast<bf16*>(wgmma_align_smem(smem_raw));  // (128, D)
-    bf16* Ks = Qs + q_elems;                                         // STAGES × (64, D)
-    bf16* Vs = Ks + STAGES * kv_elems;                               // STAGES × (64, D)
+    bf16* Ks = Qs + q_elems;                                         // STAGES × (128, D)
+    bf16* Vs = Ks + STAGES * kv_elems;                               // STAGES × (128, D)
+    uint64_t* q_full = reinterpret_cast<uint64_t*>(Vs + STAGES * kv_elems);
+    uint64_t* full = q_full + 1;      // STAGES
+    uint64_t* empty = full + STAGES;  // STAGES
     const int qb = gridDim.x - 1 - blockIdx.x;  // the longest rows first: the tail is short blocks
-    const int b = blockIdx.y / nh, h = blockIdx.y % nh, q0 = qb * BQ;
-    const int64_t stride = 3 * nh * D;
+    const int b = blockIdx.y / nh, h = blockIdx.y % nh, q0 = qb * BQ, last = qb;
+    if (threadIdx.x == 0) {
+        mbarrier_init(q_full, 1);
+        for (int s = 0; s < STAGES; s++) {
+            mbarrier_init(full + s, 1);
+            mbarrier_init(empty + s, kWgThreads);
+        }
+        fence_mbarrier_init();
+    }
+    __syncthreads();  // initialised before anyone arrives; the only barrier of the whole block
+
+    if (threadIdx.x >= kWgThreads) {  // the producer warpgroup
+        warpgroup_release_registers<24>();
+        if (threadIdx.x == kWgThreads) {
+            const int col = h * D;  // this head's columns within each third of a qkv row
+            mbarrier_arrive_expect_tx(q_full, q_elems * 2);
+            for (int j = 0; j < D / 64; j++) tma_load_3d(Qs + j * BQ * 64, qkv_map, col + 64 * j, q0, b, q_full);
+            for (int kb = 0; kb <= last; kb++) {
+                const int stage = kb % STAGES;
+                if (kb >= STAGES) mbarrier_wait(empty + stage, (kb / STAGES - 1) % 2);
+                mbarrier_arrive_expect_tx(full + stage, 2 * kv_elems * 2);
+                for (int j = 0; j < D / 64; j++) {
+                    const int c = col + 64 * j;
+                    tma_load_3d(Ks + stage * kv_elems + j * BK * 64, qkv_map, nh * D + c, kb * BK, b, full + stage);
+                    tma_load_3d(Vs + stage * kv_elems + j * BK * 64, qkv_map, 2 * nh * D + c, kb * BK, b, full + stage);
+                }
+            }
+        }
+        return;
+    }
+
+    warpgroup_claim_registers<240>();
     const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
+    const int t0 = q0 + 64 * wg + 16 * warp + gq;  // this thread's rows: t0 and t0 + 8
     const float scale = kLog2e / sqrtf((float)D);
-    const auto rows_at = [stride](int r) { return r * stride; };
-    auto load_keys = [&](int kb) {
-        const int k0 = kb * BK, stage = kb % STAGES;
-        load_rows_swizzled_async<D, BK, NT>(Ks + stage * kv_elems, qkv_rows(qkv, 1, b, h, k0, T, nh, D), T - k0, rows_at);
-        load_rows_swizzled_async<D, BK, NT>(Vs + stage * kv_elems, qkv_rows(qkv, 2, b, h, k0, T, nh, D), T - k0, rows_at);
-    };
-    // key blocks of the block, and of this warpgroup (whose rows end at q0 + 64·wg + 63)
-    const int last = min(2 * qb + 1, (T - 1) / BK), my_last = min(2 * qb + wg, last);
     const unsigned char* Qw = reinterpret_cast<const unsigned char*>(Qs) + wg * 64 * 128;  // this warpgroup's rows
-    auto issue_scores = [&](float (&s)[32], int kb) {  // S = Q K_kb^T, without waiting
-        wgmma_fence();
-        wgmma_kmajor<64, D / 16>(s, Qw, q_block, Ks + kb % STAGES * kv_elems, kv_block);
-        wgmma_commit();
+    // Turns 0 .. last + 1: S_0; S_{j+1} with P_j V_j for j < last; P_last V_last.
+    const int turns = last + 2;
+    auto take_turn = [&](int turn) {
+        if (wg == 1 || turn > 0) warpgroup_wait_turn(wg);
     };
-    float o[D / 2];
+    auto end_turn = [&](int turn) {
+        if (wg == 0 || turn < turns - 1) warpgroup_pass_turn(wg);
+    };
+    float s[BK / 2], o[D / 2];
+    uint32_t p[BK / 16][4];  // P of the block whose O += P V is issued next, the A operand
 #pragma unroll
     for (int i = 0; i < D / 2; i++) o[i] = 0.f;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows gq, gq + 8 of this warp; ℓ over this lane's columns
-    // Key block kb, whose S is in s. Its row maxima rescale O and ℓ first; then block kb + 1's S goes to
-    // the tensor cores (once its keys have landed; block kb + 2 is fetched into the stage of block
-    // kb − 1), so that it runs while kb's P is worked out. No register of a product in flight is written
-    // (s is only read; O is rescaled before the next product is issued).
-    auto step = [&](int kb, const float (&s)[32], float (&s_next)[32]) {
-        const bool mine = kb <= my_last, diagonal = kb == 2 * qb + wg;
-        const int t0 = q0 + 64 * wg + 16 * warp + gq;  // this thread's rows: t0 and t0 + 8
-        auto score = [&](int e) {  // scaled, −∞ where masked
-            const float x = s[e] * scale;
-            return diagonal && kb * BK + 8 * (e / 4) + 2 * q + e % 2 > t0 + 8 * (e / 2 % 2) ? -INFINITY : x;
-        };
-        if (mine) {
-            float rescale[2];
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, rescale[2];  // rows t0, t0 + 8; ℓ over this lane's columns
+    auto issue_scores = [&](int kb) {  // S = Q K_kb^T, once block kb has landed; at this warpgroup's turn
+        mbarrier_wait(full + kb % STAGES, kb / STAGES % 2);
+        take_turn(kb);
+        wgmma_fence();
+        wgmma_kmajor<BK, D / 16>(s, Qw, q_block, Ks + kb % STAGES * kv_elems, kv_block);
+        wgmma_commit();
+    };
+    auto issue_values = [&](int kb) {  // O ← O·rescale, O += P_kb V_kb
 #pragma unroll
-            for (int half = 0; half < 2; half++) {
-                float row_max = m[half];
+        for (int i = 0; i < D / 2; i++) o[i] *= rescale[i / 2 % 2];
+        const bf16* Vt = Vs + kb % STAGES * kv_elems;
+        wgmma_fence();
 #pragma unroll
-                for (int j = 0; j < 16; j++) row_max = fmaxf(row_max, score(4 * (j / 2) + 2 * half + j % 2));
-                row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 1));
-                row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 2));
-                rescale[half] = exp2f(m[half] - row_max);  // key 0 ≤ t is never masked: row_max is finite
-                m[half] = row_max;
-                l[half] *= rescale[half];
+        for (int kk = 0; kk < BK / 16; kk++) wgmma_rs<D, 1>(o, p[kk], wgmma_desc_mnmajor(Vt, kv_block, kk), 1);
+        wgmma_commit();
+    };
+    auto softmax = [&](int kb) {  // S of block kb (awaited) → P in place; m, ℓ and the rescale of O
+        if (kb == last) {
+#pragma unroll
+            for (int e = 0; e < BK / 2; e++)
+                if (kb * BK + 8 * (e / 4) + 2 * q + e % 2 > t0 + 8 * (e / 2 % 2)) s[e] = -INFINITY;
+        }
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            float row_max = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < BK / 4; j++) row_max = fmaxf(row_max, s[4 * (j / 2) + 2 * half + j % 2]);
+            row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 1));
+            row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 2));
+            const float m_new = fmaxf(m[half], row_max * scale);  // key 0 ≤ t is never masked: finite
+            rescale[half] = exp2f(m[half] - m_new);
+            m[half] = m_new;
+            float sum = 0.f;
+#pragma unroll
+            for (int j = 0; j < BK / 4; j++) {
+                float& x = s[4 * (j / 2) + 2 * half + j % 2];
+                x = exp2f(fmaf(x, scale, -m_new));
+                sum += x;
             }
-#pragma unroll
-            for (int i = 0; i < D / 2; i++) o[i] *= rescale[i / 2 % 2];
+            l[half] = l[half] * rescale[half] + sum;
         }
-        if (kb + 1 <= last) {
-            cp_async_wait<0>();
-            fence_proxy_async();
-            __syncthreads();  // block kb + 1 has landed; both warpgroups are done with block kb − 1
-            if (kb + 2 <= last) load_keys(kb + 2);
-            cp_async_commit();
-            if (kb + 1 <= my_last) issue_scores(s_next, kb + 1);
-        }
-        if (mine) {
-            uint32_t p[BK / 16][4];  // P = 2^(S − m), packed as the A operand of O += P V
-#pragma unroll
-            for (int kk = 0; kk < BK / 16; kk++)
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const int e = 8 * kk + 2 * i, half = i % 2;
-                    const float p0 = exp2f(score(e) - m[half]), p1 = exp2f(score(e + 1) - m[half]);
-                    l[half] += p0 + p1;
-                    p[kk][i] = pack_bf16x2(p0, p1);
-                }
-            const bf16* Vt = Vs + kb % STAGES * kv_elems;
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < BK / 16; kk++) {
-                wgmma_rs<D, 1>(o, p[kk], wgmma_desc_mnmajor(Vt, kv_block, kk), 1);
-            }
-            wgmma_commit();
-        }
-        wgmma_wait<0>();  // block kb + 1's S and block kb's O += P V are done: p and kb's stage are free
-        wgmma_fence_operands(o);
-        wgmma_fence_operands(s_next);
     };
 
-    load_rows_swizzled_async<D, BQ, NT>(Qs, qkv_rows(qkv, 0, b, h, q0, T, nh, D), T - q0, rows_at);
-    load_keys(0);
-    cp_async_commit();  // the queries and block 0
-    if (last >= 1) load_keys(1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    fence_proxy_async();
-    __syncthreads();  // the queries and block 0 have landed
-    float s0[32] = {}, s1[32] = {};  // S of even and odd key blocks (zeroed, or ptxas waits on the products to copy them)
-    if (0 <= my_last) issue_scores(s0, 0);
+    mbarrier_wait(q_full, 0);
+    issue_scores(0);
+    end_turn(0);
     wgmma_wait<0>();
-    wgmma_fence_operands(s0);
-    for (int kb = 0; kb <= last; kb += 2) {  // two blocks per pass, so that s0, s1 stay in registers
-        step(kb, s0, s1);
-        if (kb + 1 <= last) step(kb + 1, s1, s0);
+    wgmma_fence_operands(s);
+    softmax(0);
+    wgmma_accumulators_as_a<BK / 16>(p, s);
+    for (int kb = 0; kb < last; kb++) {
+        issue_scores(kb + 1);
+        issue_values(kb);
+        end_turn(kb + 1);
+        wgmma_wait<1>();  // S_{kb+1}
+        wgmma_fence_operands(s);
+        softmax(kb + 1);
+        wgmma_wait<0>();  // O += P_kb V_kb: p and block kb are free
+        wgmma_fence_operands(o);
+        mbarrier_arrive(empty + kb % STAGES);
+        wgmma_accumulators_as_a<BK / 16>(p, s);
     }
+    take_turn(last + 1);
+    issue_values(last);
+    end_turn(last + 1);
+    wgmma_wait<0>();
+    wgmma_fence_operands(o);
 
 #pragma unroll
     for (int half = 0; half < 2; half++) {
         l[half] += __shfl_xor_sync(0xffffffff, l[half], 1);
         l[half] += __shfl_xor_sync(0xffffffff, l[half], 2);
-        const int t = q0 + 64 * wg + 16 * warp + gq + 8 * half;
+        const int t = t0 + 8 * half;
         if (q == 0 && t < T) lse[(int64_t)blockIdx.y * T + t] = m[half] + log2f(l[half]);
     }
     const float inv[2] = {1.f / l[0], 1.f / l[1]};
@@ -756,7 +794,8 @@ void launch_forward(floatX* out, float* lse, const floatX* qkv, int B, int T, in
         if (device_has_wgmma()) {
             const dim3 grid((unsigned)ceil_div(T, kWgQueries), B * nh);
             allow_smem(flash_forward_wgmma_kernel<D>, wgmma_forward_smem<D>());
-            flash_forward_wgmma_kernel<D><<<grid, kWgThreads, wgmma_forward_smem<D>(), stream>>>(out, lse, qkv, T, nh);
+            flash_forward_wgmma_kernel<D><<<grid, kWgForwardThreads, wgmma_forward_smem<D>(), stream>>>(
+                out, lse, qkv_tensor_map(qkv, B, T, nh, D), T, nh);
             CUDA_CHECK_LAUNCH();
             return;
         }

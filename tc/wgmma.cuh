@@ -130,6 +130,14 @@ __device__ inline void warpgroup_pass_turn(int w) {
     else asm volatile("bar.arrive 3, 256;\n" ::: "memory");
 }
 
+// Warp-specialised kernels move registers between warpgroups: a producer warpgroup that only issues
+// copies gives its registers up to N a thread, consumers claim up to N (it waits until the block's
+// pool has them). Every warp of a warpgroup executes the same one; N a multiple of 8 in 24..256.
+template <int N>
+__device__ inline void warpgroup_release_registers() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
+template <int N>
+__device__ inline void warpgroup_claim_registers() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
+
 // Epilogues through shared memory. Straight from the accumulators, each store instruction of a warp
 // writes 4-byte pairs, 16 bytes into each of 8 rows; instead a warpgroup packs its (64 × N)
 // accumulators into a 128B-swizzled tile of its own (rows 0..63, 64-column blocks block_bytes apart:
