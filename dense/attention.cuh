@@ -20,10 +20,10 @@
 //   bf16 (the default build): tensor cores (mma.sync m16n8k16, tc/warp_tile.cuh) on 64-row tiles in
 //     shared memory, filled by cp.async one key (or query) block ahead. P and dS are rounded to bf16
 //     as the A operands of the next product, straight from the accumulators (they never leave
-//     registers); every sum is fp32. On Hopper (an sm_90a build, head sizes 64 and 128) the forward
-//     runs on wgmma instead (flash_forward_wgmma_kernel: 128 queries per block, P in the register A
-//     operand of O += P V), and so does the backward (flash_backward_dkdv_wgmma_kernel: 128 keys per
-//     block, P^T and dS^T in registers; flash_backward_dq_wgmma_kernel: 128 queries per block).
+//     registers); every sum is fp32. On Hopper (an sm_90a build, head sizes 64 and 128) all three
+//     kernels run on wgmma instead, warp-specialised (a TMA producer warpgroup and two consumer
+//     warpgroups; "Hopper kernels" below): the forward and dq on 128 queries per block, dk/dv on 128
+//     keys, P (P^T, dS, dS^T) in register A operands.
 //   fp32 (the LMOE_FP32 check build): one thread per query (or key) row, plain fp32 loops, so that
 //     the whole model can be checked tightly against the CPU reference.
 // Both read q, k, v in place from the (B, T, 3·C) qkv rows and write (B, T, C) and (B, T, 3·C) rows:
@@ -236,186 +236,6 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(bf16* out, floa
     store_warp_rows<D>(out + ((int64_t)b * T + q0) * nh * D + h * D, (int64_t)nh * D, o, r0, T - q0, 1.f);
 }
 
-// Forward on wgmma (sm_90a builds, head sizes 64 and 128), on FlashAttention-3's schedule: one block
-// per (128 queries, b·h) of two consumer warpgroups, warpgroup w owning queries q0 + 64w .., and a
-// producer warpgroup (its registers given to the consumers) whose one thread copies Q once and K, V
-// by TMA, 128 keys a block, into three stages handed on by mbarriers (full: a block has landed;
-// empty: both consumers are done with it), so that no barrier stops the block. Per key block j, in a warpgroup's 64 rows and at its turn on the
-// tensor cores (ping-pong: one warpgroup's softmax runs under the other's products):
-//   issue S_{j+1} = Q K_{j+1}^T;   O ← O·2^(m_{j−1} − m_j);   issue O += P_j V_j
-// then out of turn: S_{j+1} awaited, masked where it is the diagonal block (s > t), its row maxima
-// m_{j+1} = max(m_j, c·max_s S), ℓ ← ℓ·2^(m_j − m_{j+1}) + Σ_s P, P_{j+1} = 2^(c·S − m_{j+1}) in
-// place (one FFMA and one exp2 an element); O += P_j V_j awaited and block j released; P_{j+1} packed
-// to bf16 as the register A operand of its product. The kernel exists in every build; without wgmma
-// its body is empty and it is never launched.
-constexpr int kWgQueries = 128, kWgKeys = 64, kWgThreads = 256;
-constexpr int kWgForwardKeys = 128, kWgForwardStages = 3, kWgForwardThreads = kWgThreads + 128;
-
-template <int D>
-constexpr int wgmma_forward_smem() {
-    return (kWgQueries + 2 * kWgForwardStages * kWgForwardKeys) * D * 2 + 1024 + (1 + 2 * kWgForwardStages) * 8;
-}
-
-// The tensor map of qkv (B, T, 3C) for the TMA copies of the forward: boxes of 64 columns × 128 rows
-// of one batch row, zeros past T.
-inline CUtensorMap qkv_tensor_map(const bf16* qkv, int B, int T, int nh, int D) {
-    const uint64_t row = 3ull * nh * D;
-    return make_tensor_map(qkv, {row, (uint64_t)T, (uint64_t)B}, {row, row * T}, 64, kWgQueries);
-}
-
-template <int D>
-__global__ void __launch_bounds__(kWgForwardThreads, 1)
-    flash_forward_wgmma_kernel(bf16* out, float* lse, const __grid_constant__ CUtensorMap qkv_map, int T, int nh) {
-#if defined(LMOE_HAS_WGMMA)
-    static_assert(D == 64 || D == 128, "wgmma attention: head size 64 or 128");
-    constexpr int BQ = kWgQueries, BK = kWgForwardKeys, STAGES = kWgForwardStages;
-    static_assert(BK == BQ, "query block qb sees key blocks 0..qb, the last on its diagonal");
-    constexpr int q_elems = BQ * D, kv_elems = BK * D;
-    constexpr uint32_t q_block = BQ * 128, kv_block = BK * 128;  // bytes of one 64-column block of a tile
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* Qs = reinterpret_cast<bf16*>(wgmma_align_smem(smem_raw));  // (128, D)
-    bf16* Ks = Qs + q_elems;                                         // STAGES × (128, D)
-    bf16* Vs = Ks + STAGES * kv_elems;                               // STAGES × (128, D)
-    uint64_t* q_full = reinterpret_cast<uint64_t*>(Vs + STAGES * kv_elems);
-    uint64_t* full = q_full + 1;      // STAGES
-    uint64_t* empty = full + STAGES;  // STAGES
-    const int qb = gridDim.x - 1 - blockIdx.x;  // the longest rows first: the tail is short blocks
-    const int b = blockIdx.y / nh, h = blockIdx.y % nh, q0 = qb * BQ, last = qb;
-    if (threadIdx.x == 0) {
-        mbarrier_init(q_full, 1);
-        for (int s = 0; s < STAGES; s++) {
-            mbarrier_init(full + s, 1);
-            mbarrier_init(empty + s, kWgThreads);
-        }
-        fence_mbarrier_init();
-    }
-    __syncthreads();  // initialised before anyone arrives; the only barrier of the whole block
-
-    if (threadIdx.x >= kWgThreads) {  // the producer warpgroup
-        warpgroup_release_registers<24>();
-        if (threadIdx.x == kWgThreads) {
-            const int col = h * D;  // this head's columns within each third of a qkv row
-            mbarrier_arrive_expect_tx(q_full, q_elems * 2);
-            for (int j = 0; j < D / 64; j++) tma_load_3d(Qs + j * BQ * 64, qkv_map, col + 64 * j, q0, b, q_full);
-            for (int kb = 0; kb <= last; kb++) {
-                const int stage = kb % STAGES;
-                if (kb >= STAGES) mbarrier_wait(empty + stage, (kb / STAGES - 1) % 2);
-                mbarrier_arrive_expect_tx(full + stage, 2 * kv_elems * 2);
-                for (int j = 0; j < D / 64; j++) {
-                    const int c = col + 64 * j;
-                    tma_load_3d(Ks + stage * kv_elems + j * BK * 64, qkv_map, nh * D + c, kb * BK, b, full + stage);
-                    tma_load_3d(Vs + stage * kv_elems + j * BK * 64, qkv_map, 2 * nh * D + c, kb * BK, b, full + stage);
-                }
-            }
-        }
-        return;
-    }
-
-    warpgroup_claim_registers<240>();
-    const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
-    const int t0 = q0 + 64 * wg + 16 * warp + gq;  // this thread's rows: t0 and t0 + 8
-    const float scale = kLog2e / sqrtf((float)D);
-    const unsigned char* Qw = reinterpret_cast<const unsigned char*>(Qs) + wg * 64 * 128;  // this warpgroup's rows
-    // Turns 0 .. last + 1: S_0; S_{j+1} with P_j V_j for j < last; P_last V_last.
-    const int turns = last + 2;
-    auto take_turn = [&](int turn) {
-        if (wg == 1 || turn > 0) warpgroup_wait_turn(wg);
-    };
-    auto end_turn = [&](int turn) {
-        if (wg == 0 || turn < turns - 1) warpgroup_pass_turn(wg);
-    };
-    float s[BK / 2], o[D / 2];
-    uint32_t p[BK / 16][4];  // P of the block whose O += P V is issued next, the A operand
-#pragma unroll
-    for (int i = 0; i < D / 2; i++) o[i] = 0.f;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, rescale[2];  // rows t0, t0 + 8; ℓ over this lane's columns
-    auto issue_scores = [&](int kb) {  // S = Q K_kb^T, once block kb has landed; at this warpgroup's turn
-        mbarrier_wait(full + kb % STAGES, kb / STAGES % 2);
-        take_turn(kb);
-        wgmma_fence();
-        wgmma_kmajor<BK, D / 16>(s, Qw, q_block, Ks + kb % STAGES * kv_elems, kv_block);
-        wgmma_commit();
-    };
-    auto issue_values = [&](int kb) {  // O ← O·rescale, O += P_kb V_kb
-#pragma unroll
-        for (int i = 0; i < D / 2; i++) o[i] *= rescale[i / 2 % 2];
-        const bf16* Vt = Vs + kb % STAGES * kv_elems;
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; kk++) wgmma_rs<D, 1>(o, p[kk], wgmma_desc_mnmajor(Vt, kv_block, kk), 1);
-        wgmma_commit();
-    };
-    auto softmax = [&](int kb) {  // S of block kb (awaited) → P in place; m, ℓ and the rescale of O
-        if (kb == last) {
-#pragma unroll
-            for (int e = 0; e < BK / 2; e++)
-                if (kb * BK + 8 * (e / 4) + 2 * q + e % 2 > t0 + 8 * (e / 2 % 2)) s[e] = -INFINITY;
-        }
-#pragma unroll
-        for (int half = 0; half < 2; half++) {
-            float row_max = -INFINITY;
-#pragma unroll
-            for (int j = 0; j < BK / 4; j++) row_max = fmaxf(row_max, s[4 * (j / 2) + 2 * half + j % 2]);
-            row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 1));
-            row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 2));
-            const float m_new = fmaxf(m[half], row_max * scale);  // key 0 ≤ t is never masked: finite
-            rescale[half] = exp2f(m[half] - m_new);
-            m[half] = m_new;
-            float sum = 0.f;
-#pragma unroll
-            for (int j = 0; j < BK / 4; j++) {
-                float& x = s[4 * (j / 2) + 2 * half + j % 2];
-                x = exp2f(fmaf(x, scale, -m_new));
-                sum += x;
-            }
-            l[half] = l[half] * rescale[half] + sum;
-        }
-    };
-
-    mbarrier_wait(q_full, 0);
-    issue_scores(0);
-    end_turn(0);
-    wgmma_wait<0>();
-    wgmma_fence_operands(s);
-    softmax(0);
-    wgmma_accumulators_as_a<BK / 16>(p, s);
-    for (int kb = 0; kb < last; kb++) {
-        issue_scores(kb + 1);
-        issue_values(kb);
-        end_turn(kb + 1);
-        wgmma_wait<1>();  // S_{kb+1}
-        wgmma_fence_operands(s);
-        softmax(kb + 1);
-        wgmma_wait<0>();  // O += P_kb V_kb: p and block kb are free
-        wgmma_fence_operands(o);
-        mbarrier_arrive(empty + kb % STAGES);
-        wgmma_accumulators_as_a<BK / 16>(p, s);
-    }
-    take_turn(last + 1);
-    issue_values(last);
-    end_turn(last + 1);
-    wgmma_wait<0>();
-    wgmma_fence_operands(o);
-
-#pragma unroll
-    for (int half = 0; half < 2; half++) {
-        l[half] += __shfl_xor_sync(0xffffffff, l[half], 1);
-        l[half] += __shfl_xor_sync(0xffffffff, l[half], 2);
-        const int t = t0 + 8 * half;
-        if (q == 0 && t < T) lse[(int64_t)blockIdx.y * T + t] = m[half] + log2f(l[half]);
-    }
-    const float inv[2] = {1.f / l[0], 1.f / l[1]};
-    bf16* out_bh = out + ((int64_t)b * T + q0) * nh * D + h * D;
-#pragma unroll
-    for (int i = 0; i < D / 2; i += 2) {
-        const int r = 64 * wg + 16 * warp + gq + 8 * (i / 2 % 2), col = 8 * (i / 4) + 2 * q;
-        if (q0 + r < T)
-            *reinterpret_cast<uint32_t*>(out_bh + (int64_t)r * nh * D + col) =
-                pack_bf16x2(o[i] * inv[i / 2 % 2], o[i + 1] * inv[i / 2 % 2]);
-    }
-#endif
-}
-
 // dk, dv of one block of 64 keys (b·h), over the query blocks that see them (t ≥ s), STEP queries at
 // a time, copied one step ahead with their lse and δ. Per step, in this warp's 16 keys:
 //   P^T = 2^(c·K Q^T − lse)  (masked t < s),   dV += P^T dO,   dP^T = V dO^T,
@@ -492,130 +312,6 @@ __global__ void __launch_bounds__(kThreads) flash_backward_dkdv_kernel(bf16* dqk
     store_warp_rows<D>(dqkv + ((int64_t)b * T + k0) * stride + 2 * nh * D + h * D, stride, dv, r0, T - k0, 1.f);
 }
 
-// dk, dv on wgmma (sm_90a builds, head sizes 64 and 128), one block of two warpgroups per (128 keys,
-// b·h), warpgroup w owning keys k0 + 64w ..; over the queries that see them (t ≥ s) 64 at a time,
-// three stages of Q and dO (with their lse and δ) fetched two ahead. Per step, in a warpgroup's 64 keys:
-//   S^T, dP^T (64 keys × 64 queries) = K_w Q^T, V_w dO^T      (from swizzled shared tiles)
-//   P^T = 2^(c·S^T − lse) (masked t < s),  dS^T = P^T ⊙ (dP^T − δ)      packed to bf16 in registers
-//   dV_w += P^T dO,  dK_w += dS^T Q   (times c at the end; dO, Q read MN-major)
-// Computed transposed so that P^T and dS^T are, as they stand, the register A operands of the last two
-// products (the expert weight gradient of moe/latent/expert_weight_backward.cuh has the same shape).
-constexpr int kWgKeyBlock = 128, kWgQueryStep = 64, kWgDkdvStages = 3;
-
-template <int D>
-constexpr int wgmma_dkdv_smem() {
-    return (2 * kWgKeyBlock + 2 * kWgDkdvStages * kWgQueryStep) * D * 2 + 2 * kWgDkdvStages * kWgQueryStep * 4 + 1024;
-}
-
-template <int D>
-__global__ void __launch_bounds__(kWgThreads, 1)
-    flash_backward_dkdv_wgmma_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
-                                     const float* delta, int T, int nh) {
-#if defined(LMOE_HAS_WGMMA)
-    static_assert(D == 64 || D == 128, "wgmma attention: head size 64 or 128");
-    constexpr int BKEY = kWgKeyBlock, BQ = kWgQueryStep, NT = kWgThreads, STAGES = kWgDkdvStages;
-    constexpr int key_elems = BKEY * D, step_elems = BQ * D;
-    constexpr uint32_t key_block = BKEY * 128, step_block = BQ * 128;  // bytes of one 64-column block of a tile
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* Ks = reinterpret_cast<bf16*>(wgmma_align_smem(smem_raw));  // (128, D)
-    bf16* Vs = Ks + key_elems;                                       // (128, D)
-    bf16* Qs = Vs + key_elems;                                       // STAGES × (64, D)
-    bf16* dOs = Qs + STAGES * step_elems;                            // STAGES × (64, D)
-    float* lse_s = reinterpret_cast<float*>(dOs + STAGES * step_elems);  // STAGES × 64
-    float* delta_s = lse_s + STAGES * BQ;                                // STAGES × 64
-    const int kb = blockIdx.x;  // key block 0 sees every query: the longest first
-    const int b = blockIdx.y / nh, h = blockIdx.y % nh, k0 = kb * BKEY;
-    const int64_t stride = 3 * nh * D, out_stride = (int64_t)nh * D;
-    const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
-    const float scale = kLog2e / sqrtf((float)D);
-    const float* lse_bh = lse + (int64_t)blockIdx.y * T;
-    const float* delta_bh = delta + (int64_t)blockIdx.y * T;
-    const bf16* dout_b = dout + (int64_t)b * T * out_stride + h * D;
-    const auto rows_at = [](int64_t row_stride) { return [row_stride](int r) { return r * row_stride; }; };
-
-    // Queries of step i: t0 = i·64 ..; rows past T read as lse = +∞ (P = 0) and δ = 0. The first 64
-    // threads hold the next step's lse and δ in registers, loaded one call ahead (calls come in step
-    // order), so that storing them never waits on global memory.
-    float next_lse = 0.f, next_delta = 0.f;
-    auto fetch_row_stats = [&](int i) {
-        const int t = i * BQ + threadIdx.x;
-        if (threadIdx.x < BQ) {
-            next_lse = t < T ? lse_bh[t] : INFINITY;
-            next_delta = t < T ? delta_bh[t] : 0.f;
-        }
-    };
-    auto load_step = [&](int i, int stage) {
-        const int t0 = i * BQ;
-        load_rows_swizzled_async<D, BQ, NT>(Qs + stage * step_elems, qkv_rows(qkv, 0, b, h, t0, T, nh, D), T - t0,
-                                            rows_at(stride));
-        load_rows_swizzled_async<D, BQ, NT>(dOs + stage * step_elems, dout_b + (int64_t)t0 * out_stride, T - t0,
-                                            rows_at(out_stride));
-        if (threadIdx.x < BQ) {
-            lse_s[stage * BQ + threadIdx.x] = next_lse;
-            delta_s[stage * BQ + threadIdx.x] = next_delta;
-        }
-        fetch_row_stats(i + 1);
-    };
-    const int first = k0 / BQ, steps = (int)ceil_div(T, BQ);
-    fetch_row_stats(first);
-    load_rows_swizzled_async<D, BKEY, NT>(Ks, qkv_rows(qkv, 1, b, h, k0, T, nh, D), T - k0, rows_at(stride));
-    load_rows_swizzled_async<D, BKEY, NT>(Vs, qkv_rows(qkv, 2, b, h, k0, T, nh, D), T - k0, rows_at(stride));
-    load_step(first, 0);
-    cp_async_commit();
-    if (first + 1 < steps) load_step(first + 1, 1);
-    cp_async_commit();
-
-    const unsigned char* Kw = reinterpret_cast<const unsigned char*>(Ks) + wg * 64 * 128;  // this warpgroup's keys
-    const unsigned char* Vw = reinterpret_cast<const unsigned char*>(Vs) + wg * 64 * 128;
-    float dk[D / 2], dv[D / 2];
-#pragma unroll
-    for (int i = 0; i < D / 2; i++) dk[i] = dv[i] = 0.f;
-    for (int i = first; i < steps; i++) {
-        const int stage = (i - first) % STAGES;
-        cp_async_wait<1>();
-        fence_proxy_async();
-        __syncthreads();  // step i has landed; both warpgroups are done with step i − 1, whose stage is refilled
-        if (i + 2 < steps) load_step(i + 2, (i - first + 2) % STAGES);
-        cp_async_commit();
-        const bf16 *Qt = Qs + stage * step_elems, *dOt = dOs + stage * step_elems;
-        const float *lse_t = lse_s + stage * BQ, *delta_t = delta_s + stage * BQ;
-        float st[32] = {}, dpt[32] = {};  // S^T, dP^T (zeroed, or ptxas waits on the products to copy them)
-        wgmma_fence();
-        wgmma_kmajor<64, D / 16>(st, Kw, key_block, Qt, step_block);
-        wgmma_kmajor<64, D / 16>(dpt, Vw, key_block, dOt, step_block);
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_fence_operands(st);
-        wgmma_fence_operands(dpt);
-        const bool diagonal = i * BQ < k0 + BKEY;
-#pragma unroll
-        for (int e = 0; e < 32; e++) {
-            const int col = 8 * (e / 4) + 2 * q + e % 2, s_key = k0 + 64 * wg + 16 * warp + gq + 8 * (e / 2 % 2);
-            float x = exp2f(st[e] * scale - lse_t[col]);
-            if (diagonal && i * BQ + col < s_key) x = 0.f;
-            st[e] = x;
-            dpt[e] = x * (dpt[e] - delta_t[col]);  // dS^T
-        }
-        static_assert(BQ == 64, "the second products take 64 query rows");
-        wgmma_rs_pair_from_accumulators<D>(dv, st, dOt, dk, dpt, Qt, step_block);  // dV += P^T dO, dK += dS^T Q
-        wgmma_commit();
-        wgmma_wait<0>();
-    }
-    wgmma_fence_operands(dv);
-    wgmma_fence_operands(dk);
-    const float c = 1.f / sqrtf((float)D);
-    bf16* rows = dqkv + ((int64_t)b * T + k0) * stride + h * D;
-#pragma unroll
-    for (int e = 0; e < D / 2; e += 2) {
-        const int r = 64 * wg + 16 * warp + gq + 8 * (e / 2 % 2), col = 8 * (e / 4) + 2 * q;
-        if (k0 + r >= T) continue;
-        bf16* row = rows + (int64_t)r * stride + col;
-        *reinterpret_cast<uint32_t*>(row + nh * D) = pack_bf16x2(c * dk[e], c * dk[e + 1]);
-        *reinterpret_cast<uint32_t*>(row + 2 * nh * D) = pack_bf16x2(dv[e], dv[e + 1]);
-    }
-#endif
-}
-
 // dq of one block of 64 queries (b·h), over the key blocks it sees (s ≤ t), copied one block ahead.
 // Per key block, in this warp's 16 queries:
 //   P = 2^(c·Q K^T − lse) (masked s > t),   dP = dO V^T,   dS = P ⊙ (dP − δ),   dQ += dS K  (times c)
@@ -671,99 +367,494 @@ __global__ void __launch_bounds__(kThreads) flash_backward_dq_kernel(bf16* dqkv,
     store_warp_rows<D>(dqkv + ((int64_t)b * T + q0) * stride + h * D, stride, dq, r0, T - q0, 1.f / sqrtf((float)D));
 }
 
-// dq on wgmma (sm_90a builds, head sizes 64 and 128), one block of two warpgroups per (128 queries,
-// b·h) as in flash_forward_wgmma_kernel, over the key blocks of 64 it sees, two stages of K and V.
-// Per key block, in a warpgroup's 64 queries:
-//   S, dP (64 × 64) = Q K^T, dO V^T     P = 2^(c·S − lse) (masked s > t),  dS = P ⊙ (dP − δ)
-//   dQ += dS K   (dS packed to bf16 into the register A operand, K read MN-major; times c at the end)
-template <int D>
-constexpr int wgmma_dq_smem() { return (2 * kWgQueries + 4 * kWgKeys) * D * 2 + 1024; }
+// ---------------------------------------------------------------------------------------------
+// Hopper kernels (sm_90a builds, head sizes 64 and 128), all three on FlashAttention-3's plan: a
+// block of two consumer warpgroups, which own 64 rows each and hold their accumulators, and a
+// producer warpgroup that gives its registers to them and whose one thread copies the tiles by TMA
+// (128B-swizzled, tc/wgmma.cuh) into stages handed on by mbarriers, so that no barrier stops the
+// block. In the forward the consumers also take the tensor cores in turns (ping-pong), one
+// warpgroup's softmax running under the other's products; in the backward kernels turns measured no
+// faster (dk/dv) or slower (dq, by a fifth), and the two warpgroups run free. The kernels exist in
+// every build; without wgmma their bodies are empty and they are never launched.
+constexpr int kWgRows = 128, kWgConsumers = 256, kWgThreads = kWgConsumers + 128;
+
+// The tensor map of the head columns of a (B, T, width) bf16 activation (qkv: width 3C, its dout:
+// C) in boxes of 64 columns × `rows` rows of one batch row, zeros past T.
+inline CUtensorMap rows_tensor_map(const bf16* x, int B, int T, int width, int rows) {
+    return make_tensor_map(x, {(uint64_t)width, (uint64_t)T, (uint64_t)B}, {(uint64_t)width, (uint64_t)width * T}, 64,
+                           rows);
+}
+
+#if defined(LMOE_HAS_WGMMA)
+// The ring of STAGES stages a producer fills with blocks 0, 1, 2, ... in order: full[s] completes
+// when stage s has landed (the TMA thread's bytes plus `extra` arrivals of the producer's other
+// threads), empty[s] when every consumer thread is done with it.
+template <int STAGES>
+struct StageRing {
+    uint64_t* full;
+    uint64_t* empty;
+    __device__ void init(int extra) const {  // by one thread, before a __syncthreads
+        for (int s = 0; s < STAGES; s++) {
+            mbarrier_init(full + s, 1 + extra);
+            mbarrier_init(empty + s, kWgConsumers);
+        }
+    }
+    __device__ int stage(int i) const { return i % STAGES; }
+    __device__ void producer_wait(int i) const {  // until block i may overwrite its stage
+        if (i >= STAGES) mbarrier_wait(empty + i % STAGES, (i / STAGES - 1) % 2);
+    }
+    __device__ uint64_t* expect(int i, uint32_t bytes) const {  // the TMA thread, before block i's copies
+        mbarrier_arrive_expect_tx(full + i % STAGES, bytes);
+        return full + i % STAGES;
+    }
+    __device__ void arrive(int i) const { mbarrier_arrive(full + i % STAGES); }  // one of the `extra`
+    __device__ void wait(int i) const { mbarrier_wait(full + i % STAGES, i / STAGES % 2); }
+    __device__ void release(int i) const { mbarrier_arrive(empty + i % STAGES); }
+};
+
+// The turns of consumer warpgroup wg on the tensor cores, 0 .. turns − 1 (equal for both).
+struct Turns {
+    int wg, turns;
+    __device__ void take(int turn) const {
+        if (wg == 1 || turn > 0) warpgroup_wait_turn(wg);
+    }
+    __device__ void pass(int turn) const {
+        if (wg == 0 || turn < turns - 1) warpgroup_pass_turn(wg);
+    }
+};
+#endif
+
+// Forward, one block per (128 queries, b·h), warpgroup w owning queries q0 + 64w ..; Q copied once,
+// K and V 128 keys a block into three stages. Per key block j, in a warpgroup's 64 rows, at its turn:
+//   issue S_{j+1} = Q K_{j+1}^T;   O ← O·2^(m_{j−1} − m_j);   issue O += P_j V_j
+// then out of turn: S_{j+1} awaited, masked where it is the diagonal block (s > t), its row maxima
+// m_{j+1} = max(m_j, c·max_s S), ℓ ← ℓ·2^(m_j − m_{j+1}) + Σ_s P, P_{j+1} = 2^(c·S − m_{j+1}) in
+// place (one FFMA and one exp2 an element); O += P_j V_j awaited and block j released; P_{j+1} packed
+// to bf16 as the register A operand of its product.
+constexpr int kWgForwardKeys = 128, kWgForwardStages = 3;
 
 template <int D>
-__global__ void __launch_bounds__(kWgThreads, 1) flash_backward_dq_wgmma_kernel(bf16* dqkv, const bf16* dout,
-                                                                                const bf16* qkv, const float* lse,
-                                                                                const float* delta, int T, int nh) {
+constexpr int wgmma_forward_smem() {
+    return (kWgRows + 2 * kWgForwardStages * kWgForwardKeys) * D * 2 + 1024 + (1 + 2 * kWgForwardStages) * 8;
+}
+
+template <int D>
+__global__ void __launch_bounds__(kWgThreads, 1)
+    flash_forward_wgmma_kernel(bf16* out, float* lse, const __grid_constant__ CUtensorMap qkv_map, int T, int nh) {
 #if defined(LMOE_HAS_WGMMA)
     static_assert(D == 64 || D == 128, "wgmma attention: head size 64 or 128");
-    constexpr int BQ = kWgQueries, BK = kWgKeys, NT = kWgThreads, q_elems = BQ * D, kv_elems = BK * D;
+    constexpr int BQ = kWgRows, BK = kWgForwardKeys, STAGES = kWgForwardStages;
+    static_assert(BK == BQ, "query block qb sees key blocks 0..qb, the last on its diagonal");
+    constexpr int q_elems = BQ * D, kv_elems = BK * D;
+    constexpr uint32_t q_block = BQ * 128, kv_block = BK * 128;  // bytes of one 64-column block of a tile
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* Qs = reinterpret_cast<bf16*>(wgmma_align_smem(smem_raw));  // (128, D)
+    bf16* Ks = Qs + q_elems;                                         // STAGES × (128, D)
+    bf16* Vs = Ks + STAGES * kv_elems;                               // STAGES × (128, D)
+    uint64_t* q_full = reinterpret_cast<uint64_t*>(Vs + STAGES * kv_elems);
+    const StageRing<STAGES> ring{q_full + 1, q_full + 1 + STAGES};
+    const int qb = gridDim.x - 1 - blockIdx.x;  // the longest rows first: the tail is short blocks
+    const int b = blockIdx.y / nh, h = blockIdx.y % nh, q0 = qb * BQ, last = qb;
+    if (threadIdx.x == 0) {
+        mbarrier_init(q_full, 1);
+        ring.init(0);
+        fence_mbarrier_init();
+    }
+    __syncthreads();  // initialised before anyone arrives; the block's only barrier
+
+    if (threadIdx.x >= kWgConsumers) {  // the producer warpgroup
+        warpgroup_release_registers<24>();
+        if (threadIdx.x == kWgConsumers) {
+            const int col = h * D;  // this head's columns within each third of a qkv row
+            mbarrier_arrive_expect_tx(q_full, q_elems * 2);
+            for (int j = 0; j < D / 64; j++) tma_load_3d(Qs + j * BQ * 64, qkv_map, col + 64 * j, q0, b, q_full);
+            for (int kb = 0; kb <= last; kb++) {
+                ring.producer_wait(kb);
+                uint64_t* full = ring.expect(kb, 2 * kv_elems * 2);
+                bf16 *K = Ks + ring.stage(kb) * kv_elems, *V = Vs + ring.stage(kb) * kv_elems;
+                for (int j = 0; j < D / 64; j++) {
+                    tma_load_3d(K + j * BK * 64, qkv_map, nh * D + col + 64 * j, kb * BK, b, full);
+                    tma_load_3d(V + j * BK * 64, qkv_map, 2 * nh * D + col + 64 * j, kb * BK, b, full);
+                }
+            }
+        }
+        return;
+    }
+
+    warpgroup_claim_registers<240>();
+    const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
+    const int t0 = q0 + 64 * wg + 16 * warp + gq;  // this thread's rows: t0 and t0 + 8
+    const float scale = kLog2e / sqrtf((float)D);
+    const unsigned char* Qw = reinterpret_cast<const unsigned char*>(Qs) + wg * 64 * 128;  // this warpgroup's rows
+    const Turns turns{wg, last + 2};  // S_0; S_{j+1} with P_j V_j for j < last; P_last V_last
+    float s[BK / 2], o[D / 2];
+    uint32_t p[BK / 16][4];  // P of the block whose O += P V is issued next, the A operand
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) o[i] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, rescale[2];  // rows t0, t0 + 8; ℓ over this lane's columns
+    auto issue_scores = [&](int kb) {  // S = Q K_kb^T, once block kb has landed, at turn kb
+        ring.wait(kb);
+        turns.take(kb);
+        wgmma_fence();
+        wgmma_kmajor<BK, D / 16>(s, Qw, q_block, Ks + ring.stage(kb) * kv_elems, kv_block);
+        wgmma_commit();
+    };
+    auto issue_values = [&](int kb) {  // O ← O·rescale, O += P_kb V_kb
+#pragma unroll
+        for (int i = 0; i < D / 2; i++) o[i] *= rescale[i / 2 % 2];
+        const bf16* Vt = Vs + ring.stage(kb) * kv_elems;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; kk++) wgmma_rs<D, 1>(o, p[kk], wgmma_desc_mnmajor(Vt, kv_block, kk), 1);
+        wgmma_commit();
+    };
+    auto softmax = [&](int kb) {  // S of block kb (awaited) → P in place; m, ℓ and the rescale of O
+        if (kb == last) {
+#pragma unroll
+            for (int e = 0; e < BK / 2; e++)
+                if (kb * BK + 8 * (e / 4) + 2 * q + e % 2 > t0 + 8 * (e / 2 % 2)) s[e] = -INFINITY;
+        }
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            float row_max = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < BK / 4; j++) row_max = fmaxf(row_max, s[4 * (j / 2) + 2 * half + j % 2]);
+            row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 1));
+            row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 2));
+            const float m_new = fmaxf(m[half], row_max * scale);  // key 0 ≤ t is never masked: finite
+            rescale[half] = exp2f(m[half] - m_new);
+            m[half] = m_new;
+            float sum = 0.f;
+#pragma unroll
+            for (int j = 0; j < BK / 4; j++) {
+                float& x = s[4 * (j / 2) + 2 * half + j % 2];
+                x = exp2f(fmaf(x, scale, -m_new));
+                sum += x;
+            }
+            l[half] = l[half] * rescale[half] + sum;
+        }
+    };
+
+    mbarrier_wait(q_full, 0);
+    issue_scores(0);
+    turns.pass(0);
+    wgmma_wait<0>();
+    wgmma_fence_operands(s);
+    softmax(0);
+    wgmma_accumulators_as_a<BK / 16>(p, s);
+    for (int kb = 0; kb < last; kb++) {
+        issue_scores(kb + 1);
+        issue_values(kb);
+        turns.pass(kb + 1);
+        wgmma_wait<1>();  // S_{kb+1}
+        wgmma_fence_operands(s);
+        softmax(kb + 1);
+        wgmma_wait<0>();  // O += P_kb V_kb: p and block kb are free
+        wgmma_fence_operands(o);
+        ring.release(kb);
+        wgmma_accumulators_as_a<BK / 16>(p, s);
+    }
+    turns.take(last + 1);
+    issue_values(last);
+    turns.pass(last + 1);
+    wgmma_wait<0>();
+    wgmma_fence_operands(o);
+
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        l[half] += __shfl_xor_sync(0xffffffff, l[half], 1);
+        l[half] += __shfl_xor_sync(0xffffffff, l[half], 2);
+        const int t = t0 + 8 * half;
+        if (q == 0 && t < T) lse[(int64_t)blockIdx.y * T + t] = m[half] + log2f(l[half]);
+    }
+    const float inv[2] = {1.f / l[0], 1.f / l[1]};
+    bf16* out_bh = out + ((int64_t)b * T + q0) * nh * D + h * D;
+#pragma unroll
+    for (int i = 0; i < D / 2; i += 2) {
+        const int r = 64 * wg + 16 * warp + gq + 8 * (i / 2 % 2), col = 8 * (i / 4) + 2 * q;
+        if (q0 + r < T)
+            *reinterpret_cast<uint32_t*>(out_bh + (int64_t)r * nh * D + col) =
+                pack_bf16x2(o[i] * inv[i / 2 % 2], o[i + 1] * inv[i / 2 % 2]);
+    }
+#endif
+}
+
+// dk, dv, one block per (128 keys, b·h), warpgroup w owning keys k0 + 64w ..; K and V copied once,
+// the queries that see them (t ≥ s) 64 at a time into four stages: Q and dO by TMA, their lse and δ
+// stored by the producer's second warp (rows past T: lse = +∞, so P = 0, and δ = 0). Per step, in a
+// warpgroup's 64 keys:
+//   S^T, dP^T (64 keys × 64 queries) = K_w Q^T, V_w dO^T
+//   P^T = 2^(c·S^T − lse) (masked t < s where the step reaches below the keys),  dS^T = P^T ⊙ (dP^T − δ)
+//   dV_w += P^T dO,  dK_w += dS^T Q   (P^T, dS^T packed to bf16 as register A operands; dO, Q read
+//   MN-major)
+// and the step's stage released once they are done; dK times c at the end. Computed transposed so
+// that P^T and dS^T are, as they stand, the A operands of the last two products (the expert weight
+// gradient of moe/latent/expert_weight_backward.cuh has the same shape).
+constexpr int kWgDkdvQueries = 64, kWgDkdvStages = 4;
+
+template <int D>
+constexpr int wgmma_dkdv_smem() {
+    return (2 * kWgRows + 2 * kWgDkdvStages * kWgDkdvQueries) * D * 2 + 2 * kWgDkdvStages * kWgDkdvQueries * 4 +
+           1024 + (1 + 2 * kWgDkdvStages) * 8;
+}
+
+template <int D>
+__global__ void __launch_bounds__(kWgThreads, 1)
+    flash_backward_dkdv_wgmma_kernel(bf16* dqkv, const __grid_constant__ CUtensorMap qkv_map,
+                                     const __grid_constant__ CUtensorMap dout_map, const float* lse,
+                                     const float* delta, int T, int nh) {
+#if defined(LMOE_HAS_WGMMA)
+    static_assert(D == 64 || D == 128, "wgmma attention: head size 64 or 128");
+    constexpr int BKEY = kWgRows, BQ = kWgDkdvQueries, STAGES = kWgDkdvStages;
+    constexpr int key_elems = BKEY * D, step_elems = BQ * D;
+    constexpr uint32_t key_block = BKEY * 128, step_block = BQ * 128;  // bytes of one 64-column block of a tile
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* Ks = reinterpret_cast<bf16*>(wgmma_align_smem(smem_raw));     // (128, D)
+    bf16* Vs = Ks + key_elems;                                          // (128, D)
+    bf16* Qs = Vs + key_elems;                                          // STAGES × (64, D)
+    bf16* dOs = Qs + STAGES * step_elems;                               // STAGES × (64, D)
+    float* lse_s = reinterpret_cast<float*>(dOs + STAGES * step_elems);  // STAGES × 64
+    float* delta_s = lse_s + STAGES * BQ;                                // STAGES × 64
+    uint64_t* kv_full = reinterpret_cast<uint64_t*>(delta_s + STAGES * BQ);
+    const StageRing<STAGES> ring{kv_full + 1, kv_full + 1 + STAGES};
+    const int b = blockIdx.y / nh, h = blockIdx.y % nh, k0 = blockIdx.x * BKEY;  // key block 0 sees every query: the longest first
+    const int first = k0 / BQ, steps = (int)ceil_div(T, BQ) - first;  // query steps first + i, i < steps
+    if (threadIdx.x == 0) {
+        mbarrier_init(kv_full, 1);
+        ring.init(32);
+        fence_mbarrier_init();
+    }
+    __syncthreads();  // initialised before anyone arrives; the block's only barrier
+
+    if (threadIdx.x >= kWgConsumers) {  // the producer warpgroup
+        warpgroup_release_registers<24>();
+        const int col = h * D, lane = threadIdx.x % 32;
+        if (threadIdx.x == kWgConsumers) {
+            mbarrier_arrive_expect_tx(kv_full, 2 * key_elems * 2);
+            for (int j = 0; j < D / 64; j++)
+                for (int half = 0; half < 2; half++) {
+                    const int at = j * BKEY * 64 + half * 64 * 64, row = k0 + 64 * half;
+                    tma_load_3d(Ks + at, qkv_map, nh * D + col + 64 * j, row, b, kv_full);
+                    tma_load_3d(Vs + at, qkv_map, 2 * nh * D + col + 64 * j, row, b, kv_full);
+                }
+            for (int i = 0; i < steps; i++) {
+                ring.producer_wait(i);
+                uint64_t* full = ring.expect(i, 2 * step_elems * 2);
+                const int stage = ring.stage(i), t0 = (first + i) * BQ;
+                for (int j = 0; j < D / 64; j++) {
+                    tma_load_3d(Qs + stage * step_elems + j * BQ * 64, qkv_map, col + 64 * j, t0, b, full);
+                    tma_load_3d(dOs + stage * step_elems + j * BQ * 64, dout_map, col + 64 * j, t0, b, full);
+                }
+            }
+        } else if (threadIdx.x / 32 == kWgConsumers / 32 + 1) {  // the second warp: lse and δ
+            const float* lse_bh = lse + (int64_t)blockIdx.y * T;
+            const float* delta_bh = delta + (int64_t)blockIdx.y * T;
+            for (int i = 0; i < steps; i++) {
+                ring.producer_wait(i);
+                const int stage = ring.stage(i);
+#pragma unroll
+                for (int r = lane; r < BQ; r += 32) {
+                    const int t = (first + i) * BQ + r;
+                    lse_s[stage * BQ + r] = t < T ? lse_bh[t] : INFINITY;
+                    delta_s[stage * BQ + r] = t < T ? delta_bh[t] : 0.f;
+                }
+                ring.arrive(i);
+            }
+        }
+        return;
+    }
+
+    warpgroup_claim_registers<240>();
+    const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
+    const int s0 = k0 + 64 * wg + 16 * warp + gq;  // this thread's keys: s0 and s0 + 8
+    const float scale = kLog2e / sqrtf((float)D);
+    const unsigned char* Kw = reinterpret_cast<const unsigned char*>(Ks) + wg * 64 * 128;  // this warpgroup's keys
+    const unsigned char* Vw = reinterpret_cast<const unsigned char*>(Vs) + wg * 64 * 128;
+    float dk[D / 2], dv[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) dk[i] = dv[i] = 0.f;
+    mbarrier_wait(kv_full, 0);
+    for (int i = 0; i < steps; i++) {
+        const int stage = ring.stage(i), t0 = (first + i) * BQ;
+        const bf16 *Qt = Qs + stage * step_elems, *dOt = dOs + stage * step_elems;
+        const float *lse_t = lse_s + stage * BQ, *delta_t = delta_s + stage * BQ;
+        float st[32], dpt[32];  // S^T, dP^T
+        ring.wait(i);
+        wgmma_fence();
+        wgmma_kmajor<64, D / 16>(st, Kw, key_block, Qt, step_block);
+        wgmma_kmajor<64, D / 16>(dpt, Vw, key_block, dOt, step_block);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operands(st);
+        wgmma_fence_operands(dpt);
+        if (t0 < k0 + BKEY) {
+#pragma unroll
+            for (int e = 0; e < 32; e++)
+                if (t0 + 8 * (e / 4) + 2 * q + e % 2 < s0 + 8 * (e / 2 % 2)) st[e] = -INFINITY;
+        }
+#pragma unroll
+        for (int e = 0; e < 32; e++) {
+            const int col = 8 * (e / 4) + 2 * q + e % 2;
+            const float x = exp2f(fmaf(st[e], scale, -lse_t[col]));
+            st[e] = x;
+            dpt[e] = x * (dpt[e] - delta_t[col]);  // dS^T
+        }
+        static_assert(BQ == 64, "the second products take 64 query rows");
+        wgmma_rs_pair_from_accumulators<D>(dv, st, dOt, dk, dpt, Qt, step_block);  // dV += P^T dO, dK += dS^T Q
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operands(dv);
+        wgmma_fence_operands(dk);
+        ring.release(i);
+    }
+    const float c = 1.f / sqrtf((float)D);
+    const int64_t stride = 3 * nh * D;
+    bf16* rows = dqkv + ((int64_t)b * T + k0) * stride + h * D;
+#pragma unroll
+    for (int e = 0; e < D / 2; e += 2) {
+        const int r = 64 * wg + 16 * warp + gq + 8 * (e / 2 % 2), col = 8 * (e / 4) + 2 * q;
+        if (k0 + r >= T) continue;
+        bf16* row = rows + (int64_t)r * stride + col;
+        *reinterpret_cast<uint32_t*>(row + nh * D) = pack_bf16x2(c * dk[e], c * dk[e + 1]);
+        *reinterpret_cast<uint32_t*>(row + 2 * nh * D) = pack_bf16x2(dv[e], dv[e + 1]);
+    }
+#endif
+}
+
+// dq, one block per (128 queries, b·h) as in the forward; Q and dO copied once, K and V 64 keys a
+// block into four stages. Per key block j, in a warpgroup's 64 queries:
+//   issue S_{j+1}, dP_{j+1} = Q K_{j+1}^T, dO V_{j+1}^T;   issue dQ += dS_j K_j
+// then S_{j+1}, dP_{j+1} awaited, P = 2^(c·S − lse) (masked s > t on the diagonal
+// block), dS = P ⊙ (dP − δ) in place; dQ += dS_j K_j awaited and block j released; dS_{j+1} packed to
+// bf16 as the register A operand of its product (K read MN-major; dQ times c at the end). Warpgroup 0
+// sees one key block fewer than warpgroup 1 (its last is fully masked) and skips its products there.
+constexpr int kWgDqKeys = 64, kWgDqStages = 4;
+
+template <int D>
+constexpr int wgmma_dq_smem() { return (2 * kWgRows + 2 * kWgDqStages * kWgDqKeys) * D * 2 + 1024 + (1 + 2 * kWgDqStages) * 8; }
+
+template <int D>
+__global__ void __launch_bounds__(kWgThreads, 1)
+    flash_backward_dq_wgmma_kernel(bf16* dqkv, const __grid_constant__ CUtensorMap qkv_map,
+                                   const __grid_constant__ CUtensorMap dout_map, const float* lse, const float* delta,
+                                   int T, int nh) {
+#if defined(LMOE_HAS_WGMMA)
+    static_assert(D == 64 || D == 128, "wgmma attention: head size 64 or 128");
+    constexpr int BQ = kWgRows, BK = kWgDqKeys, STAGES = kWgDqStages, q_elems = BQ * D, kv_elems = BK * D;
     constexpr uint32_t q_block = BQ * 128, kv_block = BK * 128;  // bytes of one 64-column block of a tile
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16* Qs = reinterpret_cast<bf16*>(wgmma_align_smem(smem_raw));  // (128, D)
     bf16* dOs = Qs + q_elems;                                        // (128, D)
-    bf16* Ks = dOs + q_elems;                                        // 2 × (64, D)
-    bf16* Vs = Ks + 2 * kv_elems;                                    // 2 × (64, D)
+    bf16* Ks = dOs + q_elems;                                        // STAGES × (64, D)
+    bf16* Vs = Ks + STAGES * kv_elems;                               // STAGES × (64, D)
+    uint64_t* q_full = reinterpret_cast<uint64_t*>(Vs + STAGES * kv_elems);
+    const StageRing<STAGES> ring{q_full + 1, q_full + 1 + STAGES};
     const int qb = gridDim.x - 1 - blockIdx.x;  // the longest rows first
     const int b = blockIdx.y / nh, h = blockIdx.y % nh, q0 = qb * BQ;
-    const int64_t stride = 3 * nh * D, out_stride = (int64_t)nh * D;
-    const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
-    const float scale = kLog2e / sqrtf((float)D);
-    const auto rows_at = [](int64_t row_stride) { return [row_stride](int r) { return r * row_stride; }; };
-    auto load_keys = [&](int kb) {
-        const int k0 = kb * BK, stage = kb % 2;
-        load_rows_swizzled_async<D, BK, NT>(Ks + stage * kv_elems, qkv_rows(qkv, 1, b, h, k0, T, nh, D), T - k0,
-                                            rows_at(stride));
-        load_rows_swizzled_async<D, BK, NT>(Vs + stage * kv_elems, qkv_rows(qkv, 2, b, h, k0, T, nh, D), T - k0,
-                                            rows_at(stride));
-    };
-    const int last = min(2 * qb + 1, (T - 1) / BK), my_last = min(2 * qb + wg, last);
+    const int last = min(2 * qb + 1, (T - 1) / BK);
+    if (threadIdx.x == 0) {
+        mbarrier_init(q_full, 1);
+        ring.init(0);
+        fence_mbarrier_init();
+    }
+    __syncthreads();  // initialised before anyone arrives; the block's only barrier
 
-    load_rows_swizzled_async<D, BQ, NT>(Qs, qkv_rows(qkv, 0, b, h, q0, T, nh, D), T - q0, rows_at(stride));
-    load_rows_swizzled_async<D, BQ, NT>(dOs, dout + ((int64_t)b * T + q0) * out_stride + h * D, T - q0,
-                                        rows_at(out_stride));
-    load_keys(0);
-    cp_async_commit();
-    // lse and δ of this thread's two rows (gq, gq + 8 of its warp); rows past T: P = 0
-    float row_lse[2], row_delta[2];
+    if (threadIdx.x >= kWgConsumers) {  // the producer warpgroup
+        warpgroup_release_registers<24>();
+        if (threadIdx.x == kWgConsumers) {
+            const int col = h * D;
+            mbarrier_arrive_expect_tx(q_full, 2 * q_elems * 2);
+            for (int j = 0; j < D / 64; j++)
+                for (int half = 0; half < 2; half++) {
+                    const int at = j * BQ * 64 + half * 64 * 64, row = q0 + 64 * half;
+                    tma_load_3d(Qs + at, qkv_map, col + 64 * j, row, b, q_full);
+                    tma_load_3d(dOs + at, dout_map, col + 64 * j, row, b, q_full);
+                }
+            for (int kb = 0; kb <= last; kb++) {
+                ring.producer_wait(kb);
+                uint64_t* full = ring.expect(kb, 2 * kv_elems * 2);
+                bf16 *K = Ks + ring.stage(kb) * kv_elems, *V = Vs + ring.stage(kb) * kv_elems;
+                for (int j = 0; j < D / 64; j++) {
+                    tma_load_3d(K + j * BK * 64, qkv_map, nh * D + col + 64 * j, kb * BK, b, full);
+                    tma_load_3d(V + j * BK * 64, qkv_map, 2 * nh * D + col + 64 * j, kb * BK, b, full);
+                }
+            }
+        }
+        return;
+    }
+
+    warpgroup_claim_registers<240>();
+    const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
+    const int t0 = q0 + 64 * wg + 16 * warp + gq;  // this thread's rows: t0 and t0 + 8
+    const int my_last = min(2 * qb + wg, last);
+    const float scale = kLog2e / sqrtf((float)D);
+    float row_lse[2], row_delta[2];  // rows past T: P = 0
 #pragma unroll
     for (int half = 0; half < 2; half++) {
-        const int t = q0 + 64 * wg + 16 * warp + gq + 8 * half;
+        const int t = t0 + 8 * half;
         row_lse[half] = t < T ? lse[(int64_t)blockIdx.y * T + t] : INFINITY;
         row_delta[half] = t < T ? delta[(int64_t)blockIdx.y * T + t] : 0.f;
     }
     const unsigned char* Qw = reinterpret_cast<const unsigned char*>(Qs) + wg * 64 * 128;  // this warpgroup's rows
     const unsigned char* dOw = reinterpret_cast<const unsigned char*>(dOs) + wg * 64 * 128;
-    float dq[D / 2];
+    float s[BK / 2], dp[BK / 2], dq[D / 2];
+    uint32_t ds[BK / 16][4];  // dS of the block whose dQ += dS K is issued next, the A operand
 #pragma unroll
     for (int i = 0; i < D / 2; i++) dq[i] = 0.f;
-    for (int kb = 0; kb <= last; kb++) {
-        if (kb < last) load_keys(kb + 1);  // into the stage of block kb − 1
-        cp_async_commit();
-        cp_async_wait<1>();
-        fence_proxy_async();
-        __syncthreads();  // block kb has landed
-        if (kb <= my_last) {
-            const bf16 *Kt = Ks + kb % 2 * kv_elems, *Vt = Vs + kb % 2 * kv_elems;
-            float s[32] = {}, dp[32] = {};  // zeroed, or ptxas waits on the products to copy them
-            wgmma_fence();
-            wgmma_kmajor<64, D / 16>(s, Qw, q_block, Kt, kv_block);
-            wgmma_kmajor<64, D / 16>(dp, dOw, q_block, Vt, kv_block);
-            wgmma_commit();
-            wgmma_wait<0>();
-            wgmma_fence_operands(s);
-            wgmma_fence_operands(dp);
-            const bool diagonal = kb == 2 * qb + wg;
+    auto issue_scores = [&](int kb) {  // S, dP of block kb, once it has landed
+        if (kb > my_last) return;
+        ring.wait(kb);
+        wgmma_fence();
+        wgmma_kmajor<BK, D / 16>(s, Qw, q_block, Ks + ring.stage(kb) * kv_elems, kv_block);
+        wgmma_kmajor<BK, D / 16>(dp, dOw, q_block, Vs + ring.stage(kb) * kv_elems, kv_block);
+        wgmma_commit();
+    };
+    auto issue_dq = [&](int kb) {  // dQ += dS_kb K_kb
+        if (kb > my_last) return;
+        const bf16* Kt = Ks + ring.stage(kb) * kv_elems;
+        wgmma_fence();
 #pragma unroll
-            for (int e = 0; e < 32; e++) {
-                const int half = e / 2 % 2, t = q0 + 64 * wg + 16 * warp + gq + 8 * half;
-                float x = exp2f(s[e] * scale - row_lse[half]);
-                if (diagonal && kb * BK + 8 * (e / 4) + 2 * q + e % 2 > t) x = 0.f;
-                s[e] = x * (dp[e] - row_delta[half]);  // dS
-            }
-            uint32_t ds[BK / 16][4];
-            wgmma_accumulators_as_a<BK / 16>(ds, s);
-            wgmma_fence_operands(dq);
-            wgmma_fence();
+        for (int kk = 0; kk < BK / 16; kk++) wgmma_rs<D, 1>(dq, ds[kk], wgmma_desc_mnmajor(Kt, kv_block, kk), 1);
+        wgmma_commit();
+    };
+    auto score_grads = [&](int kb) {  // S, dP of block kb (awaited) → dS in s
+        if (kb > my_last) return;
+        if (kb == 2 * qb + wg) {
 #pragma unroll
-            for (int kk = 0; kk < BK / 16; kk++) {
-                wgmma_rs<D, 1>(dq, ds[kk], wgmma_desc_mnmajor(Kt, kv_block, kk), 1);
-            }
-            wgmma_commit();
-            wgmma_wait<0>();
-            wgmma_fence_operands(dq);
+            for (int e = 0; e < BK / 2; e++)
+                if (kb * BK + 8 * (e / 4) + 2 * q + e % 2 > t0 + 8 * (e / 2 % 2)) s[e] = -INFINITY;
         }
-        __syncthreads();  // both warpgroups are done with this stage, which the next iteration refills
+#pragma unroll
+        for (int e = 0; e < BK / 2; e++) {
+            const int half = e / 2 % 2;
+            s[e] = exp2f(fmaf(s[e], scale, -row_lse[half])) * (dp[e] - row_delta[half]);
+        }
+    };
+
+    mbarrier_wait(q_full, 0);
+    issue_scores(0);
+    wgmma_wait<0>();
+    wgmma_fence_operands(s);
+    wgmma_fence_operands(dp);
+    score_grads(0);
+    wgmma_accumulators_as_a<BK / 16>(ds, s);
+    for (int kb = 0; kb < last; kb++) {
+        issue_scores(kb + 1);
+        issue_dq(kb);
+        wgmma_wait<1>();  // S_{kb+1}, dP_{kb+1}
+        wgmma_fence_operands(s);
+        wgmma_fence_operands(dp);
+        score_grads(kb + 1);
+        wgmma_wait<0>();  // dQ += dS_kb K_kb: ds and block kb are free
+        wgmma_fence_operands(dq);
+        ring.release(kb);
+        wgmma_accumulators_as_a<BK / 16>(ds, s);
     }
+    issue_dq(last);
+    wgmma_wait<0>();
+    wgmma_fence_operands(dq);
     const float c = 1.f / sqrtf((float)D);
+    const int64_t stride = 3 * nh * D;
     bf16* rows = dqkv + ((int64_t)b * T + q0) * stride + h * D;
 #pragma unroll
     for (int e = 0; e < D / 2; e += 2) {
@@ -792,10 +883,10 @@ template <int D>
 void launch_forward(floatX* out, float* lse, const floatX* qkv, int B, int T, int nh, cudaStream_t stream) {
     if constexpr (D == 64 || D == 128) {
         if (device_has_wgmma()) {
-            const dim3 grid((unsigned)ceil_div(T, kWgQueries), B * nh);
+            const dim3 grid((unsigned)ceil_div(T, kWgRows), B * nh);
             allow_smem(flash_forward_wgmma_kernel<D>, wgmma_forward_smem<D>());
-            flash_forward_wgmma_kernel<D><<<grid, kWgForwardThreads, wgmma_forward_smem<D>(), stream>>>(
-                out, lse, qkv_tensor_map(qkv, B, T, nh, D), T, nh);
+            flash_forward_wgmma_kernel<D><<<grid, kWgThreads, wgmma_forward_smem<D>(), stream>>>(
+                out, lse, rows_tensor_map(qkv, B, T, 3 * nh * D, kWgRows), T, nh);
             CUDA_CHECK_LAUNCH();
             return;
         }
@@ -811,15 +902,16 @@ void launch_backward(floatX* dqkv, const floatX* dout, const floatX* qkv, const 
                      int T, int nh, cudaStream_t stream) {
     if constexpr (D == 64 || D == 128) {
         if (device_has_wgmma()) {
-            const dim3 key_blocks((unsigned)ceil_div(T, kWgKeyBlock), B * nh);
+            const CUtensorMap qkv_map = rows_tensor_map(qkv, B, T, 3 * nh * D, 64),
+                              dout_map = rows_tensor_map(dout, B, T, nh * D, 64);
+            const dim3 blocks((unsigned)ceil_div(T, kWgRows), B * nh);  // of 128 keys, then of 128 queries
             allow_smem(flash_backward_dkdv_wgmma_kernel<D>, wgmma_dkdv_smem<D>());
-            flash_backward_dkdv_wgmma_kernel<D><<<key_blocks, kWgThreads, wgmma_dkdv_smem<D>(), stream>>>(
-                dqkv, dout, qkv, lse, delta, T, nh);
+            flash_backward_dkdv_wgmma_kernel<D><<<blocks, kWgThreads, wgmma_dkdv_smem<D>(), stream>>>(
+                dqkv, qkv_map, dout_map, lse, delta, T, nh);
             CUDA_CHECK_LAUNCH();
-            const dim3 query_blocks((unsigned)ceil_div(T, kWgQueries), B * nh);
             allow_smem(flash_backward_dq_wgmma_kernel<D>, wgmma_dq_smem<D>());
-            flash_backward_dq_wgmma_kernel<D><<<query_blocks, kWgThreads, wgmma_dq_smem<D>(), stream>>>(
-                dqkv, dout, qkv, lse, delta, T, nh);
+            flash_backward_dq_wgmma_kernel<D><<<blocks, kWgThreads, wgmma_dq_smem<D>(), stream>>>(
+                dqkv, qkv_map, dout_map, lse, delta, T, nh);
             CUDA_CHECK_LAUNCH();
             return;
         }
