@@ -373,9 +373,10 @@ __global__ void __launch_bounds__(kThreads) flash_backward_dq_kernel(bf16* dqkv,
 // producer warpgroup that gives its registers to them and whose one thread copies the tiles by TMA
 // (128B-swizzled, tc/wgmma.cuh) into stages handed on by mbarriers, so that no barrier stops the
 // block. In the forward the consumers also take the tensor cores in turns (ping-pong), one
-// warpgroup's softmax running under the other's products; in the backward kernels turns measured no
-// faster (dk/dv) or slower (dq, by a fifth), and the two warpgroups run free. The kernels exist in
-// every build; without wgmma their bodies are empty and they are never launched.
+// warpgroup's softmax running under the other's products; in the backward kernels turns were
+// measured no faster (dk/dv) or slower (dq; docs/perf/single_gpu.md), and the two warpgroups run
+// free. The kernels exist in every build; without wgmma their bodies are empty and they are never
+// launched.
 constexpr int kWgRows = 128, kWgConsumers = 256, kWgThreads = kWgConsumers + 128;
 
 // The tensor map of the head columns of a (B, T, width) bf16 activation (qkv: width 3C, its dout:
