@@ -387,18 +387,23 @@ inline CUtensorMap rows_tensor_map(const bf16* x, int B, int T, int width, int r
 }
 
 #if defined(LMOE_HAS_WGMMA)
-// The ring of STAGES stages a producer fills with blocks 0, 1, 2, ... in order: full[s] completes
-// when stage s has landed (the TMA thread's bytes plus `extra` arrivals of the producer's other
-// threads), empty[s] when every consumer thread is done with it.
+// The mbarriers of a block's copies, 1 + 2·STAGES of them at `bars`: `once` completes when the tiles
+// copied once per block have landed; the ring of STAGES stages is filled with blocks 0, 1, 2, ... in
+// order, full[s] completing when stage s has landed (the TMA thread's bytes plus `extra` arrivals of
+// the producer's other threads), empty[s] when every consumer thread is done with it.
 template <int STAGES>
 struct StageRing {
+    uint64_t* once;
     uint64_t* full;
     uint64_t* empty;
+    __device__ explicit StageRing(uint64_t* bars) : once(bars), full(bars + 1), empty(bars + 1 + STAGES) {}
     __device__ void init(int extra) const {  // by one thread, before a __syncthreads
+        mbarrier_init(once, 1);
         for (int s = 0; s < STAGES; s++) {
             mbarrier_init(full + s, 1 + extra);
             mbarrier_init(empty + s, kWgConsumers);
         }
+        fence_mbarrier_init();
     }
     __device__ int stage(int i) const { return i % STAGES; }
     __device__ void producer_wait(int i) const {  // until block i may overwrite its stage
@@ -412,6 +417,23 @@ struct StageRing {
     __device__ void wait(int i) const { mbarrier_wait(full + i % STAGES, i / STAGES % 2); }
     __device__ void release(int i) const { mbarrier_arrive(empty + i % STAGES); }
 };
+
+// The TMA thread's copies of key blocks 0..last (BK keys each, the head columns col.. of batch row b)
+// into the ring's K and V stages, each once its stage is free.
+template <int D, int BK, int STAGES>
+__device__ inline void copy_key_blocks(const StageRing<STAGES>& ring, bf16* Ks, bf16* Vs, const CUtensorMap& qkv_map,
+                                       int nh, int col, int b, int last) {
+    constexpr int kv_elems = BK * D;
+    for (int kb = 0; kb <= last; kb++) {
+        ring.producer_wait(kb);
+        uint64_t* full = ring.expect(kb, 2 * kv_elems * 2);
+        bf16 *K = Ks + ring.stage(kb) * kv_elems, *V = Vs + ring.stage(kb) * kv_elems;
+        for (int j = 0; j < D / 64; j++) {
+            tma_load_3d(K + j * BK * 64, qkv_map, nh * D + col + 64 * j, kb * BK, b, full);
+            tma_load_3d(V + j * BK * 64, qkv_map, 2 * nh * D + col + 64 * j, kb * BK, b, full);
+        }
+    }
+}
 
 // The turns of consumer warpgroup wg on the tensor cores, 0 .. turns − 1 (equal for both).
 struct Turns {
@@ -452,32 +474,19 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     bf16* Qs = reinterpret_cast<bf16*>(wgmma_align_smem(smem_raw));  // (128, D)
     bf16* Ks = Qs + q_elems;                                         // STAGES × (128, D)
     bf16* Vs = Ks + STAGES * kv_elems;                               // STAGES × (128, D)
-    uint64_t* q_full = reinterpret_cast<uint64_t*>(Vs + STAGES * kv_elems);
-    const StageRing<STAGES> ring{q_full + 1, q_full + 1 + STAGES};
+    const StageRing<STAGES> ring(reinterpret_cast<uint64_t*>(Vs + STAGES * kv_elems));  // once: Q
     const int qb = gridDim.x - 1 - blockIdx.x;  // the longest rows first: the tail is short blocks
     const int b = blockIdx.y / nh, h = blockIdx.y % nh, q0 = qb * BQ, last = qb;
-    if (threadIdx.x == 0) {
-        mbarrier_init(q_full, 1);
-        ring.init(0);
-        fence_mbarrier_init();
-    }
+    if (threadIdx.x == 0) ring.init(0);
     __syncthreads();  // initialised before anyone arrives; the block's only barrier
 
     if (threadIdx.x >= kWgConsumers) {  // the producer warpgroup
         warpgroup_release_registers<24>();
         if (threadIdx.x == kWgConsumers) {
             const int col = h * D;  // this head's columns within each third of a qkv row
-            mbarrier_arrive_expect_tx(q_full, q_elems * 2);
-            for (int j = 0; j < D / 64; j++) tma_load_3d(Qs + j * BQ * 64, qkv_map, col + 64 * j, q0, b, q_full);
-            for (int kb = 0; kb <= last; kb++) {
-                ring.producer_wait(kb);
-                uint64_t* full = ring.expect(kb, 2 * kv_elems * 2);
-                bf16 *K = Ks + ring.stage(kb) * kv_elems, *V = Vs + ring.stage(kb) * kv_elems;
-                for (int j = 0; j < D / 64; j++) {
-                    tma_load_3d(K + j * BK * 64, qkv_map, nh * D + col + 64 * j, kb * BK, b, full);
-                    tma_load_3d(V + j * BK * 64, qkv_map, 2 * nh * D + col + 64 * j, kb * BK, b, full);
-                }
-            }
+            mbarrier_arrive_expect_tx(ring.once, q_elems * 2);
+            for (int j = 0; j < D / 64; j++) tma_load_3d(Qs + j * BQ * 64, qkv_map, col + 64 * j, q0, b, ring.once);
+            copy_key_blocks<D, BK>(ring, Ks, Vs, qkv_map, nh, col, b, last);
         }
         return;
     }
@@ -536,7 +545,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
         }
     };
 
-    mbarrier_wait(q_full, 0);
+    mbarrier_wait(ring.once, 0);
     issue_scores(0);
     turns.pass(0);
     wgmma_wait<0>();
@@ -616,27 +625,22 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     bf16* dOs = Qs + STAGES * step_elems;                               // STAGES × (64, D)
     float* lse_s = reinterpret_cast<float*>(dOs + STAGES * step_elems);  // STAGES × 64
     float* delta_s = lse_s + STAGES * BQ;                                // STAGES × 64
-    uint64_t* kv_full = reinterpret_cast<uint64_t*>(delta_s + STAGES * BQ);
-    const StageRing<STAGES> ring{kv_full + 1, kv_full + 1 + STAGES};
+    const StageRing<STAGES> ring(reinterpret_cast<uint64_t*>(delta_s + STAGES * BQ));  // once: K, V
     const int b = blockIdx.y / nh, h = blockIdx.y % nh, k0 = blockIdx.x * BKEY;  // key block 0 sees every query: the longest first
     const int first = k0 / BQ, steps = (int)ceil_div(T, BQ) - first;  // query steps first + i, i < steps
-    if (threadIdx.x == 0) {
-        mbarrier_init(kv_full, 1);
-        ring.init(32);
-        fence_mbarrier_init();
-    }
+    if (threadIdx.x == 0) ring.init(32);
     __syncthreads();  // initialised before anyone arrives; the block's only barrier
 
     if (threadIdx.x >= kWgConsumers) {  // the producer warpgroup
         warpgroup_release_registers<24>();
         const int col = h * D, lane = threadIdx.x % 32;
         if (threadIdx.x == kWgConsumers) {
-            mbarrier_arrive_expect_tx(kv_full, 2 * key_elems * 2);
+            mbarrier_arrive_expect_tx(ring.once, 2 * key_elems * 2);
             for (int j = 0; j < D / 64; j++)
                 for (int half = 0; half < 2; half++) {
                     const int at = j * BKEY * 64 + half * 64 * 64, row = k0 + 64 * half;
-                    tma_load_3d(Ks + at, qkv_map, nh * D + col + 64 * j, row, b, kv_full);
-                    tma_load_3d(Vs + at, qkv_map, 2 * nh * D + col + 64 * j, row, b, kv_full);
+                    tma_load_3d(Ks + at, qkv_map, nh * D + col + 64 * j, row, b, ring.once);
+                    tma_load_3d(Vs + at, qkv_map, 2 * nh * D + col + 64 * j, row, b, ring.once);
                 }
             for (int i = 0; i < steps; i++) {
                 ring.producer_wait(i);
@@ -674,7 +678,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     float dk[D / 2], dv[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; i++) dk[i] = dv[i] = 0.f;
-    mbarrier_wait(kv_full, 0);
+    mbarrier_wait(ring.once, 0);
     for (int i = 0; i < steps; i++) {
         const int stage = ring.stage(i), t0 = (first + i) * BQ;
         const bf16 *Qt = Qs + stage * step_elems, *dOt = dOs + stage * step_elems;
@@ -748,38 +752,25 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     bf16* dOs = Qs + q_elems;                                        // (128, D)
     bf16* Ks = dOs + q_elems;                                        // STAGES × (64, D)
     bf16* Vs = Ks + STAGES * kv_elems;                               // STAGES × (64, D)
-    uint64_t* q_full = reinterpret_cast<uint64_t*>(Vs + STAGES * kv_elems);
-    const StageRing<STAGES> ring{q_full + 1, q_full + 1 + STAGES};
+    const StageRing<STAGES> ring(reinterpret_cast<uint64_t*>(Vs + STAGES * kv_elems));  // once: Q, dO
     const int qb = gridDim.x - 1 - blockIdx.x;  // the longest rows first
     const int b = blockIdx.y / nh, h = blockIdx.y % nh, q0 = qb * BQ;
     const int last = min(2 * qb + 1, (T - 1) / BK);
-    if (threadIdx.x == 0) {
-        mbarrier_init(q_full, 1);
-        ring.init(0);
-        fence_mbarrier_init();
-    }
+    if (threadIdx.x == 0) ring.init(0);
     __syncthreads();  // initialised before anyone arrives; the block's only barrier
 
     if (threadIdx.x >= kWgConsumers) {  // the producer warpgroup
         warpgroup_release_registers<24>();
         if (threadIdx.x == kWgConsumers) {
             const int col = h * D;
-            mbarrier_arrive_expect_tx(q_full, 2 * q_elems * 2);
+            mbarrier_arrive_expect_tx(ring.once, 2 * q_elems * 2);
             for (int j = 0; j < D / 64; j++)
                 for (int half = 0; half < 2; half++) {
                     const int at = j * BQ * 64 + half * 64 * 64, row = q0 + 64 * half;
-                    tma_load_3d(Qs + at, qkv_map, col + 64 * j, row, b, q_full);
-                    tma_load_3d(dOs + at, dout_map, col + 64 * j, row, b, q_full);
+                    tma_load_3d(Qs + at, qkv_map, col + 64 * j, row, b, ring.once);
+                    tma_load_3d(dOs + at, dout_map, col + 64 * j, row, b, ring.once);
                 }
-            for (int kb = 0; kb <= last; kb++) {
-                ring.producer_wait(kb);
-                uint64_t* full = ring.expect(kb, 2 * kv_elems * 2);
-                bf16 *K = Ks + ring.stage(kb) * kv_elems, *V = Vs + ring.stage(kb) * kv_elems;
-                for (int j = 0; j < D / 64; j++) {
-                    tma_load_3d(K + j * BK * 64, qkv_map, nh * D + col + 64 * j, kb * BK, b, full);
-                    tma_load_3d(V + j * BK * 64, qkv_map, 2 * nh * D + col + 64 * j, kb * BK, b, full);
-                }
-            }
+            copy_key_blocks<D, BK>(ring, Ks, Vs, qkv_map, nh, col, b, last);
         }
         return;
     }
@@ -832,7 +823,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
         }
     };
 
-    mbarrier_wait(q_full, 0);
+    mbarrier_wait(ring.once, 0);
     issue_scores(0);
     wgmma_wait<0>();
     wgmma_fence_operands(s);
