@@ -25,7 +25,8 @@
 #   - with VARIANTS="DIR ..." (source trees, e.g. copies of this one with a kernel changed; not with
 #     BENCH=0), each variant's bf16 build of bench_latentmoe, bench_moe and the VARIANT_TESTS
 #     (default test_gpu_latentmoe test_gpu_moe): its tests and its stage benchmarks run after this
-#     tree's, and its "kernel ..." lines are printed beside theirs.
+#     tree's, and its "kernel ..." lines are printed beside theirs (and its attention timing lines
+#     where VARIANT_TESTS names test_gpu_attention).
 #   bash scripts/gpu_kernels.sh OTHER_TREE    e.g. OTHER_TREE from `git archive REV | tar -x -C .before`
 # Logs come back as $OUT/logs.tgz (scripts/device_logs.sh), refreshed after every phase; a short table
 # is printed last. The tests in three builds are its longest phase (some 4 minutes on an H200 side
@@ -164,6 +165,10 @@ for i in "${!variants[@]}"; do
     done
 done
 echo "== attention, this tree | $other"; grep -h "timing attention" "$logs/test_gpu_attention.bf16.log" "$logs/test_gpu_attention.other.log" 2>/dev/null
+for i in "${!variants[@]}"; do  # where VARIANT_TESTS names test_gpu_attention
+    [ -f "$logs/test_gpu_attention.variant$i.log" ] &&
+        { echo "== attention, variant $i (${variants[$i]})"; grep "timing attention" "$logs/test_gpu_attention.variant$i.log"; }
+done
 for f in ncu ncu_moe; do
     [ -f "$logs/$f.txt" ] && { echo "== $f"; grep -E "^  [a-z_]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|Registers Per|Achieved Occupancy|ncu: rc" "$logs/$f.txt" | head -60; }
 done
