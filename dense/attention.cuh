@@ -626,7 +626,8 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     float* lse_s = reinterpret_cast<float*>(dOs + STAGES * step_elems);  // STAGES × 64
     float* delta_s = lse_s + STAGES * BQ;                                // STAGES × 64
     const StageRing<STAGES> ring(reinterpret_cast<uint64_t*>(delta_s + STAGES * BQ));  // once: K, V
-    const int b = blockIdx.y / nh, h = blockIdx.y % nh, k0 = blockIdx.x * BKEY;  // key block 0 sees every query: the longest first
+    // key block 0 sees every query: the longest blocks come first
+    const int b = blockIdx.y / nh, h = blockIdx.y % nh, k0 = blockIdx.x * BKEY;
     const int first = k0 / BQ, steps = (int)ceil_div(T, BQ) - first;  // query steps first + i, i < steps
     if (threadIdx.x == 0) ring.init(32);
     __syncthreads();  // initialised before anyone arrives; the block's only barrier
@@ -736,7 +737,9 @@ __global__ void __launch_bounds__(kWgThreads, 1)
 constexpr int kWgDqKeys = 64, kWgDqStages = 4;
 
 template <int D>
-constexpr int wgmma_dq_smem() { return (2 * kWgRows + 2 * kWgDqStages * kWgDqKeys) * D * 2 + 1024 + (1 + 2 * kWgDqStages) * 8; }
+constexpr int wgmma_dq_smem() {
+    return (2 * kWgRows + 2 * kWgDqStages * kWgDqKeys) * D * 2 + 1024 + (1 + 2 * kWgDqStages) * 8;
+}
 
 template <int D>
 __global__ void __launch_bounds__(kWgThreads, 1)
@@ -851,7 +854,8 @@ __global__ void __launch_bounds__(kWgThreads, 1)
 #pragma unroll
     for (int e = 0; e < D / 2; e += 2) {
         const int r = 64 * wg + 16 * warp + gq + 8 * (e / 2 % 2), col = 8 * (e / 4) + 2 * q;
-        if (q0 + r < T) *reinterpret_cast<uint32_t*>(rows + (int64_t)r * stride + col) = pack_bf16x2(c * dq[e], c * dq[e + 1]);
+        if (q0 + r < T)
+            *reinterpret_cast<uint32_t*>(rows + (int64_t)r * stride + col) = pack_bf16x2(c * dq[e], c * dq[e + 1]);
     }
 #endif
 }

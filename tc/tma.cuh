@@ -3,7 +3,8 @@
 // tc/wgmma.cuh's operand tiles, and the copy's bytes complete an mbarrier's phase. The box is
 // described on the host by a tensor map (make_tensor_map), passed to the kernel as a
 // __grid_constant__ parameter; boxes that reach past the matrix's edges read zeros there, so
-// partial tiles need no masking. Users: moe/grouped/grouped_gemm.cuh, moe/latent/expert_rows_wgmma.cuh.
+// partial tiles need no masking. Users: moe/grouped/grouped_gemm.cuh, moe/latent/expert_rows_wgmma.cuh,
+// dense/attention.cuh.
 #pragma once
 #include <cuda.h>
 #include <cudaTypedefs.h>
