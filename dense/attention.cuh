@@ -434,17 +434,6 @@ __device__ inline void copy_key_blocks(const StageRing<STAGES>& ring, bf16* Ks, 
         }
     }
 }
-
-// The turns of consumer warpgroup wg on the tensor cores, 0 .. turns − 1 (equal for both).
-struct Turns {
-    int wg, turns;
-    __device__ void take(int turn) const {
-        if (wg == 1 || turn > 0) warpgroup_wait_turn(wg);
-    }
-    __device__ void pass(int turn) const {
-        if (wg == 0 || turn < turns - 1) warpgroup_pass_turn(wg);
-    }
-};
 #endif
 
 // Forward, one block per (128 queries, b·h), warpgroup w owning queries q0 + 64w ..; Q copied once,

@@ -129,6 +129,17 @@ __device__ inline void warpgroup_pass_turn(int w) {
     if (w == 0) asm volatile("bar.arrive 4, 256;\n" ::: "memory");
     else asm volatile("bar.arrive 3, 256;\n" ::: "memory");
 }
+// Warpgroup wg's turns 0 .. turns − 1 (as many for both warpgroups), with that rule for the first
+// and the last: take(turn) before a turn's products, pass(turn) after them.
+struct Turns {
+    int wg, turns;
+    __device__ void take(int turn) const {
+        if (wg == 1 || turn > 0) warpgroup_wait_turn(wg);
+    }
+    __device__ void pass(int turn) const {
+        if (wg == 0 || turn < turns - 1) warpgroup_pass_turn(wg);
+    }
+};
 
 // Warp-specialised kernels move registers between warpgroups: a producer warpgroup that only issues
 // copies gives its registers up to N a thread, consumers claim up to N (it waits until the block's
