@@ -721,8 +721,9 @@ __global__ void __launch_bounds__(kWgThreads, 1)
 //   issue S_{j+1}, dP_{j+1} = Q K_{j+1}^T, dO V_{j+1}^T;   issue dQ += dS_j K_j
 // then S_{j+1}, dP_{j+1} awaited, P = 2^(c·S − lse) (masked s > t on the diagonal
 // block), dS = P ⊙ (dP − δ) in place; dQ += dS_j K_j awaited and block j released; dS_{j+1} packed to
-// bf16 as the register A operand of its product (K read MN-major; dQ times c at the end). Warpgroup 0
-// sees one key block fewer than warpgroup 1 (its last is fully masked) and skips its products there.
+// bf16 as the register A operand of its product (K read MN-major; dQ times c at the end). Both
+// warpgroups run every key block: warpgroup 0's last one is fully masked (P = 0, dQ += 0), and skipping
+// its products there would make ptxas serialise every wgmma of the kernel.
 constexpr int kWgDqKeys = 64, kWgDqStages = 4;
 
 template <int D>
@@ -770,7 +771,6 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     warpgroup_claim_registers<240>();
     const int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
     const int t0 = q0 + 64 * wg + 16 * warp + gq;  // this thread's rows: t0 and t0 + 8
-    const int my_last = min(2 * qb + wg, last);
     const float scale = kLog2e / sqrtf((float)D);
     float row_lse[2], row_delta[2];  // rows past T: P = 0
 #pragma unroll
@@ -786,7 +786,6 @@ __global__ void __launch_bounds__(kWgThreads, 1)
 #pragma unroll
     for (int i = 0; i < D / 2; i++) dq[i] = 0.f;
     auto issue_scores = [&](int kb) {  // S, dP of block kb, once it has landed
-        if (kb > my_last) return;
         ring.wait(kb);
         wgmma_fence();
         wgmma_kmajor<BK, D / 16>(s, Qw, q_block, Ks + ring.stage(kb) * kv_elems, kv_block);
@@ -794,7 +793,6 @@ __global__ void __launch_bounds__(kWgThreads, 1)
         wgmma_commit();
     };
     auto issue_dq = [&](int kb) {  // dQ += dS_kb K_kb
-        if (kb > my_last) return;
         const bf16* Kt = Ks + ring.stage(kb) * kv_elems;
         wgmma_fence();
 #pragma unroll
@@ -802,8 +800,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
         wgmma_commit();
     };
     auto score_grads = [&](int kb) {  // S, dP of block kb (awaited) → dS in s
-        if (kb > my_last) return;
-        if (kb == 2 * qb + wg) {
+        if (kb >= 2 * qb + wg) {
 #pragma unroll
             for (int e = 0; e < BK / 2; e++)
                 if (kb * BK + 8 * (e / 4) + 2 * q + e % 2 > t0 + 8 * (e / 2 % 2)) s[e] = -INFINITY;
