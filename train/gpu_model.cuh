@@ -97,21 +97,37 @@ inline DecayTable decay_table(const ParamLayout& layout, float weight_decay) {
     return DecayTable(end, decay);
 }
 
-// The gradients zero_grad clears, as (offset, count) runs of the flat buffer: every tensor's but the
-// expert weights', which a step's first backward writes whole (TensorSpec::gradient_written,
-// Ctx::accumulate_expert_grads).
-inline std::vector<std::pair<int64_t, int64_t>> cleared_gradient_runs(const ParamLayout& layout) {
-    std::vector<std::pair<int64_t, int64_t>> runs;
+// The forward reads the weights in blocks, in this order: 0 the embedding, 1 + l layer l (its dense
+// and its FFN tensors), L + 1 the final norm and the LM head. The optimizer updates them block by
+// block in the same order, so that the next forward can start on the first block while it updates
+// the others.
+inline int forward_block(const std::string& tensor, int L) {
+    if (tensor == "wte") return 0;
+    if (tensor == "lnf" || tensor == "lm_head") return L + 1;
+    if (tensor.rfind("layer", 0) == 0) return 1 + std::stoi(tensor.substr(5));
+    throw std::logic_error("no forward block reads the tensor " + tensor);
+}
+
+using Runs = std::vector<std::pair<int64_t, int64_t>>;  // (offset, count) runs of the flat buffer
+
+// The tensors `keep` picks, as runs per forward block (adjacent tensors of a block merged).
+template <class Keep>
+std::vector<Runs> runs_by_block(const ParamLayout& layout, int L, Keep keep) {
+    std::vector<Runs> blocks(L + 2);
     for (const TensorSpec& t : layout.tensors) {
-        if (t.gradient_written) continue;
+        if (!keep(t)) continue;
+        Runs& runs = blocks[forward_block(t.name, L)];
         if (!runs.empty() && runs.back().first + runs.back().second == t.offset) runs.back().second += t.numel;
         else runs.push_back({t.offset, t.numel});
     }
-    return runs;
+    return blocks;
 }
 
 // The model on one GPU: fp32 master weights, their floatX working copy, fp32 gradients and AdamW
 // moments, all in flat buffers laid out by build_param_layout; the activations of one micro-batch.
+// Two streams: the main one runs the step; AdamW runs on a stream of lower priority, block by block
+// (forward_block), and the next forward waits for a block's update just before it reads the block,
+// so that the update of the later blocks overlaps the forward of the first ones.
 template <class Ffn>
 class GpuModel {
     // cudaMemGetInfo's free bytes before any member allocates: declared first, so initialised first
@@ -139,7 +155,12 @@ class GpuModel {
           layout(build_param_layout(c, comm_.rank, comm_.world)), balance(c.L, heads, c.E),
           decay(decay_table(layout, c.weight_decay)),
           ffn_(c, c.B * c.T, comm_) {
-        CUDA_CHECK(cudaStreamCreate(&ctx.stream));
+        int least = 0, greatest = 0;  // numerically: the greatest priority is the least number
+        CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+        CUDA_CHECK(cudaStreamCreateWithPriority(&ctx.stream, cudaStreamDefault, greatest));
+        CUDA_CHECK(cudaStreamCreateWithPriority(&optimizer_stream_, cudaStreamDefault, least));
+        CUDA_CHECK(cudaEventCreateWithFlags(&clip_ready_, cudaEventDisableTiming));
+        for (cudaEvent_t& e : updated_) CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
         ctx.cublas = make_cublas_handle();
         ctx.comm = &comm;
         profile_ = std::make_unique<StepProfile>(ctx.stream);
@@ -177,11 +198,15 @@ class GpuModel {
     }
     ~GpuModel() {
         cudaStreamSynchronize(ctx.stream);  // a failed step may leave copies reading the staging buffers
+        cudaStreamSynchronize(optimizer_stream_);
         for (int s = 0; s < 2; s++) {
             cudaEventDestroy(staged_[s]);
             cudaFreeHost(host_tokens_[s]);
         }
+        for (cudaEvent_t e : updated_) cudaEventDestroy(e);
+        cudaEventDestroy(clip_ready_);
         cublasDestroy(ctx.cublas);
+        cudaStreamDestroy(optimizer_stream_);
         cudaStreamDestroy(ctx.stream);
     }
 
@@ -205,7 +230,9 @@ class GpuModel {
         CUDA_CHECK(cudaMemcpyAsync(targets_.get(), staging + N, N * sizeof(int), cudaMemcpyHostToDevice, st));
         CUDA_CHECK(cudaEventRecord(staged_[s], st));
 
+        wait_for_update(0);
         embedding_forward(resid(0), tokens_.get(), w.wte, N, d, st);                     // x (N, d)
+        wait_for_update(1);
         rmsnorm_forward(xn1(0), rstd1(0), resid(0), w.layers[0].ln1, N, d, st);
         for (int l = 0; l < c.L; l++) {
             const Layer& wl = w.layers[l];
@@ -222,6 +249,7 @@ class GpuModel {
                 ffn_.forward(l, branch_.get(), xn2(l), wl, balance.bias(l), ctx);                     // (N, d)
             }
             const bool last = l == c.L - 1;
+            wait_for_update(l + 2);  // the next layer's, or the final norm's and LM head's
             residual_rmsnorm_forward(resid(l + 1), last ? xf_.get() : xn1(l + 1), last ? rstdf_.get() : rstd1(l + 1),
                                      resid_mid(l), branch_.get(), last ? w.lnf : w.layers[l + 1].ln1, N, d, st);
         }
@@ -265,14 +293,19 @@ class GpuModel {
         }
         embedding_backward(g.wte, dresid_.get(), tokens_.get(), N, d, c.Vp(), embedding_scratch_.get(), st);
         ctx.accumulate_expert_grads = true;  // the step's later micro-batches add
+        grads_cleared_ = false;
     }
 
     // A step begins: its gradients and its loss start from zero. The expert weights' gradients
     // (`*.expert_in`, `*.expert_out`: most of the buffer) are not cleared but written by the step's
-    // first backward.
+    // first backward; the others are cleared here unless the optimizer_step before cleared them (block
+    // by block, after their update) and no backward came since.
     void zero_grad() {
-        for (const auto& [offset, count] : cleared_grads_)
-            CUDA_CHECK(cudaMemsetAsync(grads.get() + offset, 0, count * sizeof(float), ctx.stream));
+        if (!grads_cleared_)
+            for (const Runs& runs : cleared_grads_)
+                for (const auto& [offset, count] : runs)
+                    CUDA_CHECK(cudaMemsetAsync(grads.get() + offset, 0, count * sizeof(float), ctx.stream));
+        grads_cleared_ = true;
         CUDA_CHECK(cudaMemsetAsync(loss_norm_.get(), 0, sizeof(float), ctx.stream));
         ctx.accumulate_expert_grads = false;
     }
@@ -293,10 +326,12 @@ class GpuModel {
         if (!Ffn::kLoadsAreGlobal) all_reduce_sum_int(balance.counts(), balance.size(), comm, ctx.stream);
     }
 
-    // Clip by the global norm (replicated gradients once, shards summed over the ranks), AdamW (step
-    // is 0-based), then the aux-free bias update from the accumulated counts. Returns the step's loss
-    // (over the ranks after sync_gradients) and the gradient norm before clipping, read back in one
-    // copy, which waits for the step to finish.
+    // Clip by the global norm (replicated gradients once, shards summed over the ranks) and the
+    // aux-free bias update from the accumulated counts on the main stream, then AdamW (step is 0-based)
+    // on the optimizer's stream, block by block, each block's cleared gradients zeroed after its update.
+    // Returns the step's loss (over the ranks after sync_gradients) and the gradient norm before
+    // clipping, read back in one copy, which waits for the main stream but not for AdamW: the host goes
+    // on to the next step while the update runs.
     StepResult optimizer_step(double lr, int step) {
         const Config& c = cfg;
         cudaStream_t st = ctx.stream;
@@ -307,13 +342,22 @@ class GpuModel {
                                 norm_scratch_.get(), st);
             all_reduce_sum(clip_.get() + 1, 1, comm, st);
             clip_scale(clip_.get() + 2, loss_norm_.get() + 1, clip_.get(), c.grad_clip, st, 2);
-            const ref::AdamW hp;
-            const float bc1 = float(1 - std::pow(hp.beta1, step + 1)), bc2 = float(1 - std::pow(hp.beta2, step + 1));
-            adamw_update(master.get(), params.get(), m.get(), v.get(), grads.get(), layout.total, (float)lr,
-                         (float)hp.beta1, (float)hp.beta2, (float)hp.eps, decay.segments(), bc1, bc2, clip_.get() + 2,
-                         st);
             balance.update(c.bias_rate, st);
         }
+        CUDA_CHECK(cudaEventRecord(clip_ready_, st));
+        CUDA_CHECK(cudaStreamWaitEvent(optimizer_stream_, clip_ready_));
+        const ref::AdamW hp;
+        const float bc1 = float(1 - std::pow(hp.beta1, step + 1)), bc2 = float(1 - std::pow(hp.beta2, step + 1));
+        for (int j = 0; j < c.L + 2; j++) {
+            for (const auto& [offset, count] : updated_runs_[j])
+                adamw_update(master.get(), params.get(), m.get(), v.get(), grads.get(), offset, offset + count,
+                             (float)lr, (float)hp.beta1, (float)hp.beta2, (float)hp.eps, decay.segments(), bc1, bc2,
+                             clip_.get() + 2, optimizer_stream_);
+            for (const auto& [offset, count] : cleared_grads_[j])
+                CUDA_CHECK(cudaMemsetAsync(grads.get() + offset, 0, count * sizeof(float), optimizer_stream_));
+            CUDA_CHECK(cudaEventRecord(updated_[j], optimizer_stream_));
+        }
+        grads_cleared_ = true;
         float loss_norm[2];
         CUDA_CHECK(cudaMemcpyAsync(loss_norm, loss_norm_.get(), sizeof loss_norm, cudaMemcpyDeviceToHost, st));
         CUDA_CHECK(cudaStreamSynchronize(st));
@@ -333,9 +377,11 @@ class GpuModel {
     // Host copies for checkpoints and logs (these synchronise).
     TrainingState state(int step) const {
         CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
+        CUDA_CHECK(cudaStreamSynchronize(optimizer_stream_));
         return {step, master.download(), m.download(), v.download(), balance.download_bias()};
     }
     void load_state(const TrainingState& s) {
+        CUDA_CHECK(cudaStreamSynchronize(optimizer_stream_));  // an update in flight would overwrite the state
         master.upload(s.params); m.upload(s.m); v.upload(s.v); balance.upload_bias(s.routing_bias);
         copy_master_to_param(params.get(), master.get(), layout.total, ctx.stream);
     }
@@ -428,8 +474,20 @@ class GpuModel {
     }
 
   private:
+    // The main stream waits until AdamW has updated forward block j (a no-op before the first step).
+    void wait_for_update(int j) { CUDA_CHECK(cudaStreamWaitEvent(ctx.stream, updated_[j])); }
+
     std::unique_ptr<StepProfile> profile_;
-    const std::vector<std::pair<int64_t, int64_t>> cleared_grads_ = cleared_gradient_runs(layout);
+    // Per forward block: the runs AdamW updates (all of the block), and the gradients cleared after
+    // the update (all but the expert weights', which a step's first backward writes whole:
+    // TensorSpec::gradient_written, Ctx::accumulate_expert_grads).
+    const std::vector<Runs> updated_runs_ = runs_by_block(layout, cfg.L, [](const TensorSpec&) { return true; });
+    const std::vector<Runs> cleared_grads_ =
+        runs_by_block(layout, cfg.L, [](const TensorSpec& t) { return !t.gradient_written; });
+    cudaStream_t optimizer_stream_ = nullptr;
+    cudaEvent_t clip_ready_ = nullptr;                                // the clip scale AdamW reads
+    std::vector<cudaEvent_t> updated_ = std::vector<cudaEvent_t>(cfg.L + 2);  // per forward block
+    bool grads_cleared_ = false;  // the gradients zero_grad clears are zero, or will be once queued work runs
     Ffn ffn_;
     DeviceBuffer<int> tokens_, targets_;
     // Two pinned staging buffers (inputs then targets), used in turn, each with an event recorded after

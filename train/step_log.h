@@ -76,7 +76,8 @@ struct StepTimes {
     double attention = NAN, ffn = NAN, all_to_all = NAN, all_reduce = NAN, optimizer = NAN;
 
     double ffn_compute() const { return ffn - all_to_all; }
-    // what no section claims (embedding, norms, LM head, loss, launch gaps) of a step of `ms`
+    // what no section claims (embedding, norms, LM head, loss, launch gaps, the forward's waits for
+    // AdamW, which runs on a stream of its own) of a step of `ms`
     double rest(double ms) const { return ms - attention - ffn - all_reduce - optimizer; }
 };
 
