@@ -567,14 +567,12 @@ __global__ void __launch_bounds__(kWgThreads, 1)
         if (q == 0 && t < T) lse[(int64_t)blockIdx.y * T + t] = m[half] + log2f(l[half]);
     }
     const float inv[2] = {1.f / l[0], 1.f / l[1]};
-    bf16* out_bh = out + ((int64_t)b * T + q0) * nh * D + h * D;
-#pragma unroll
-    for (int i = 0; i < D / 2; i += 2) {
-        const int r = 64 * wg + 16 * warp + gq + 8 * (i / 2 % 2), col = 8 * (i / 4) + 2 * q;
-        if (q0 + r < T)
-            *reinterpret_cast<uint32_t*>(out_bh + (int64_t)r * nh * D + col) =
-                pack_bf16x2(o[i] * inv[i / 2 % 2], o[i + 1] * inv[i / 2 % 2]);
-    }
+    bf16* out_rows = out + ((int64_t)b * T + q0 + 64 * wg) * nh * D + h * D;  // this warpgroup's rows
+    for_each_accumulator_pair<D>(o, [&](int r, int col, float x, float y) {  // r % 16 / 8: row t0 or t0 + 8
+        if (q0 + 64 * wg + r < T)
+            *reinterpret_cast<uint32_t*>(out_rows + (int64_t)r * nh * D + col) =
+                pack_bf16x2(x * inv[r % 16 / 8], y * inv[r % 16 / 8]);
+    });
 #endif
 }
 
@@ -704,15 +702,16 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     }
     const float c = 1.f / sqrtf((float)D);
     const int64_t stride = 3 * nh * D;
-    bf16* rows = dqkv + ((int64_t)b * T + k0) * stride + h * D;
-#pragma unroll
-    for (int e = 0; e < D / 2; e += 2) {
-        const int r = 64 * wg + 16 * warp + gq + 8 * (e / 2 % 2), col = 8 * (e / 4) + 2 * q;
-        if (k0 + r >= T) continue;
-        bf16* row = rows + (int64_t)r * stride + col;
-        *reinterpret_cast<uint32_t*>(row + nh * D) = pack_bf16x2(c * dk[e], c * dk[e + 1]);
-        *reinterpret_cast<uint32_t*>(row + 2 * nh * D) = pack_bf16x2(dv[e], dv[e + 1]);
-    }
+    bf16* rows = dqkv + ((int64_t)b * T + k0 + 64 * wg) * stride + h * D;  // this warpgroup's keys
+    const auto store = [&](const float (&acc)[D / 2], int part, float scale) {  // part 1: dK, 2: dV
+        for_each_accumulator_pair<D>(acc, [&](int r, int col, float x, float y) {
+            if (k0 + 64 * wg + r < T)
+                *reinterpret_cast<uint32_t*>(rows + (int64_t)r * stride + part * nh * D + col) =
+                    pack_bf16x2(scale * x, scale * y);
+        });
+    };
+    store(dk, 1, c);
+    store(dv, 2, 1.f);
 #endif
 }
 
@@ -836,13 +835,11 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     wgmma_fence_operands(dq);
     const float c = 1.f / sqrtf((float)D);
     const int64_t stride = 3 * nh * D;
-    bf16* rows = dqkv + ((int64_t)b * T + q0) * stride + h * D;
-#pragma unroll
-    for (int e = 0; e < D / 2; e += 2) {
-        const int r = 64 * wg + 16 * warp + gq + 8 * (e / 2 % 2), col = 8 * (e / 4) + 2 * q;
-        if (q0 + r < T)
-            *reinterpret_cast<uint32_t*>(rows + (int64_t)r * stride + col) = pack_bf16x2(c * dq[e], c * dq[e + 1]);
-    }
+    bf16* rows = dqkv + ((int64_t)b * T + q0 + 64 * wg) * stride + h * D;  // this warpgroup's queries
+    for_each_accumulator_pair<D>(dq, [&](int r, int col, float x, float y) {
+        if (q0 + 64 * wg + r < T)
+            *reinterpret_cast<uint32_t*>(rows + (int64_t)r * stride + col) = pack_bf16x2(c * x, c * y);
+    });
 #endif
 }
 

@@ -141,13 +141,14 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
     // packed A (a_prev); once S is done it works out chunk c's A (into a_next) while that product and
     // the other warpgroup's turn keep the tensor cores busy. Two sets of A registers, used by even and
     // odd chunks, as a register operand in flight must not be overwritten before its wait.
+    const Turns turns{wg, chunks + 1};  // chunk 0's S; chunk c's with chunk c − 1's last product; the last one's
     const auto turn = [&](int c, const uint32_t (&a_prev)[FC / 16][4], uint32_t (&a_next)[FC / 16][4]) {
         wait_landed(c);
-        warpgroup_wait_turn(wg);
+        turns.take(c);
         wgmma_fence();
         issue_first(c);
         issue_last(c - 1, a_prev);
-        warpgroup_pass_turn(wg);
+        turns.pass(c);
         // chunk c + kStages − 2 into the stage of chunk c − 2, once both warpgroups are done with it
         // (the other warpgroup's last product of chunk c − 2 was issued before this turn)
         if (threadIdx.x == 0 && c >= 2 && c + kStages - 2 < chunks) {
@@ -161,28 +162,28 @@ __global__ void __launch_bounds__(kWgmmaRowsThreads, 1)
         mbarrier_arrive(empty + (c - 1) % kStages);  // chunk c − 1's products are done: its stage is free
     };
     uint32_t a0[FC / 16][4], a1[FC / 16][4];
-    // turn 0: chunk 0's S alone (warpgroup 0 takes it without waiting)
+    // turn 0: chunk 0's S alone
     wait_landed(0);
-    if (wg == 1) warpgroup_wait_turn(wg);
+    turns.take(0);
     wgmma_fence();
     issue_first(0);
-    warpgroup_pass_turn(wg);
+    turns.pass(0);
     wgmma_wait<0>();
     hidden(a0);
     for (int c = 1; c < chunks; c += 2) {
         turn(c, a0, a1);
         if (c + 1 < chunks) turn(c + 1, a1, a0);
     }
-    // turn `chunks`: the last chunk's last product alone (warpgroup 1 hands on no turn after it)
+    // turn `chunks`: the last chunk's last product alone
     uint32_t a_last[FC / 16][4];
 #pragma unroll
     for (int kk = 0; kk < FC / 16; kk++)
 #pragma unroll
         for (int i = 0; i < 4; i++) a_last[kk][i] = chunks % 2 ? a0[kk][i] : a1[kk][i];
-    warpgroup_wait_turn(wg);
+    turns.take(chunks);
     wgmma_fence();
     issue_last(chunks - 1, a_last);
-    if (wg == 0) warpgroup_pass_turn(wg);
+    turns.pass(chunks);
     wgmma_wait<0>();
     wgmma_fence_operands(acc);
     // The result leaves through this warpgroup's rows of the X tile, which its products no longer read.
