@@ -62,7 +62,7 @@ struct AdamWStep {
 
 // The weight decay of each element of a flat buffer that holds many tensors: elements
 // [end[j−1], end[j]) take weight_decay[j] (end[−1] = 0). One segment per tensor lets one launch
-// update every tensor of the model, however many there are.
+// update any run of adjacent tensors, however many there are.
 struct DecaySegments {
     const int64_t* end;         // (count,) device, increasing; the last is the buffer's length
     const float* weight_decay;  // (count,) device

@@ -5,7 +5,7 @@
 # the determinism test, then times attention against PyTorch's fused attention (the anchor
 # attention_block.py, carried in .anchors/) at B·T = 8192 tokens for T = 1024, 4096, 8192, and trains
 # 12 steps for the step breakdown (KJV shards carried in data/): train_latentmoe p1 at those lengths,
-# both trainers at p1 and p2 (T = 1024) with --grad-accum 1 and at p1 with --grad-accum 4.
+# both trainers at p1 and p2 (T = 1024) with --grad-accum 1 and 4.
 #   bash scripts/gpu_dense.sh          logs in $OUT/logs.tgz (default out/), a short table last
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -32,7 +32,8 @@ fi
 if [ -f data/kjv_train.bin ]; then
     # preset trainer T grad-accum
     runs=("p1 train_latentmoe 1024 1" "p1 moe_ep_baseline 1024 1" "p1 train_latentmoe 4096 1" "p1 train_latentmoe 8192 1"
-        "p1 train_latentmoe 1024 4" "p1 moe_ep_baseline 1024 4" "p2 train_latentmoe 1024 1" "p2 moe_ep_baseline 1024 1")
+        "p1 train_latentmoe 1024 4" "p1 moe_ep_baseline 1024 4" "p2 train_latentmoe 1024 1" "p2 moe_ep_baseline 1024 1"
+        "p2 train_latentmoe 1024 4" "p2 moe_ep_baseline 1024 4")
     for run in "${runs[@]}"; do
         read -r preset trainer T ga <<<"$run"
         timeout 120 ./build/$trainer --preset "$preset" --seq-len "$T" --batch $((8192 / T)) --grad-accum "$ga" \
