@@ -20,6 +20,54 @@ constexpr double kModelTolerance = 1e-4;  // a dozen fp32 layers deep: sums of ~
 constexpr double kModelTolerance = 5e-2;
 #endif
 
+// The optimizer step after the gradient check: AdamW runs on a stream of its own, block by block, and
+// the next forward waits for each block (train/gpu_model.cuh). Against ref::adamw_update on the GPU's
+// own gradients and weights, each tensor's update (new − old master weights, so a block left out or
+// updated twice shows as an error near 1); every gradient but the expert weights' zero after the step;
+// and the next forward, issued while the update may still run, giving bitwise the loss of a fresh model
+// loaded with the updated state.
+constexpr double kStepTolerance = 1e-3;  // fp32 against double; the update, ~lr, is a difference of two weights ~1
+
+template <class Ffn>
+void check_optimizer_step(const std::string& name, const Config& c, GpuModel<Ffn>& gpu, const std::vector<float>& master,
+                          const std::vector<float>& grads, lmoe::Rng& rng) {
+    const double lr = 1e-3;
+    const StepResult step = gpu.optimizer_step(lr, 0);
+    const int N = c.B * c.T;
+    std::vector<int32_t> tokens(N), targets(N);
+    for (int i = 0; i < N; i++) { tokens[i] = rng.below(c.V); targets[i] = rng.below(c.V); }
+    gpu.forward(tokens.data(), targets.data(), 0.f);
+    const float loss_after = gpu.mean_loss_global();
+    const TrainingState state = gpu.state(1);  // waits for the update
+
+    std::vector<double> theta(master.begin(), master.end()), g(grads.begin(), grads.end());
+    std::vector<double> m(theta.size(), 0.0), v(theta.size(), 0.0);
+    const double norm = ref::clip_grad_norm(g.data(), (int64_t)g.size(), c.grad_clip);
+    CHECK_MSG(std::abs(step.norm - norm) <= kStepTolerance * norm, name + ": the gradient norm differs from the reference");
+    const std::vector<float> grads_after = gpu.grads.download();
+    bool cleared = true;
+    for (const TensorSpec& t : gpu.layout.tensors) {
+        ref::adamw_update(theta.data() + t.offset, m.data() + t.offset, v.data() + t.offset, g.data() + t.offset,
+                          t.numel, lr, t.decay ? c.weight_decay : 0.0, 1);
+        std::vector<double> got(t.numel), want(t.numel);
+        for (int64_t i = 0; i < t.numel; i++) {
+            got[i] = double(state.params[t.offset + i]) - master[t.offset + i];
+            want[i] = theta[t.offset + i] - master[t.offset + i];
+        }
+        gpu_test::expect_close(name + " step " + t.name, got, want, kStepTolerance);
+        if (!t.gradient_written)
+            for (int64_t i = 0; i < t.numel; i++) cleared &= grads_after[t.offset + i] == 0.f;
+    }
+    CHECK_MSG(cleared, name + ": gradients left uncleared by the optimizer step");
+
+    GpuModel<Ffn> fresh(c, Comm{});
+    fresh.load_state(state);
+    fresh.forward(tokens.data(), targets.data(), 0.f);
+    const float loss_fresh = fresh.mean_loss_global();
+    std::printf("  next forward: loss %.7f, a fresh model with the updated state %.7f\n", loss_after, loss_fresh);
+    CHECK_MSG(loss_after == loss_fresh, name + ": the forward after the step did not see the updated weights");
+}
+
 template <class Ffn>
 void check_model(const char* name, Config c, lmoe::Rng& rng, const std::string& dump_dir, int micro_batches = 1) {
     std::printf("%s (%s): T %d d %d L %d n_head %d | H %d dh %d E %d fe %d k %d | B %d%s\n", name, ffn_name(c.ffn), c.T,
@@ -107,6 +155,7 @@ void check_model(const char* name, Config c, lmoe::Rng& rng, const std::string& 
         std::vector<double> want(cpu.grads.begin() + t.offset, cpu.grads.begin() + t.offset + t.numel);
         gpu_test::expect_close(std::string(name) + " d" + t.name, got, want, kModelTolerance);
     }
+    check_optimizer_step(name, c, gpu, master, grads, rng);
 }
 
 int main(int argc, char** argv) {
