@@ -3,7 +3,8 @@
 // reference), the same batch, the same expert choices (the GPU's, so a near-tie that rounds the other
 // way cannot fail the test): the loss and the gradient of every parameter tensor, from a gradient
 // buffer poisoned before zero_grad (which clears all but the expert weights' gradients, the backward
-// writing those). Tight in the fp32 build; in bf16 it shows how far mixed precision moves them. With
+// writing those); then the optimizer step on those gradients and the forward after it
+// (check_optimizer_step). Tight in the fp32 build; in bf16 it shows how far mixed precision moves them. With
 // --dump DIR it also writes the GPU's step as a model dump for the independent PyTorch oracle
 // (tests/torch_oracle.py), LocMoE's with its capacity, the copies it kept, L_aux and L_loc.
 #define LMOE_NO_MAIN
