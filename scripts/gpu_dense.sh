@@ -57,4 +57,5 @@ echo "== training, 12 steps"
 for log in "$logs"/p[12]_*.log; do
     echo "$(basename "$log" .log): $(grep '^done' "$log")"
     grep "time (ms)" "$log" | tail -n 1
+    grep "taken by the model" "$log"
 done
