@@ -145,8 +145,8 @@ class MoeFfn {
         if (!c_.locmoe()) return s;
         all_reduce_average(step_loss_.get(), 2, comm, stream);
         all_reduce_sum_int(step_dropped_.get(), c_.L, comm, stream);
-        const std::vector<float> loss = step_loss_.download();
-        const std::vector<int> dropped = step_dropped_.download();
+        const std::vector<float> loss = step_loss_.download(stream);
+        const std::vector<int> dropped = step_dropped_.download(stream);
         s.aux_loss = loss[0];
         s.loc_loss = loss[1];
         std::copy(dropped.begin(), dropped.end(), s.dropped.begin());

@@ -76,7 +76,7 @@ class LoadBalance {
     }
     // The counts since the last call, (layers, groups, E), on the host; they start again from zero.
     std::vector<int64_t> take_counts(cudaStream_t stream) {
-        std::vector<int> c = counts_.download();
+        std::vector<int> c = counts_.download(stream);
         CUDA_CHECK(cudaMemsetAsync(counts_.get(), 0, counts_.size() * sizeof(int), stream));
         return std::vector<int64_t>(c.begin(), c.end());
     }

@@ -3,8 +3,7 @@
 // reference), the same batch, the same expert choices (the GPU's, so a near-tie that rounds the other
 // way cannot fail the test): the loss and the gradient of every parameter tensor, from a gradient
 // buffer poisoned before zero_grad (which clears all but the expert weights' gradients, the backward
-// writing those); then the optimizer step on those gradients and the forward after it
-// (check_optimizer_step). Tight in the fp32 build; in bf16 it shows how far mixed precision moves them. With
+// writing those); then two optimizer steps on fresh models (check_optimizer_step). Tight in the fp32 build; in bf16 it shows how far mixed precision moves them. With
 // --dump DIR it also writes the GPU's step as a model dump for the independent PyTorch oracle
 // (tests/torch_oracle.py), LocMoE's with its capacity, the copies it kept, L_aux and L_loc.
 #define LMOE_NO_MAIN
@@ -21,52 +20,84 @@ constexpr double kModelTolerance = 1e-4;  // a dozen fp32 layers deep: sums of ~
 constexpr double kModelTolerance = 5e-2;
 #endif
 
-// The optimizer step after the gradient check: AdamW runs on a stream of its own, block by block, and
-// the next forward waits for each block (train/gpu_model.cuh). Against ref::adamw_update on the GPU's
-// own gradients and weights, each tensor's update (new − old master weights, so a block left out or
-// updated twice shows as an error near 1); every gradient but the expert weights' zero after the step;
-// and the next forward, issued while the update may still run, giving bitwise the loss of a fresh model
-// loaded with the updated state.
+// The optimizer step, on two fresh models of the configuration fed the same batches. AdamW runs on a
+// stream of its own, block by block, the next forward waiting for each block (train/gpu_model.cuh).
+// `synced` waits for every update (state()) before it goes on: its first step against ref::adamw_update
+// on its own gradients and weights, each tensor's update (new − old master weights, so a block left out
+// or updated twice shows as an error near 1), and every gradient but the expert weights' zero after the
+// step. `held` goes on without waiting while its optimizer stream is held back before each update, so
+// the next step's zero_grad, forward and backward are queued (and mostly run) before the update they
+// must wait for: its losses, gradient norms, a forward after two steps and its final weights and
+// moments must equal synced's bitwise.
 constexpr double kStepTolerance = 1e-3;  // fp32 against double; the update, ~lr, is a difference of two weights ~1
+constexpr int kHoldMs = 100;             // longer than a tiny model's step
+
+// Holds a stream for about `ms` milliseconds (each __nanosleep sleeps up to about twice what it asks).
+__global__ void hold_stream_kernel(int ms) {
+    for (int i = 0; i < ms; i++) __nanosleep(1000000);
+}
 
 template <class Ffn>
-void check_optimizer_step(const std::string& name, const Config& c, GpuModel<Ffn>& gpu, const std::vector<float>& master,
-                          const std::vector<float>& grads, lmoe::Rng& rng) {
-    const double lr = 1e-3;
-    const StepResult step = gpu.optimizer_step(lr, 0);
+void check_optimizer_step(const std::string& name, const Config& c, lmoe::Rng& rng) {
     const int N = c.B * c.T;
-    std::vector<int32_t> tokens(N), targets(N);
-    for (int i = 0; i < N; i++) { tokens[i] = rng.below(c.V); targets[i] = rng.below(c.V); }
-    gpu.forward(tokens.data(), targets.data(), 0.f);
-    const float loss_after = gpu.mean_loss_global();
-    const TrainingState state = gpu.state(1);  // waits for the update
+    std::vector<std::vector<int32_t>> batches(3, std::vector<int32_t>(2 * N));  // tokens, then targets
+    for (auto& b : batches)
+        for (int32_t& t : b) t = rng.below(c.V);
+    const double lr = 1e-3;
+    GpuModel<Ffn> synced(c, Comm{}), held(c, Comm{});
 
-    std::vector<double> theta(master.begin(), master.end()), g(grads.begin(), grads.end());
-    std::vector<double> m(theta.size(), 0.0), v(theta.size(), 0.0);
-    const double norm = ref::clip_grad_norm(g.data(), (int64_t)g.size(), c.grad_clip);
-    CHECK_MSG(std::abs(step.norm - norm) <= kStepTolerance * norm, name + ": the gradient norm differs from the reference");
-    const std::vector<float> grads_after = gpu.grads.download();
-    bool cleared = true;
-    for (const TensorSpec& t : gpu.layout.tensors) {
-        ref::adamw_update(theta.data() + t.offset, m.data() + t.offset, v.data() + t.offset, g.data() + t.offset,
-                          t.numel, lr, t.decay ? c.weight_decay : 0.0, 1);
-        std::vector<double> got(t.numel), want(t.numel);
-        for (int64_t i = 0; i < t.numel; i++) {
-            got[i] = double(state.params[t.offset + i]) - master[t.offset + i];
-            want[i] = theta[t.offset + i] - master[t.offset + i];
+    std::vector<StepResult> want;
+    std::vector<float> master, grads;
+    for (int step = 0; step < 2; step++) {
+        synced.zero_grad();
+        synced.train_micro_batch(batches[step].data(), batches[step].data() + N);
+        if (step == 0) master = synced.master.download(), grads = synced.grads.download();
+        want.push_back(synced.optimizer_step(lr, step));
+        const TrainingState state = synced.state(step + 1);  // waits for the update
+        if (step > 0) continue;
+        std::vector<double> theta(master.begin(), master.end()), g(grads.begin(), grads.end());
+        std::vector<double> m(theta.size(), 0.0), v(theta.size(), 0.0);
+        const double norm = ref::clip_grad_norm(g.data(), (int64_t)g.size(), c.grad_clip);
+        CHECK_MSG(std::abs(want[0].norm - norm) <= kStepTolerance * norm,
+                  name + ": the gradient norm differs from the reference");
+        const std::vector<float> grads_after = synced.grads.download();
+        bool cleared = true;
+        for (const TensorSpec& t : synced.layout.tensors) {
+            ref::adamw_update(theta.data() + t.offset, m.data() + t.offset, v.data() + t.offset, g.data() + t.offset,
+                              t.numel, lr, t.decay ? c.weight_decay : 0.0, 1);
+            std::vector<double> got(t.numel), ref_update(t.numel);
+            for (int64_t i = 0; i < t.numel; i++) {
+                got[i] = double(state.params[t.offset + i]) - master[t.offset + i];
+                ref_update[i] = theta[t.offset + i] - master[t.offset + i];
+            }
+            gpu_test::expect_close(name + " step " + t.name, got, ref_update, kStepTolerance);
+            if (!t.gradient_written)
+                for (int64_t i = 0; i < t.numel; i++) cleared &= grads_after[t.offset + i] == 0.f;
         }
-        gpu_test::expect_close(name + " step " + t.name, got, want, kStepTolerance);
-        if (!t.gradient_written)
-            for (int64_t i = 0; i < t.numel; i++) cleared &= grads_after[t.offset + i] == 0.f;
+        CHECK_MSG(cleared, name + ": gradients left uncleared by the optimizer step");
     }
-    CHECK_MSG(cleared, name + ": gradients left uncleared by the optimizer step");
 
-    GpuModel<Ffn> fresh(c, Comm{});
-    fresh.load_state(state);
-    fresh.forward(tokens.data(), targets.data(), 0.f);
-    const float loss_fresh = fresh.mean_loss_global();
-    std::printf("  next forward: loss %.7f, a fresh model with the updated state %.7f\n", loss_after, loss_fresh);
-    CHECK_MSG(loss_after == loss_fresh, name + ": the forward after the step did not see the updated weights");
+    bool same_steps = true;
+    for (int step = 0; step < 2; step++) {
+        held.zero_grad();
+        held.train_micro_batch(batches[step].data(), batches[step].data() + N);
+        hold_stream_kernel<<<1, 1, 0, held.optimizer_stream()>>>(kHoldMs);
+        CUDA_CHECK_LAUNCH();
+        const StepResult got = held.optimizer_step(lr, step);
+        same_steps &= got.loss == want[step].loss && got.norm == want[step].norm;
+    }
+    float loss[2];
+    int i = 0;
+    for (GpuModel<Ffn>* model : {&synced, &held}) {
+        model->forward(batches[2].data(), batches[2].data() + N, 0.f);
+        loss[i++] = model->mean_loss_global();
+    }
+    const TrainingState a = synced.state(2), b = held.state(2);
+    std::printf("  after two steps, a forward: loss %.7f (updates awaited), %.7f (updates held back)\n", loss[0],
+                loss[1]);
+    CHECK_MSG(same_steps && loss[0] == loss[1] && gpu_test::same_bytes(a.params, b.params) &&
+                  gpu_test::same_bytes(a.m, b.m) && gpu_test::same_bytes(a.v, b.v),
+              name + ": steps whose updates were held back differ from steps that awaited them");
 }
 
 template <class Ffn>
@@ -156,7 +187,7 @@ void check_model(const char* name, Config c, lmoe::Rng& rng, const std::string& 
         std::vector<double> want(cpu.grads.begin() + t.offset, cpu.grads.begin() + t.offset + t.numel);
         gpu_test::expect_close(std::string(name) + " d" + t.name, got, want, kModelTolerance);
     }
-    check_optimizer_step(name, c, gpu, master, grads, rng);
+    if (micro_batches == 1) check_optimizer_step<Ffn>(name, c, rng);
 }
 
 int main(int argc, char** argv) {

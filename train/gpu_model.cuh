@@ -390,6 +390,8 @@ class GpuModel {
     RouterStats take_router_stats() { return ffn_.take_router_stats(comm, ctx.stream); }
 
     const Ffn& ffn() const { return ffn_; }
+    // The stream AdamW runs on (test_gpu_model holds it back to check that the next step waits for it).
+    cudaStream_t optimizer_stream() const { return optimizer_stream_; }
 
     // ---- The interface the training loop (train/loop.h) drives, shared with train/cpu_model.h ----
     static constexpr bool kOnGpu = true;  // it reports MFU, bytes sent and the time breakdown
@@ -487,7 +489,9 @@ class GpuModel {
     cudaStream_t optimizer_stream_ = nullptr;
     cudaEvent_t clip_ready_ = nullptr;                                // the clip scale AdamW reads
     std::vector<cudaEvent_t> updated_ = std::vector<cudaEvent_t>(cfg.L + 2);  // per forward block
-    bool grads_cleared_ = false;  // the gradients zero_grad clears are zero, or will be once queued work runs
+    // The gradients zero_grad clears are zero, or will be once queued work runs. Only this class's own
+    // writes are tracked: a caller that writes `grads` itself (a test's poison) does so before zero_grad.
+    bool grads_cleared_ = false;
     Ffn ffn_;
     DeviceBuffer<int> tokens_, targets_;
     // Two pinned staging buffers (inputs then targets), used in turn, each with an event recorded after

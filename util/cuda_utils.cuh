@@ -137,6 +137,15 @@ class DeviceBuffer {
         CUDA_CHECK(cudaMemcpy(host.data(), ptr_, n_ * sizeof(T), cudaMemcpyDeviceToHost));
         return host;
     }
+    // The same, ordered on `stream` alone, which it synchronises. download() goes through the legacy
+    // default stream and so also waits for the work of every other stream (a model's optimizer
+    // stream among them): what a training step reads back goes through this one.
+    std::vector<T> download(cudaStream_t stream) const {
+        std::vector<T> host(n_);
+        CUDA_CHECK(cudaMemcpyAsync(host.data(), ptr_, n_ * sizeof(T), cudaMemcpyDeviceToHost, stream));
+        CUDA_CHECK(cudaStreamSynchronize(stream));
+        return host;
+    }
     // Fills every byte with 0xFF: NaN for floats and bf16, -1 for integers. Tests poison outputs this
     // way before a kernel runs, so an element the kernel never wrote cannot pass for a right one.
     void poison() { CUDA_CHECK(cudaMemset(ptr_, 0xFF, n_ * sizeof(T))); }
