@@ -20,37 +20,51 @@ constexpr double kModelTolerance = 1e-4;  // a dozen fp32 layers deep: sums of ~
 constexpr double kModelTolerance = 5e-2;
 #endif
 
-// The optimizer step, on two fresh models of the configuration fed the same batches. AdamW runs on a
-// stream of its own, block by block, the next forward waiting for each block (train/gpu_model.cuh).
-// `synced` waits for every update (state()) before it goes on: its first step against ref::adamw_update
-// on its own gradients and weights, each tensor's update (new − old master weights, so a block left out
-// or updated twice shows as an error near 1), and every gradient but the expert weights' zero after the
-// step. `held` goes on without waiting while its optimizer stream is held back before each update, so
-// the next step's zero_grad, forward and backward are queued (and mostly run) before the update they
-// must wait for: its losses, gradient norms, a forward after two steps and its final weights and
-// moments must equal synced's bitwise.
+// The optimizer step, on two fresh models of the configuration fed the same batches (`micro_batches`
+// a step). AdamW runs on a stream of its own, block by block, the next forward waiting for each block
+// (train/gpu_model.cuh). `synced` waits for every update (state()) before it goes on: its first step
+// against ref::adamw_update on its own gradients and weights, each tensor's update (new − old master
+// weights, so a block left out or updated twice shows as an error near 1), and every gradient but the
+// expert weights' zero after the step. `held` goes on without waiting while its optimizer stream is
+// held back before each update, so that the next step's zero_grad, forward and backward are queued
+// before the update they must wait for (the test checks that the hold still holds once they are):
+// its losses, gradient norms, a forward after two steps and its final weights, moments and routing
+// biases must equal synced's bitwise.
 constexpr double kStepTolerance = 1e-3;  // fp32 against double; the update, ~lr, is a difference of two weights ~1
-constexpr int kHoldMs = 100;             // longer than a tiny model's step
+constexpr uint64_t kHoldNs = 200'000'000;  // far longer than queueing a tiny model's step
 
-// Holds a stream for about `ms` milliseconds (each __nanosleep sleeps up to about twice what it asks).
-__global__ void hold_stream_kernel(int ms) {
-    for (int i = 0; i < ms; i++) __nanosleep(1000000);
+// Holds a stream for at least `ns` nanoseconds of the GPU's global timer.
+__global__ void hold_stream_kernel(uint64_t ns) {
+    uint64_t start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    do {
+        __nanosleep(100000);
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    } while (now - start < ns);
 }
 
 template <class Ffn>
-void check_optimizer_step(const std::string& name, const Config& c, lmoe::Rng& rng) {
+void check_optimizer_step(const std::string& name, Config c, lmoe::Rng& rng, int micro_batches) {
+    c.grad_accum = micro_batches;
     const int N = c.B * c.T;
-    std::vector<std::vector<int32_t>> batches(3, std::vector<int32_t>(2 * N));  // tokens, then targets
+    // the micro-batches of two steps, then one more for a forward: tokens, then targets
+    std::vector<std::vector<int32_t>> batches(2 * micro_batches + 1, std::vector<int32_t>(2 * N));
     for (auto& b : batches)
         for (int32_t& t : b) t = rng.below(c.V);
+    const auto train_step = [&](GpuModel<Ffn>& model, int step) {
+        model.zero_grad();
+        for (int m = 0; m < micro_batches; m++) {
+            const std::vector<int32_t>& b = batches[step * micro_batches + m];
+            model.train_micro_batch(b.data(), b.data() + N);
+        }
+    };
     const double lr = 1e-3;
     GpuModel<Ffn> synced(c, Comm{}), held(c, Comm{});
 
     std::vector<StepResult> want;
     std::vector<float> master, grads;
     for (int step = 0; step < 2; step++) {
-        synced.zero_grad();
-        synced.train_micro_batch(batches[step].data(), batches[step].data() + N);
+        train_step(synced, step);
         if (step == 0) master = synced.master.download(), grads = synced.grads.download();
         want.push_back(synced.optimizer_step(lr, step));
         const TrainingState state = synced.state(step + 1);  // waits for the update
@@ -77,26 +91,28 @@ void check_optimizer_step(const std::string& name, const Config& c, lmoe::Rng& r
         CHECK_MSG(cleared, name + ": gradients left uncleared by the optimizer step");
     }
 
-    bool same_steps = true;
+    bool same_steps = true, held_back = true;
     for (int step = 0; step < 2; step++) {
-        held.zero_grad();
-        held.train_micro_batch(batches[step].data(), batches[step].data() + N);
-        hold_stream_kernel<<<1, 1, 0, held.optimizer_stream()>>>(kHoldMs);
+        train_step(held, step);  // step 1's waits for step 0's held update
+        if (step == 1) held_back = cudaStreamQuery(held.optimizer_stream()) == cudaErrorNotReady;
+        hold_stream_kernel<<<1, 1, 0, held.optimizer_stream()>>>(kHoldNs);
         CUDA_CHECK_LAUNCH();
         const StepResult got = held.optimizer_step(lr, step);
         same_steps &= got.loss == want[step].loss && got.norm == want[step].norm;
     }
+    CHECK_MSG(held_back, name + ": the optimizer stream was not held while the next step was queued");
     float loss[2];
     int i = 0;
     for (GpuModel<Ffn>* model : {&synced, &held}) {
-        model->forward(batches[2].data(), batches[2].data() + N, 0.f);
+        model->forward(batches.back().data(), batches.back().data() + N, 0.f);
         loss[i++] = model->mean_loss_global();
     }
     const TrainingState a = synced.state(2), b = held.state(2);
     std::printf("  after two steps, a forward: loss %.7f (updates awaited), %.7f (updates held back)\n", loss[0],
                 loss[1]);
     CHECK_MSG(same_steps && loss[0] == loss[1] && gpu_test::same_bytes(a.params, b.params) &&
-                  gpu_test::same_bytes(a.m, b.m) && gpu_test::same_bytes(a.v, b.v),
+                  gpu_test::same_bytes(a.m, b.m) && gpu_test::same_bytes(a.v, b.v) &&
+                  gpu_test::same_bytes(a.routing_bias, b.routing_bias),
               name + ": steps whose updates were held back differ from steps that awaited them");
 }
 
@@ -187,7 +203,7 @@ void check_model(const char* name, Config c, lmoe::Rng& rng, const std::string& 
         std::vector<double> want(cpu.grads.begin() + t.offset, cpu.grads.begin() + t.offset + t.numel);
         gpu_test::expect_close(std::string(name) + " d" + t.name, got, want, kModelTolerance);
     }
-    if (micro_batches == 1) check_optimizer_step<Ffn>(name, c, rng);
+    check_optimizer_step<Ffn>(name, c, rng, micro_batches);
 }
 
 int main(int argc, char** argv) {
