@@ -25,11 +25,12 @@ constexpr double kModelTolerance = 5e-2;
 // (train/gpu_model.cuh). `synced` waits for every update (state()) before it goes on: its first step
 // against ref::adamw_update on its own gradients and weights, each tensor's update (new − old master
 // weights, so a block left out or updated twice shows as an error near 1), and every gradient but the
-// expert weights' zero after the step. `held` goes on without waiting while its optimizer stream is
-// held back before each update, so that the next step's zero_grad, forward and backward are queued
-// before the update they must wait for (the test checks that the hold still holds once they are):
-// its losses, gradient norms, a forward after two steps and its final weights, moments and routing
-// biases must equal synced's bitwise.
+// expert weights' zero after the step. `held` goes on without waiting. Its optimizer stream is held
+// back before the first update, so that the next step's zero_grad, forward and backward are queued
+// before the update they must wait for (the test checks that the hold still holds once they are); its
+// main stream is held back before the second step's clip, which the second update must wait for. Its
+// losses, gradient norms, a forward after two steps and its final weights, moments and routing biases
+// must equal synced's bitwise.
 constexpr double kStepTolerance = 1e-3;  // fp32 against double; the update, ~lr, is a difference of two weights ~1
 constexpr uint64_t kHoldNs = 200'000'000;  // far longer than queueing a tiny model's step
 
@@ -95,7 +96,7 @@ void check_optimizer_step(const std::string& name, Config c, lmoe::Rng& rng, int
     for (int step = 0; step < 2; step++) {
         train_step(held, step);  // step 1's waits for step 0's held update
         if (step == 1) held_back = cudaStreamQuery(held.optimizer_stream()) == cudaErrorNotReady;
-        hold_stream_kernel<<<1, 1, 0, held.optimizer_stream()>>>(kHoldNs);
+        hold_stream_kernel<<<1, 1, 0, step == 0 ? held.optimizer_stream() : held.ctx.stream>>>(kHoldNs);
         CUDA_CHECK_LAUNCH();
         const StepResult got = held.optimizer_step(lr, step);
         same_steps &= got.loss == want[step].loss && got.norm == want[step].norm;
