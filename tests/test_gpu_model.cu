@@ -66,7 +66,10 @@ void check_optimizer_step(const std::string& name, Config c, lmoe::Rng& rng, int
     std::vector<float> master, grads;
     for (int step = 0; step < 2; step++) {
         train_step(synced, step);
-        if (step == 0) master = synced.master.download(), grads = synced.grads.download();
+        if (step == 0) {
+            master = synced.master.download();
+            grads = synced.grads.download();
+        }
         want.push_back(synced.optimizer_step(lr, step));
         const TrainingState state = synced.state(step + 1);  // waits for the update
         if (step > 0) continue;
