@@ -302,9 +302,7 @@ class GpuModel {
     // by block, after their update) and no backward came since.
     void zero_grad() {
         if (!grads_cleared_)
-            for (const Runs& runs : cleared_grads_)
-                for (const auto& [offset, count] : runs)
-                    CUDA_CHECK(cudaMemsetAsync(grads.get() + offset, 0, count * sizeof(float), ctx.stream));
+            for (const Runs& runs : cleared_grads_) clear_gradients(runs, ctx.stream);
         grads_cleared_ = true;
         CUDA_CHECK(cudaMemsetAsync(loss_norm_.get(), 0, sizeof(float), ctx.stream));
         ctx.accumulate_expert_grads = false;
@@ -353,8 +351,7 @@ class GpuModel {
                 adamw_update(master.get(), params.get(), m.get(), v.get(), grads.get(), offset, offset + count,
                              (float)lr, (float)hp.beta1, (float)hp.beta2, (float)hp.eps, decay.segments(), bc1, bc2,
                              clip_.get() + 2, optimizer_stream_);
-            for (const auto& [offset, count] : cleared_grads_[j])
-                CUDA_CHECK(cudaMemsetAsync(grads.get() + offset, 0, count * sizeof(float), optimizer_stream_));
+            clear_gradients(cleared_grads_[j], optimizer_stream_);
             CUDA_CHECK(cudaEventRecord(updated_[j], optimizer_stream_));
         }
         grads_cleared_ = true;
@@ -478,6 +475,10 @@ class GpuModel {
   private:
     // The main stream waits until AdamW has updated forward block j (a no-op before the first step).
     void wait_for_update(int j) { CUDA_CHECK(cudaStreamWaitEvent(ctx.stream, updated_[j])); }
+    void clear_gradients(const Runs& runs, cudaStream_t stream) {
+        for (const auto& [offset, count] : runs)
+            CUDA_CHECK(cudaMemsetAsync(grads.get() + offset, 0, count * sizeof(float), stream));
+    }
 
     std::unique_ptr<StepProfile> profile_;
     // Per forward block: the runs AdamW updates (all of the block), and the gradients cleared after
