@@ -11,8 +11,9 @@
 // Each token x (d) picks its top-k experts; its k copies are grouped by expert; dispatch sends each
 // copy to its expert's owner; each expert runs its rows through W1, GELU and W2 as grouped GEMMs;
 // combine brings the outputs back, where they are weighted by the gates and summed per token. On one
-// GPU dispatch and combine are the identity; with R ranks (Expert Parallel) they are variable-size
-// all-to-alls after a count exchange.
+// GPU dispatch and combine are the identity; with R ranks (Expert Parallel) they move variable
+// numbers of rows, after an all-gather of the counts, by kernels that store into the owners' memory
+// (no host synchronisation) or, across hosts, by NCCL send/recv of sizes read on the host.
 //
 // The includes, in the order the stages use them:
 #include <memory>
@@ -57,7 +58,7 @@ class MoeFfn {
     MoeFfn(const Config& c, int N, const Comm& comm)
         : c_(c), N_(N), copies_((int64_t)N * c.k), plans_(RoutingPlans::routed(c.L, N, 1, c.E, c.k)) {
         const int world = comm.world;
-        if (world > 1) exchange_ = std::make_unique<ExpertExchange>(c.L, N, c.E, c.k, c.d, world);
+        if (world > 1) open_exchange(comm);
         if (c.locmoe()) init_locmoe(comm);
         const size_t L = c.L, n = rows();
         o_.resize(L * copies_ * c.d); pre_.resize(L * n * c.fe); h_.resize(L * n * c.fe);
@@ -67,10 +68,7 @@ class MoeFfn {
             router_grad_scratch_.resize(router_grad_scratch_size(c.E, c.d));
             router_t_.resize((size_t)c.E * c.d);
         }
-        if (exchange_) {  // the rows the experts received, per layer, and their outputs
-            x_received_.resize(L * n * c.d);
-            expert_rows_.resize(n * c.d);
-        }
+        if (exchange_) expert_rows_.resize(n * c.d);  // the experts' output rows
     }
 
     // out (N, d) = FFN_l(x (N, d)).
@@ -95,7 +93,7 @@ class MoeFfn {
         floatX* o_experts = expert_output(o);
         expert_down_forward(o_experts, h, w.expert_out, in.plan, c.d, c.fe, ctx.stream);
         // combine:  each result back to its token's rank, in the order the copies left    (N·k, d)
-        to_sources(l, o, o_experts, ctx);
+        to_sources(l, o, o_experts, p, ctx);
         // weight + merge: out[t] (d) = Σ_j gate · o[copy (t, j)]               floatX (N, d)
         combine_forward(out, c.d, o, p, c.d, ctx.stream);
     }
@@ -112,7 +110,7 @@ class MoeFfn {
         //                (LocMoE: dw = dout · o itself, for the backward of the full softmax)
         combine_backward(d_o_.get(), ds_copy_.get(), dout, c.d, o, p, c.d, ctx.stream, !c.locmoe());
         // combine (backward): d_o to the experts' owners
-        const floatX* d_o_experts = to_owners(l, d_o_.get(), ctx);
+        const floatX* d_o_experts = to_owners(l, d_o_.get(), p, ctx);
         // compute:  dpre (rows, f) = (d_o W2_e) ⊙ GELU'(pre);  dW2_e (+)= d_o^T h
         const bool add = ctx.accumulate_expert_grads;
         expert_down_backward(dpre_.get(), g.expert_out, add, d_o_experts, h, pre, w.expert_out, in.plan, c.d, c.fe,
@@ -122,7 +120,7 @@ class MoeFfn {
         expert_up_backward(dx_experts, g.expert_in, add, dpre_.get(), in.x, c.d, w.expert_in, in.plan, c.d, c.fe,
                            ctx.stream);
         // dispatch (backward): each copy's dx back to its token's rank            (N·k, d) group order
-        to_sources(l, dx_copy_.get(), dx_experts, ctx);
+        to_sources(l, dx_copy_.get(), dx_experts, p, ctx);
         if (c.locmoe()) {
             // group:    dx[t] = Σ_{kept j} dx_copy                                floatX (N, d)
             gather_input_grad(dx, c.d, dx_copy_.get(), ds_copy_.get(), nullptr, nullptr, p, c.d, ctx.stream);
@@ -159,8 +157,8 @@ class MoeFfn {
     RoutingPlan plan(int l) const { return plans_[l]; }
 
     // Bytes this rank sent to other ranks since the last call: rows (SPEC §3: about 4·N·k·d·(R−1)/R·2
-    // per layer when balanced) plus the count metadata.
-    int64_t take_bytes_sent() { return exchange_ ? exchange_->take_bytes_sent() : 0; }
+    // per layer when balanced) plus the count tables. Synchronises `stream`.
+    int64_t take_bytes_sent(cudaStream_t stream) { return exchange_ ? exchange_->take_bytes_sent(stream) : 0; }
 
     // Layer l's choices in its last forward, (N, k): tests hold the reference to them. LocMoE's are
     // the router's, before the capacity drop (which follows from them).
@@ -180,6 +178,22 @@ class MoeFfn {
     int capacity() const { return capacity_; }
 
   private:
+    // Expert Parallel's exchange on R > 1 ranks, by --ep-exchange: device (kernels move the rows
+    // through the peers' memory, no host synchronisation), host (split sizes read on the host, NCCL
+    // send/recv), or auto (device where every rank reaches every other's memory).
+    void open_exchange(const Comm& comm) {
+        const Config& c = c_;
+        exchange_ = std::make_unique<ExpertExchange>(c.L, N_, c.E, c.k, c.d, comm, c.ep_exchange != "host");
+        const ExpertTransport t = exchange_->transport();
+        if (c.ep_exchange == "device" && t != ExpertTransport::Device)
+            throw ConfigError("--ep-exchange device: NCCL cannot give every rank load/store access to every other "
+                              "rank's memory (ranks on several hosts, no peer-to-peer path, or NCCL_CUMEM_ENABLE=0); "
+                              "use --ep-exchange host");
+        if (comm.rank == 0)
+            std::printf("expert exchange: %s (%s)\n", transport_name(t),
+                        t == ExpertTransport::Device ? "rows stored into the owners' memory, no host synchronisation"
+                                                     : "split sizes read on the host each layer, NCCL send/recv");
+    }
     // LocMoE's capacity, this rank's locality target and the buffers of its losses (SPEC §2.6).
     void init_locmoe(const Comm& comm) {
         const Config& c = c_;
@@ -218,25 +232,25 @@ class MoeFfn {
     ExpertRows dispatch(int l, const floatX* x, const RoutingPlan& p, Ctx& ctx) {
         if (!exchange_) return {x, p};
         ProfileScope timed(ctx.profile, Section::AllToAll);
-        floatX* x_received = x_received_.get() + l * rows() * c_.d;
-        return {x_received, exchange_->dispatch(l, x_received, x, p, *ctx.comm, ctx.stream)};
+        const RoutingPlan owner = exchange_->dispatch(l, x, p, *ctx.comm, ctx.stream);
+        return {exchange_->received_rows(l), owner};
     }
     ExpertRows received(int l, const floatX* x, const RoutingPlan& p) const {
         if (!exchange_) return {x, p};
-        return {x_received_.get() + l * rows() * c_.d, exchange_->owner_plan(l)};
+        return {exchange_->received_rows(l), exchange_->owner_plan(l)};
     }
     // The copies' output gradients (N·k, d, group order) to their experts' owners, in owner order.
-    const floatX* to_owners(int l, const floatX* d_o, Ctx& ctx) {
+    const floatX* to_owners(int l, const floatX* d_o, const RoutingPlan& p, Ctx& ctx) {
         if (!exchange_) return d_o;
         ProfileScope timed(ctx.profile, Section::AllToAll);
-        exchange_->to_owners(l, expert_rows_.get(), d_o, *ctx.comm, ctx.stream);
+        exchange_->to_owners(l, expert_rows_.get(), d_o, p, *ctx.comm, ctx.stream);
         return expert_rows_.get();
     }
     // Rows the experts computed (owner order) to the ranks their copies came from, in group order.
-    void to_sources(int l, floatX* rows, const floatX* expert_rows, Ctx& ctx) {
+    void to_sources(int l, floatX* rows, const floatX* expert_rows, const RoutingPlan& p, Ctx& ctx) {
         if (!exchange_) return;
         ProfileScope timed(ctx.profile, Section::AllToAll);
-        exchange_->to_sources(l, rows, expert_rows, *ctx.comm, ctx.stream);
+        exchange_->to_sources(l, rows, expert_rows, p, *ctx.comm, ctx.stream);
     }
     // Where the experts write rows meant for `rows` (group order): in place on one GPU, in the owner
     // rows under Expert Parallel (to_sources then moves them).
@@ -250,7 +264,7 @@ class MoeFfn {
     RoutingPlans plans_;                  // per layer, kept for the backward
     std::unique_ptr<ExpertExchange> exchange_;  // R > 1 only
     // per layer, kept for the backward
-    DeviceBuffer<floatX> o_, pre_, h_, x_received_;
+    DeviceBuffer<floatX> o_, pre_, h_;
     // scratch shared by all layers
     DeviceBuffer<floatX> d_o_, dpre_, dx_copy_, expert_rows_, router_t_;  // router_t_: R transposed
     DeviceBuffer<float> ds_copy_, router_grad_scratch_;

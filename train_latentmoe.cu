@@ -130,7 +130,7 @@ class LatentMoeFfn {
 
     // Bytes this rank sent to other ranks since the last call (SPEC §3 predicts 4·N·H·dh·(R−1)/R·2
     // per layer and step).
-    int64_t take_bytes_sent() { return std::exchange(bytes_sent_, 0); }
+    int64_t take_bytes_sent(cudaStream_t) { return std::exchange(bytes_sent_, 0); }
 
   private:
     // The two directions of Head Parallel's exchange, each timed as a section of the step and

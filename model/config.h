@@ -18,6 +18,9 @@ namespace lmoe {
 // Which FFN the binary trains; everything else in the model is shared.
 enum class FfnKind { LatentMoE, MoE };
 
+// Expert Parallel's device exchange keeps per-rank tables in shared memory (parallel/expert_dispatch.cuh).
+constexpr int kMaxExpertRanks = 64;
+
 // A bad flag or configuration: the trainers print it and exit with status 2.
 struct ConfigError : std::runtime_error {
     using std::runtime_error::runtime_error;
@@ -47,6 +50,8 @@ struct Config {
     float capacity_delta = 0.03f; // δ, the smallest cosine between a token and its expert's gating weight
     float aux_loss_weight = 0.01f;  // α of L_aux
     float loc_loss_weight = 0.01f;  // μ of L_loc
+    // Expert Parallel's exchange of the MoE baseline (parallel/expert_dispatch.cuh)
+    std::string ep_exchange = "auto";  // auto | device | host
     // training (SPEC §2.3, §2.4)
     int B = 16;               // micro-batch sequences per rank
     int grad_accum = 1;       // micro-steps per optimizer step
@@ -282,9 +287,12 @@ inline void validate(const Config& c, int world) {
         else
             require(c.H % P == 0, "Head Parallel × Expert Parallel needs H % P == 0: H = " + std::to_string(c.H) +
                                       " heads cannot be split over P = R / Q = " + std::to_string(P) + " head groups");
-    } else
+    } else {
         require(c.E % world == 0, "Expert Parallel needs E % R == 0: E = " + std::to_string(c.E) +
                                       " experts cannot be split over R = " + std::to_string(world) + " ranks");
+        require(world <= kMaxExpertRanks, "Expert Parallel runs on at most " + std::to_string(kMaxExpertRanks) +
+                                              " ranks, not " + std::to_string(world));
+    }
     for (const SizeProduct& p : size_products(c, world))
         require(p.value <= kMaxIndex,
                 std::string(p.what) + " = " +
@@ -305,6 +313,8 @@ inline void validate(const Config& c, int world) {
     require(c.device == "auto" || c.device == "cpu" || c.device == "gpu",
             "device must be auto, cpu or gpu, not '" + c.device + "'");
     require(c.router == "topk" || c.router == "locmoe", "router must be topk or locmoe, not '" + c.router + "'");
+    require(c.ep_exchange == "auto" || c.ep_exchange == "device" || c.ep_exchange == "host",
+            "ep-exchange must be auto, device or host, not '" + c.ep_exchange + "'");
     require(c.sample >= 0 && c.sample_every >= 0, "--sample and --sample-every must be >= 0");
     require(c.sample_every == 0 || c.sample > 0, "--sample-every needs --sample N (the tokens to generate)");
     if (c.sample > 0) {
@@ -395,10 +405,13 @@ inline std::vector<Flag> flag_table(Config& c) {
         {"resume", "resume training from this checkpoint (leave out to start fresh)", Flag::Str, &c.resume, both},
         {"log-file", "also write a CSV row per step: step,loss,norm,val_loss,ms,... (train/step_log.h; empty: no log)",
          Flag::Str, &c.log_file, both, true},
-        {"bench-layer", "1: time forward+backward of one FFN layer of this config (B·T tokens) and exit",
+        {"bench-layer", "1: time forward+backward of one FFN layer of this config (B·T tokens a rank; under mpirun also its exchanges) and exit",
          Flag::Bool, &c.bench_layer, both},
         {"router", "topk (top-k of x R + b, SPEC 2.2) or locmoe (GrAP gate, capacity, locality, SPEC 2.6)",
          Flag::Str, &c.router, MOE},
+        {"ep-exchange", "how Expert Parallel moves rows: device (kernels store them into the owners' memory, no "
+         "host synchronisation), host (split sizes read on the host, NCCL send/recv), auto (device where every rank "
+         "reaches every other's memory)", Flag::Str, &c.ep_exchange, MOE},
         {"node-size", "locmoe: consecutive ranks per node (0: the ranks on one host)", Flag::Int, &c.node_size, LOC},
         {"capacity-factor", "locmoe: expert capacity factor c_f (0: no capacity, dropless)", Flag::Float,
          &c.capacity_factor, LOC},

@@ -5,7 +5,9 @@
 // one-GPU model on the whole batch; both start from gradient buffers poisoned before zero_grad (each
 // gradient element cleared there or written by the backward). Head Parallel's bytes must equal SPEC §3's 4·N·H·dh·(R−1)/R·2 per
 // layer exactly; Expert Parallel's must equal what the rank's routing implies (four crossings per copy
-// bound for another rank, plus the counts), printed next to SPEC §3's balanced estimate.
+// bound for another rank, plus the count tables), printed next to SPEC §3's balanced estimate. Expert
+// Parallel runs with both of its transports (--ep-exchange device and host), which must give the same
+// bits: the loss and every gradient on every rank.
 #define LMOE_NO_MAIN
 #include "moe_ep_baseline.cu"
 #include "train_latentmoe.cu"
@@ -19,8 +21,14 @@ constexpr double kTolerance = 1e-5;
 constexpr double kTolerance = 5e-2;
 #endif
 
+// What a run leaves on rank 0, to compare runs bitwise: the loss and every rank's gradients.
+struct RunResult {
+    float loss = 0;
+    std::vector<float> grads;
+};
+
 template <class Ffn>
-void check_parallel(const char* name, Config global, const Comm& comm) {
+RunResult check_parallel(const char* name, Config global, const Comm& comm) {
     const bool lead = comm.rank == 0;
     Config local = global;
     local.B = global.B / comm.world;
@@ -51,16 +59,17 @@ void check_parallel(const char* name, Config global, const Comm& comm) {
     MPI_CHECK(MPI_Gather(&mine, 1, MPI_LONG_LONG, sent.data(), 1, MPI_LONG_LONG, 0, MPI_COMM_WORLD));
     MPI_CHECK(MPI_Gather(copies_to.data(), comm.world, MPI_LONG_LONG, copies.data(), comm.world, MPI_LONG_LONG, 0,
                          MPI_COMM_WORLD));
-    if (!lead) return;
+    if (!lead) return {};
     // What Expert Parallel's routing implies rank r sends: its copies for other ranks' experts and
     // their gradients back out (x forward, d_o backward), the results for other ranks' copies
-    // (o forward, dx backward), and the counts: (R − 1)·E/R integers per layer.
+    // (o forward, dx backward), and its row of the count table to every other rank: (R − 1)·E
+    // integers per layer.
     std::vector<long long> routed(comm.world, 0);
     for (int r = 0; r < comm.world; r++) {
         for (int q = 0; q < comm.world; q++)
             if (q != r) routed[r] += 2 * (copies[(size_t)r * comm.world + q] + copies[(size_t)q * comm.world + r]);
         routed[r] = routed[r] * global.d * (long long)sizeof(floatX) +
-                    (long long)global.L * (comm.world - 1) * (global.E / comm.world) * (long long)sizeof(int);
+                    (long long)global.L * (comm.world - 1) * global.E * (long long)sizeof(int);
     }
 
     std::printf("%s, R = %d: %d tokens per rank, %d in the global batch\n", name, comm.world, Nl, Ng);
@@ -111,6 +120,7 @@ void check_parallel(const char* name, Config global, const Comm& comm) {
         CHECK_MSG(sent[r] == want, std::string(name) + ": rank " + std::to_string(r) + " sent " +
                                        std::to_string(sent[r]) + " bytes, expected " + std::to_string(want));
     }
+    return {loss, all};
 }
 
 int main(int argc, char** argv) {
@@ -130,7 +140,13 @@ int main(int argc, char** argv) {
         return 1;
     }
     check_parallel<LatentMoeFfn>("Head Parallel", hp, comm);
-    check_parallel<MoeFfn>("Expert Parallel", ep, comm);
+    ep.ep_exchange = "device";
+    const RunResult device = check_parallel<MoeFfn>("Expert Parallel, device exchange", ep, comm);
+    ep.ep_exchange = "host";
+    const RunResult host = check_parallel<MoeFfn>("Expert Parallel, host exchange", ep, comm);
+    if (comm.rank == 0)
+        CHECK_MSG(device.loss == host.loss && device.grads == host.grads,
+                  "Expert Parallel: the device and host exchanges give different bits");
     int failed = comm.rank == 0 ? check::failed() : 0;
     MPI_CHECK(MPI_Bcast(&failed, 1, MPI_INT, 0, MPI_COMM_WORLD));
     const int status = comm.rank == 0 ? check::summary() : (failed ? 1 : 0);

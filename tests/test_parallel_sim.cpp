@@ -1,7 +1,7 @@
 // Head Parallel and Expert Parallel simulated over R = 1, 2, 4 and 8 virtual ranks on the CPU
 // (SPEC §3, §8.2). Each rank holds only its shard of the expert tensors (build_param_layout with
-// rank/world); the only way data moves between ranks is all_to_all below, which also counts the bytes
-// on the wire. The distributed layer must reproduce the one-rank layer: outputs, input gradients and
+// rank/world); data moves between ranks only through all_to_all and exchange below, which also count
+// the bytes on the wire, and Expert Parallel's all-gather of its count table. The distributed layer must reproduce the one-rank layer: outputs, input gradients and
 // expert gradients bit for bit (each row sees the same arithmetic in the same order), replicated
 // gradients up to the order of the cross-rank sum. Expert Parallel runs with either router: the
 // top-k router of SPEC §2.2 or LocMoE's (§2.6), and every exchange is hierarchical over nodes of 1, 2
@@ -11,6 +11,7 @@
 #include <string>
 
 #include "cpu/reference.h"
+#include "parallel/expert_splits.h"
 #include "parallel/hybrid.h"
 #include "util/rng.h"
 #include "tests/check.h"
@@ -320,7 +321,7 @@ LayerRun run_expert_parallel(const lmoe::Config& c, const Vec& x, const Vec& dou
     std::vector<Vec> gate(R, Vec((size_t)Nr * k));
     std::vector<std::vector<char>> kept(R, std::vector<char>((size_t)Nr * k));
     std::vector<std::vector<Copy>> order(R);  // each rank's kept copies grouped by expert, stable in (token, slot)
-    Blocks counts_send(R, std::vector<Vec>(R, Vec(Er, 0.0)));  // counts travel as int32 on the real wire
+    std::vector<int> table((size_t)R * c.E, 0);  // (R, E): copies rank r routed to expert e, int32 on the real wire
     for (int r = 0; r < R; r++) {
         router.route(r, ranks[r], x.data() + (int64_t)r * Nr * d, Nr, sel[r].data(), gate[r].data(), kept[r].data());
         // group: copies sorted by expert, then token, then slot
@@ -328,10 +329,16 @@ LayerRun run_expert_parallel(const lmoe::Config& c, const Vec& x, const Vec& dou
             for (int t = 0; t < Nr; t++)
                 for (int j = 0; j < k; j++)
                     if (sel[r][t * k + j] == e && kept[r][t * k + j]) order[r].push_back({t, j, e});
-        for (const Copy& cp : order[r]) counts_send[r][cp.expert / Er][cp.expert % Er] += 1;
+        for (const Copy& cp : order[r]) table[(size_t)r * c.E + cp.expert] += 1;
     }
-    // exchange counts: each owner learns how many rows of each of its experts come from each rank
-    Blocks counts = all_to_all(counts_send, meta, kCountBytes);
+    // all-gather the count table: every rank's row of E integers to every other rank; owner q reads
+    // how many rows of each of its experts come from each rank, counts[q][r][el]
+    Blocks counts(R, std::vector<Vec>(R, Vec(Er)));
+    for (int r = 0; r < R; r++) {
+        meta[r] += (int64_t)(R - 1) * c.E * kCountBytes;
+        for (int q = 0; q < R; q++)
+            for (int el = 0; el < Er; el++) counts[q][r][el] = table[(size_t)r * c.E + q * Er + el];
+    }
 
     // dispatch rows to owners (rows for owner q, in the grouped order)
     auto dispatch = [&](const std::vector<Vec>& per_copy) {  // per_copy[r]: (copies of r in order, d)
@@ -359,6 +366,22 @@ LayerRun run_expert_parallel(const lmoe::Config& c, const Vec& x, const Vec& dou
             x_copy[r].insert(x_copy[r].end(), x.begin() + (int64_t)(r * Nr + cp.token) * d,
                              x.begin() + (int64_t)(r * Nr + cp.token + 1) * d);
     Blocks x_got = dispatch(x_copy);
+    // The split sizes the exchange computes from the table (parallel/expert_splits.h) are the blocks
+    // this network delivered, and each source's run starts at an owner where the runs of the sources
+    // before it end: the received order the device transport stores into.
+    for (int q = 0; q < R; q++) {
+        int64_t at = 0;
+        const lmoe::ExpertSplits owner = lmoe::expert_splits(table, q, R, c.E);
+        for (int r = 0; r < R; r++) {
+            const lmoe::ExpertSplits source = lmoe::expert_splits(table, r, R, c.E);
+            const int64_t rows = (int64_t)x_got[q][r].size() / d;
+            CHECK_MSG(source.send[q] == rows && owner.recv[r] == rows && source.send_base[q] == at,
+                      "EP R=" + std::to_string(R) + ": expert_splits places rank " + std::to_string(r) +
+                          "'s run for rank " + std::to_string(q));
+            at += rows;
+        }
+        CHECK_MSG(owner.received == at, "EP R=" + std::to_string(R) + ": rows received at rank " + std::to_string(q));
+    }
     // compute: each owned expert on its rows                         o = W2 GELU(W1 x)
     Blocks o_send(R, std::vector<Vec>(R));
     for (int q = 0; q < R; q++) {
@@ -981,8 +1004,8 @@ int main() {
                 } else {
                     expect_ep_bytes(what, c, many, R, node_size);
                     for (int r = 0; r < R; r++)
-                        CHECK_MSG(many.meta_bytes[r] == (int64_t)(R - 1) * (c.E / R) * kCountBytes,
-                                  what + ": the counts exchange is E/R integers to each other rank");
+                        CHECK_MSG(many.meta_bytes[r] == (int64_t)(R - 1) * c.E * kCountBytes,
+                                  what + ": the count table's all-gather sends E integers to each other rank");
                 }
             }
     }

@@ -59,15 +59,16 @@ inline int64_t ffn_device_bytes(const Config& c, int64_t N, int world) {
     // MoeFfn's constructor (and its ExpertExchange on several ranks)
     const int64_t d = c.d, copies = N * k, rows = world > 1 ? R * N * k : copies;
     int64_t b = routing_plans_bytes(L, N, 1, c.E, k, true);  // plans_
-    if (world > 1)  // ExpertExchange: owner_plans_, send_counts_, recv_counts_, staging_
-        b += routing_plans_bytes(L, rows, 1, c.E / world, 1, false) + 2 * (int64_t)c.E * 4 + rows * d * X;
+    if (world > 1)  // ExpertExchange: owner_plans_, counts_, send_base_, remote_rows_, rows_out_, received_, staging_
+        b += routing_plans_bytes(L, rows, 1, c.E / world, 1, false) + (L * world * c.E + L * world + 2 * L) * 4 + 8 +
+             L * rows * d * X + rows * d * X;
     b += L * copies * d * X + 2 * L * rows * c.fe * X;               // o_, pre_, h_
     b += 2 * copies * d * X + copies * 4 + rows * c.fe * X;          // d_o_, dx_copy_, ds_copy_, dpre_
     if (!c.locmoe())  // router_grad_scratch_, router_t_
         b += (int64_t)router_grad_scratch_size(c.E, c.d) * 4 + c.E * d * X;
     else  // target_, coef_, layer_loss_, layer_dropped_, step_loss_, step_dropped_, grap_parts_
         b += (c.E + L * c.E + 2 * L + L + 2 + L + (int64_t)grap_parts_size((int)N, c.E)) * 4;
-    if (world > 1) b += L * rows * d * X + rows * d * X;             // x_received_, expert_rows_
+    if (world > 1) b += rows * d * X;                                // expert_rows_
     return b;
 }
 

@@ -19,7 +19,7 @@
 //                     Ctx&);                         // dx written; weight gradients accumulated (the
 //                                                    // expert ones written: !ctx.accumulate_expert_grads)
 //       RoutingPlan plan(int l) const;                 // layer l's routing plan of its last forward
-//       int64_t take_bytes_sent();                     // bytes sent to other ranks since the last call
+//       int64_t take_bytes_sent(cudaStream_t);         // bytes sent to other ranks since the last call
 //       RouterStats take_router_stats(const Comm&, cudaStream_t);  // LocMoE's (zero for top-k routers)
 //   };
 #pragma once
@@ -369,7 +369,7 @@ class GpuModel {
         CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
         return loss;
     }
-    int64_t take_bytes_sent() { return ffn_.take_bytes_sent(); }
+    int64_t take_bytes_sent() { return ffn_.take_bytes_sent(ctx.stream); }
 
     // Host copies for checkpoints and logs (these synchronise).
     TrainingState state(int step) const {

@@ -84,10 +84,7 @@ int run_trainer(int argc, char** argv, const Comm& comm) {
     const char* smaller = "use a smaller --batch, --seq-len, --layers or --preset";
     if (on_gpu) {
         check_gpu_supported<Ffn>(c);
-        if (c.bench_layer) {
-            if (!comm.single()) throw ConfigError("--bench-layer runs on one GPU; start it without mpirun");
-            return bench_ffn_layer<Ffn>(c);
-        }
+        if (c.bench_layer) return bench_ffn_layer<Ffn>(c, comm);
         // before the model takes anything, agreed by every rank: LocMoE's node size, the device memory
         // against what the GPU has free (the CUDA context already made), and the host memory the
         // checkpoints and data need
