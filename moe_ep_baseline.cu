@@ -190,9 +190,12 @@ class MoeFfn {
                               "rank's memory (ranks on several hosts, no peer-to-peer path, or NCCL_CUMEM_ENABLE=0); "
                               "use --ep-exchange host");
         if (comm.rank == 0)
-            std::printf("expert exchange: %s (%s)\n", transport_name(t),
+            std::printf("expert exchange: %s (%s); %.2f GiB a GPU for the rows the owners receive (room for R·N·k "
+                        "= %d a layer, dropless)\n",
+                        transport_name(t),
                         t == ExpertTransport::Device ? "rows stored into the owners' memory, no host synchronisation"
-                                                     : "split sizes read on the host each layer, NCCL send/recv");
+                                                     : "split sizes read on the host each layer, NCCL send/recv",
+                        exchange_->row_bytes() / kGiB, exchange_->capacity());
     }
     // LocMoE's capacity, this rank's locality target and the buffers of its losses (SPEC §2.6).
     void init_locmoe(const Comm& comm) {

@@ -247,6 +247,8 @@ class ExpertExchange {
     }
     int capacity() const { return capacity_; }
     ExpertTransport transport() const { return transport_; }
+    // Device bytes of the received and staging rows (all but a few kilobytes of what it holds).
+    double row_bytes() const { return (double)(received_.size() + staging_.size()) * sizeof(floatX); }
     RoutingPlan owner_plan(int l) const { return owner_plans_[l]; }
     // Layer l's rows at this owner (capacity, d), received order: the experts' input, kept for the
     // backward.

@@ -48,6 +48,7 @@
 #include "model/params.h"
 #include "moe/load_balance.cuh"
 #include "parallel/comm.cuh"
+#include "parallel/gradient_buckets.cuh"
 #include "train/checkpoint.h"
 #include "train/flops.h"
 #include "train/gpu_memory.cuh"
@@ -107,8 +108,6 @@ inline int forward_block(const std::string& tensor, int L) {
     if (tensor.rfind("layer", 0) == 0) return 1 + std::stoi(tensor.substr(5));
     throw std::logic_error("no forward block reads the tensor " + tensor);
 }
-
-using Runs = std::vector<std::pair<int64_t, int64_t>>;  // (offset, count) runs of the flat buffer
 
 // The tensors `keep` picks, as runs per forward block (adjacent tensors of a block merged).
 template <class Keep>
@@ -267,9 +266,16 @@ class GpuModel {
         const Config& c = cfg;
         const int d = c.d, C = c.n_head * c.d_attn();
         cudaStream_t st = ctx.stream;
+        // The step's last micro-batch: each forward block's replicated gradients are averaged over the
+        // ranks as soon as this backward has finished them (a no-op on one rank).
+        const bool last = ++micro_batches_ == c.grad_accum;
+        if (!comm.single() && micro_batches_ > c.grad_accum)
+            throw std::logic_error("a backward after the step's last micro-batch: its gradients were already averaged");
+        reduced_in_backward_ = last;
         CUDA_CHECK(cudaMemsetAsync(dresid_.get(), 0, (size_t)N * d * sizeof(floatX), st));
         matmul_backward(ctx.cublas, dxn_.get(), g.lm_head, logits_.get(), xf_.get(), w.lm_head, N, d, c.Vp(), false, st);
         rmsnorm_backward(dresid_.get(), g.lnf, dxn_.get(), resid(c.L), w.lnf, rstdf_.get(), N, d, norm_scratch_.get(), st);
+        if (last) buckets_.reduce(c.L + 1, grads.get(), st);
         for (int l = c.L - 1; l >= 0; l--) {  // dresid: d loss / d (residual stream after layer l)
             const Layer& wl = w.layers[l];
             const GradLayer& gl = g.layers[l];
@@ -290,8 +296,10 @@ class GpuModel {
             }
             rmsnorm_backward(dresid_.get(), gl.ln1, dxn_.get(), resid(l), wl.ln1, rstd1(l), N, d, norm_scratch_.get(), st);
             balance.count(l, ffn_.plan(l), st);
+            if (last) buckets_.reduce(1 + l, grads.get(), st);
         }
         embedding_backward(g.wte, dresid_.get(), tokens_.get(), N, d, c.Vp(), embedding_scratch_.get(), st);
+        if (last) buckets_.reduce(0, grads.get(), st);
         ctx.accumulate_expert_grads = true;  // the step's later micro-batches add
         grads_cleared_ = false;
     }
@@ -306,17 +314,21 @@ class GpuModel {
         grads_cleared_ = true;
         CUDA_CHECK(cudaMemsetAsync(loss_norm_.get(), 0, sizeof(float), ctx.stream));
         ctx.accumulate_expert_grads = false;
+        micro_batches_ = 0;
+        reduced_in_backward_ = false;
     }
 
     // Data parallel: average the step's loss and the replicated gradients over the ranks (the
-    // gradients in one all-reduce: they are laid out first); the sharded expert gradients already
-    // hold every rank's tokens, each rank's loss being its own mean, so they are divided by R to be
-    // gradients of the global mean.
+    // gradients in buckets during the step's last backward, GradientBuckets; in one all-reduce if
+    // fewer micro-batches than --grad-accum ran); the sharded expert gradients already hold every
+    // rank's tokens, each rank's loss being its own mean, so they are divided by R to be gradients
+    // of the global mean.
     void sync_gradients() {
         if (comm.single()) return;
         ProfileScope timed(ctx.profile, Section::AllReduce);
         all_reduce_average(loss_norm_.get(), 1, comm, ctx.stream);
-        all_reduce_average(grads.get(), layout.replicated, comm, ctx.stream);
+        if (reduced_in_backward_) buckets_.wait(ctx.stream);
+        else all_reduce_average(grads.get(), layout.replicated, comm, ctx.stream);
         const int sharded = (int)(layout.total - layout.replicated);
         const float inv_world = 1.f / comm.world;
         CUBLAS_CHECK(cublasSetStream(ctx.cublas, ctx.stream));
@@ -487,6 +499,10 @@ class GpuModel {
     const std::vector<Runs> updated_runs_ = runs_by_block(layout, cfg.L, [](const TensorSpec&) { return true; });
     const std::vector<Runs> cleared_grads_ =
         runs_by_block(layout, cfg.L, [](const TensorSpec& t) { return !t.gradient_written; });
+    // the replicated gradients of each forward block, averaged over the ranks during the backward
+    GradientBuckets buckets_{comm, runs_by_block(layout, cfg.L, [](const TensorSpec& t) { return !t.expert; })};
+    int micro_batches_ = 0;             // backwards since zero_grad
+    bool reduced_in_backward_ = false;  // the last backward sent the buckets
     cudaStream_t optimizer_stream_ = nullptr;
     cudaEvent_t clip_ready_ = nullptr;                                // the clip scale AdamW reads
     std::vector<cudaEvent_t> updated_ = std::vector<cudaEvent_t>(cfg.L + 2);  // per forward block
