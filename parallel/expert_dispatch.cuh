@@ -130,7 +130,7 @@ struct LsaPeers {
     ncclDevComm comm;
     ncclWindow_t window;
     size_t offset;  // bytes into the window
-    __device__ floatX* rows(int q) const { return static_cast<floatX*>(ncclGetLsaPointer(window, offset, q)); }
+    __device__ floatX* rows(int q) const { return static_cast<floatX*>(ncclGetPeerPointer(window, offset, q)); }
     struct Meeting {
         ncclLsaBarrierSession<ncclCoopCta> session;
         __device__ explicit Meeting(const LsaPeers& p) : session(ncclCoopCta(), p.comm, ncclTeamTagLsa(), blockIdx.x) {}
@@ -153,7 +153,9 @@ struct LocalPeers {
 // Every block meets the other ranks' blocks twice: before (push: each owner is done with what its
 // window held; pull: each owner's rows are in it) and after (push: every row has landed; pull: every
 // row has been read). A block only waits for blocks of other ranks, never of its own grid, and the
-// grid fits on the GPU at once, so the meetings cannot deadlock.
+// grid fits on the GPU at once beside NCCL's kernels (the gradient buckets' all-reduce runs on
+// another stream meanwhile), so the meetings cannot deadlock; a GPU shared with other processes
+// (MPS) could delay them.
 constexpr int kMoveBlocks = 64, kMoveThreads = 512;  // the device communicator holds kMoveBlocks barriers
 template <class Peers, bool kPush>
 __global__ void __launch_bounds__(kMoveThreads)
@@ -231,7 +233,7 @@ class ExpertExchange {
     // taken where `device_allowed` and every rank reaches every other's memory, else the host one.
     ExpertExchange(int layers, int tokens, int E, int k, int d, const Comm& comm, bool device_allowed)
         : d_(d), R_(comm.world), rank_(comm.rank), E_(E), capacity_((int)((int64_t)comm.world * tokens * k)),
-          transport_(device_allowed && device_comm_.open(comm.nccl, comm.world, kMoveBlocks) ? ExpertTransport::Device
+          transport_(device_allowed && device_comm_.open(comm, kMoveBlocks) ? ExpertTransport::Device
                                                                                              : ExpertTransport::Host),
           owner_plans_(RoutingPlans::received(layers, capacity_, E / comm.world)), splits_(layers) {
         if (R_ > kMaxExpertRanks)  // validate() refuses such a run first

@@ -7,6 +7,7 @@
 #include <nccl.h>
 #include <nccl_device.h>
 
+#include <cstdio>
 #include <utility>
 
 #include "parallel/comm.cuh"
@@ -35,6 +36,7 @@ class PeerRows {
             cudaFree(ptr_);
             return;
         }
+        cudaDeviceSynchronize();  // deregistering unmaps the peers' copies: no kernel may still reach them
         ncclCommWindowDeregister(comm_, window_);
         ncclMemFree(ptr_);
     }
@@ -61,7 +63,7 @@ class PeerRows {
 // The device side of a communicator whose ranks all reach each other's memory, with `barriers`
 // barriers for kernels of up to that many blocks. open() is collective; it returns false, holding
 // nothing, where NCCL cannot give every rank load/store access to every other (ranks on several
-// hosts, no peer-to-peer path, symmetric memory switched off).
+// hosts, no peer-to-peer path, symmetric memory switched off), and rank 0 says why.
 class DeviceComm {
   public:
     DeviceComm() = default;
@@ -70,16 +72,35 @@ class DeviceComm {
     ~DeviceComm() {
         if (open_) ncclDevCommDestroy(comm_, &dev_);
     }
-    bool open(ncclComm_t comm, int world, int barriers) {
+    bool open(const Comm& c, int barriers) {
+        // Every rank on one host, agreed first: ncclDevCommCreate ends in a barrier of all ranks, which
+        // a rank that fails its own checks early would never reach.
+        int one_host = c.local_size == c.world;
+        if (c.world > 1) MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &one_host, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
+        if (!one_host) {
+            if (c.rank == 0) std::printf("expert exchange: the ranks are on several hosts\n");
+            return false;
+        }
+#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 29, 0)
+        ncclDevCommRequirements reqs = NCCL_DEV_COMM_REQUIREMENTS_INITIALIZER;
+#else
         ncclDevCommRequirements reqs{};
+#endif
         reqs.lsaBarrierCount = barriers;
-        comm_ = comm;
-        open_ = ncclDevCommCreate(comm, &reqs, &dev_) == ncclSuccess;
+        comm_ = c.nccl;
+        const ncclResult_t made = ncclDevCommCreate(comm_, &reqs, &dev_);
+        open_ = made == ncclSuccess;
+        if (!open_ && c.rank == 0)
+            std::printf("expert exchange: NCCL's device communicator is not available (%s: %s)\n",
+                        ncclGetErrorString(made), ncclGetLastError(comm_));
+        const int world = c.world;
         int every_rank_reachable = open_ && dev_.lsaSize == world;
         if (world > 1)  // every rank takes the same path
             MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &every_rank_reachable, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
+        if (!every_rank_reachable && open_ && c.rank == 0)
+            std::printf("expert exchange: NCCL's load/store team holds %d of the %d ranks\n", dev_.lsaSize, world);
         if (!every_rank_reachable && open_) {
-            NCCL_CHECK(ncclDevCommDestroy(comm, &dev_));
+            NCCL_CHECK(ncclDevCommDestroy(comm_, &dev_));
             open_ = false;
         }
         return open_;
